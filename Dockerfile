@@ -1,0 +1,9 @@
+# The sandfleet application image: the gateway and the workers run from it.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md sandfleet_cli.py ./
+COPY common ./common
+COPY gateway ./gateway
+COPY workers ./workers
+RUN pip install --no-cache-dir .
+ENTRYPOINT ["sandfleet"]

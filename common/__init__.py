@@ -1,0 +1,1 @@
+"""The contract every sandfleet process shares: models, events, topology, settings."""

@@ -1,0 +1,74 @@
+"""AMQP helpers shared by the gateway, the workers and the client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from pydantic import BaseModel
+
+from common.errors import DeadLetter
+from common.events import Event
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+async def connect(url: str, *, name: str) -> AbstractRobustConnection:
+    """A robust connection: aio-pika reconnects and restores channels, queues and consumers."""
+    return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+
+
+def json_message(model: BaseModel, **properties: object) -> aio_pika.Message:
+    return aio_pika.Message(
+        model.model_dump_json().encode(),
+        content_type=JSON,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        **properties,  # type: ignore[arg-type]
+    )
+
+
+class EventPublisher:
+    """Publishes status events to the events exchange, each confirmed by the broker."""
+
+    def __init__(self, exchange: AbstractExchange) -> None:
+        self._exchange = exchange
+
+    async def publish(self, event: Event) -> None:
+        await self._exchange.publish(
+            json_message(event, message_id=event.event_id, type="sandfleet.event"),
+            routing_key=event.routing_key,
+            mandatory=False,  # the events log is bound to '#'; no listener is not an error
+        )
+
+
+Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+async def settle(message: AbstractIncomingMessage, handler: Handler) -> None:
+    """Run `handler` and tell the broker the outcome; the one place that acks or rejects.
+
+    - returns normally           → ack
+    - DeadLetter                 → reject without requeue: the queue's dead-letter
+      exchange keeps it (the handler has already emitted its event)
+    - any other exception        → requeue; the quorum queue's delivery limit
+      dead-letters a message that keeps failing
+    - cancellation (shutdown)    → nothing: the broker redelivers it when the channel closes
+    """
+    try:
+        await handler(message)
+    except DeadLetter as exc:
+        log.info("dead-lettering message %s: %s", message.message_id, exc)
+        await message.reject(requeue=False)
+    except Exception:
+        log.exception("handler failed on message %s; requeueing", message.message_id)
+        await message.nack(requeue=True)
+    else:
+        await message.ack()

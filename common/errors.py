@@ -1,0 +1,65 @@
+"""sandfleet's error tree.
+
+    SandfleetError
+    ├── DeadLetter            the message can never be processed: it goes to sandfleet.dead
+    │   ├── RequestInvalid        a request or driver block broke a rule; carries FieldErrors
+    │   └── MessageUndecodable    a body that is not JSON, or over the size limit
+    └── SandboxError          a runtime refused or failed; `reason` is the event's reason code
+        ├── ImageUnavailable      the image is missing and could not be pulled
+        └── CapabilityMissing     the runtime lacks something the job needs (e.g. CDI)
+
+Backend exceptions (aiodocker's DockerError, libvirt's libvirtError) are translated
+into SandboxError once, inside the driver that talks to the backend, with
+``raise ... from exc``; nothing above a driver sees them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class FieldError(BaseModel):
+    """One broken rule, named by the full dotted path of the field that broke it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class SandfleetError(Exception):
+    """Base of every error sandfleet raises on purpose."""
+
+
+class DeadLetter(SandfleetError):
+    """Raised by a handler (after it emitted its event) to send the message to sandfleet.dead."""
+
+
+class RequestInvalid(DeadLetter):
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(str(e) for e in errors))
+
+
+class MessageUndecodable(DeadLetter):
+    """The message cannot be read at all."""
+
+
+class SandboxError(SandfleetError):
+    reason = "SandboxFailed"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        if reason is not None:
+            self.reason = reason
+        super().__init__(message)
+
+
+class ImageUnavailable(SandboxError):
+    reason = "ImageUnavailable"
+
+
+class CapabilityMissing(SandboxError):
+    reason = "CapabilityMissing"

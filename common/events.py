@@ -1,0 +1,84 @@
+"""Status events: one JSON message per step of a job's life, plus worker heartbeats."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.errors import FieldError
+
+
+class Phase(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    WAITING = "waiting"
+    CLAIMED = "claimed"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    HEARTBEAT = "heartbeat"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_PHASES
+
+
+TERMINAL_PHASES = frozenset(
+    {Phase.REJECTED, Phase.SUCCEEDED, Phase.FAILED, Phase.TIMED_OUT, Phase.CANCELLED}
+)
+
+# Keeps events small enough for a stream: the output is the *last* lines, bounded.
+MAX_OUTPUT_CHARS = 8192
+
+
+class WorkerHealth(BaseModel):
+    """What a heartbeat says about its worker."""
+
+    model_config = ConfigDict(frozen=True)
+
+    slots: int
+    free_slots: int
+    jobs_started: int = 0
+    jobs_finished: int = 0
+    started_at: datetime
+    heartbeat_seconds: float
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    job_id: str | None
+    phase: Phase
+    reason: str = ""
+    message: str = ""
+    driver: str | None = None
+    host: str
+    worker_id: str | None = None
+    gpus: list[str] = Field(default_factory=list)
+    sandbox_id: str | None = None
+    exit_code: int | None = None
+    output: str | None = Field(default=None, max_length=MAX_OUTPUT_CHARS)
+    errors: list[FieldError] = Field(default_factory=list)
+    health: WorkerHealth | None = None
+    timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def routing_key(self) -> str:
+        """`<phase>.<driver>.<host>` on the events topic exchange."""
+        return f"{self.phase.value}.{self.driver or 'none'}.{self.host}"
+
+
+def bounded_output(text: str, *, limit: int = MAX_OUTPUT_CHARS) -> str:
+    """The tail of `text`, at most `limit` characters, cut at a line start when possible."""
+    if len(text) <= limit:
+        return text
+    tail = text[-limit:]
+    newline = tail.find("\n")
+    return tail[newline + 1 :] if 0 <= newline < len(tail) - 1 else tail

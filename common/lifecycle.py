@@ -1,0 +1,24 @@
+"""Running a long-lived service coroutine until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+
+async def until_signalled(service: Coroutine[Any, Any, None]) -> None:
+    """Run `service`; the first SIGINT/SIGTERM cancels it so its `async with` blocks unwind."""
+    task = asyncio.ensure_future(service)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,163 @@
+"""The request a submitter sends, the job a worker receives, and the gateway's reply.
+
+The request carries a driver-keyed ``template.driver_config`` envelope; the gateway
+never reads inside a driver's block. The job a worker receives holds only its own
+driver's inner object, still unvalidated: each driver owns the parsing of its block.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+from common.errors import FieldError
+from common.quantities import cpu_cores, memory_bytes
+
+
+class Driver(StrEnum):
+    DOCKER = "docker"
+    PODMAN = "podman"
+    VM = "vm"
+
+
+RESERVED_LABEL_PREFIX = "sandfleet."
+
+# job ids become container/domain names (`sandfleet-<job_id>`) and routing-key parts
+JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+# host names become routing-key words, so no dots (topic patterns split on them)
+HostName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+
+
+def _no_reserved_labels(labels: dict[str, str]) -> dict[str, str]:
+    reserved = sorted(k for k in labels if k.startswith(RESERVED_LABEL_PREFIX))
+    if reserved:
+        raise ValueError(
+            f"label keys starting with {RESERVED_LABEL_PREFIX!r} are reserved: {reserved}"
+        )
+    return labels
+
+
+Labels = Annotated[
+    dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], str],
+    AfterValidator(_no_reserved_labels),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class GpuRequirement(_Strict):
+    count: Annotated[int, Field(gt=0, le=64)] | None = None
+
+
+class ResourceRequirements(_Strict):
+    cpu: Annotated[float, BeforeValidator(cpu_cores), Field(gt=0, le=1024)] | None = None
+    memory: Annotated[int, BeforeValidator(memory_bytes), Field(gt=0)] | None = Field(
+        default=None, description="bytes; the request may say 512Mi, 4Gi, …"
+    )
+    gpu: GpuRequirement = GpuRequirement()
+
+    @property
+    def gpu_count(self) -> int:
+        return self.gpu.count or 0
+
+
+class Placement(_Strict):
+    host: HostName | None = None
+
+
+class _TemplateBase(_Strict):
+    image: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    command: list[str] = Field(default_factory=list, max_length=1024)
+    environment: dict[EnvName, str] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
+    timeout_seconds: Annotated[int, Field(gt=0)] | None = None
+
+
+class Template(_TemplateBase):
+    """The request's template: ``driver_config`` is keyed by driver name."""
+
+    driver_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobTemplate(_TemplateBase):
+    """The job's template: ``driver_config`` is the active driver's inner object only."""
+
+    driver_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class SandboxRequest(_Strict):
+    job_id: JobId | None = None
+    driver: Driver | None = None
+    placement: Placement = Placement()
+    labels: Labels = Field(default_factory=dict)
+    resource_requirements: ResourceRequirements = ResourceRequirements()
+    template: Template
+
+
+class Job(_Strict):
+    """What a worker receives: a validated request bound to one driver."""
+
+    job_id: JobId
+    driver: Driver
+    placement: Placement = Placement()
+    labels: Labels = Field(default_factory=dict)
+    resource_requirements: ResourceRequirements = ResourceRequirements()
+    template: JobTemplate
+    submitted_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class ReplyStatus(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+class SubmitReply(_Strict):
+    status: ReplyStatus
+    job_id: str
+    errors: list[FieldError] = Field(default_factory=list)
+
+    @property
+    def accepted(self) -> bool:
+        return self.status is ReplyStatus.ACCEPTED
+
+
+def field_errors(exc: ValidationError, *, prefix: str = "") -> list[FieldError]:
+    """Flatten pydantic's errors into FieldErrors named by their full dotted path."""
+    errors = []
+    for err in exc.errors(include_url=False):
+        parts = [str(p) for p in err["loc"]]
+        path = ".".join(p for p in (prefix, *parts) if p) or "request"
+        message = err["msg"].removeprefix("Value error, ")
+        errors.append(FieldError(field=path, message=message))
+    return errors
+
+
+__all__ = [
+    "Driver",
+    "GpuRequirement",
+    "HostName",
+    "Job",
+    "JobId",
+    "JobTemplate",
+    "Placement",
+    "ReplyStatus",
+    "ResourceRequirements",
+    "SandboxRequest",
+    "SubmitReply",
+    "Template",
+    "field_errors",
+]

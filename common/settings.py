@@ -1,0 +1,49 @@
+"""Settings every sandfleet process reads from the environment (`SANDFLEET_` prefix).
+
+The names in DESIGN.md are a contract with operators and deployment files.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.models import Driver
+
+
+def _short_hostname() -> str:
+    # Host names are routing-key words; a dotted FQDN would split into several.
+    return socket.gethostname().split(".", 1)[0] or "localhost"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SANDFLEET_", frozen=True, extra="ignore")
+
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    host: str = Field(default_factory=_short_hostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+    default_driver: Driver = Driver.DOCKER
+    log_level: str = "INFO"
+
+    # gateway
+    max_message_bytes: int = Field(default=1 << 20, gt=0)
+    max_driver_config_bytes: int = Field(default=64 << 10, gt=0)
+    gateway_concurrency: int = Field(default=64, gt=0)
+
+    # workers
+    gpu_inventory: Path | None = None
+    cdi_kind: str = "nvidia.com/gpu"
+    state_dir: Path = Path("/run/sandfleet")
+    docker_url: str = "unix:///var/run/docker.sock"
+    podman_url: str = "unix:///run/podman/podman.sock"
+    libvirt_uri: str = "qemu:///system"
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    output_tail_lines: int = Field(default=50, gt=0)
+    image_pull_timeout_seconds: float = Field(default=300.0, gt=0)
+    stop_grace_seconds: float = Field(default=5.0, ge=0)
+
+    # topology
+    job_delivery_limit: int = Field(default=5, gt=0)
+    events_max_age: str = "7D"

@@ -1,0 +1,110 @@
+"""Every RabbitMQ exchange, queue and routing key sandfleet uses, and one idempotent declare().
+
+sandfleet.submit (quorum)  ── gateway consumes; rejects dead-letter to sandfleet.dead
+sandfleet.jobs (direct) ── <driver>         → sandfleet.jobs.<driver>         (quorum)
+                        └─ <driver>.<host>  → sandfleet.jobs.<driver>.<host>  (quorum)
+sandfleet.dead (fanout) ─→ sandfleet.dead (quorum): nothing is ever silently lost
+sandfleet.events (topic), key <phase>.<driver>.<host> ─ # → sandfleet.events.log (stream)
+sandfleet.control (fanout): cancellation, one exclusive queue per worker
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+from aiormq.abc import FieldTable
+
+from common.models import Driver
+from common.settings import Settings
+
+SUBMIT_QUEUE = "sandfleet.submit"
+JOBS_EXCHANGE = "sandfleet.jobs"
+DEAD_EXCHANGE = "sandfleet.dead"
+DEAD_QUEUE = "sandfleet.dead"
+EVENTS_EXCHANGE = "sandfleet.events"
+EVENTS_LOG_QUEUE = "sandfleet.events.log"
+CONTROL_EXCHANGE = "sandfleet.control"
+
+EVENTS_MAX_LENGTH_BYTES = 1 << 30
+
+# Marks a message written straight into the event log (not an event) to find its end.
+LOG_MARKER_TYPE = "sandfleet.log-marker"
+
+
+def job_routing_key(driver: Driver, host: str | None = None) -> str:
+    return f"{driver.value}.{host}" if host else driver.value
+
+
+def job_queue_name(driver: Driver, host: str | None = None) -> str:
+    return f"{JOBS_EXCHANGE}.{job_routing_key(driver, host)}"
+
+
+def _quorum_args(delivery_limit: int) -> FieldTable:
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": DEAD_EXCHANGE,
+    }
+
+
+@dataclass(frozen=True)
+class Topology:
+    jobs: AbstractExchange
+    events: AbstractExchange
+    dead: AbstractExchange
+    control: AbstractExchange
+
+
+async def declare_topology(
+    channel: AbstractChannel,
+    settings: Settings,
+    *,
+    job_queues: Iterable[tuple[Driver, str | None]] = (),
+) -> Topology:
+    """Declare the whole topology; safe to call from every process, any number of times.
+
+    `job_queues` names the (driver, host) job queues this process serves: workers
+    declare theirs, so a job for a driver or host that no worker ever served is
+    unroutable and the gateway rejects it instead of parking it forever.
+
+    A job message delivered more than `job_delivery_limit` times is dead-lettered.
+    RabbitMQ 3.10 counts every requeue, so "no capacity yet" must be a delayed
+    republish, never a requeue.
+    """
+    delivery_limit = settings.job_delivery_limit
+    dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+    dead_queue = await channel.declare_queue(
+        DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_queue.bind(dead)
+
+    await channel.declare_queue(SUBMIT_QUEUE, durable=True, arguments=_quorum_args(delivery_limit))
+
+    jobs = await channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+    for driver, host in job_queues:
+        queue = await channel.declare_queue(
+            job_queue_name(driver, host), durable=True, arguments=_quorum_args(delivery_limit)
+        )
+        await queue.bind(jobs, routing_key=job_routing_key(driver, host))
+
+    events = await channel.declare_exchange(
+        EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    log = await channel.declare_queue(
+        EVENTS_LOG_QUEUE,
+        durable=True,
+        arguments={
+            "x-queue-type": "stream",
+            "x-max-age": settings.events_max_age,
+            "x-max-length-bytes": EVENTS_MAX_LENGTH_BYTES,
+        },
+    )
+    await log.bind(events, routing_key="#")
+
+    control = await channel.declare_exchange(
+        CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    return Topology(jobs=jobs, events=events, dead=dead, control=control)

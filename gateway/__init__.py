@@ -1,0 +1,1 @@
+"""The gateway service and the client side: submit, watch, status."""

@@ -1,0 +1,220 @@
+"""The gateway: consumes `sandfleet.submit`, admits or rejects, routes jobs to driver queues.
+
+For each submission, in this order:
+    decode → admit (envelope rules) → check the route exists → `accepted` event
+    → publish the job (persistent, confirmed, mandatory) → reply.
+The `accepted` event is confirmed before the job is published, so no worker event
+for a job can precede it in the event log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Any, Self
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
+
+from common.amqp import EventPublisher, connect, json_message, settle
+from common.errors import FieldError, MessageUndecodable, RequestInvalid
+from common.events import Event, Phase
+from common.models import Job, ReplyStatus, SubmitReply
+from common.settings import Settings
+from common.topology import (
+    SUBMIT_QUEUE,
+    Topology,
+    declare_topology,
+    job_queue_name,
+    job_routing_key,
+)
+from gateway.envelope import admit, decode, job_id_hint, new_job_id
+
+log = logging.getLogger(__name__)
+
+
+class RouteChecker:
+    """Knows which job queues exist, so a job is accepted only where a queue will hold it.
+
+    Positive answers are cached: job queues are durable and deleting one is an
+    operator's act; the mandatory flag on the publish still catches that case.
+    """
+
+    def __init__(self, connection: AbstractRobustConnection) -> None:
+        self._connection = connection
+        self._channel: AbstractChannel | None = None
+        self._known: set[str] = set()
+
+    async def exists(self, queue_name: str) -> bool:
+        if queue_name in self._known:
+            return True
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+        try:
+            await self._channel.declare_queue(queue_name, passive=True)
+        except ChannelNotFoundEntity:
+            # A failed passive declare closes the channel; open a fresh one next time.
+            await self._channel.close()
+            self._channel = None
+            return False
+        self._known.add(queue_name)
+        return True
+
+
+class Gateway:
+    """`async with Gateway(settings) as gw: await gw.serve_forever()`"""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._topology: Topology | None = None
+        self._events: EventPublisher | None = None
+        self._routes: RouteChecker | None = None
+
+    async def __aenter__(self) -> Self:
+        settings = self._settings
+        self._connection = await connect(
+            settings.broker_url, name=f"sandfleet-gateway@{settings.host}"
+        )
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        self._topology = await declare_topology(self._channel, settings)
+        self._events = EventPublisher(self._topology.events)
+        self._routes = RouteChecker(self._connection)
+        await self._channel.set_qos(prefetch_count=settings.gateway_concurrency)
+        submit = await self._channel.get_queue(SUBMIT_QUEUE)
+        await submit.consume(self._on_submission)
+        log.info("gateway on %s consuming %s", settings.host, SUBMIT_QUEUE)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
+        await asyncio.Event().wait()
+
+    async def _on_submission(self, message: AbstractIncomingMessage) -> None:
+        await settle(message, self._handle)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        data: Any = None
+        try:
+            data = decode(message.body, max_bytes=self._settings.max_message_bytes)
+            job = admit(message.body, self._settings)
+        except MessageUndecodable as exc:
+            error = FieldError(field="request", message=str(exc))
+            await self._reject(
+                message, job_id_hint(data) or new_job_id(), [error], "MalformedMessage"
+            )
+            raise
+        except RequestInvalid as exc:
+            await self._reject(
+                message, job_id_hint(data) or new_job_id(), exc.errors, "InvalidRequest"
+            )
+            raise
+        await self._route(message, job)
+
+    async def _route(self, message: AbstractIncomingMessage, job: Job) -> None:
+        assert self._topology is not None and self._routes is not None
+        host = job.placement.host
+        queue = job_queue_name(job.driver, host)
+        if not await self._routes.exists(queue):
+            raise RequestInvalid(await self._unroutable(message, job))
+
+        await self._emit(job, Phase.ACCEPTED, "Accepted", f"queued on {queue}")
+        try:
+            await self._topology.jobs.publish(
+                json_message(job, message_id=job.job_id, type="sandfleet.job"),
+                routing_key=job_routing_key(job.driver, host),
+                mandatory=True,
+            )
+        except PublishError as exc:
+            log.warning("job %s unroutable after acceptance: %s", job.job_id, exc)
+            raise RequestInvalid(await self._unroutable(message, job)) from exc
+        await self._reply(message, SubmitReply(status=ReplyStatus.ACCEPTED, job_id=job.job_id))
+
+    async def _unroutable(self, message: AbstractIncomingMessage, job: Job) -> list[FieldError]:
+        if job.placement.host:
+            error = FieldError(
+                field="placement.host",
+                message=f"no {job.driver.value} worker serves host {job.placement.host!r}",
+            )
+        else:
+            error = FieldError(
+                field="driver", message=f"no worker serves driver {job.driver.value!r}"
+            )
+        await self._reject(message, job.job_id, [error], "Unroutable", driver=job.driver.value)
+        return [error]
+
+    async def _reject(
+        self,
+        message: AbstractIncomingMessage,
+        job_id: str,
+        errors: list[FieldError],
+        reason: str,
+        *,
+        driver: str | None = None,
+    ) -> None:
+        assert self._events is not None
+        summary = "; ".join(str(e) for e in errors)
+        await self._events.publish(
+            Event(
+                job_id=job_id,
+                phase=Phase.REJECTED,
+                reason=reason,
+                message=summary,
+                driver=driver,
+                host=self._settings.host,
+                errors=errors,
+            )
+        )
+        reply = SubmitReply(status=ReplyStatus.REJECTED, job_id=job_id, errors=errors)
+        await self._reply(message, reply)
+
+    async def _emit(self, job: Job, phase: Phase, reason: str, text: str) -> None:
+        assert self._events is not None
+        await self._events.publish(
+            Event(
+                job_id=job.job_id,
+                phase=phase,
+                reason=reason,
+                message=text,
+                driver=job.driver.value,
+                host=self._settings.host,
+            )
+        )
+
+    async def _reply(self, message: AbstractIncomingMessage, reply: SubmitReply) -> None:
+        if not message.reply_to:
+            return
+        assert self._channel is not None
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(
+                reply.model_dump_json().encode(),
+                content_type="application/json",
+                correlation_id=message.correlation_id,
+            ),
+            routing_key=message.reply_to,
+            mandatory=False,  # a submitter that went away is not the job's problem
+        )
+
+
+async def run_gateway(settings: Settings) -> None:
+    async with Gateway(settings) as gateway:
+        await gateway.serve_forever()

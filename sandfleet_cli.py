@@ -1,0 +1,23 @@
+"""The `sandfleet` command: the one place that sees both the gateway and the workers."""
+
+from __future__ import annotations
+
+import typer
+
+from gateway import cli as gateway_cli
+from workers import cli as workers_cli
+
+app = typer.Typer(
+    name="sandfleet",
+    help="Run sandboxes (containers and VMs, with or without GPUs) on a fleet of hosts.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command()(gateway_cli.gateway)
+app.command(context_settings={"allow_interspersed_args": False})(gateway_cli.submit)
+app.command()(gateway_cli.watch)
+app.command()(gateway_cli.status)
+app.command()(workers_cli.worker)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,116 @@
+"""Real RabbitMQ and dockerd for integration tests (started by ./dev setup or .ci/run).
+
+Each test gets its own RabbitMQ vhost, so queues, streams and dead letters of one
+test can never leak into another.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import pytest
+
+from common.settings import Settings
+from gateway.client import Client
+from gateway.service import Gateway
+from workers.drivers.docker import DockerDriver
+from workers.runtime import Worker
+
+TEST_IMAGE = "sandfleet-test/busybox:latest"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def test_image() -> str:
+    if shutil.which("docker") is None:
+        pytest.fail("docker CLI missing: run ./dev setup")
+    subprocess.run([ROOT / "scripts" / "make-busybox-image", TEST_IMAGE], check=True, timeout=120)
+    return TEST_IMAGE
+
+
+@pytest.fixture
+def broker_url() -> AsyncIterator[str] | Any:
+    vhost = f"sandfleet-test-{uuid.uuid4().hex[:12]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def make_settings(broker_url: str, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "broker_url": broker_url,
+            "host": f"h{uuid.uuid4().hex[:8]}",
+            "state_dir": tmp_path / "state",
+            "heartbeat_seconds": 1.0,
+            "stop_grace_seconds": 1.0,
+            **overrides,
+        }
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    async with Gateway(settings) as gw:
+        yield gw
+
+
+@pytest.fixture
+async def client(settings: Settings, gateway: Gateway) -> AsyncIterator[Client]:
+    async with Client(settings=settings) as c:
+        yield c
+
+
+WorkerFactory = Callable[..., AbstractAsyncContextManager[Worker]]
+
+
+@pytest.fixture
+def docker_worker(settings: Settings, test_image: str) -> WorkerFactory:
+    """`async with docker_worker(host="a", slots=1) as worker:` — a real Docker worker."""
+
+    @asynccontextmanager
+    async def start(*, slots: int = 1, **overrides: Any) -> AsyncIterator[Worker]:
+        worker_settings = settings.model_copy(update=overrides)
+        driver = DockerDriver(url=worker_settings.docker_url)
+        try:
+            async with Worker(worker_settings, driver, slots=slots, drain_seconds=5) as worker:
+                yield worker
+        finally:
+            await driver.aclose()
+
+    return start
+
+
+@pytest.fixture
+async def docker() -> AsyncIterator[aiodocker.Docker]:
+    client = aiodocker.Docker()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def containers_of(docker: aiodocker.Docker, job_id: str) -> list[Any]:
+    """Every container, running or not, labelled with this job id."""
+    filters = '{"label": ["sandfleet.job_id=%s"]}' % job_id
+    return list(await docker.containers.list(all=True, filters=filters))

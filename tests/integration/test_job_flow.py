@@ -1,0 +1,293 @@
+"""The foundation path end to end: raw AMQP or client → gateway → Docker worker → events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import aio_pika
+import aiodocker
+import pytest
+
+from common.events import Phase
+from common.settings import Settings
+from common.topology import DEAD_QUEUE, SUBMIT_QUEUE, job_queue_name
+from gateway.client import Client
+from tests.integration.conftest import WorkerFactory, containers_of
+from tests.support import eventually, until_terminal
+
+pytestmark = pytest.mark.integration
+
+
+def request(image: str, *command: str, **extra: object) -> dict[str, object]:
+    job_id = f"t-{uuid.uuid4().hex[:12]}"
+    return {"job_id": job_id, "template": {"image": image, "command": list(command)}, **extra}
+
+
+async def raw_submit(url: str, body: bytes) -> dict[str, object]:
+    """Submit as any AMQP client would: publish to sandfleet.submit, read the reply."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, reply_to=replies.name, correlation_id="c1"),
+            routing_key=SUBMIT_QUEUE,
+        )
+        async with asyncio.timeout(15), replies.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                assert message.correlation_id == "c1"
+                reply: dict[str, object] = json.loads(message.body)
+                return reply
+    raise AssertionError("no reply")
+
+
+async def no_containers(docker: aiodocker.Docker, job_id: str) -> bool:
+    return not await containers_of(docker, job_id)
+
+
+async def dead_letters(url: str) -> list[bytes]:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(DEAD_QUEUE)
+        bodies = []
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            bodies.append(message.body)
+        return bodies
+
+
+async def test_raw_amqp_job_runs_and_reports_exit_code_and_output(
+    settings: Settings,
+    client: Client,
+    docker_worker: WorkerFactory,
+    test_image: str,
+    docker: aiodocker.Docker,
+) -> None:
+    req = request(test_image, "sh", "-c", "echo hi; exit 3")
+    async with docker_worker(), client.events(job_id=str(req["job_id"])) as stream:
+        reply = await raw_submit(settings.broker_url, json.dumps(req).encode())
+        assert reply == {"status": "accepted", "job_id": req["job_id"], "errors": []}
+        events = await until_terminal(stream, str(req["job_id"]))
+
+    assert [e.phase for e in events] == [Phase.ACCEPTED, Phase.STARTING, Phase.RUNNING, Phase.FAILED]
+    final = events[-1]
+    assert final.exit_code == 3
+    assert final.output is not None and "hi" in final.output
+    assert final.sandbox_id and final.worker_id and final.host == settings.host
+    await eventually(lambda: no_containers(docker, str(req["job_id"])))
+
+
+async def test_successful_job_applies_limits_env_and_labels(
+    client: Client, docker_worker: WorkerFactory, test_image: str, docker: aiodocker.Docker
+) -> None:
+    req = request(test_image, "sh", "-c", 'echo "$GREETING"; sleep 2')
+    req["template"] = {**req["template"], "environment": {"GREETING": "hello"}}  # type: ignore[dict-item]
+    req["resource_requirements"] = {"cpu": "500m", "memory": "64Mi"}
+    req["labels"] = {"team": "ml"}
+    job_id = str(req["job_id"])
+    async with docker_worker(), client.events(job_id=job_id) as stream:
+        assert (await client.submit(req)).accepted
+        running = None
+        async with asyncio.timeout(30):
+            async for event in stream:
+                if event.phase is Phase.RUNNING:
+                    running = event
+                    break
+        assert running is not None and running.sandbox_id
+        info = await docker.containers.container(running.sandbox_id).show()
+        assert info["Name"] == f"/sandfleet-{job_id}"
+        assert info["HostConfig"]["NanoCpus"] == 500_000_000
+        assert info["HostConfig"]["Memory"] == 64 * 2**20
+        assert info["Config"]["Labels"]["sandfleet.job_id"] == job_id
+        assert info["Config"]["Labels"]["team"] == "ml"
+        events = await until_terminal(stream, job_id)
+
+    assert events[-1].phase is Phase.SUCCEEDED
+    assert events[-1].exit_code == 0
+    assert events[-1].output == "hello\n"
+
+
+async def test_timeout_yields_timed_out_and_leaves_no_container(
+    client: Client, docker_worker: WorkerFactory, test_image: str, docker: aiodocker.Docker
+) -> None:
+    req = request(test_image, "sh", "-c", "echo started; sleep 60")
+    req["template"] = {**req["template"], "timeout_seconds": 1}  # type: ignore[dict-item]
+    job_id = str(req["job_id"])
+    async with docker_worker(), client.events(job_id=job_id) as stream:
+        assert (await client.submit(req)).accepted
+        events = await until_terminal(stream, job_id)
+        await eventually(lambda: no_containers(docker, job_id))
+
+    assert [e.phase for e in events][-1] is Phase.TIMED_OUT
+    assert events[-1].output is not None and "started" in events[-1].output
+
+
+async def test_invalid_request_rejected_with_field_paths_and_dead_lettered(
+    settings: Settings, client: Client, docker: aiodocker.Docker
+) -> None:
+    job_id = f"t-{uuid.uuid4().hex[:12]}"
+    bad = {
+        "job_id": job_id,
+        "driver": "kubernetes",
+        "resource_requirements": {"gpu": {"count": 0}},
+        "template": {"image": "x", "driver_config": {"docker": ["not", "an", "object"]}},
+    }
+    async with client.events(job_id=job_id) as stream:
+        reply = await raw_submit(settings.broker_url, json.dumps(bad).encode())
+        events = await until_terminal(stream, job_id)
+
+    assert reply["status"] == "rejected"
+    assert reply["job_id"] == job_id
+    fields = {e["field"] for e in reply["errors"]}  # type: ignore[attr-defined]
+    assert fields == {"driver", "resource_requirements.gpu.count"}
+    assert [e.phase for e in events] == [Phase.REJECTED]
+    assert {e.field for e in events[0].errors} == fields
+    assert not await containers_of(docker, job_id)
+    assert [json.loads(b)["job_id"] for b in await dead_letters(settings.broker_url)] == [job_id]
+
+
+async def test_bad_active_driver_block_rejected_by_gateway(settings: Settings, client: Client) -> None:
+    bad = request("img")
+    bad["template"] = {"image": "img", "driver_config": {"docker": 7, "vm": "ignored"}}
+    reply = await client.submit(bad)
+    assert not reply.accepted
+    assert [(e.field, e.message) for e in reply.errors] == [
+        ("template.driver_config.docker", "must be a JSON object, not a number")
+    ]
+
+
+async def test_invalid_driver_block_rejected_by_worker_without_container(
+    settings: Settings, client: Client, docker_worker: WorkerFactory, docker: aiodocker.Docker, test_image: str
+) -> None:
+    req = request(test_image, "true")
+    req["template"] = {
+        **req["template"],  # type: ignore[dict-item]
+        "driver_config": {"docker": {"gpu_device_ids": ["nvidia.com/gpu=all"], "shm": 1}},
+    }
+    job_id = str(req["job_id"])
+    async with docker_worker(), client.events(job_id=job_id) as stream:
+        assert (await client.submit(req)).accepted  # the gateway never reads inside the block
+        events = await until_terminal(stream, job_id)
+
+    assert [e.phase for e in events] == [Phase.ACCEPTED, Phase.REJECTED]
+    assert events[-1].reason == "InvalidDriverConfig"
+    assert {e.field for e in events[-1].errors} == {
+        "template.driver_config.docker.gpu_device_ids.0",
+        "template.driver_config.docker.shm",
+    }
+    assert not await containers_of(docker, job_id)
+    assert [json.loads(b)["job_id"] for b in await dead_letters(settings.broker_url)] == [job_id]
+
+
+async def test_pinned_job_runs_only_on_its_host(
+    settings: Settings, client: Client, docker_worker: WorkerFactory, test_image: str
+) -> None:
+    req = request(test_image, "true", placement={"host": "hostb"})
+    job_id = str(req["job_id"])
+    async with (
+        docker_worker(host="hosta", slots=2) as worker_a,
+        docker_worker(host="hostb", slots=2) as worker_b,
+        client.events(job_id=job_id) as stream,
+    ):
+        assert (await client.submit(req)).accepted
+        events = await until_terminal(stream, job_id)
+
+    worker_events = [e for e in events if e.phase is not Phase.ACCEPTED]
+    assert [e.phase for e in worker_events] == [Phase.STARTING, Phase.RUNNING, Phase.SUCCEEDED]
+    assert {e.worker_id for e in worker_events} == {worker_b.identity.worker_id}
+    assert {e.host for e in worker_events} == {"hostb"}
+    assert worker_a.health().jobs_started == 0
+
+
+async def test_job_for_unserved_host_or_driver_is_rejected_not_lost(
+    settings: Settings, client: Client, docker_worker: WorkerFactory
+) -> None:
+    async with docker_worker():
+        pinned = await client.submit(request("img", placement={"host": "nowhere"}))
+        podman = await client.submit(request("img", driver="podman"))
+    assert [(e.field, e.message) for e in pinned.errors] == [
+        ("placement.host", "no docker worker serves host 'nowhere'")
+    ]
+    assert [(e.field, e.message) for e in podman.errors] == [
+        ("driver", "no worker serves driver 'podman'")
+    ]
+    dead = [json.loads(b)["job_id"] for b in await dead_letters(settings.broker_url)]
+    assert sorted(dead) == sorted([pinned.job_id, podman.job_id])
+
+
+async def test_garbage_is_dead_lettered_with_an_event_and_gateway_keeps_serving(
+    settings: Settings, client: Client, docker_worker: WorkerFactory, test_image: str
+) -> None:
+    garbage = b"\xff\xfe this is not JSON {"
+    async with client.events(phases={Phase.REJECTED}) as stream:
+        reply = await raw_submit(settings.broker_url, garbage)
+        async with asyncio.timeout(15):
+            event = await anext(aiter(stream))
+
+    assert reply["status"] == "rejected"
+    assert event.reason == "MalformedMessage"
+    assert event.errors[0].field == "request"
+    assert await dead_letters(settings.broker_url) == [garbage]
+
+    req = request(test_image, "true")
+    async with docker_worker(), client.events(job_id=str(req["job_id"])) as stream:
+        assert (await client.submit(req)).accepted
+        assert (await until_terminal(stream, str(req["job_id"])))[-1].phase is Phase.SUCCEEDED
+
+
+async def test_missing_image_that_cannot_be_pulled_fails_clearly(
+    client: Client, docker_worker: WorkerFactory, docker: aiodocker.Docker
+) -> None:
+    # A registry on a closed loopback port: the pull fails at once, without leaving the host.
+    req = request("127.0.0.1:9/sandfleet/absent:1", "true")
+    job_id = str(req["job_id"])
+    async with docker_worker(), client.events(job_id=job_id) as stream:
+        assert (await client.submit(req)).accepted
+        events = await until_terminal(stream, job_id)
+
+    assert [e.phase for e in events] == [Phase.ACCEPTED, Phase.STARTING, Phase.FAILED]
+    assert events[-1].reason == "ImageUnavailable"
+    assert "127.0.0.1:9/sandfleet/absent:1" in events[-1].message
+    assert not await containers_of(docker, job_id)
+
+
+async def test_gpu_job_is_refused_never_run_without_its_gpu(
+    client: Client, docker_worker: WorkerFactory, docker: aiodocker.Docker, test_image: str
+) -> None:
+    req = request(test_image, "true", resource_requirements={"gpu": {"count": 1}})
+    job_id = str(req["job_id"])
+    async with docker_worker(), client.events(job_id=job_id) as stream:
+        assert (await client.submit(req)).accepted
+        events = await until_terminal(stream, job_id)
+    assert events[-1].phase is Phase.FAILED
+    assert events[-1].reason == "GpuUnsupported"
+    assert not await containers_of(docker, job_id)
+
+
+async def test_prefetch_equals_free_slots(
+    settings: Settings, client: Client, docker_worker: WorkerFactory, test_image: str
+) -> None:
+    """A one-slot worker with a job running leaves the next job in the queue for others."""
+    first, second = request(test_image, "sleep", "3"), request(test_image, "true")
+    async with docker_worker(slots=1) as worker, client.events(job_id=str(first["job_id"])) as stream:
+        assert (await client.submit(first)).accepted
+        async with asyncio.timeout(15):
+            async for event in stream:
+                if event.phase is Phase.RUNNING:
+                    break
+        assert (await client.submit(second)).accepted
+        assert worker.health().free_slots == 0
+        assert await ready_messages(settings.broker_url, job_queue_name(worker.identity.driver)) == 1
+
+
+async def ready_messages(url: str, queue_name: str) -> int:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        count = queue.declaration_result.message_count
+        assert count is not None
+        return count

@@ -1,0 +1,31 @@
+"""Helpers for tests: waiting on conditions and events, never sleeping blindly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from common.events import Event
+from gateway.client import EventStream
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 15.0, interval: float = 0.1
+) -> None:
+    """Wait until `check()` is true, failing after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(interval)
+
+
+async def until_terminal(stream: EventStream, job_id: str, *, timeout: float = 30.0) -> list[Event]:
+    """Every event of `job_id` from `stream` up to and including its terminal one."""
+    events: list[Event] = []
+    async with asyncio.timeout(timeout):
+        async for event in stream:
+            if event.job_id != job_id:
+                continue
+            events.append(event)
+            if event.phase.is_terminal:
+                return events
+    raise AssertionError(f"event stream ended before job {job_id} did: {events}")

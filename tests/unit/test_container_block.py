@@ -1,0 +1,84 @@
+"""The Docker/Podman block rules, enforced by the worker, with full field paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from common.errors import RequestInvalid
+from common.models import Driver, Job, JobTemplate, ResourceRequirements
+from workers.drivers.cdi import parse_container_block
+
+
+def job(block: dict[str, Any], *, gpus: int | None = None, driver: Driver = Driver.DOCKER) -> Job:
+    return Job(
+        job_id="j1",
+        driver=driver,
+        resource_requirements=ResourceRequirements.model_validate({"gpu": {"count": gpus}}),
+        template=JobTemplate(image="busybox", driver_config=block),
+    )
+
+
+def errors(block: dict[str, Any], **kwargs: Any) -> list[tuple[str, str]]:
+    with pytest.raises(RequestInvalid) as caught:
+        parse_container_block(job(block, **kwargs))
+    return [(e.field, e.message) for e in caught.value.errors]
+
+
+IDS = "template.driver_config.docker.gpu_device_ids"
+
+
+def test_empty_block_is_valid() -> None:
+    assert parse_container_block(job({})).gpu_device_ids == []
+
+
+def test_cdi_names_by_index_and_uuid_are_valid() -> None:
+    ids = ["nvidia.com/gpu=0", "nvidia.com/gpu=GPU-49431ef3-0f4f-2e8f-6567-eca72c1acedc"]
+    assert parse_container_block(job({"gpu_device_ids": ids}, gpus=2)).gpu_device_ids == ids
+
+
+def test_unknown_keys_are_rejected() -> None:
+    assert errors({"runtime": "nvidia"}) == [
+        ("template.driver_config.docker.runtime", "Extra inputs are not permitted")
+    ]
+
+
+def test_ids_require_a_gpu_count() -> None:
+    assert errors({"gpu_device_ids": ["nvidia.com/gpu=0"]}) == [
+        (IDS, "GPU IDs require resource_requirements.gpu.count")
+    ]
+
+
+def test_duplicates_are_rejected() -> None:
+    assert errors({"gpu_device_ids": ["nvidia.com/gpu=0", "nvidia.com/gpu=0"]}, gpus=2) == [
+        (IDS, "duplicate IDs: ['nvidia.com/gpu=0']")
+    ]
+
+
+def test_unique_ids_must_match_the_count() -> None:
+    assert errors({"gpu_device_ids": ["nvidia.com/gpu=0"]}, gpus=2) == [
+        (IDS, "1 IDs given but resource_requirements.gpu.count is 2")
+    ]
+
+
+@pytest.mark.parametrize("bad", ["0", "nvidia.com/gpu", "nvidia.com=0", "/gpu=0", "nvidia.com/gpu=0 "])
+def test_ids_must_be_cdi_names(bad: str) -> None:
+    [(field, message)] = errors({"gpu_device_ids": [bad]}, gpus=1)
+    assert field == f"{IDS}.0"
+    assert "is not a CDI device name" in message
+
+
+def test_all_is_refused() -> None:
+    [(field, message)] = errors({"gpu_device_ids": ["nvidia.com/gpu=all"]}, gpus=1)
+    assert field == f"{IDS}.0"
+    assert "names every device" in message
+
+
+def test_ids_must_be_a_list_of_strings() -> None:
+    assert errors({"gpu_device_ids": "nvidia.com/gpu=0"}, gpus=1)[0][0] == IDS
+
+
+def test_podman_paths_name_the_podman_block() -> None:
+    [(field, _)] = errors({"x": 1}, driver=Driver.PODMAN)
+    assert field == "template.driver_config.podman.x"

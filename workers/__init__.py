@@ -1,0 +1,1 @@
+"""Per-host workers: the job runtime, and one driver module per sandbox runtime."""

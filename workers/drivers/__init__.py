@@ -1,0 +1,1 @@
+"""Sandbox drivers. Each implements `workers.drivers.base.SandboxDriver`; none imports another."""

@@ -1,0 +1,194 @@
+"""Docker Engine API through aiodocker. DockerError never leaves this module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiodocker
+from aiodocker.exceptions import DockerError
+
+from common.errors import ImageUnavailable, SandboxError
+from common.models import Driver, Job
+from workers.drivers.base import (
+    LABEL_DRIVER,
+    Capabilities,
+    SandboxSpec,
+    SandboxState,
+    SandboxStatus,
+)
+from workers.drivers.cdi import ContainerBlock, parse_container_block
+from workers.drivers.timestamps import parse_runtime_time
+
+# Docker takes CDI device requests from Engine 25 (API 1.44), when its CDI feature is on.
+_CDI_MIN_ENGINE = (25, 0)
+
+_STATUS = {
+    "created": SandboxStatus.CREATED,
+    "running": SandboxStatus.RUNNING,
+    "paused": SandboxStatus.RUNNING,
+    "restarting": SandboxStatus.RUNNING,
+}  # exited, dead, removing: EXITED
+
+
+@asynccontextmanager
+async def _translated(action: str, subject: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except DockerError as exc:
+        raise SandboxError(f"docker {action} {subject}: {exc.message}") from exc
+
+
+def _engine_version(version: str) -> tuple[int, int]:
+    major, _, rest = version.partition(".")
+    minor = rest.split(".", 1)[0]
+    try:
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
+
+
+class DockerDriver:
+    kind = Driver.DOCKER
+
+    def __init__(self, *, url: str, pull_timeout_seconds: float = 300.0) -> None:
+        self._docker = aiodocker.Docker(url=url)
+        self._pull_timeout = pull_timeout_seconds
+        self._capabilities: Capabilities | None = None
+
+    async def aclose(self) -> None:
+        await self._docker.close()
+
+    def parse_config(self, job: Job) -> ContainerBlock:
+        return parse_container_block(job)
+
+    async def capabilities(self) -> Capabilities:
+        if self._capabilities is None:
+            self._capabilities = await self._probe_capabilities()
+        return self._capabilities
+
+    async def _probe_capabilities(self) -> Capabilities:
+        async with _translated("version", "of the engine"):
+            version = str((await self._docker.version()).get("Version", "0.0"))
+            info = await self._docker.system.info()
+        if _engine_version(version) < _CDI_MIN_ENGINE:
+            return Capabilities(
+                gpus=False,
+                gpu_detail=(
+                    f"Docker Engine {version} cannot inject CDI devices; GPU jobs need "
+                    "Docker >= 25 with the CDI feature enabled "
+                    '(daemon.json: {"features": {"cdi": true}}), or the podman driver'
+                ),
+            )
+        if not info.get("CDISpecDirs"):
+            return Capabilities(
+                gpus=False,
+                gpu_detail=(
+                    f"Docker Engine {version} has CDI turned off; enable it in daemon.json "
+                    '({"features": {"cdi": true}}) and restart dockerd'
+                ),
+            )
+        return Capabilities(gpus=True)
+
+    async def _ensure_image(self, image: str) -> None:
+        try:
+            await self._docker.images.inspect(image)
+            return
+        except DockerError as exc:
+            if exc.status != 404:
+                raise SandboxError(f"docker image inspect {image}: {exc.message}") from exc
+        try:
+            async with asyncio.timeout(self._pull_timeout):
+                progress = await self._docker.images.pull(image)
+        except (DockerError, TimeoutError) as exc:
+            detail = exc.message if isinstance(exc, DockerError) else "timed out"
+            raise ImageUnavailable(
+                f"image {image!r} is not on this host and pulling it failed: {detail}"
+            ) from exc
+        errors = [p["error"] for p in progress if isinstance(p, dict) and "error" in p]
+        if errors:
+            raise ImageUnavailable(
+                f"image {image!r} is not on this host and pulling it failed: {errors[-1]}"
+            )
+
+    async def create(self, spec: SandboxSpec) -> SandboxState:
+        await self._ensure_image(spec.image)
+        host_config: dict[str, Any] = {}
+        if spec.cpu is not None:
+            host_config["NanoCpus"] = int(spec.cpu * 1e9)
+        if spec.memory_bytes is not None:
+            host_config["Memory"] = spec.memory_bytes
+        if spec.gpu_devices:
+            host_config["DeviceRequests"] = [{"Driver": "cdi", "DeviceIDs": list(spec.gpu_devices)}]
+        config: dict[str, Any] = {
+            "Image": spec.image,
+            "Env": [f"{k}={v}" for k, v in spec.environment.items()],
+            "Labels": {**spec.labels, LABEL_DRIVER: self.kind.value},
+            "HostConfig": host_config,
+        }
+        if spec.command:
+            config["Cmd"] = list(spec.command)
+        async with _translated("create", spec.name):
+            container = await self._docker.containers.create(config, name=spec.name)
+        state = await self._state(container.id)
+        if state is None:
+            raise SandboxError(f"docker create {spec.name}: the container vanished after creation")
+        return state
+
+    async def start(self, sandbox_id: str) -> None:
+        async with _translated("start", sandbox_id):
+            await self._docker.containers.container(sandbox_id).start()
+
+    async def wait(self, sandbox_id: str) -> int:
+        async with _translated("wait", sandbox_id):
+            result = await self._docker.containers.container(sandbox_id).wait()
+        return int(result["StatusCode"])
+
+    async def stop(self, sandbox_id: str, *, grace_seconds: float) -> None:
+        async with _translated("stop", sandbox_id):
+            await self._docker.containers.container(sandbox_id).stop(t=int(grace_seconds))
+
+    async def remove(self, sandbox_id: str) -> None:
+        try:
+            await self._docker.containers.container(sandbox_id).delete(force=True)
+        except DockerError as exc:
+            if exc.status != 404:
+                raise SandboxError(f"docker rm {sandbox_id}: {exc.message}") from exc
+
+    async def find(self, name: str) -> SandboxState | None:
+        return await self._state(name)
+
+    async def list_sandboxes(self) -> list[SandboxState]:
+        filters = json.dumps({"label": [f"{LABEL_DRIVER}={self.kind.value}"]})
+        async with _translated("ps", "sandfleet containers"):
+            containers = await self._docker.containers.list(all=True, filters=filters)
+        states = [await self._state(c.id) for c in containers]
+        return [s for s in states if s is not None]
+
+    async def output(self, sandbox_id: str, *, lines: int) -> str:
+        async with _translated("logs", sandbox_id):
+            chunks = await self._docker.containers.container(sandbox_id).log(
+                stdout=True, stderr=True, tail=lines
+            )
+        return "".join(chunks)
+
+    async def _state(self, name_or_id: str) -> SandboxState | None:
+        try:
+            info = await self._docker.containers.container(name_or_id).show()
+        except DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise SandboxError(f"docker inspect {name_or_id}: {exc.message}") from exc
+        state = info["State"]
+        status = _STATUS.get(state.get("Status", ""), SandboxStatus.EXITED)
+        return SandboxState(
+            sandbox_id=info["Id"],
+            name=info["Name"].lstrip("/"),
+            status=status,
+            exit_code=state.get("ExitCode") if status is SandboxStatus.EXITED else None,
+            started_at=parse_runtime_time(state.get("StartedAt")),
+            labels=info["Config"].get("Labels") or {},
+        )

@@ -1,0 +1,104 @@
+"""Consuming a worker's job queues without taking more jobs than it has free slots.
+
+A worker reads two quorum queues (its driver's shared queue and its host's), and
+quorum queues have no channel-wide prefetch. So each consumer is started with a
+prefetch equal to the free slots, and both are cancelled the moment the slots are
+full; they are started again, with the new free count, when a job finishes. A
+delivery that raced in after the slots filled waits for a slot (it is never
+requeued: RabbitMQ 3.10 counts every requeue toward the delivery limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+log = logging.getLogger(__name__)
+
+JobHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+class JobIntake:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        queues: Sequence[AbstractQueue],
+        *,
+        slots: int,
+        handle: JobHandler,
+    ) -> None:
+        self._channel = channel
+        self._queues = queues
+        self._slots = slots
+        self._handle = handle
+        self._running = asyncio.Semaphore(slots)
+        self._held = 0  # deliveries in hand: running or waiting for a slot
+        self._consumer_tags: dict[str, str] = {}  # queue name -> consumer tag
+        self._toggle = asyncio.Lock()
+        self._stopped = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self._slots - self._held)
+
+    async def start(self) -> None:
+        await self._resume()
+
+    async def stop_consuming(self) -> None:
+        self._stopped = True
+        await self._pause()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to `timeout` for jobs in hand, then cancel the rest (their messages
+        stay unacked, so the broker redelivers them and their sandboxes get adopted)."""
+        await self.stop_consuming()
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._held += 1
+        try:
+            if self._held >= self._slots:
+                await self._pause()
+            async with self._running:
+                await self._handle(message)
+        finally:
+            self._held -= 1
+            self._tasks.discard(task)
+            if not self._stopped:
+                await self._resume()
+
+    async def _pause(self) -> None:
+        async with self._toggle:
+            for queue in self._queues:
+                tag = self._consumer_tags.pop(queue.name, None)
+                if tag is not None:
+                    await queue.cancel(tag)
+
+    async def _resume(self) -> None:
+        async with self._toggle:
+            free = self.free_slots
+            if self._stopped or free == 0 or self._consumer_tags:
+                return
+            # Per-consumer prefetch (quorum queues ignore the global flag); applies to
+            # the consumers started below.
+            await self._channel.set_qos(prefetch_count=free)
+            for queue in self._queues:
+                self._consumer_tags[queue.name] = await queue.consume(self._on_message)
