@@ -66,7 +66,9 @@ async def baseline(url: str, bodies: list[bytes], window: int) -> float:
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         queue = await channel.declare_queue(
-            f"bench.baseline.{uuid.uuid4().hex[:6]}", durable=True, arguments={"x-queue-type": "quorum"}
+            f"bench.baseline.{uuid.uuid4().hex[:6]}",
+            durable=True,
+            arguments={"x-queue-type": "quorum"},
         )
         started = time.perf_counter()
         await windowed(
@@ -82,7 +84,9 @@ async def baseline(url: str, bodies: list[bytes], window: int) -> float:
     return elapsed
 
 
-async def through_gateway(url: str, bodies: list[bytes], window: int, host: str) -> tuple[float, int]:
+async def through_gateway(
+    url: str, bodies: list[bytes], window: int, host: str
+) -> tuple[float, int]:
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -139,37 +143,52 @@ def throwaway_vhost(base_url: str) -> tuple[str, Callable[[], None]]:
     except (OSError, subprocess.CalledProcessError):
         return base_url, lambda: None
     url = base_url.rstrip("/") + "/" + vhost
-    return url, lambda: subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
+
+    def cleanup() -> None:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
+
+    return url, cleanup
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+async def measure(url: str, n: int, window: int) -> None:
+    host = f"bench{uuid.uuid4().hex[:6]}"
+    bodies = payloads(n, host)
+    await through_gateway(url, bodies[:50], window, host)  # warm-up: waits for the gateway
+    raw = await baseline(url, bodies, window)
+    gw, queued = await through_gateway(url, bodies, window, host)
+
+    raw_rate, gw_rate = n / raw, n / gw
+    print(f"submissions:             {n} (window {window})")
+    print(f"raw aio-pika (baseline): {raw_rate:9.0f} msg/s  ({raw:.2f} s)")
+    print(f"through the gateway:     {gw_rate:9.0f} jobs/s ({gw:.2f} s, {queued} jobs queued)")
+    print(f"gateway / baseline:      {gw_rate / raw_rate:9.2f}")
+    if queued != n:
+        raise SystemExit(f"expected {n} jobs in the job queue, found {queued}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("-n", type=int, default=5000, help="submissions (default 5000)")
     parser.add_argument("--window", type=int, default=256, help="publishes in flight (default 256)")
     args = parser.parse_args()
 
     url, cleanup = throwaway_vhost(Settings().broker_url)
-    host = f"bench{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "SANDFLEET_BROKER_URL": url, "SANDFLEET_HOST": "benchgw", "SANDFLEET_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "SANDFLEET_BROKER_URL": url,
+        "SANDFLEET_HOST": "benchgw",
+        "SANDFLEET_LOG_LEVEL": "WARNING",
+    }
     gateway = subprocess.Popen([sys.executable, "-m", "sandfleet_cli", "gateway"], env=env)
     try:
-        bodies = payloads(args.n, host)
-        await through_gateway(url, bodies[:50], args.window, host)  # warm-up: gateway is up
-        raw = await baseline(url, bodies, args.window)
-        gw, queued = await through_gateway(url, bodies, args.window, host)
+        asyncio.run(measure(url, args.n, args.window))
     finally:
         gateway.terminate()
         gateway.wait(timeout=30)
         cleanup()
 
-    raw_rate, gw_rate = args.n / raw, args.n / gw
-    print(f"submissions:             {args.n} (window {args.window})")
-    print(f"raw aio-pika (baseline): {raw_rate:9.0f} msg/s  ({raw:.2f} s)")
-    print(f"through the gateway:     {gw_rate:9.0f} jobs/s ({gw:.2f} s, {queued} jobs queued)")
-    print(f"gateway / baseline:      {gw_rate / raw_rate:9.2f}")
-    if queued != args.n:
-        raise SystemExit(f"expected {args.n} jobs in the job queue, found {queued}")
-
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

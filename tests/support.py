@@ -12,9 +12,13 @@ from gateway.client import EventStream
 async def eventually(
     check: Callable[[], Awaitable[bool]], *, timeout: float = 15.0, interval: float = 0.1
 ) -> None:
-    """Wait until `check()` is true, failing after `timeout` seconds."""
+    """Wait until `check()` is true, failing after `timeout` seconds.
+
+    For state outside sandfleet (a runtime's container list) that offers no event to
+    wait on; sandfleet's own progress is awaited through its events instead.
+    """
     async with asyncio.timeout(timeout):
-        while not await check():
+        while not await check():  # noqa: ASYNC110
             await asyncio.sleep(interval)
 
 

@@ -6,6 +6,7 @@ test can never leak into another.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import uuid
@@ -112,5 +113,5 @@ async def docker() -> AsyncIterator[aiodocker.Docker]:
 
 async def containers_of(docker: aiodocker.Docker, job_id: str) -> list[Any]:
     """Every container, running or not, labelled with this job id."""
-    filters = '{"label": ["sandfleet.job_id=%s"]}' % job_id
+    filters = json.dumps({"label": [f"sandfleet.job_id={job_id}"]})
     return list(await docker.containers.list(all=True, filters=filters))

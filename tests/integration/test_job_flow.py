@@ -72,7 +72,12 @@ async def test_raw_amqp_job_runs_and_reports_exit_code_and_output(
         assert reply == {"status": "accepted", "job_id": req["job_id"], "errors": []}
         events = await until_terminal(stream, str(req["job_id"]))
 
-    assert [e.phase for e in events] == [Phase.ACCEPTED, Phase.STARTING, Phase.RUNNING, Phase.FAILED]
+    assert [e.phase for e in events] == [
+        Phase.ACCEPTED,
+        Phase.STARTING,
+        Phase.RUNNING,
+        Phase.FAILED,
+    ]
     final = events[-1]
     assert final.exit_code == 3
     assert final.output is not None and "hi" in final.output
@@ -149,7 +154,9 @@ async def test_invalid_request_rejected_with_field_paths_and_dead_lettered(
     assert [json.loads(b)["job_id"] for b in await dead_letters(settings.broker_url)] == [job_id]
 
 
-async def test_bad_active_driver_block_rejected_by_gateway(settings: Settings, client: Client) -> None:
+async def test_bad_active_driver_block_rejected_by_gateway(
+    settings: Settings, client: Client
+) -> None:
     bad = request("img")
     bad["template"] = {"image": "img", "driver_config": {"docker": 7, "vm": "ignored"}}
     reply = await client.submit(bad)
@@ -160,7 +167,11 @@ async def test_bad_active_driver_block_rejected_by_gateway(settings: Settings, c
 
 
 async def test_invalid_driver_block_rejected_by_worker_without_container(
-    settings: Settings, client: Client, docker_worker: WorkerFactory, docker: aiodocker.Docker, test_image: str
+    settings: Settings,
+    client: Client,
+    docker_worker: WorkerFactory,
+    docker: aiodocker.Docker,
+    test_image: str,
 ) -> None:
     req = request(test_image, "true")
     req["template"] = {
@@ -272,7 +283,10 @@ async def test_prefetch_equals_free_slots(
 ) -> None:
     """A one-slot worker with a job running leaves the next job in the queue for others."""
     first, second = request(test_image, "sleep", "3"), request(test_image, "true")
-    async with docker_worker(slots=1) as worker, client.events(job_id=str(first["job_id"])) as stream:
+    async with (
+        docker_worker(slots=1) as worker,
+        client.events(job_id=str(first["job_id"])) as stream,
+    ):
         assert (await client.submit(first)).accepted
         async with asyncio.timeout(15):
             async for event in stream:
@@ -280,7 +294,9 @@ async def test_prefetch_equals_free_slots(
                     break
         assert (await client.submit(second)).accepted
         assert worker.health().free_slots == 0
-        assert await ready_messages(settings.broker_url, job_queue_name(worker.identity.driver)) == 1
+        assert (
+            await ready_messages(settings.broker_url, job_queue_name(worker.identity.driver)) == 1
+        )
 
 
 async def ready_messages(url: str, queue_name: str) -> int:

@@ -62,7 +62,9 @@ def test_unique_ids_must_match_the_count() -> None:
     ]
 
 
-@pytest.mark.parametrize("bad", ["0", "nvidia.com/gpu", "nvidia.com=0", "/gpu=0", "nvidia.com/gpu=0 "])
+@pytest.mark.parametrize(
+    "bad", ["0", "nvidia.com/gpu", "nvidia.com=0", "/gpu=0", "nvidia.com/gpu=0 "]
+)
 def test_ids_must_be_cdi_names(bad: str) -> None:
     [(field, message)] = errors({"gpu_device_ids": [bad]}, gpus=1)
     assert field == f"{IDS}.0"

@@ -51,7 +51,10 @@ def test_only_the_active_drivers_inner_object_is_forwarded() -> None:
         },
     )
     job = admit(raw, SETTINGS)
-    assert job.template.driver_config == {"gpu_device_ids": ["nvidia.com/gpu=0"], "anything": [1, 2]}
+    assert job.template.driver_config == {
+        "gpu_device_ids": ["nvidia.com/gpu=0"],
+        "anything": [1, 2],
+    }
     assert "docker" not in job.model_dump_json()
 
 

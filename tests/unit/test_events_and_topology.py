@@ -13,7 +13,13 @@ def test_event_routing_key_is_phase_driver_host() -> None:
 
 def test_terminal_phases() -> None:
     terminal = {p for p in Phase if p.is_terminal}
-    assert terminal == {Phase.REJECTED, Phase.SUCCEEDED, Phase.FAILED, Phase.TIMED_OUT, Phase.CANCELLED}
+    assert terminal == {
+        Phase.REJECTED,
+        Phase.SUCCEEDED,
+        Phase.FAILED,
+        Phase.TIMED_OUT,
+        Phase.CANCELLED,
+    }
 
 
 def test_output_is_bounded_to_its_last_lines() -> None:

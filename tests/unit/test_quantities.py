@@ -7,7 +7,13 @@ from common.quantities import cpu_cores, memory_bytes
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("1048576", 1048576), ("512Mi", 512 * 2**20), ("4Gi", 4 * 2**30), ("1G", 10**9), ("1.5Ki", 1536)],
+    [
+        ("1048576", 1048576),
+        ("512Mi", 512 * 2**20),
+        ("4Gi", 4 * 2**30),
+        ("1G", 10**9),
+        ("1.5Ki", 1536),
+    ],
 )
 def test_memory(text: str, expected: int) -> None:
     assert memory_bytes(text) == expected
