@@ -13,7 +13,7 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel
 
-from common.errors import DeadLetter
+from common.errors import DeadLetter, RetryLater
 from common.events import Event
 
 log = logging.getLogger(__name__)
@@ -50,20 +50,31 @@ class EventPublisher:
 
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+Retrier = Callable[[AbstractIncomingMessage, RetryLater], Awaitable[None]]
 
 
-async def settle(message: AbstractIncomingMessage, handler: Handler) -> None:
+async def settle(
+    message: AbstractIncomingMessage, handler: Handler, *, retry: Retrier | None = None
+) -> None:
     """Run `handler` and tell the broker the outcome; the one place that acks or rejects.
 
     - returns normally           → ack
     - DeadLetter                 → reject without requeue: the queue's dead-letter
       exchange keeps it (the handler has already emitted its event)
+    - RetryLater                 → `retry` republishes it with a delay, then ack
     - any other exception        → requeue; the quorum queue's delivery limit
       dead-letters a message that keeps failing
     - cancellation (shutdown)    → nothing: the broker redelivers it when the channel closes
     """
     try:
         await handler(message)
+    except RetryLater as exc:
+        if retry is None:
+            log.error("RetryLater from a handler with no retry path; requeueing")
+            await message.nack(requeue=True)
+            return
+        await retry(message, exc)
+        await message.ack()
     except DeadLetter as exc:
         log.info("dead-lettering message %s: %s", message.message_id, exc)
         await message.reject(requeue=False)

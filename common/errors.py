@@ -4,9 +4,11 @@
     ├── DeadLetter            the message can never be processed: it goes to sandfleet.dead
     │   ├── RequestInvalid        a request or driver block broke a rule; carries FieldErrors
     │   └── MessageUndecodable    a body that is not JSON, or over the size limit
+    ├── RetryLater            no capacity yet (GPUs busy): republish after `delay`, never requeue
     └── SandboxError          a runtime refused or failed; `reason` is the event's reason code
         ├── ImageUnavailable      the image is missing and could not be pulled
-        └── CapabilityMissing     the runtime lacks something the job needs (e.g. CDI)
+        ├── CapabilityMissing     the runtime lacks something the job needs (e.g. CDI)
+        └── Unschedulable         the job's GPUs cannot be had (none such, or waited too long)
 
 Backend exceptions (aiodocker's DockerError, libvirt's libvirtError) are translated
 into SandboxError once, inside the driver that talks to the backend, with
@@ -14,6 +16,8 @@ into SandboxError once, inside the driver that talks to the backend, with
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
@@ -48,6 +52,19 @@ class MessageUndecodable(DeadLetter):
     """The message cannot be read at all."""
 
 
+class RetryLater(SandfleetError):
+    """The job cannot start now; `settle` hands the message back after `delay` seconds.
+
+    RabbitMQ 3.10 counts every requeue toward a quorum queue's delivery limit, so the
+    message is republished to a delay queue instead of being requeued.
+    """
+
+    def __init__(self, reason: str, *, delay: float, waiting_since: datetime) -> None:
+        self.delay = delay
+        self.waiting_since = waiting_since
+        super().__init__(reason)
+
+
 class SandboxError(SandfleetError):
     reason = "SandboxFailed"
 
@@ -63,3 +80,7 @@ class ImageUnavailable(SandboxError):
 
 class CapabilityMissing(SandboxError):
     reason = "CapabilityMissing"
+
+
+class Unschedulable(SandboxError):
+    reason = "Unschedulable"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +49,9 @@ class WorkerHealth(BaseModel):
     jobs_finished: int = 0
     started_at: datetime
     heartbeat_seconds: float
+    gpus: list[dict[str, Any]] = Field(default_factory=list)  # the host's inventory
+    gpus_free: int = 0
+    gpu_source: str = ""
 
 
 class Event(BaseModel):

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     podman_url: str = "unix:///run/podman/podman.sock"
     libvirt_uri: str = "qemu:///system"
     heartbeat_seconds: float = Field(default=10.0, gt=0)
+    reconcile_seconds: float = Field(default=30.0, gt=0)
+    gpu_retry_seconds: float = Field(default=10.0, gt=0)
+    gpu_max_wait_seconds: float = Field(default=3600.0, ge=0)
     output_tail_lines: int = Field(default=50, gt=0)
     image_pull_timeout_seconds: float = Field(default=300.0, gt=0)
     stop_grace_seconds: float = Field(default=5.0, ge=0)

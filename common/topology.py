@@ -3,6 +3,7 @@
 sandfleet.submit (quorum)  ── gateway consumes; rejects dead-letter to sandfleet.dead
 sandfleet.jobs (direct) ── <driver>         → sandfleet.jobs.<driver>         (quorum)
                         └─ <driver>.<host>  → sandfleet.jobs.<driver>.<host>  (quorum)
+sandfleet.retry.<key> (quorum): jobs waiting for GPUs; expire back to sandfleet.jobs, <key>
 sandfleet.dead (fanout) ─→ sandfleet.dead (quorum): nothing is ever silently lost
 sandfleet.events (topic), key <phase>.<driver>.<host> ─ # → sandfleet.events.log (stream)
 sandfleet.control (fanout): cancellation, one exclusive queue per worker
@@ -27,6 +28,8 @@ DEAD_QUEUE = "sandfleet.dead"
 EVENTS_EXCHANGE = "sandfleet.events"
 EVENTS_LOG_QUEUE = "sandfleet.events.log"
 CONTROL_EXCHANGE = "sandfleet.control"
+RETRY_PREFIX = "sandfleet.retry"
+RETRY_WAITING_SINCE_HEADER = "x-sandfleet-waiting-since"
 
 EVENTS_MAX_LENGTH_BYTES = 1 << 30
 
@@ -40,6 +43,11 @@ def job_routing_key(driver: Driver, host: str | None = None) -> str:
 
 def job_queue_name(driver: Driver, host: str | None = None) -> str:
     return f"{JOBS_EXCHANGE}.{job_routing_key(driver, host)}"
+
+
+def retry_queue_name(routing_key: str) -> str:
+    """Where a job waits out a retry delay before going back to `routing_key`."""
+    return f"{RETRY_PREFIX}.{routing_key}"
 
 
 def _quorum_args(delivery_limit: int) -> FieldTable:
@@ -89,6 +97,19 @@ async def declare_topology(
             job_queue_name(driver, host), durable=True, arguments=_quorum_args(delivery_limit)
         )
         await queue.bind(jobs, routing_key=job_routing_key(driver, host))
+        await channel.declare_queue(
+            retry_queue_name(job_routing_key(driver, host)),
+            durable=True,
+            arguments={
+                # Messages published here with an expiration go back to the job queue
+                # when it runs out; at-least-once dead-lettering never drops one.
+                "x-queue-type": "quorum",
+                "x-dead-letter-exchange": JOBS_EXCHANGE,
+                "x-dead-letter-routing-key": job_routing_key(driver, host),
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
 
     events = await channel.declare_exchange(
         EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True

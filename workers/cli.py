@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from common.lifecycle import until_signalled
 from common.logs import setup_logging
 from common.models import Driver
 from common.settings import Settings
 from workers.drivers.base import SandboxDriver
+from workers.gpu.claims import GpuClaimStore, worker_alive
+from workers.gpu.inventory import discover
 from workers.runtime import Worker
 
 
@@ -21,7 +26,9 @@ def make_driver(kind: Driver, settings: Settings) -> SandboxDriver:
         from workers.drivers.docker import DockerDriver  # noqa: PLC0415
 
         return DockerDriver(
-            url=settings.docker_url, pull_timeout_seconds=settings.image_pull_timeout_seconds
+            url=settings.docker_url,
+            cdi_kind=settings.cdi_kind,
+            pull_timeout_seconds=settings.image_pull_timeout_seconds,
         )
     raise typer.BadParameter(
         f"the {kind.value} driver is not part of this build yet", param_hint="--driver"
@@ -55,3 +62,49 @@ def worker(
             await sandbox_driver.aclose()
 
     asyncio.run(until_signalled(serve()))
+
+
+def gpus(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """This host's GPUs and who holds them (every driver's claims, since when)."""
+    settings = Settings()
+    inventory = discover(settings.gpu_inventory, cdi_kind=settings.cdi_kind)
+    claims = {
+        gpu: claim for claim in GpuClaimStore(settings.state_dir).claims() for gpu in claim.gpus
+    }
+    rows = []
+    for gpu in inventory:
+        claim = claims.get(gpu.uuid)
+        rows.append({
+            **gpu.as_dict(),
+            "cdi_names": list(gpu.cdi_names(settings.cdi_kind)),
+            "claim": None if claim is None else {
+                "job_id": claim.job_id,
+                "driver": claim.driver,
+                "worker_id": claim.worker_id,
+                "worker_alive": worker_alive(settings.state_dir, claim.worker_id),
+                "sandbox_id": claim.sandbox_id,
+                "device": claim.devices[claim.gpus.index(gpu.uuid)],
+                "since": claim.claimed_at,
+            },
+        })  # fmt: skip
+    if as_json:
+        print(json.dumps({"host": settings.host, "source": inventory.source, "gpus": rows}))
+        return
+    console = Console(highlight=False)
+    table = Table(title=f"GPUs on {settings.host} (from {inventory.source})", title_justify="left")
+    for column in ("index", "uuid", "pci", "name", "held by", "driver", "since"):
+        table.add_column(column)
+    for row in rows:
+        claim = row["claim"]
+        holder = "[green]free[/]" if claim is None else claim["job_id"]
+        if claim is not None and not claim["worker_alive"]:
+            holder += " [yellow](worker gone)[/]"
+        table.add_row(
+            str(row["index"]), row["uuid"], row["pci_bus_id"], row["name"], holder,
+            claim["driver"] if claim else "", claim["since"] if claim else "",
+        )  # fmt: skip
+    console.print(table)
+    if not rows:
+        console.print("no GPUs found (NVML, nvidia-smi and SANDFLEET_GPU_INVENTORY gave none)")

@@ -1,11 +1,14 @@
 """One job's life on a worker, as a pipeline of named steps:
 
-    decode → validate block → (find or) create → start → wait / timeout → report → clean up
+    decode → validate block → claim GPUs → create → start → wait / timeout
+    → terminal event → release GPUs → remove sandbox → ack
 
 Ack timing: the message is acked only after the terminal event is confirmed and the
 sandbox is removed. A worker that dies earlier leaves the message unacked; the
-redelivered job finds its sandbox by its deterministic name and adopts it instead of
-starting a second one.
+redelivered job finds its sandbox by its deterministic name and adopts it (and its
+GPU claim) instead of starting a second one. GPUs are claimed only right before the
+sandbox is created: a job waiting for GPUs holds none, and holds no slot either (it
+is republished with a delay).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from common.amqp import EventPublisher
-from common.errors import DeadLetter, RequestInvalid, SandboxError
+from common.errors import DeadLetter, RequestInvalid, RetryLater, SandboxError, Unschedulable
 from common.events import Phase
 from common.models import Job, field_errors
 from common.settings import Settings
+from common.topology import RETRY_WAITING_SINCE_HEADER
 from workers.drivers.base import (
+    LABEL_GPUS,
     LABEL_JOB_ID,
     LABEL_WORKER_ID,
     SandboxDriver,
@@ -31,6 +36,8 @@ from workers.drivers.base import (
     SandboxStatus,
     sandbox_name,
 )
+from workers.gpu.allocator import GpuAllocator, GpuRequest
+from workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
 from workers.reporter import JobReporter, WorkerIdentity
 
 log = logging.getLogger(__name__)
@@ -40,11 +47,13 @@ class JobRunner:
     def __init__(
         self,
         driver: SandboxDriver,
+        gpus: GpuAllocator,
         events: EventPublisher,
         identity: WorkerIdentity,
         settings: Settings,
     ) -> None:
         self._driver = driver
+        self._gpus = gpus
         self._events = events
         self._identity = identity
         self._settings = settings
@@ -56,20 +65,21 @@ class JobRunner:
         job = await self._decode(message)
         report = JobReporter(self._events, self._identity, job.job_id)
         try:
-            self._driver.parse_config(job)
+            gpu_request = self._validate(job)
         except RequestInvalid as exc:
             await report.emit(Phase.REJECTED, "InvalidDriverConfig", str(exc), errors=exc.errors)
             raise
         self.started += 1
         try:
-            await self._run(job, report)
+            await self._run(job, gpu_request, report, _waiting_since(message))
         except SandboxError as exc:
             await report.emit(Phase.FAILED, exc.reason, str(exc))
-        except (DeadLetter, asyncio.CancelledError):
+        except (DeadLetter, RetryLater, asyncio.CancelledError):
             raise
         except Exception as exc:
             log.exception("job %s: unexpected error", job.job_id)
             await report.emit(Phase.FAILED, "WorkerError", f"{type(exc).__name__}: {exc}")
+            await self._gpus.release(job.job_id)
             raise DeadLetter(f"job {job.job_id} failed inside the worker") from exc
         finally:
             self.finished += 1
@@ -83,30 +93,79 @@ class JobRunner:
             await report.emit(Phase.REJECTED, "MalformedJob", "; ".join(map(str, errors)))
             raise RequestInvalid(errors) from exc
 
-    async def _run(self, job: Job, report: JobReporter) -> None:
+    def _validate(self, job: Job) -> GpuRequest:
+        config = self._driver.parse_config(job)
+        return self._gpus.request(
+            config.gpu_device_ids,
+            job.resource_requirements.gpu_count,
+            path=f"template.driver_config.{job.driver.value}.gpu_device_ids",
+            host=self._identity.host,
+        )
+
+    async def _run(
+        self, job: Job, gpus: GpuRequest, report: JobReporter, waiting_since: datetime | None
+    ) -> None:
         sandbox = await self._driver.find(sandbox_name(job.job_id))
         if sandbox is None:
-            if job.resource_requirements.gpu_count:
-                # GPU claims are not wired into this worker yet: never run a GPU job without
-                # its GPU.
-                await report.emit(
-                    Phase.FAILED,
-                    "GpuUnsupported",
-                    "this worker cannot claim GPUs yet; the job was not started",
-                )
+            claim = await self._claim(job, gpus, report, waiting_since)
+            try:
+                sandbox = await self._create(job, claim, report)
+            except SandboxError as exc:
+                await report.emit(Phase.FAILED, exc.reason, str(exc))
+                await self._gpus.release(job.job_id)
                 return
-            await report.emit(Phase.STARTING, "Creating", f"creating {sandbox_name(job.job_id)}")
-            sandbox = await self._driver.create(self._spec(job))
+            except Exception:
+                await self._gpus.release(job.job_id)
+                raise
         else:
             log.info("job %s: adopting existing sandbox %s", job.job_id, sandbox.sandbox_id)
+            claim = await self._gpus.adopt(job.job_id)
+            report.gpus = list(claim.devices) if claim else []
         report.sandbox_id = sandbox.sandbox_id
         try:
             await self._supervise(job, sandbox, report)
         except SandboxError as exc:
             await report.emit(Phase.FAILED, exc.reason, str(exc))
+        await self._gpus.release(job.job_id)
         await self._driver.remove(sandbox.sandbox_id)
 
-    def _spec(self, job: Job) -> SandboxSpec:
+    async def _claim(
+        self, job: Job, request: GpuRequest, report: JobReporter, waiting_since: datetime | None
+    ) -> Claim | None:
+        if request.count == 0:
+            return None
+        host_gpus = len(self._gpus.inventory)
+        if request.count > host_gpus:
+            raise Unschedulable(
+                f"{request.count} GPU(s) wanted; host {self._identity.host} has {host_gpus}"
+            )
+        try:
+            claim = await self._gpus.claim(job.job_id, request)
+        except (GpuBusy, NotEnoughGpus) as exc:
+            now = datetime.now(UTC)
+            since = waiting_since or now
+            waited = (now - since).total_seconds()
+            if waited >= self._settings.gpu_max_wait_seconds:
+                raise Unschedulable(
+                    f"no GPUs after waiting {waited:.0f}s "
+                    f"(limit {self._settings.gpu_max_wait_seconds:.0f}s): {exc}"
+                ) from exc
+            await report.emit(Phase.WAITING, "GpusBusy", str(exc))
+            raise RetryLater(
+                str(exc), delay=self._settings.gpu_retry_seconds, waiting_since=since
+            ) from exc
+        report.gpus = list(claim.devices)
+        await report.emit(Phase.CLAIMED, "GpusClaimed", "physical GPUs " + ", ".join(claim.gpus))
+        return claim
+
+    async def _create(self, job: Job, claim: Claim | None, report: JobReporter) -> SandboxState:
+        await report.emit(Phase.STARTING, "Creating", f"creating {sandbox_name(job.job_id)}")
+        sandbox = await self._driver.create(self._spec(job, claim))
+        if claim is not None:
+            await self._gpus.attach(job.job_id, sandbox.sandbox_id)
+        return sandbox
+
+    def _spec(self, job: Job, claim: Claim | None) -> SandboxSpec:
         template = job.template
         labels = {
             **job.labels,
@@ -114,6 +173,8 @@ class JobRunner:
             LABEL_JOB_ID: job.job_id,
             LABEL_WORKER_ID: self._identity.worker_id,
         }
+        if claim is not None:
+            labels[LABEL_GPUS] = ",".join(claim.gpus)
         return SandboxSpec(
             name=sandbox_name(job.job_id),
             image=template.image,
@@ -122,6 +183,7 @@ class JobRunner:
             labels=labels,
             cpu=job.resource_requirements.cpu,
             memory_bytes=job.resource_requirements.memory,
+            gpu_devices=claim.devices if claim is not None else (),
         )
 
     async def _supervise(self, job: Job, sandbox: SandboxState, report: JobReporter) -> None:
@@ -142,17 +204,14 @@ class JobRunner:
                 async with asyncio.timeout_at(deadline):
                     exit_code = await driver.wait(sandbox.sandbox_id)
             except TimeoutError:
-                await driver.stop(
-                    sandbox.sandbox_id, grace_seconds=self._settings.stop_grace_seconds
-                )
-                output = await driver.output(
-                    sandbox.sandbox_id, lines=self._settings.output_tail_lines
-                )
+                grace = self._settings.stop_grace_seconds
+                await driver.stop(sandbox.sandbox_id, grace_seconds=grace)
+                output = await self._output(sandbox)
                 message = f"exceeded timeout_seconds={job.template.timeout_seconds}"
                 await report.emit(Phase.TIMED_OUT, "Timeout", message, output=output)
                 return
 
-        output = await driver.output(sandbox.sandbox_id, lines=self._settings.output_tail_lines)
+        output = await self._output(sandbox)
         if exit_code == 0:
             await report.emit(Phase.SUCCEEDED, "Completed", exit_code=0, output=output)
         else:
@@ -160,6 +219,14 @@ class JobRunner:
             await report.emit(
                 Phase.FAILED, "NonZeroExit", message, exit_code=exit_code, output=output
             )
+
+    async def _output(self, sandbox: SandboxState) -> str:
+        return await self._driver.output(sandbox.sandbox_id, lines=self._settings.output_tail_lines)
+
+
+def _waiting_since(message: AbstractIncomingMessage) -> datetime | None:
+    value = (message.headers or {}).get(RETRY_WAITING_SINCE_HEADER)
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
 def _deadline(started_at: datetime, timeout_seconds: int | None) -> float | None:

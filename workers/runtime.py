@@ -21,13 +21,23 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
 
+import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from common.amqp import EventPublisher, connect, settle
+from common.errors import RetryLater
 from common.events import Event, Phase, WorkerHealth
 from common.settings import Settings
-from common.topology import declare_topology, job_queue_name
-from workers.drivers.base import SandboxDriver
+from common.topology import (
+    RETRY_WAITING_SINCE_HEADER,
+    declare_topology,
+    job_queue_name,
+    retry_queue_name,
+)
+from workers.drivers.base import SandboxDriver, SandboxStatus
+from workers.gpu.allocator import GpuAllocator
+from workers.gpu.claims import GpuClaimStore, WorkerLease
+from workers.gpu.inventory import GpuInventory, discover
 from workers.intake import JobIntake
 from workers.job_runner import JobRunner
 from workers.reporter import WorkerIdentity
@@ -48,6 +58,7 @@ class Worker:
         slots: int = 1,
         drain_seconds: float = 30.0,
         worker_id: str | None = None,
+        inventory: GpuInventory | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError("a worker needs at least one slot")
@@ -60,11 +71,23 @@ class Worker:
             driver=driver.kind,
             host=settings.host,
         )
+        self.inventory = inventory or discover(settings.gpu_inventory, cdi_kind=settings.cdi_kind)
+        self.claims = GpuClaimStore(settings.state_dir)
+        self._lease = WorkerLease(settings.state_dir, self.identity.worker_id)
+        self._gpus = GpuAllocator(
+            self.inventory,
+            self.claims,
+            driver=driver.kind.value,
+            worker_id=self.identity.worker_id,
+            device_id=driver.device_id,
+        )
         self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
         self._intake: JobIntake | None = None
         self._runner: JobRunner | None = None
         self._events: EventPublisher | None = None
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._free_gpus = len(self.inventory)
         self._started_at = datetime.now(UTC)
         self._closed = False
 
@@ -72,19 +95,24 @@ class Worker:
         if self._closed:
             raise RuntimeError("this Worker was closed; make a new one")
         settings, kind, host = self._settings, self._driver.kind, self._settings.host
+        self._lease.acquire()
+        await self._reconcile()  # free GPUs of sandboxes that ended while no worker watched
         self._connection = await connect(
             settings.broker_url, name=f"sandfleet-worker {self.identity.worker_id}"
         )
-        channel: AbstractChannel = await self._connection.channel(publisher_confirms=True)
+        channel = self._channel = await self._connection.channel(publisher_confirms=True)
         topology = await declare_topology(
             channel, settings, job_queues=[(kind, None), (kind, host)]
         )
         self._events = EventPublisher(topology.events)
-        self._runner = JobRunner(self._driver, self._events, self.identity, settings)
+        self._runner = JobRunner(self._driver, self._gpus, self._events, self.identity, settings)
         queues = [await channel.get_queue(job_queue_name(kind, h)) for h in (None, host)]
         self._intake = JobIntake(channel, queues, slots=self._slots, handle=self._handle)
         await self._intake.start()
-        self._heartbeat = asyncio.create_task(self._beat())
+        self._background = [
+            asyncio.create_task(self._beat()),
+            asyncio.create_task(self._reconcile_periodically()),
+        ]
         log.info("worker %s consuming %s", self.identity.worker_id, [q.name for q in queues])
         return self
 
@@ -103,21 +131,61 @@ class Worker:
         self._closed = True
         if self._intake is not None:
             await self._intake.drain(self._drain_seconds)
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for task in self._background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+                await task
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+        self._lease.release()
 
     async def serve_forever(self) -> None:
         await asyncio.Event().wait()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         assert self._runner is not None
-        await settle(message, self._runner.handle)
+        await settle(message, self._runner.handle, retry=self._retry_later)
+
+    async def _retry_later(self, message: AbstractIncomingMessage, retry: RetryLater) -> None:
+        """Park the job in its retry queue; it expires back to the queue it came from."""
+        assert self._channel is not None
+        headers = {
+            **(message.headers or {}),
+            RETRY_WAITING_SINCE_HEADER: retry.waiting_since.isoformat(),
+        }
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(
+                message.body,
+                headers=headers,
+                content_type=message.content_type,
+                message_id=message.message_id,
+                type=message.type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                expiration=retry.delay,
+            ),
+            routing_key=retry_queue_name(message.routing_key or self._driver.kind.value),
+        )
+
+    async def _reconcile(self) -> None:
+        sandboxes = await self._driver.list_sandboxes()
+        live = {s.job_id for s in sandboxes if s.job_id and s.status is not SandboxStatus.EXITED}
+        for claim in await self._gpus.reconcile(live):
+            log.warning(
+                "released GPUs %s of job %s: its worker %s is gone and so is its sandbox",
+                ",".join(claim.devices),
+                claim.job_id,
+                claim.worker_id,
+            )
+        self._free_gpus = await self._gpus.free_count()
+
+    async def _reconcile_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.reconcile_seconds)
+            try:
+                await self._reconcile()
+            except Exception:
+                log.warning("GPU claim reconciliation failed; will retry", exc_info=True)
 
     def health(self) -> WorkerHealth:
         assert self._intake is not None and self._runner is not None
@@ -128,12 +196,16 @@ class Worker:
             jobs_finished=self._runner.finished,
             started_at=self._started_at,
             heartbeat_seconds=self._settings.heartbeat_seconds,
+            gpus=[gpu.as_dict() for gpu in self.inventory],
+            gpus_free=self._free_gpus,
+            gpu_source=self.inventory.source,
         )
 
     async def _beat(self) -> None:
         assert self._events is not None
         while True:
             try:
+                self._free_gpus = await self._gpus.free_count()
                 await self._events.publish(
                     Event(
                         job_id=None,

@@ -265,7 +265,7 @@ async def test_missing_image_that_cannot_be_pulled_fails_clearly(
     assert not await containers_of(docker, job_id)
 
 
-async def test_gpu_job_is_refused_never_run_without_its_gpu(
+async def test_gpu_job_on_a_host_without_gpus_is_unschedulable(
     client: Client, docker_worker: WorkerFactory, docker: aiodocker.Docker, test_image: str
 ) -> None:
     req = request(test_image, "true", resource_requirements={"gpu": {"count": 1}})
@@ -273,8 +273,9 @@ async def test_gpu_job_is_refused_never_run_without_its_gpu(
     async with docker_worker(), client.events(job_id=job_id) as stream:
         assert (await client.submit(req)).accepted
         events = await until_terminal(stream, job_id)
-    assert events[-1].phase is Phase.FAILED
-    assert events[-1].reason == "GpuUnsupported"
+    assert [e.phase for e in events] == [Phase.ACCEPTED, Phase.FAILED]
+    assert events[-1].reason == "Unschedulable"
+    assert "has 0" in events[-1].message
     assert not await containers_of(docker, job_id)
 
 

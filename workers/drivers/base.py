@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from common.models import Driver, Job
+from workers.gpu.inventory import Gpu
 
 LABEL_JOB_ID = "sandfleet.job_id"
 LABEL_DRIVER = "sandfleet.driver"
@@ -78,6 +79,10 @@ class SandboxDriver(Protocol):
 
     def parse_config(self, job: Job) -> DriverConfig:
         """Validate the job's inner block strictly; raise RequestInvalid with full field paths."""
+        ...
+
+    def device_id(self, gpu: Gpu) -> str:
+        """How this driver names `gpu` to its runtime (a CDI name, a PCI address)."""
         ...
 
     async def capabilities(self) -> Capabilities: ...

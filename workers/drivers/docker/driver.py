@@ -11,7 +11,7 @@ from typing import Any
 import aiodocker
 from aiodocker.exceptions import DockerError
 
-from common.errors import ImageUnavailable, SandboxError
+from common.errors import CapabilityMissing, ImageUnavailable, SandboxError
 from common.models import Driver, Job
 from workers.drivers.base import (
     LABEL_DRIVER,
@@ -22,6 +22,7 @@ from workers.drivers.base import (
 )
 from workers.drivers.cdi import ContainerBlock, parse_container_block
 from workers.drivers.timestamps import parse_runtime_time
+from workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
 
 # Docker takes CDI device requests from Engine 25 (API 1.44), when its CDI feature is on.
 _CDI_MIN_ENGINE = (25, 0)
@@ -54,8 +55,11 @@ def _engine_version(version: str) -> tuple[int, int]:
 class DockerDriver:
     kind = Driver.DOCKER
 
-    def __init__(self, *, url: str, pull_timeout_seconds: float = 300.0) -> None:
+    def __init__(
+        self, *, url: str, cdi_kind: str = DEFAULT_CDI_KIND, pull_timeout_seconds: float = 300.0
+    ) -> None:
         self._docker = aiodocker.Docker(url=url)
+        self._cdi_kind = cdi_kind
         self._pull_timeout = pull_timeout_seconds
         self._capabilities: Capabilities | None = None
 
@@ -64,6 +68,9 @@ class DockerDriver:
 
     def parse_config(self, job: Job) -> ContainerBlock:
         return parse_container_block(job)
+
+    def device_id(self, gpu: Gpu) -> str:
+        return f"{self._cdi_kind}={gpu.index}"
 
     async def capabilities(self) -> Capabilities:
         if self._capabilities is None:
@@ -115,6 +122,10 @@ class DockerDriver:
             )
 
     async def create(self, spec: SandboxSpec) -> SandboxState:
+        if spec.gpu_devices:
+            capabilities = await self.capabilities()
+            if not capabilities.gpus:
+                raise CapabilityMissing(capabilities.gpu_detail)
         await self._ensure_image(spec.image)
         host_config: dict[str, Any] = {}
         if spec.cpu is not None:

@@ -1,0 +1,76 @@
+"""Processes hammering one claim store, and an independent checker of what they held.
+
+Each process records, for every claim it got, the interval during which it believed
+it held each GPU: from just after `claim` returned to just before `release` was
+called, on CLOCK_MONOTONIC (one clock for all processes of the host). A correct store
+never lets two such intervals of one GPU overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from workers.gpu.claims import GpuBusy, GpuClaimStore, NotEnoughGpus
+
+Interval = tuple[str, str, int, int]  # gpu, job, start_ns, end_ns
+
+
+def hammer(
+    state_dir: str, worker: str, operations: int, out: str, gpus: list[str], seed: int
+) -> None:
+    """Run `operations` claim-or-release operations; write held intervals and counts to `out`."""
+    rng = random.Random(seed)
+    store = GpuClaimStore(Path(state_dir))
+    held: dict[str, tuple[tuple[str, ...], int]] = {}
+    intervals: list[Interval] = []
+    conflicts = 0
+    for n in range(operations):
+        if held and (rng.random() < 0.5 or len(held) >= 2):
+            job, (claimed, start) = held.popitem()
+            end = time.monotonic_ns()
+            store.release(job)
+            intervals.extend((gpu, job, start, end) for gpu in claimed)
+            continue
+        job = f"{worker}-{n}"
+        try:
+            if rng.random() < 0.5:
+                wanted = rng.sample(gpus, rng.choice((1, 2)))
+                claim = store.claim(
+                    job_id=job, gpus=wanted, devices=wanted, driver="docker", worker_id=worker
+                )
+            else:
+                claim = store.claim_any(
+                    job_id=job, count=rng.choice((1, 2)), candidates=gpus, device_for=str,
+                    driver="vm", worker_id=worker,
+                )  # fmt: skip
+        except (GpuBusy, NotEnoughGpus):
+            conflicts += 1
+            continue
+        held[job] = (claim.gpus, time.monotonic_ns())
+    for job, (claimed, start) in held.items():
+        end = time.monotonic_ns()
+        store.release(job)
+        intervals.extend((gpu, job, start, end) for gpu in claimed)
+    Path(out).write_text(json.dumps({"intervals": intervals, "conflicts": conflicts}))
+
+
+def overlaps(intervals: Iterable[Interval]) -> list[tuple[Interval, Interval]]:
+    """Pairs of intervals in which two jobs held the same GPU at once."""
+    by_gpu: dict[str, list[Interval]] = defaultdict(list)
+    for interval in intervals:
+        by_gpu[interval[0]].append(interval)
+    found = []
+    for spans in by_gpu.values():
+        spans.sort(key=lambda s: s[2])
+        latest = spans[0]
+        for span in spans[1:]:
+            if span[2] < latest[3]:
+                found.append((latest, span))
+            if span[3] > latest[3]:
+                latest = span
+    return found

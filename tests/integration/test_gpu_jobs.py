@@ -1,0 +1,251 @@
+"""GPU jobs on a real Docker worker with a static 4-GPU inventory.
+
+Debian 12's Docker 20.10 cannot inject CDI devices, so no GPU container can run here:
+these tests prove claiming, waiting, the clear failure and the release of claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import pytest
+
+from common.events import Event, Phase
+from common.settings import Settings
+from common.topology import retry_queue_name
+from gateway.client import Client
+from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
+from tests.integration.conftest import WorkerFactory, containers_of
+from tests.integration.test_job_flow import ready_messages
+from tests.support import eventually, until_terminal
+from workers.gpu.claims import GpuClaimStore, WorkerLease
+
+pytestmark = pytest.mark.integration
+
+UUIDS = FOUR_UUIDS
+
+
+def gpu_request(image: str, count: int, ids: list[str] | None = None) -> dict[str, Any]:
+    template: dict[str, Any] = {"image": image, "command": ["true"]}
+    if ids:
+        template["driver_config"] = {"docker": {"gpu_device_ids": ids}}
+    return {
+        "job_id": f"g-{uuid.uuid4().hex[:10]}",
+        "resource_requirements": {"gpu": {"count": count}},
+        "template": template,
+    }
+
+
+@pytest.fixture
+def inventory_file(tmp_path: Path) -> Path:
+    return write_inventory(tmp_path / "gpus.json")
+
+
+@pytest.fixture
+def gpu_worker(docker_worker: WorkerFactory, inventory_file: Path) -> WorkerFactory:
+    def start(**overrides: Any) -> Any:
+        return docker_worker(
+            **{"gpu_inventory": inventory_file, "gpu_retry_seconds": 0.3, **overrides}
+        )
+
+    return start
+
+
+async def test_docker_without_cdi_fails_clearly_and_releases_the_claim(
+    settings: Settings,
+    client: Client,
+    gpu_worker: WorkerFactory,
+    docker: aiodocker.Docker,
+    test_image: str,
+) -> None:
+    req = gpu_request(test_image, 2)
+    async with gpu_worker() as worker, client.events(job_id=req["job_id"]) as stream:
+        assert (await client.submit(req)).accepted
+        events = await until_terminal(stream, req["job_id"])
+
+    assert [e.phase for e in events] == [
+        Phase.ACCEPTED,
+        Phase.CLAIMED,
+        Phase.STARTING,
+        Phase.FAILED,
+    ]
+    claimed, failed = events[1], events[-1]
+    assert claimed.gpus == ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]
+    assert failed.reason == "CapabilityMissing"
+    assert "CDI" in failed.message and '"cdi": true' in failed.message
+    assert worker.claims.claims() == []
+    assert not await containers_of(docker, req["job_id"])
+
+
+async def test_exact_ids_claim_those_gpus_by_any_alias(
+    client: Client, gpu_worker: WorkerFactory, test_image: str
+) -> None:
+    req = gpu_request(test_image, 2, ids=["nvidia.com/gpu=3", f"nvidia.com/gpu={UUIDS[1]}"])
+    async with gpu_worker(), client.events(job_id=req["job_id"]) as stream:
+        assert (await client.submit(req)).accepted
+        events = await until_terminal(stream, req["job_id"])
+    claimed = next(e for e in events if e.phase is Phase.CLAIMED)
+    assert claimed.gpus == ["nvidia.com/gpu=3", f"nvidia.com/gpu={UUIDS[1]}"]
+    assert claimed.message == f"physical GPUs {UUIDS[3]}, {UUIDS[1]}"
+
+
+async def test_unknown_gpu_id_is_rejected_with_its_field_path(
+    client: Client, gpu_worker: WorkerFactory, test_image: str
+) -> None:
+    req = gpu_request(test_image, 1, ids=["nvidia.com/gpu=7"])
+    async with gpu_worker() as worker, client.events(job_id=req["job_id"]) as stream:
+        assert (await client.submit(req)).accepted
+        events = await until_terminal(stream, req["job_id"])
+    assert events[-1].phase is Phase.REJECTED
+    assert [(e.field, e.message) for e in events[-1].errors] == [
+        (
+            "template.driver_config.docker.gpu_device_ids.0",
+            f"no GPU 'nvidia.com/gpu=7' on host {worker.identity.host}",
+        )
+    ]
+
+
+async def next_phase(stream: Any, job_id: str, phase: Phase) -> Event:
+    async with asyncio.timeout(20):
+        async for event in stream:
+            if event.job_id == job_id and event.phase is phase:
+                return event  # type: ignore[no-any-return]
+    raise AssertionError(f"no {phase} event")
+
+
+async def test_busy_gpus_make_a_job_wait_then_proceed_when_freed(
+    settings: Settings, client: Client, gpu_worker: WorkerFactory, test_image: str, tmp_path: Path
+) -> None:
+    # The first job holds all four GPUs: a VM job of another worker process on this host.
+    store = GpuClaimStore(settings.state_dir)
+    holder = WorkerLease(settings.state_dir, "vm-worker")
+    holder.acquire()
+    store.claim(job_id="vm-job", gpus=UUIDS, devices=UUIDS, driver="vm", worker_id="vm-worker")
+    try:
+        req = gpu_request(test_image, 1)
+        async with (
+            gpu_worker(slots=1, gpu_retry_seconds=1.5) as worker,
+            client.events(job_id=req["job_id"]) as stream,
+        ):
+            assert (await client.submit(req)).accepted
+            waiting = await next_phase(stream, req["job_id"], Phase.WAITING)
+            assert waiting.reason == "GpusBusy"
+            assert "held by job vm-job" in waiting.message
+            # It waits in the retry queue, not in the worker: the slot is free and no GPU held.
+            retry_queue = retry_queue_name(worker.identity.driver.value)
+
+            async def parked() -> bool:
+                depth = await ready_messages(settings.broker_url, retry_queue)
+                return depth == 1 and worker.health().free_slots == 1
+
+            await eventually(parked, timeout=5, interval=0.05)
+            assert [c.job_id for c in store.claims()] == ["vm-job"]
+            await next_phase(stream, req["job_id"], Phase.WAITING)  # retried, still busy
+
+            store.release("vm-job")  # the first job finishes
+            claimed = await next_phase(stream, req["job_id"], Phase.CLAIMED)
+            events = await until_terminal(stream, req["job_id"])
+        assert claimed.gpus == ["nvidia.com/gpu=0"]
+        assert events[-1].reason == "CapabilityMissing"  # Docker 20.10: see module docstring
+        assert store.claims() == []
+    finally:
+        holder.release()
+
+
+async def test_waiting_past_the_maximum_is_unschedulable(
+    settings: Settings, client: Client, gpu_worker: WorkerFactory, test_image: str
+) -> None:
+    store = GpuClaimStore(settings.state_dir)
+    holder = WorkerLease(settings.state_dir, "other")
+    holder.acquire()
+    store.claim(job_id="hog", gpus=UUIDS[:3], devices=UUIDS[:3], driver="podman", worker_id="other")
+    try:
+        req = gpu_request(test_image, 2)
+        async with (
+            gpu_worker(gpu_max_wait_seconds=1.0),
+            client.events(job_id=req["job_id"]) as stream,
+        ):
+            assert (await client.submit(req)).accepted
+            events = await until_terminal(stream, req["job_id"])
+        phases = [e.phase for e in events]
+        assert phases[0] is Phase.ACCEPTED and phases[-1] is Phase.FAILED
+        assert set(phases[1:-1]) == {Phase.WAITING}
+        assert events[-1].reason == "Unschedulable"
+        assert "2 GPU(s) wanted, 1 free" in events[-1].message
+        assert [c.job_id for c in store.claims()] == ["hog"]
+    finally:
+        holder.release()
+
+
+async def test_more_gpus_than_the_host_has_is_unschedulable_at_once(
+    client: Client, gpu_worker: WorkerFactory, test_image: str
+) -> None:
+    req = gpu_request(test_image, 5)
+    async with gpu_worker(), client.events(job_id=req["job_id"]) as stream:
+        assert (await client.submit(req)).accepted
+        events = await until_terminal(stream, req["job_id"])
+    assert [e.phase for e in events] == [Phase.ACCEPTED, Phase.FAILED]
+    assert events[-1].reason == "Unschedulable"
+
+
+async def test_heartbeats_carry_inventory_and_free_gpus(
+    settings: Settings, client: Client, gpu_worker: WorkerFactory
+) -> None:
+    store = GpuClaimStore(settings.state_dir)
+    store.claim(job_id="x", gpus=UUIDS[:1], devices=UUIDS[:1], driver="vm", worker_id="gone")
+    async with client.events(phases={Phase.HEARTBEAT}) as stream, gpu_worker() as worker:
+        async with asyncio.timeout(10):
+            beat = await anext(aiter(stream))
+    assert beat.worker_id == worker.identity.worker_id
+    assert beat.health is not None
+    assert [g["uuid"] for g in beat.health.gpus] == UUIDS
+    assert beat.health.gpus_free == 3
+    assert beat.health.gpu_source.startswith("file:")
+
+
+async def test_gpus_command_shows_inventory_and_holders(
+    settings: Settings, inventory_file: Path
+) -> None:
+    GpuClaimStore(settings.state_dir).claim(
+        job_id="train-1",
+        gpus=[UUIDS[2]],
+        devices=["nvidia.com/gpu=2"],
+        driver="docker",
+        worker_id="w",
+    )
+    env = {
+        **os.environ,
+        "SANDFLEET_GPU_INVENTORY": str(inventory_file),
+        "SANDFLEET_STATE_DIR": str(settings.state_dir),
+        "SANDFLEET_HOST": "gpuhost",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sandfleet_cli",
+        "gpus",
+        "--json",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 0
+    report = json.loads(out)
+    assert report["host"] == "gpuhost"
+    assert [g["claim"] and g["claim"]["job_id"] for g in report["gpus"]] == [
+        None,
+        None,
+        "train-1",
+        None,
+    ]
+    held = report["gpus"][2]["claim"]
+    assert held["device"] == "nvidia.com/gpu=2"
+    assert held["worker_alive"] is False
+    assert held["since"]

@@ -1,0 +1,178 @@
+"""The host-local claim store: atomic multi-GPU claims, aliases, leases, no fd leaks."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from common.errors import RequestInvalid
+from tests.gpu_fixtures import write_inventory
+from workers.gpu.allocator import GpuAllocator
+from workers.gpu.claims import GpuBusy, GpuClaimStore, NotEnoughGpus, WorkerLease, worker_alive
+from workers.gpu.inventory import GpuInventory, from_static_file
+
+UUIDS = [f"GPU-{i}" for i in range(4)]
+
+
+def claim(store: GpuClaimStore, job: str, gpus: list[str], worker: str = "w1") -> None:
+    store.claim(job_id=job, gpus=gpus, devices=gpus, driver="docker", worker_id=worker)
+
+
+def test_multi_gpu_claims_are_all_or_nothing(tmp_path: Path) -> None:
+    store = GpuClaimStore(tmp_path)
+    claim(store, "a", UUIDS[:2])
+    with pytest.raises(GpuBusy) as busy:
+        claim(store, "b", [UUIDS[1], UUIDS[2]])
+    assert busy.value.holders == {UUIDS[1]: "a"}
+    assert [c.job_id for c in store.claims()] == ["a"]  # b took nothing, not even GPU-2
+    claim(store, "c", [UUIDS[2], UUIDS[3]])
+    assert store.free(UUIDS) == []
+
+
+def test_claim_any_takes_free_ones_or_none(tmp_path: Path) -> None:
+    store = GpuClaimStore(tmp_path)
+    claim(store, "a", [UUIDS[0]])
+    got = store.claim_any(
+        job_id="b",
+        count=2,
+        candidates=UUIDS,
+        device_for=lambda u: f"dev-{u}",
+        driver="docker",
+        worker_id="w",
+    )
+    assert got.gpus == (UUIDS[1], UUIDS[2])
+    assert got.devices == (f"dev-{UUIDS[1]}", f"dev-{UUIDS[2]}")
+    with pytest.raises(NotEnoughGpus):
+        store.claim_any(
+            job_id="c", count=2, candidates=UUIDS, device_for=str, driver="docker", worker_id="w"
+        )
+    assert store.free(UUIDS) == [UUIDS[3]]
+
+
+def test_a_claim_records_job_driver_worker_sandbox_and_time(tmp_path: Path) -> None:
+    store = GpuClaimStore(tmp_path)
+    claim(store, "a", [UUIDS[0]], worker="w7")
+    store.attach_sandbox("a", "sbx-1")
+    [record] = GpuClaimStore(tmp_path).claims()  # another process's view: from the file
+    assert (record.job_id, record.driver, record.worker_id, record.sandbox_id) == (
+        "a",
+        "docker",
+        "w7",
+        "sbx-1",
+    )
+    assert record.claimed_at.endswith("+00:00")
+
+
+def test_a_redelivered_job_gets_its_claim_back(tmp_path: Path) -> None:
+    store = GpuClaimStore(tmp_path)
+    claim(store, "a", [UUIDS[0]], worker="old")
+    claim(store, "a", [UUIDS[0]], worker="new")
+    [record] = store.claims()
+    assert record.worker_id == "new"
+    assert store.release("a") is not None
+    assert store.release("a") is None
+
+
+def test_cdi_name_and_pci_address_of_one_gpu_conflict(tmp_path: Path) -> None:
+    inventory = from_static_file(write_inventory(tmp_path / "gpus.json"), cdi_kind="nvidia.com/gpu")
+    store = GpuClaimStore(tmp_path / "state")
+    docker = GpuAllocator(
+        inventory, store, driver="docker", worker_id="d", device_id=lambda g: f"x={g.index}"
+    )
+    vm = GpuAllocator(
+        inventory, store, driver="vm", worker_id="v", device_id=lambda g: g.pci_bus_id
+    )
+    by_cdi = docker.request(["nvidia.com/gpu=1"], 1, path="p", host="h")
+    by_pci = vm.request(["00000000:2b:00.0"], 1, path="p", host="h")  # GPU 1, NVML spelling
+    assert by_cdi.exact[0][0] == by_pci.exact[0][0]
+
+    store.claim(
+        job_id="docker-job", gpus=[by_cdi.exact[0][0].uuid], devices=["nvidia.com/gpu=1"],
+        driver="docker", worker_id="d",
+    )  # fmt: skip
+    with pytest.raises(GpuBusy) as busy:
+        store.claim(
+            job_id="vm-job", gpus=[by_pci.exact[0][0].uuid], devices=["0000:2b:00.0"],
+            driver="vm", worker_id="v",
+        )  # fmt: skip
+    assert list(busy.value.holders.values()) == ["docker-job"]
+
+
+def test_unknown_or_repeated_physical_ids_are_field_errors(tmp_path: Path) -> None:
+    inventory = from_static_file(write_inventory(tmp_path / "gpus.json"))
+    allocator = GpuAllocator(
+        inventory, GpuClaimStore(tmp_path), driver="docker", worker_id="w", device_id=str
+    )
+    path = "template.driver_config.docker.gpu_device_ids"
+    with pytest.raises(RequestInvalid) as unknown:
+        allocator.request(["nvidia.com/gpu=0", "nvidia.com/gpu=9"], 2, path=path, host="h1")
+    assert [(e.field, e.message) for e in unknown.value.errors] == [
+        (f"{path}.1", "no GPU 'nvidia.com/gpu=9' on host h1")
+    ]
+    uuid0 = inventory.resolve("0").uuid
+    with pytest.raises(RequestInvalid) as same:
+        allocator.request(["nvidia.com/gpu=0", f"nvidia.com/gpu={uuid0}"], 2, path=path, host="h1")
+    assert same.value.errors[0].message == "two IDs name the same physical GPU"
+
+
+def test_reconcile_keeps_live_workers_and_running_sandboxes(tmp_path: Path) -> None:
+    store = GpuClaimStore(tmp_path)
+    lease = WorkerLease(tmp_path, "alive")
+    lease.acquire()
+    try:
+        claim(store, "owned-by-live-worker", [UUIDS[0]], worker="alive")
+        claim(store, "dead-worker-running-sandbox", [UUIDS[1]], worker="dead")
+        claim(store, "dead-worker-sandbox-gone", [UUIDS[2]], worker="dead")
+        store.claim(
+            job_id="other-driver", gpus=[UUIDS[3]], devices=["x"], driver="vm", worker_id="dead"
+        )
+        released = store.reconcile(driver="docker", live_jobs={"dead-worker-running-sandbox"})
+        assert [c.job_id for c in released] == ["dead-worker-sandbox-gone"]
+        assert worker_alive(tmp_path, "alive")
+        assert not worker_alive(tmp_path, "dead")
+    finally:
+        lease.release()
+    assert not worker_alive(tmp_path, "alive")
+    assert [c.job_id for c in store.reconcile(driver="docker", live_jobs=set())] == [
+        "owned-by-live-worker",
+        "dead-worker-running-sandbox",
+    ]
+
+
+def test_a_second_process_cannot_take_a_held_lease(tmp_path: Path) -> None:
+    lease = WorkerLease(tmp_path, "w")
+    lease.acquire()
+    try:
+        with pytest.raises(RuntimeError, match="held"):
+            WorkerLease(tmp_path, "w").acquire()
+    finally:
+        lease.release()
+
+
+def test_lock_descriptors_do_not_leak_into_child_processes(tmp_path: Path) -> None:
+    store = GpuClaimStore(tmp_path)
+    lease = WorkerLease(tmp_path, "w")
+    lease.acquire()
+    try:
+        with store._transaction():  # the claim lock is held right now
+            child = subprocess.run(
+                ["sh", "-c", "ls -l /proc/$$/fd"],
+                capture_output=True, text=True, check=True, close_fds=False,
+            )  # fmt: skip
+    finally:
+        lease.release()
+    assert "claims.lock" not in child.stdout
+    assert "w.lock" not in child.stdout
+
+
+def test_empty_inventory_means_nothing_to_claim(tmp_path: Path) -> None:
+    allocator = GpuAllocator(
+        GpuInventory((), source="none"),
+        GpuClaimStore(tmp_path),
+        driver="docker",
+        worker_id="w",
+        device_id=str,
+    )
+    assert len(allocator.inventory) == 0

@@ -1,0 +1,252 @@
+"""Host-local GPU claims, shared by every sandfleet worker process on the host.
+
+A claim maps one job to the physical GPUs (by UUID) it holds, so a CDI name and a
+PCI address of the same GPU conflict whichever driver asked. All state sits in one
+JSON file under `<state_dir>/gpu/`; every read-modify-write happens under an
+exclusive `flock` on a lock file beside it: a kernel lock, held by an open file
+description, released by the kernel when its holder dies, and never inherited by
+child processes (Python opens descriptors non-inheritable).
+
+Each worker also holds a lease (`<state_dir>/workers/<worker_id>.lock`, flocked for
+its lifetime). A claim whose worker's lease is free belongs to a dead worker; it is
+released once its sandbox is gone (`reconcile`), and kept while the sandbox runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim:
+    job_id: str
+    driver: str
+    worker_id: str
+    gpus: tuple[str, ...]  # physical identities: UUIDs
+    devices: tuple[str, ...]  # the same GPUs as the driver names them
+    sandbox_id: str | None
+    claimed_at: str  # ISO 8601, UTC
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Claim:
+        return cls(**{**data, "gpus": tuple(data["gpus"]), "devices": tuple(data["devices"])})
+
+
+class GpuBusy(Exception):
+    def __init__(self, holders: dict[str, str]) -> None:
+        self.holders = holders  # GPU UUID -> job id holding it
+        super().__init__(", ".join(f"{gpu} held by job {job}" for gpu, job in holders.items()))
+
+
+class NotEnoughGpus(Exception):
+    def __init__(self, wanted: int, free: int, holders: dict[str, str]) -> None:
+        self.wanted, self.free, self.holders = wanted, free, holders
+        held = ", ".join(f"{gpu} held by job {job}" for gpu, job in holders.items())
+        super().__init__(f"{wanted} GPU(s) wanted, {free} free ({held})")
+
+
+def _open_locked(path: Path, *, blocking: bool = True) -> int | None:
+    """An fd of `path` holding an exclusive flock, or None if not blocking and it is held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class WorkerLease:
+    """Held (flocked) by a worker process for its lifetime; its liveness signal."""
+
+    def __init__(self, state_dir: Path, worker_id: str) -> None:
+        self._path = state_dir / "workers" / f"{worker_id}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = _open_locked(self._path, blocking=False)
+        if self._fd is None:
+            raise RuntimeError(f"worker lease {self._path} is held by another process")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+            os.close(self._fd)
+            self._fd = None
+
+
+def worker_alive(state_dir: Path, worker_id: str) -> bool:
+    path = state_dir / "workers" / f"{worker_id}.lock"
+    if not path.exists():
+        return False
+    fd = _open_locked(path, blocking=False)
+    if fd is None:
+        return True
+    os.close(fd)  # nobody held it: its worker is gone
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return False
+
+
+class GpuClaimStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._dir = state_dir / "gpu"
+        self._lock_path = self._dir / "claims.lock"
+        self._data_path = self._dir / "claims.json"
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[dict[str, Claim]]:
+        """The claims, read under the lock; written back if the block changed them."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        fd = _open_locked(self._lock_path)
+        assert fd is not None
+        try:
+            claims = self._read()
+            before = dict(claims)
+            yield claims
+            if claims != before:
+                self._write(claims)
+        finally:
+            os.close(fd)  # closing the last fd of the open file description unlocks
+
+    def _read(self) -> dict[str, Claim]:
+        try:
+            raw = json.loads(self._data_path.read_text())
+        except FileNotFoundError:
+            return {}
+        return {job_id: Claim.from_dict(data) for job_id, data in raw["claims"].items()}
+
+    def _write(self, claims: dict[str, Claim]) -> None:
+        # Write-then-rename: a crash leaves the old file or the new one, never half of one.
+        tmp = self._data_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"claims": {j: asdict(c) for j, c in claims.items()}}))
+        os.replace(tmp, self._data_path)
+
+    def claims(self) -> list[Claim]:
+        with self._transaction() as claims:
+            return sorted(claims.values(), key=lambda c: c.claimed_at)
+
+    def claim(
+        self,
+        *,
+        job_id: str,
+        gpus: Sequence[str],
+        devices: Sequence[str],
+        driver: str,
+        worker_id: str,
+    ) -> Claim:
+        """Claim exactly these GPUs (UUIDs) for `job_id`, all or none.
+
+        A job that already holds a claim (a redelivery) gets it back, now owned by
+        `worker_id`.
+        """
+        with self._transaction() as claims:
+            existing = claims.get(job_id)
+            if existing is not None:
+                claims[job_id] = replace(existing, worker_id=worker_id)
+                return claims[job_id]
+            held = _holders(claims.values())
+            busy = {gpu: held[gpu] for gpu in gpus if gpu in held}
+            if busy:
+                raise GpuBusy(busy)
+            claims[job_id] = Claim(
+                job_id=job_id,
+                driver=driver,
+                worker_id=worker_id,
+                gpus=tuple(gpus),
+                devices=tuple(devices),
+                sandbox_id=None,
+                claimed_at=datetime.now(UTC).isoformat(),
+            )
+            return claims[job_id]
+
+    def claim_any(
+        self,
+        *,
+        job_id: str,
+        count: int,
+        candidates: Sequence[str],
+        device_for: Callable[[str], str],
+        driver: str,
+        worker_id: str,
+    ) -> Claim:
+        """Claim any `count` free GPUs among `candidates` (UUIDs, in preference order)."""
+        with self._transaction() as claims:
+            existing = claims.get(job_id)
+            if existing is not None:
+                claims[job_id] = replace(existing, worker_id=worker_id)
+                return claims[job_id]
+            held = _holders(claims.values())
+            free = [gpu for gpu in candidates if gpu not in held]
+            if len(free) < count:
+                busy = {gpu: held[gpu] for gpu in candidates if gpu in held}
+                raise NotEnoughGpus(count, len(free), busy)
+            chosen = free[:count]
+            claims[job_id] = Claim(
+                job_id=job_id,
+                driver=driver,
+                worker_id=worker_id,
+                gpus=tuple(chosen),
+                devices=tuple(device_for(gpu) for gpu in chosen),
+                sandbox_id=None,
+                claimed_at=datetime.now(UTC).isoformat(),
+            )
+            return claims[job_id]
+
+    def adopt(self, job_id: str, worker_id: str) -> Claim | None:
+        with self._transaction() as claims:
+            if job_id not in claims:
+                return None
+            claims[job_id] = replace(claims[job_id], worker_id=worker_id)
+            return claims[job_id]
+
+    def attach_sandbox(self, job_id: str, sandbox_id: str) -> None:
+        with self._transaction() as claims:
+            if job_id in claims:
+                claims[job_id] = replace(claims[job_id], sandbox_id=sandbox_id)
+
+    def release(self, job_id: str) -> Claim | None:
+        with self._transaction() as claims:
+            return claims.pop(job_id, None)
+
+    def free(self, candidates: Collection[str]) -> list[str]:
+        with self._transaction() as claims:
+            held = _holders(claims.values())
+            return [gpu for gpu in candidates if gpu not in held]
+
+    def reconcile(self, *, driver: str, live_jobs: Collection[str]) -> list[Claim]:
+        """Release `driver`'s claims whose worker is dead and whose sandbox is gone.
+
+        Claims of live workers are theirs to release; a dead worker's claim stays
+        while its sandbox (`live_jobs`: job ids with a sandbox that is not finished)
+        still runs, for the worker that adopts it.
+        """
+        with self._transaction() as claims:
+            released = [
+                claim
+                for claim in claims.values()
+                if claim.driver == driver
+                and claim.job_id not in live_jobs
+                and not worker_alive(self.state_dir, claim.worker_id)
+            ]
+            for claim in released:
+                del claims[claim.job_id]
+            return released
+
+
+def _holders(claims: Collection[Claim]) -> dict[str, str]:
+    return {gpu: claim.job_id for claim in claims for gpu in claim.gpus}
