@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Collection
 from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
+from pydantic import ValidationError
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -28,6 +30,9 @@ from common.events import Event, Phase
 from common.models import SandboxRequest, SubmitReply
 from common.settings import Settings
 from common.topology import EVENTS_LOG_QUEUE, LOG_MARKER_TYPE, SUBMIT_QUEUE, declare_topology
+
+
+log = logging.getLogger(__name__)
 
 
 class ClientClosed(RuntimeError):
@@ -121,7 +126,17 @@ class EventStream:
                 if message.message_id == self._marker:
                     return
                 continue
-            event = Event.model_validate_json(message.body)
+            try:
+                event = Event.model_validate_json(message.body)
+            except ValidationError as exc:
+                # Anyone may publish to the events exchange; a reader skips what is not
+                # an event rather than dying on it.
+                log.warning(
+                    "skipped a %d-byte message in the event log that is not an event (%d errors)",
+                    len(message.body),
+                    exc.error_count(),
+                )
+                continue
             if self._match(event):
                 yield event
 

@@ -308,3 +308,15 @@ async def ready_messages(url: str, queue_name: str) -> int:
         count = queue.declaration_result.message_count
         assert count is not None
         return count
+
+
+async def test_readers_skip_junk_in_the_event_log(settings: Settings, client: Client) -> None:
+    connection = await aio_pika.connect(settings.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        events = await channel.get_exchange("sandfleet.events")
+        await events.publish(aio_pika.Message(b"not an event"), routing_key="running.docker.x")
+    rejected = await client.submit({"job_id": "junk-after", "template": {}})
+    assert not rejected.accepted
+    history = await client.history("junk-after")
+    assert [e.phase for e in history] == [Phase.REJECTED]
