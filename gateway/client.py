@@ -17,20 +17,19 @@ from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
-from pydantic import ValidationError
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
+from pydantic import ValidationError
 
 from common.amqp import JSON, connect
 from common.events import Event, Phase
 from common.models import SandboxRequest, SubmitReply
 from common.settings import Settings
 from common.topology import EVENTS_LOG_QUEUE, LOG_MARKER_TYPE, SUBMIT_QUEUE, declare_topology
-
 
 log = logging.getLogger(__name__)
 
