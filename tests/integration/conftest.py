@@ -7,10 +7,11 @@ test can never leak into another.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,19 @@ import pytest
 from common.settings import Settings
 from gateway.client import Client
 from gateway.service import Gateway
+from workers.drivers.base import SandboxDriver
 from workers.drivers.docker import DockerDriver
+from workers.drivers.podman import PodmanDriver
 from workers.runtime import Worker
 
 TEST_IMAGE = "sandfleet-test/busybox:latest"
 ROOT = Path(__file__).resolve().parents[2]
+CDI_SPEC = ROOT / "tests" / "fixtures" / "cdi" / "sandfleet-test-gpu.json"
+CDI_DIR = Path("/var/run/cdi")
+# A test vendor/class whose CDI spec maps harmless nodes (/dev/null) and sets one env
+# var per device. The spec defines devices 0-2; the test inventory has 4 GPUs, so
+# test.sandfleet/gpu=3 is a GPU the host has but CDI cannot resolve.
+TEST_CDI_KIND = "test.sandfleet/gpu"
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -36,8 +45,32 @@ def _rabbitmqctl(*args: str) -> None:
 def test_image() -> str:
     if shutil.which("docker") is None:
         pytest.fail("docker CLI missing: run ./dev setup")
-    subprocess.run([ROOT / "scripts" / "make-busybox-image", TEST_IMAGE], check=True, timeout=120)
+    subprocess.run(
+        [ROOT / "scripts" / "make-busybox-image", "docker", TEST_IMAGE], check=True, timeout=120
+    )
     return TEST_IMAGE
+
+
+@pytest.fixture(scope="session")
+def podman_image() -> str:
+    env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "scripts" / "containers.conf")}
+    subprocess.run(
+        [ROOT / "scripts" / "make-busybox-image", "podman", TEST_IMAGE],
+        check=True,
+        timeout=120,
+        env=env,
+    )
+    return TEST_IMAGE
+
+
+@pytest.fixture(scope="session")
+def test_cdi_spec() -> Iterator[Path]:
+    """Install the test CDI spec where Podman looks for specs, for this session."""
+    CDI_DIR.mkdir(parents=True, exist_ok=True)
+    installed = CDI_DIR / CDI_SPEC.name
+    shutil.copyfile(CDI_SPEC, installed)
+    yield installed
+    installed.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -85,14 +118,13 @@ async def client(settings: Settings, gateway: Gateway) -> AsyncIterator[Client]:
 WorkerFactory = Callable[..., AbstractAsyncContextManager[Worker]]
 
 
-@pytest.fixture
-def docker_worker(settings: Settings, test_image: str) -> WorkerFactory:
-    """`async with docker_worker(host="a", slots=1) as worker:` — a real Docker worker."""
-
+def worker_factory(
+    settings: Settings, make_driver: Callable[[Settings], SandboxDriver]
+) -> WorkerFactory:
     @asynccontextmanager
     async def start(*, slots: int = 1, **overrides: Any) -> AsyncIterator[Worker]:
         worker_settings = settings.model_copy(update=overrides)
-        driver = DockerDriver(url=worker_settings.docker_url)
+        driver = make_driver(worker_settings)
         try:
             async with Worker(worker_settings, driver, slots=slots, drain_seconds=5) as worker:
                 yield worker
@@ -100,6 +132,18 @@ def docker_worker(settings: Settings, test_image: str) -> WorkerFactory:
             await driver.aclose()
 
     return start
+
+
+@pytest.fixture
+def docker_worker(settings: Settings, test_image: str) -> WorkerFactory:
+    """`async with docker_worker(host="a", slots=1) as worker:` — a real Docker worker."""
+    return worker_factory(settings, lambda s: DockerDriver(url=s.docker_url, cdi_kind=s.cdi_kind))
+
+
+@pytest.fixture
+def podman_worker(settings: Settings, podman_image: str) -> WorkerFactory:
+    """`async with podman_worker(slots=1) as worker:` — a real Podman worker."""
+    return worker_factory(settings, lambda s: PodmanDriver(url=s.podman_url, cdi_kind=s.cdi_kind))
 
 
 @pytest.fixture

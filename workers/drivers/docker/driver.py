@@ -18,21 +18,13 @@ from workers.drivers.base import (
     Capabilities,
     SandboxSpec,
     SandboxState,
-    SandboxStatus,
 )
 from workers.drivers.cdi import ContainerBlock, parse_container_block
-from workers.drivers.timestamps import parse_runtime_time
+from workers.drivers.container_state import state_from_inspect
 from workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
 
 # Docker takes CDI device requests from Engine 25 (API 1.44), when its CDI feature is on.
 _CDI_MIN_ENGINE = (25, 0)
-
-_STATUS = {
-    "created": SandboxStatus.CREATED,
-    "running": SandboxStatus.RUNNING,
-    "paused": SandboxStatus.RUNNING,
-    "restarting": SandboxStatus.RUNNING,
-}  # exited, dead, removing: EXITED
 
 
 @asynccontextmanager
@@ -193,13 +185,4 @@ class DockerDriver:
             if exc.status == 404:
                 return None
             raise SandboxError(f"docker inspect {name_or_id}: {exc.message}") from exc
-        state = info["State"]
-        status = _STATUS.get(state.get("Status", ""), SandboxStatus.EXITED)
-        return SandboxState(
-            sandbox_id=info["Id"],
-            name=info["Name"].lstrip("/"),
-            status=status,
-            exit_code=state.get("ExitCode") if status is SandboxStatus.EXITED else None,
-            started_at=parse_runtime_time(state.get("StartedAt")),
-            labels=info["Config"].get("Labels") or {},
-        )
+        return state_from_inspect(info)

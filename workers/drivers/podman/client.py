@@ -1,0 +1,86 @@
+"""A small client for Podman's libpod REST API over its unix socket (aiohttp).
+
+Only the libpod endpoints: Podman 4.3's Docker-compatible API accepts GPU
+`DeviceRequests` and silently runs the container without them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+
+API = "/v4.0.0/libpod"
+
+
+class PodmanApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(f"{status}: {message}")
+
+
+def _connector(url: str) -> tuple[aiohttp.BaseConnector, str]:
+    parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        return aiohttp.UnixConnector(path=parsed.path), "http://podman"
+    if parsed.scheme in {"http", "tcp"}:
+        return aiohttp.TCPConnector(), f"http://{parsed.netloc}"
+    raise ValueError(f"unsupported Podman URL {url!r} (unix:///path or tcp://host:port)")
+
+
+class LibpodClient:
+    def __init__(self, url: str) -> None:
+        connector, self._base = _connector(url)
+        # No total timeout: `wait` lasts as long as the sandbox does.
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+        )
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+    ) -> bytes:
+        async with self._session.request(
+            method, f"{self._base}{API}{path}", params=params, json=body
+        ) as response:
+            data = await response.read()
+            if response.status >= 400:
+                raise PodmanApiError(response.status, _error_message(data))
+            return data
+
+    async def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        data = await self.request(method, path, **kwargs)
+        return json.loads(data) if data else None
+
+
+def _error_message(data: bytes) -> str:
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return data.decode(errors="replace").strip()
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("cause") or body)
+    return str(body)
+
+
+def demultiplex(stream: bytes) -> str:
+    """Docker-style multiplexed log frames (8-byte header each) → text, in order."""
+    out, offset = [], 0
+    while offset + 8 <= len(stream):
+        kind, size = stream[offset], struct.unpack(">I", stream[offset + 4 : offset + 8])[0]
+        if kind not in (0, 1, 2):  # not multiplexed after all (a TTY container)
+            return stream.decode(errors="replace")
+        out.append(stream[offset + 8 : offset + 8 + size])
+        offset += 8 + size
+    return b"".join(out).decode(errors="replace")
