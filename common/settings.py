@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     docker_url: str = "unix:///var/run/docker.sock"
     podman_url: str = "unix:///run/podman/podman.sock"
     libvirt_uri: str = "qemu:///system"
+    # kvm on real hosts; qemu (TCG) where nested KVM guests hang, as on CI machines
+    vm_domain_type: str = Field(default="kvm", pattern=r"^(kvm|qemu|test)$")
+    vm_work_dir: Path = Path("/var/lib/sandfleet/vm")
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     reconcile_seconds: float = Field(default=30.0, gt=0)
     gpu_retry_seconds: float = Field(default=10.0, gt=0)

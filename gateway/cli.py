@@ -122,6 +122,15 @@ def submit(
     as_json: JsonFlag = False,
 ) -> None:
     """Submit a sandbox job: `sandfleet submit --image busybox --wait -- sh -c 'echo hi'`."""
+    flags_given = any(
+        value for value in (command, driver, image, env, label, timeout, gpu_count, gpu_device,
+                            host, job_id, cpu, memory)
+    )  # fmt: skip
+    if file is not None and flags_given:
+        raise typer.BadParameter(
+            "give the whole request with -f, or describe it with flags, not both",
+            param_hint="--file",
+        )
     if file is not None:
         text = sys.stdin.read() if str(file) == "-" else file.read_text()
         try:

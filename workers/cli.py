@@ -30,8 +30,15 @@ def make_driver(kind: Driver, settings: Settings) -> SandboxDriver:
             cdi_kind=settings.cdi_kind,
             pull_timeout_seconds=settings.image_pull_timeout_seconds,
         )
-    raise typer.BadParameter(
-        f"the {kind.value} driver is not part of this build yet", param_hint="--driver"
+    try:
+        from workers.drivers.vm import VmDriver  # noqa: PLC0415
+    except ImportError as exc:
+        raise typer.BadParameter(
+            f"the vm driver needs libvirt-python: pip install 'sandfleet[vm]' ({exc})",
+            param_hint="--driver",
+        ) from exc
+    return VmDriver(
+        uri=settings.libvirt_uri, domain_type=settings.vm_domain_type, work_dir=settings.vm_work_dir
     )
 
 

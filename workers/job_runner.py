@@ -30,6 +30,7 @@ from workers.drivers.base import (
     LABEL_GPUS,
     LABEL_JOB_ID,
     LABEL_WORKER_ID,
+    DriverConfig,
     SandboxDriver,
     SandboxSpec,
     SandboxState,
@@ -65,13 +66,13 @@ class JobRunner:
         job = await self._decode(message)
         report = JobReporter(self._events, self._identity, job.job_id)
         try:
-            gpu_request = self._validate(job)
+            config, gpu_request = self._validate(job)
         except RequestInvalid as exc:
             await report.emit(Phase.REJECTED, "InvalidDriverConfig", str(exc), errors=exc.errors)
             raise
         self.started += 1
         try:
-            await self._run(job, gpu_request, report, _waiting_since(message))
+            await self._run(job, config, gpu_request, report, _waiting_since(message))
         except SandboxError as exc:
             await report.emit(Phase.FAILED, exc.reason, str(exc))
         except (DeadLetter, RetryLater, asyncio.CancelledError):
@@ -93,23 +94,29 @@ class JobRunner:
             await report.emit(Phase.REJECTED, "MalformedJob", "; ".join(map(str, errors)))
             raise RequestInvalid(errors) from exc
 
-    def _validate(self, job: Job) -> GpuRequest:
+    def _validate(self, job: Job) -> tuple[DriverConfig, GpuRequest]:
         config = self._driver.parse_config(job)
-        return self._gpus.request(
+        gpus = self._gpus.request(
             config.gpu_device_ids,
             job.resource_requirements.gpu_count,
             path=f"template.driver_config.{job.driver.value}.gpu_device_ids",
             host=self._identity.host,
         )
+        return config, gpus
 
     async def _run(
-        self, job: Job, gpus: GpuRequest, report: JobReporter, waiting_since: datetime | None
+        self,
+        job: Job,
+        config: DriverConfig,
+        gpus: GpuRequest,
+        report: JobReporter,
+        waiting_since: datetime | None,
     ) -> None:
         sandbox = await self._driver.find(sandbox_name(job.job_id))
         if sandbox is None:
             claim = await self._claim(job, gpus, report, waiting_since)
             try:
-                sandbox = await self._create(job, claim, report)
+                sandbox = await self._create(job, config, claim, report)
             except SandboxError as exc:
                 await report.emit(Phase.FAILED, exc.reason, str(exc))
                 await self._gpus.release(job.job_id)
@@ -158,14 +165,16 @@ class JobRunner:
         await report.emit(Phase.CLAIMED, "GpusClaimed", "physical GPUs " + ", ".join(claim.gpus))
         return claim
 
-    async def _create(self, job: Job, claim: Claim | None, report: JobReporter) -> SandboxState:
+    async def _create(
+        self, job: Job, config: DriverConfig, claim: Claim | None, report: JobReporter
+    ) -> SandboxState:
         await report.emit(Phase.STARTING, "Creating", f"creating {sandbox_name(job.job_id)}")
-        sandbox = await self._driver.create(self._spec(job, claim))
+        sandbox = await self._driver.create(self._spec(job, config, claim))
         if claim is not None:
             await self._gpus.attach(job.job_id, sandbox.sandbox_id)
         return sandbox
 
-    def _spec(self, job: Job, claim: Claim | None) -> SandboxSpec:
+    def _spec(self, job: Job, config: DriverConfig, claim: Claim | None) -> SandboxSpec:
         template = job.template
         labels = {
             **job.labels,
@@ -184,6 +193,7 @@ class JobRunner:
             cpu=job.resource_requirements.cpu,
             memory_bytes=job.resource_requirements.memory,
             gpu_devices=claim.devices if claim is not None else (),
+            config=config,
         )
 
     async def _supervise(self, job: Job, sandbox: SandboxState, report: JobReporter) -> None:
@@ -212,7 +222,10 @@ class JobRunner:
                 return
 
         output = await self._output(sandbox)
-        if exit_code == 0:
+        if exit_code is None:
+            message = "the sandbox ended without reporting an exit code"
+            await report.emit(Phase.FAILED, "NoExitCode", message, output=output)
+        elif exit_code == 0:
             await report.emit(Phase.SUCCEEDED, "Completed", exit_code=0, output=output)
         else:
             message = f"exited with code {exit_code}"

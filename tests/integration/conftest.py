@@ -25,6 +25,7 @@ from gateway.service import Gateway
 from workers.drivers.base import SandboxDriver
 from workers.drivers.docker import DockerDriver
 from workers.drivers.podman import PodmanDriver
+from workers.drivers.vm import VmDriver
 from workers.runtime import Worker
 
 TEST_IMAGE = "sandfleet-test/busybox:latest"
@@ -144,6 +145,40 @@ def docker_worker(settings: Settings, test_image: str) -> WorkerFactory:
 def podman_worker(settings: Settings, podman_image: str) -> WorkerFactory:
     """`async with podman_worker(slots=1) as worker:` — a real Podman worker."""
     return worker_factory(settings, lambda s: PodmanDriver(url=s.podman_url, cdi_kind=s.cdi_kind))
+
+
+GUEST_DIR = Path("/var/lib/sandfleet/guest")
+
+
+@pytest.fixture(scope="session")
+def vm_guest() -> dict[str, str]:
+    """Debian's kernel and a busybox initramfs speaking the guest protocol."""
+    subprocess.run([ROOT / "scripts" / "make-vm-guest", str(GUEST_DIR)], check=True, timeout=300)
+    return {"kernel": str(GUEST_DIR / "vmlinuz"), "initrd": str(GUEST_DIR / "initrd.img")}
+
+
+@pytest.fixture
+def vm_work_dir() -> Iterator[Path]:
+    # Under /var/lib, not pytest's 0700 tmp: the hypervisor runs as its own user.
+    path = Path("/var/lib/sandfleet/vm-test") / uuid.uuid4().hex[:8]
+    path.mkdir(parents=True)
+    path.parent.chmod(0o755)
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def vm_worker(settings: Settings, vm_guest: dict[str, str], vm_work_dir: Path) -> WorkerFactory:
+    """A real VM worker on qemu:///system with TCG (nested KVM guests hang here)."""
+
+    def make(s: Settings) -> SandboxDriver:
+        return VmDriver(uri=s.libvirt_uri, domain_type=s.vm_domain_type, work_dir=s.vm_work_dir)
+
+    factory = worker_factory(
+        settings.model_copy(update={"vm_domain_type": "qemu", "vm_work_dir": vm_work_dir}), make
+    )
+    return factory
 
 
 @pytest.fixture

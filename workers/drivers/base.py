@@ -27,6 +27,13 @@ def sandbox_name(job_id: str) -> str:
     return f"sandfleet-{job_id}"
 
 
+class DriverConfig(Protocol):
+    """A driver's parsed block; the runtime only needs the GPU IDs it asks for."""
+
+    @property
+    def gpu_device_ids(self) -> list[str]: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class SandboxSpec:
     """Everything a runtime needs to create one sandbox, in runtime-neutral terms."""
@@ -39,6 +46,7 @@ class SandboxSpec:
     cpu: float | None
     memory_bytes: int | None
     gpu_devices: tuple[str, ...] = ()  # driver-native IDs of the claimed GPUs
+    config: DriverConfig | None = None  # the driver's own parsed block
 
 
 class SandboxStatus(StrEnum):
@@ -65,13 +73,6 @@ class SandboxState:
 class Capabilities:
     gpus: bool
     gpu_detail: str = ""
-
-
-class DriverConfig(Protocol):
-    """A driver's parsed block; the runtime only needs the GPU IDs it asks for."""
-
-    @property
-    def gpu_device_ids(self) -> list[str]: ...
 
 
 class SandboxDriver(Protocol):

@@ -1,0 +1,239 @@
+"""The VM driver against libvirt: the test driver (real API, simulated hypervisor) for
+fast checks, and real TCG boots on qemu:///system through the whole worker."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from common.events import Event, Phase
+from common.models import Driver, Job, JobTemplate, ResourceRequirements
+from common.settings import Settings
+from gateway.client import Client
+from tests.gpu_fixtures import write_inventory
+from tests.integration.conftest import WorkerFactory
+from tests.support import until_terminal
+from workers.drivers.base import (
+    LABEL_GPUS,
+    LABEL_JOB_ID,
+    LABEL_WORKER_ID,
+    SandboxSpec,
+    SandboxStatus,
+)
+from workers.drivers.vm import VmDriver
+from workers.drivers.vm.domain_xml import METADATA_NS
+from workers.gpu.claims import GpuClaimStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def test_driver(vm_work_dir: Path) -> AsyncIterator[VmDriver]:
+    driver = VmDriver(uri="test:///default", domain_type="test", work_dir=vm_work_dir)
+    try:
+        yield driver
+    finally:
+        await driver.aclose()
+
+
+def spec_for(
+    driver: VmDriver, guest: dict[str, str], *, pci: tuple[str, ...] = (), **block: Any
+) -> SandboxSpec:
+    job_id = f"v{uuid.uuid4().hex[:8]}"
+    job = Job(
+        job_id=job_id,
+        driver=Driver.VM,
+        resource_requirements=ResourceRequirements.model_validate(
+            {"cpu": 2, "memory": "128Mi", "gpu": {"count": len(pci) or None}}
+        ),
+        template=JobTemplate(
+            image=guest["kernel"],
+            command=["true"],
+            driver_config={"initrd": guest["initrd"], "gpu_device_ids": list(pci), **block},
+        ),
+    )
+    return SandboxSpec(
+        name=f"sandfleet-{job_id}",
+        image=job.template.image,
+        command=tuple(job.template.command),
+        environment={},
+        labels={LABEL_JOB_ID: job_id, LABEL_WORKER_ID: "w1", LABEL_GPUS: "GPU-a" if pci else ""},
+        cpu=2,
+        memory_bytes=128 * 2**20,
+        gpu_devices=pci,
+        config=driver.parse_config(job),
+    )
+
+
+async def test_define_inspect_metadata_and_cleanup(
+    test_driver: VmDriver, vm_guest: dict[str, str], vm_work_dir: Path
+) -> None:
+    spec = spec_for(test_driver, vm_guest, pci=("0000:2d:00.0",))
+    state = await test_driver.create(spec)
+    assert state.status is SandboxStatus.CREATED
+    assert state.job_id == spec.labels[LABEL_JOB_ID]
+    assert state.labels[LABEL_GPUS] == "GPU-a"
+
+    conn = libvirt.open("test:///default")
+    try:
+        domain = conn.lookupByUUIDString(state.sandbox_id)
+        root = ET.fromstring(domain.XMLDesc())
+        assert root.findtext("vcpu") == "2"
+        assert root.findtext("os/kernel") == vm_guest["kernel"]
+        assert root.findtext("os/initrd") == str(vm_work_dir / spec.name / "initrd.img")
+        [hostdev] = root.findall("devices/hostdev")
+        assert hostdev.find("source/address").get("bus") == "0x2d"  # type: ignore[union-attr]
+        meta = ET.fromstring(domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS))
+        assert meta.get("id") == spec.labels[LABEL_JOB_ID]
+    finally:
+        conn.close()
+
+    assert [s.name for s in await test_driver.list_sandboxes() if s.name == spec.name] == [
+        spec.name
+    ]
+    await test_driver.remove(state.sandbox_id)
+    assert await test_driver.find(spec.name) is None
+    assert not (vm_work_dir / spec.name).exists()
+    await test_driver.remove(state.sandbox_id)  # already gone: not an error
+
+
+async def test_lifecycle_events_end_the_wait(
+    test_driver: VmDriver, vm_guest: dict[str, str]
+) -> None:
+    spec = spec_for(test_driver, vm_guest)
+    state = await test_driver.create(spec)
+    await test_driver.start(state.sandbox_id)
+    assert (await test_driver.find(spec.name)).status is SandboxStatus.RUNNING  # type: ignore[union-attr]
+    # The simulated guest never reports an exit code; stopping it must end the wait.
+    waiter = asyncio.create_task(test_driver.wait(state.sandbox_id))
+    await asyncio.sleep(0)
+    await test_driver.stop(state.sandbox_id, grace_seconds=0.1)
+    with pytest.raises(Exception, match="without reporting an exit code"):
+        await asyncio.wait_for(waiter, 10)
+    assert (await test_driver.find(spec.name)).status is SandboxStatus.EXITED  # type: ignore[union-attr]
+    await test_driver.remove(state.sandbox_id)
+
+
+async def test_disk_is_used_through_an_overlay(
+    test_driver: VmDriver, vm_guest: dict[str, str], vm_work_dir: Path
+) -> None:
+    base = vm_work_dir / "base.raw"
+    base.write_bytes(b"\0" * 1024 * 1024)
+    before = hashlib.sha256(base.read_bytes()).hexdigest()
+    spec = spec_for(test_driver, vm_guest, disk=str(base), disk_format="raw")
+    state = await test_driver.create(spec)
+    overlay = vm_work_dir / spec.name / "disk.qcow2"
+    assert overlay.is_file()
+    conn = libvirt.open("test:///default")
+    try:
+        root = ET.fromstring(conn.lookupByUUIDString(state.sandbox_id).XMLDesc())
+        assert root.find("devices/disk/source").get("file") == str(overlay)  # type: ignore[union-attr]
+    finally:
+        conn.close()
+    await test_driver.remove(state.sandbox_id)
+    assert not overlay.exists()
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == before
+
+
+async def test_missing_kernel_is_a_clear_failure(
+    test_driver: VmDriver, vm_guest: dict[str, str]
+) -> None:
+    spec = spec_for(test_driver, {**vm_guest, "kernel": "/nonexistent/vmlinuz"})
+    with pytest.raises(Exception, match="kernel /nonexistent/vmlinuz is not a file"):
+        await test_driver.create(spec)
+
+
+def vm_request(guest: dict[str, str], script: str, **extra: Any) -> dict[str, Any]:
+    block = {"initrd": guest["initrd"], **extra.pop("block", {})}
+    return {
+        "job_id": f"vm-{uuid.uuid4().hex[:8]}",
+        "driver": "vm",
+        "template": {
+            "image": guest["kernel"],
+            "command": ["sh", "-c", script],
+            "driver_config": {"vm": block},
+            **extra.pop("template", {}),
+        },
+        **extra,
+    }
+
+
+async def run(client: Client, req: dict[str, Any]) -> list[Event]:
+    async with client.events(job_id=req["job_id"]) as stream:
+        reply = await client.submit(req)
+        assert reply.accepted, reply.errors
+        return await until_terminal(stream, req["job_id"], timeout=120)
+
+
+def domain_exists(name: str) -> bool:
+    conn = libvirt.open("qemu:///system")
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    finally:
+        conn.close()
+    return True
+
+
+async def test_real_boot_reports_exit_code_and_output(
+    client: Client, vm_worker: WorkerFactory, vm_guest: dict[str, str]
+) -> None:
+    req = vm_request(
+        vm_guest,
+        'echo hi; echo "$GREETING"; exit 3',
+        template={"environment": {"GREETING": "from a VM"}},
+    )
+    async with vm_worker():
+        events = await run(client, req)
+    assert [e.phase for e in events] == [
+        Phase.ACCEPTED,
+        Phase.STARTING,
+        Phase.RUNNING,
+        Phase.FAILED,
+    ]
+    assert events[-1].exit_code == 3
+    assert events[-1].output == "hi\nfrom a VM\n"
+    assert not domain_exists(f"sandfleet-{req['job_id']}")
+
+
+async def test_real_boot_timeout_destroys_the_domain(
+    client: Client, vm_worker: WorkerFactory, vm_guest: dict[str, str], vm_work_dir: Path
+) -> None:
+    req = vm_request(vm_guest, "echo sleeping; sleep 600", template={"timeout_seconds": 3})
+    async with vm_worker():
+        events = await run(client, req)
+    assert events[-1].phase is Phase.TIMED_OUT
+    assert not domain_exists(f"sandfleet-{req['job_id']}")
+    assert not (vm_work_dir / f"sandfleet-{req['job_id']}").exists()
+
+
+async def test_gpu_vm_job_fails_with_the_passthrough_reason_and_frees_its_claim(
+    settings: Settings,
+    client: Client,
+    vm_worker: WorkerFactory,
+    vm_guest: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    inventory = write_inventory(tmp_path / "gpus.json")
+    req = vm_request(
+        vm_guest, "true",
+        block={"gpu_device_ids": ["00000000:2b:00.0"]},
+        resource_requirements={"gpu": {"count": 1}},
+    )  # fmt: skip
+    async with vm_worker(gpu_inventory=inventory):
+        events = await run(client, req)
+    claimed = next(e for e in events if e.phase is Phase.CLAIMED)
+    assert claimed.gpus == ["0000:2b:00.0"]
+    assert events[-1].phase is Phase.FAILED
+    assert "host doesn't support passthrough of host PCI devices" in events[-1].message
+    assert GpuClaimStore(settings.state_dir).claims() == []
+    assert not domain_exists(f"sandfleet-{req['job_id']}")
