@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Coroutine
+from types import TracebackType
 from typing import Any
 
 
@@ -22,3 +23,18 @@ async def until_signalled(service: Coroutine[Any, Any, None]) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+class AsyncCloseable:
+    """`async with` for resources ended by an idempotent `aclose()`."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -13,7 +13,6 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Collection
-from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
@@ -27,6 +26,7 @@ from pydantic import ValidationError
 
 from common.amqp import JSON, connect
 from common.events import Event, Phase
+from common.lifecycle import AsyncCloseable
 from common.models import SandboxRequest, SubmitReply
 from common.settings import Settings
 from common.topology import EVENTS_LOG_QUEUE, LOG_MARKER_TYPE, SUBMIT_QUEUE, declare_topology
@@ -60,7 +60,7 @@ class EventFilter:
         )
 
 
-class EventStream:
+class EventStream(AsyncCloseable):
     """Events from the event log, live or replayed from its start.
 
     Use as ``async with client.events(...) as stream`` to be sure the subscription
@@ -80,14 +80,6 @@ class EventStream:
     async def __aenter__(self) -> Self:
         await self._subscribe()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def _subscribe(self) -> AbstractQueue:
         self._channel = await self._connection.channel()
@@ -140,7 +132,7 @@ class EventStream:
                 yield event
 
 
-class Client:
+class Client(AsyncCloseable):
     """A connection to a sandfleet broker for submitters and watchers."""
 
     def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
@@ -161,14 +153,6 @@ class Client:
         self._reply_queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
         await self._reply_queue.consume(self._on_reply, no_ack=True)
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         self._closed = True

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
@@ -25,6 +24,7 @@ from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
 from common.amqp import EventPublisher, connect, json_message, settle
 from common.errors import FieldError, MessageUndecodable, RequestInvalid
 from common.events import Event, Phase
+from common.lifecycle import AsyncCloseable
 from common.models import Job, ReplyStatus, SubmitReply
 from common.settings import Settings
 from common.topology import (
@@ -67,7 +67,7 @@ class RouteChecker:
         return True
 
 
-class Gateway:
+class Gateway(AsyncCloseable):
     """`async with Gateway(settings) as gw: await gw.serve_forever()`"""
 
     def __init__(self, settings: Settings) -> None:
@@ -95,12 +95,7 @@ class Gateway:
         log.info("gateway on %s consuming %s", settings.host, SUBMIT_QUEUE)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None

@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Self
 
 import aio_pika
@@ -27,6 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from common.amqp import EventPublisher, connect, settle
 from common.errors import RetryLater
 from common.events import Event, Phase, WorkerHealth
+from common.lifecycle import AsyncCloseable
 from common.settings import Settings
 from common.topology import (
     RETRY_WAITING_SINCE_HEADER,
@@ -49,7 +49,7 @@ def new_worker_id(host: str, driver: str) -> str:
     return f"{host}-{driver}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
-class Worker:
+class Worker(AsyncCloseable):
     def __init__(
         self,
         settings: Settings,
@@ -115,14 +115,6 @@ class Worker:
         ]
         log.info("worker %s consuming %s", self.identity.worker_id, [q.name for q in queues])
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Idempotent. Counters stay readable afterwards."""

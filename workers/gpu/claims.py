@@ -149,30 +149,15 @@ class GpuClaimStore:
         driver: str,
         worker_id: str,
     ) -> Claim:
-        """Claim exactly these GPUs (UUIDs) for `job_id`, all or none.
+        """Claim exactly these GPUs (UUIDs) for `job_id`, all or none."""
 
-        A job that already holds a claim (a redelivery) gets it back, now owned by
-        `worker_id`.
-        """
-        with self._transaction() as claims:
-            existing = claims.get(job_id)
-            if existing is not None:
-                claims[job_id] = replace(existing, worker_id=worker_id)
-                return claims[job_id]
-            held = _holders(claims.values())
+        def choose(held: dict[str, str]) -> list[tuple[str, str]]:
             busy = {gpu: held[gpu] for gpu in gpus if gpu in held}
             if busy:
                 raise GpuBusy(busy)
-            claims[job_id] = Claim(
-                job_id=job_id,
-                driver=driver,
-                worker_id=worker_id,
-                gpus=tuple(gpus),
-                devices=tuple(devices),
-                sandbox_id=None,
-                claimed_at=datetime.now(UTC).isoformat(),
-            )
-            return claims[job_id]
+            return list(zip(gpus, devices, strict=True))
+
+        return self._claim(job_id, driver, worker_id, choose)
 
     def claim_any(
         self,
@@ -185,23 +170,40 @@ class GpuClaimStore:
         worker_id: str,
     ) -> Claim:
         """Claim any `count` free GPUs among `candidates` (UUIDs, in preference order)."""
+
+        def choose(held: dict[str, str]) -> list[tuple[str, str]]:
+            free = [gpu for gpu in candidates if gpu not in held]
+            if len(free) < count:
+                busy = {gpu: held[gpu] for gpu in candidates if gpu in held}
+                raise NotEnoughGpus(count, len(free), busy)
+            return [(gpu, device_for(gpu)) for gpu in free[:count]]
+
+        return self._claim(job_id, driver, worker_id, choose)
+
+    def _claim(
+        self,
+        job_id: str,
+        driver: str,
+        worker_id: str,
+        choose: Callable[[dict[str, str]], list[tuple[str, str]]],
+    ) -> Claim:
+        """One atomic claim: `choose` picks (UUID, device) pairs given the held GPUs.
+
+        A job that already holds a claim (a redelivery) gets it back, now owned by
+        `worker_id`.
+        """
         with self._transaction() as claims:
             existing = claims.get(job_id)
             if existing is not None:
                 claims[job_id] = replace(existing, worker_id=worker_id)
                 return claims[job_id]
-            held = _holders(claims.values())
-            free = [gpu for gpu in candidates if gpu not in held]
-            if len(free) < count:
-                busy = {gpu: held[gpu] for gpu in candidates if gpu in held}
-                raise NotEnoughGpus(count, len(free), busy)
-            chosen = free[:count]
+            chosen = choose(_holders(claims.values()))
             claims[job_id] = Claim(
                 job_id=job_id,
                 driver=driver,
                 worker_id=worker_id,
-                gpus=tuple(chosen),
-                devices=tuple(device_for(gpu) for gpu in chosen),
+                gpus=tuple(gpu for gpu, _ in chosen),
+                devices=tuple(device for _, device in chosen),
                 sandbox_id=None,
                 claimed_at=datetime.now(UTC).isoformat(),
             )

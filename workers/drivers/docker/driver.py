@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiodocker
@@ -21,18 +19,18 @@ from workers.drivers.base import (
 )
 from workers.drivers.cdi import ContainerBlock, parse_container_block
 from workers.drivers.container_state import state_from_inspect
+from workers.drivers.errors import error_translator
 from workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
 
 # Docker takes CDI device requests from Engine 25 (API 1.44), when its CDI feature is on.
 _CDI_MIN_ENGINE = (25, 0)
 
 
-@asynccontextmanager
-async def _translated(action: str, subject: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except DockerError as exc:
-        raise SandboxError(f"docker {action} {subject}: {exc.message}") from exc
+_translated = error_translator(
+    "docker",
+    DockerError,
+    lambda exc: exc.message,
+)
 
 
 def _engine_version(version: str) -> tuple[int, int]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from common.errors import ImageUnavailable, SandboxError
@@ -13,18 +11,18 @@ from common.models import Driver, Job
 from workers.drivers.base import LABEL_DRIVER, Capabilities, SandboxSpec, SandboxState
 from workers.drivers.cdi import ContainerBlock, parse_container_block
 from workers.drivers.container_state import state_from_inspect
+from workers.drivers.errors import error_translator
 from workers.drivers.podman.client import LibpodClient, PodmanApiError, demultiplex
 from workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
 
 _CPU_PERIOD_US = 100_000
 
 
-@asynccontextmanager
-async def _translated(action: str, subject: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except PodmanApiError as exc:
-        raise SandboxError(f"podman {action} {subject}: {exc.message}") from exc
+_translated = error_translator(
+    "podman",
+    PodmanApiError,
+    lambda exc: exc.message,
+)
 
 
 class PodmanDriver:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from workers.drivers.base import (
     SandboxState,
     SandboxStatus,
 )
+from workers.drivers.errors import error_translator
 from workers.drivers.vm.config import VmBlock, parse_vm_block
 from workers.drivers.vm.domain_xml import METADATA_NS, DomainPlan, domain_xml, parse_metadata
 from workers.drivers.vm.guest import exit_code, job_archive, job_output
@@ -40,12 +39,11 @@ from workers.gpu.inventory import Gpu
 NAME_PREFIX = "sandfleet-"
 
 
-@asynccontextmanager
-async def _translated(action: str, subject: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except libvirt.libvirtError as exc:
-        raise SandboxError(f"libvirt {action} {subject}: {exc.get_error_message()}") from exc
+_translated = error_translator(
+    "libvirt",
+    libvirt.libvirtError,
+    lambda exc: exc.get_error_message(),
+)
 
 
 def _missing_domain(exc: libvirt.libvirtError) -> bool:
