@@ -25,6 +25,8 @@ def decode(body: bytes, *, max_bytes: int) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MessageUndecodable(f"message body is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise MessageUndecodable("message body nests JSON too deeply to read") from exc
 
 
 def job_id_hint(data: Any) -> str | None:

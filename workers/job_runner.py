@@ -70,6 +70,13 @@ class JobRunner:
         except RequestInvalid as exc:
             await report.emit(Phase.REJECTED, "InvalidDriverConfig", str(exc), errors=exc.errors)
             raise
+        except Exception as exc:
+            # A block that crashes its driver's parser is poison: it would crash every
+            # worker it reached. Say so once and dead-letter it.
+            log.exception("job %s: validating its driver block crashed", job.job_id)
+            crash = f"validating the {job.driver.value} block crashed: {type(exc).__name__}: {exc}"
+            await report.emit(Phase.REJECTED, "DriverConfigCrashed", crash)
+            raise DeadLetter(crash) from exc
         self.started += 1
         try:
             await self._run(job, config, gpu_request, report, _waiting_since(message))
