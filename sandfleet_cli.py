@@ -17,6 +17,7 @@ app.command()(gateway_cli.gateway)
 app.command(context_settings={"allow_interspersed_args": False})(gateway_cli.submit)
 app.command()(gateway_cli.watch)
 app.command()(gateway_cli.status)
+app.command()(gateway_cli.workers)
 app.command()(workers_cli.worker)
 app.command()(workers_cli.gpus)
 

@@ -34,6 +34,11 @@ TERMINAL_PHASES = frozenset(
     {Phase.REJECTED, Phase.SUCCEEDED, Phase.FAILED, Phase.TIMED_OUT, Phase.CANCELLED}
 )
 
+HEARTBEAT_ALIVE = "Alive"
+HEARTBEAT_STOPPED = "Stopped"  # the worker's last heartbeat, sent as it shuts down
+# A worker silent for this many heartbeat periods is presumed lost.
+LOST_AFTER_BEATS = 3
+
 # Keeps events small enough for a stream: the output is the *last* lines, bounded.
 MAX_OUTPUT_CHARS = 8192
 
@@ -86,3 +91,12 @@ def bounded_output(text: str, *, limit: int = MAX_OUTPUT_CHARS) -> str:
     tail = text[-limit:]
     newline = tail.find("\n")
     return tail[newline + 1 :] if 0 <= newline < len(tail) - 1 else tail
+
+
+def worker_state(heartbeat: Event, now: datetime) -> str:
+    """`alive`, `stopped` (said goodbye) or `lost` (silent too long), from a last heartbeat."""
+    if heartbeat.reason == HEARTBEAT_STOPPED:
+        return "stopped"
+    period = heartbeat.health.heartbeat_seconds if heartbeat.health else 10.0
+    silent = (now - heartbeat.timestamp).total_seconds()
+    return "lost" if silent > LOST_AFTER_BEATS * period else "alive"

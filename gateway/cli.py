@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from common.events import Event, Phase
+from common.events import Event, Phase, worker_state
 from common.lifecycle import until_signalled
 from common.logs import setup_logging
 from common.settings import Settings
 from gateway.client import Client
-from gateway.render import history_table, print_event, print_reply
+from gateway.render import history_table, print_event, print_reply, workers_table
 from gateway.service import run_gateway
 
 console = Console(highlight=False)
@@ -233,3 +234,23 @@ def status(
         console.print(f"{job_id}: [bold]{current}[/]")
         console.print(history_table(job_id, events))
     raise typer.Exit(0 if events else 1)
+
+
+def workers(
+    since: Annotated[int, typer.Option(help="Look back this many minutes of heartbeats.")] = 10,
+    as_json: JsonFlag = False,
+) -> None:
+    """Workers per host, from their heartbeats: driver, slots, free GPUs, alive or lost."""
+
+    async def read() -> list[Event]:
+        async with Client() as client:
+            return await client.workers(since=timedelta(minutes=since))
+
+    beats = asyncio.run(read())
+    now = datetime.now(UTC)
+    if as_json:
+        print(json.dumps([
+            {**beat.model_dump(mode="json"), "state": worker_state(beat, now)} for beat in beats
+        ]))  # fmt: skip
+        return
+    console.print(workers_table(beats, now))

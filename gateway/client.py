@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Collection
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 import aio_pika
@@ -68,7 +69,11 @@ class EventStream(AsyncCloseable):
     """
 
     def __init__(
-        self, connection: AbstractRobustConnection, match: EventFilter, *, offset: str
+        self,
+        connection: AbstractRobustConnection,
+        match: EventFilter,
+        *,
+        offset: str | datetime,
     ) -> None:
         self._connection = connection
         self._match = match
@@ -214,6 +219,17 @@ class Client(AsyncCloseable):
         """Live events matching the filter; `from_start` replays the log's history first."""
         match = EventFilter(job_id=job_id, driver=driver, host=host, phases=phases)
         return EventStream(self._open_connection(), match, offset="first" if from_start else "next")
+
+    async def workers(self, *, since: timedelta = timedelta(minutes=10)) -> list[Event]:
+        """Each worker's latest heartbeat within `since` (see `common.events.worker_state`)."""
+        match = EventFilter(phases={Phase.HEARTBEAT})
+        start = datetime.now(UTC) - since
+        latest: dict[str, Event] = {}
+        async with EventStream(self._open_connection(), match, offset=start) as stream:
+            await stream.mark_end()
+            async for event in stream:
+                latest[event.worker_id or ""] = event
+        return sorted(latest.values(), key=lambda e: (e.host, e.driver or "", e.worker_id or ""))
 
     async def history(self, job_id: str) -> list[Event]:
         """Every event the log holds for `job_id`, oldest first."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from common.events import Event, Phase
+from common.events import Event, Phase, worker_state
 from common.models import SubmitReply
 
 _PHASE_STYLE = {
@@ -73,5 +75,27 @@ def history_table(job_id: str, events: list[Event]) -> Table:
             f"{event.driver or '-'}@{event.host}",
             event.reason,
             event.message + (f" (exit {event.exit_code})" if event.exit_code is not None else ""),
+        )
+    return table
+
+
+_STATE_STYLE = {"alive": "green", "lost": "bold red", "stopped": "dim"}
+
+
+def workers_table(heartbeats: list[Event], now: datetime) -> Table:
+    table = Table(title="workers", title_justify="left")
+    for column in ("host", "driver", "worker", "state", "slots free", "GPUs free", "last seen"):
+        table.add_column(column)
+    for beat in heartbeats:
+        state = worker_state(beat, now)
+        health = beat.health
+        table.add_row(
+            beat.host,
+            beat.driver or "-",
+            beat.worker_id or "-",
+            Text(state, style=_STATE_STYLE[state]),
+            f"{health.free_slots}/{health.slots}" if health else "-",
+            f"{health.gpus_free}/{len(health.gpus)}" if health else "-",
+            f"{(now - beat.timestamp).total_seconds():.0f}s ago",
         )
     return table

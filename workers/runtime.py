@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 
 from common.amqp import EventPublisher, connect, settle
 from common.errors import RetryLater
-from common.events import Event, Phase, WorkerHealth
+from common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Event, Phase, WorkerHealth
 from common.lifecycle import AsyncCloseable
 from common.settings import Settings
 from common.topology import (
@@ -127,6 +127,11 @@ class Worker(AsyncCloseable):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._events is not None:
+            try:
+                await self._heartbeat(HEARTBEAT_STOPPED)  # so it is listed as stopped, not lost
+            except Exception:
+                log.warning("final heartbeat not published", exc_info=True)
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -193,22 +198,25 @@ class Worker(AsyncCloseable):
             gpu_source=self.inventory.source,
         )
 
-    async def _beat(self) -> None:
+    async def _heartbeat(self, reason: str) -> None:
         assert self._events is not None
+        self._free_gpus = await self._gpus.free_count()
+        await self._events.publish(
+            Event(
+                job_id=None,
+                phase=Phase.HEARTBEAT,
+                reason=reason,
+                driver=self.identity.driver.value,
+                host=self.identity.host,
+                worker_id=self.identity.worker_id,
+                health=self.health(),
+            )
+        )
+
+    async def _beat(self) -> None:
         while True:
             try:
-                self._free_gpus = await self._gpus.free_count()
-                await self._events.publish(
-                    Event(
-                        job_id=None,
-                        phase=Phase.HEARTBEAT,
-                        reason="Alive",
-                        driver=self.identity.driver.value,
-                        host=self.identity.host,
-                        worker_id=self.identity.worker_id,
-                        health=self.health(),
-                    )
-                )
+                await self._heartbeat(HEARTBEAT_ALIVE)
             except Exception:
                 # A broker outage must not end the heartbeat; the robust connection recovers.
                 log.warning("heartbeat not published", exc_info=True)
