@@ -18,6 +18,7 @@ app.command(context_settings={"allow_interspersed_args": False})(gateway_cli.sub
 app.command()(gateway_cli.watch)
 app.command()(gateway_cli.status)
 app.command()(gateway_cli.workers)
+app.command()(gateway_cli.cancel)
 app.command()(workers_cli.worker)
 app.command()(workers_cli.gpus)
 

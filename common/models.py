@@ -135,6 +135,14 @@ class SubmitReply(_Strict):
         return self.status is ReplyStatus.ACCEPTED
 
 
+class CancelRequest(_Strict):
+    """Published to sandfleet.control; every worker keeps the set of cancelled jobs."""
+
+    job_id: JobId
+    reason: Annotated[str, StringConstraints(max_length=512)] = "cancelled by request"
+    requested_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
 def field_errors(exc: ValidationError, *, prefix: str = "") -> list[FieldError]:
     """Flatten pydantic's errors into FieldErrors named by their full dotted path."""
     errors = []
@@ -147,6 +155,7 @@ def field_errors(exc: ValidationError, *, prefix: str = "") -> list[FieldError]:
 
 
 __all__ = [
+    "CancelRequest",
     "Driver",
     "GpuRequirement",
     "HostName",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +50,10 @@ class Settings(BaseSettings):
     output_tail_lines: int = Field(default=50, gt=0)
     image_pull_timeout_seconds: float = Field(default=300.0, gt=0)
     stop_grace_seconds: float = Field(default=5.0, ge=0)
+    # What a worker told to stop (SIGTERM) does with sandboxes still running after its
+    # drain time: "adopt" leaves them running for the next worker on this host to adopt;
+    # "stop" stops them and reports them `cancelled`.
+    shutdown_policy: Literal["adopt", "stop"] = "adopt"
 
     # topology
     job_delivery_limit: int = Field(default=5, gt=0)

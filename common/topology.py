@@ -6,7 +6,8 @@ sandfleet.jobs (direct) ── <driver>         → sandfleet.jobs.<driver>     
 sandfleet.retry.<key> (quorum): jobs waiting for GPUs; expire back to sandfleet.jobs, <key>
 sandfleet.dead (fanout) ─→ sandfleet.dead (quorum): nothing is ever silently lost
 sandfleet.events (topic), key <phase>.<driver>.<host> ─ # → sandfleet.events.log (stream)
-sandfleet.control (fanout): cancellation, one exclusive queue per worker
+sandfleet.control (fanout) ─→ sandfleet.control.log (stream): cancellations, read by every
+    worker from the start (so a queued job cancelled before any worker saw it never starts)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ DEAD_QUEUE = "sandfleet.dead"
 EVENTS_EXCHANGE = "sandfleet.events"
 EVENTS_LOG_QUEUE = "sandfleet.events.log"
 CONTROL_EXCHANGE = "sandfleet.control"
+CONTROL_LOG_QUEUE = "sandfleet.control.log"
 RETRY_PREFIX = "sandfleet.retry"
 RETRY_WAITING_SINCE_HEADER = "x-sandfleet-waiting-since"
 
@@ -128,4 +130,10 @@ async def declare_topology(
     control = await channel.declare_exchange(
         CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
     )
+    control_log = await channel.declare_queue(
+        CONTROL_LOG_QUEUE,
+        durable=True,
+        arguments={"x-queue-type": "stream", "x-max-age": settings.events_max_age},
+    )
+    await control_log.bind(control)
     return Topology(jobs=jobs, events=events, dead=dead, control=control)

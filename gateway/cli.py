@@ -254,3 +254,29 @@ def workers(
         ]))  # fmt: skip
         return
     console.print(workers_table(beats, now))
+
+
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job to cancel.")],
+    reason: Annotated[str, typer.Option(help="Why; it appears in the `cancelled` event.")] = (
+        "cancelled by request"
+    ),
+    wait: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Cancel a job whether it is queued, waiting for GPUs or running."""
+
+    async def send() -> int:
+        async with Client() as client, client.events(job_id=job_id) as stream:
+            await client.cancel(job_id, reason=reason)
+            if not as_json:
+                console.print(f"cancellation of {job_id} sent")
+            if not wait:
+                return 0
+            async for event in stream:
+                _show_event(event, as_json)
+                if event.phase.is_terminal:
+                    return 0 if event.phase is Phase.CANCELLED else 1
+        return 1
+
+    raise typer.Exit(asyncio.run(send()))

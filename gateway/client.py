@@ -25,12 +25,18 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
-from common.amqp import JSON, connect
+from common.amqp import JSON, connect, json_message
 from common.events import Event, Phase
 from common.lifecycle import AsyncCloseable
-from common.models import SandboxRequest, SubmitReply
+from common.models import CancelRequest, SandboxRequest, SubmitReply
 from common.settings import Settings
-from common.topology import EVENTS_LOG_QUEUE, LOG_MARKER_TYPE, SUBMIT_QUEUE, declare_topology
+from common.topology import (
+    CONTROL_EXCHANGE,
+    EVENTS_LOG_QUEUE,
+    LOG_MARKER_TYPE,
+    SUBMIT_QUEUE,
+    declare_topology,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +212,17 @@ class Client(AsyncCloseable):
             return await asyncio.wait_for(future, timeout)
         finally:
             self._pending.pop(correlation_id, None)
+
+    async def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> None:
+        """Ask every worker to cancel `job_id`: running, waiting for GPUs or still queued.
+
+        The worker that holds the job (or later receives it) emits `cancelled`.
+        """
+        self._open_connection()
+        assert self._channel is not None
+        request = CancelRequest(job_id=job_id, reason=reason)
+        exchange = await self._channel.get_exchange(CONTROL_EXCHANGE)
+        await exchange.publish(json_message(request, type="sandfleet.cancel"), routing_key="")
 
     def events(
         self,

@@ -47,6 +47,13 @@ def worker(
         Driver, typer.Option(help="Which runtime this worker drives.")
     ] = Driver.DOCKER,
     slots: Annotated[int, typer.Option(min=1, help="Jobs run at once (= the queue prefetch).")] = 1,
+    on_shutdown: Annotated[
+        str | None,
+        typer.Option(
+            help="On SIGTERM, after the drain time: 'adopt' leaves running sandboxes for the "
+            "next worker; 'stop' stops them (cancelled). Default: SANDFLEET_SHUTDOWN_POLICY."
+        ),
+    ] = None,
     drain_seconds: Annotated[
         float,
         typer.Option(
@@ -56,6 +63,10 @@ def worker(
 ) -> None:
     """Run a worker: take jobs for DRIVER on this host, run them, report events."""
     settings = Settings()
+    if on_shutdown is not None:
+        if on_shutdown not in ("adopt", "stop"):
+            raise typer.BadParameter("adopt or stop", param_hint="--on-shutdown")
+        settings = settings.model_copy(update={"shutdown_policy": on_shutdown})
     setup_logging(settings.log_level)
 
     async def serve() -> None:

@@ -57,13 +57,24 @@ class JobIntake:
         self._stopped = True
         await self._pause()
 
-    async def drain(self, timeout: float) -> None:
-        """Wait up to `timeout` for jobs in hand, then cancel the rest (their messages
-        stay unacked, so the broker redelivers them and their sandboxes get adopted)."""
+    async def drain(
+        self,
+        timeout: float,
+        *,
+        wind_down: Callable[[], Awaitable[None]] | None = None,
+        wind_down_timeout: float = 30.0,
+    ) -> None:
+        """Wait up to `timeout` for jobs in hand. Then, if given, `wind_down()` (which
+        stops their sandboxes) and wait up to `wind_down_timeout` more; cancel what is
+        left: its messages stay unacked, so the broker redelivers them and the next
+        worker adopts their sandboxes."""
         await self.stop_consuming()
         if not self._tasks:
             return
         _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        if pending and wind_down is not None:
+            await wind_down()
+            _, pending = await asyncio.wait(pending, timeout=wind_down_timeout)
         for task in pending:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

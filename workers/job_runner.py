@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from common.amqp import EventPublisher
 from common.errors import DeadLetter, RequestInvalid, RetryLater, SandboxError, Unschedulable
 from common.events import Phase
-from common.models import Job, field_errors
+from common.models import CancelRequest, Job, field_errors
 from common.settings import Settings
 from common.topology import RETRY_WAITING_SINCE_HEADER
 from workers.drivers.base import (
@@ -52,14 +53,33 @@ class JobRunner:
         events: EventPublisher,
         identity: WorkerIdentity,
         settings: Settings,
+        cancelled: Callable[[str], CancelRequest | None],
     ) -> None:
         self._driver = driver
         self._gpus = gpus
         self._events = events
         self._identity = identity
         self._settings = settings
+        self._cancelled = cancelled  # cancellations known from the control log
+        self._cancel_reasons: dict[str, str] = {}  # cancelled while this worker ran them
+        self._active: dict[str, str] = {}  # job id -> sandbox id, for jobs in hand
         self.started = 0
         self.finished = 0
+
+    @property
+    def active_jobs(self) -> list[str]:
+        return list(self._active)
+
+    def _cancel_reason(self, job_id: str) -> str | None:
+        request = self._cancelled(job_id)
+        return self._cancel_reasons.get(job_id) or (request.reason if request else None)
+
+    async def cancel(self, job_id: str, reason: str) -> None:
+        """Stop the job's sandbox if this worker runs it; the job then ends `cancelled`."""
+        self._cancel_reasons[job_id] = reason
+        sandbox_id = self._active.get(job_id)
+        if sandbox_id is not None:
+            await self._driver.stop(sandbox_id, grace_seconds=self._settings.stop_grace_seconds)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """The job message's handler; `common.amqp.settle` turns its outcome into an ack."""
@@ -120,6 +140,9 @@ class JobRunner:
         waiting_since: datetime | None,
     ) -> None:
         sandbox = await self._driver.find(sandbox_name(job.job_id))
+        if sandbox is None and (reason := self._cancel_reason(job.job_id)):
+            await report.emit(Phase.CANCELLED, "CancelledBeforeStart", reason)
+            return
         if sandbox is None:
             claim = await self._claim(job, gpus, report, waiting_since)
             try:
@@ -136,10 +159,14 @@ class JobRunner:
             claim = await self._gpus.adopt(job.job_id)
             report.gpus = list(claim.devices) if claim else []
         report.sandbox_id = sandbox.sandbox_id
+        self._active[job.job_id] = sandbox.sandbox_id
         try:
             await self._supervise(job, sandbox, report)
         except SandboxError as exc:
             await report.emit(Phase.FAILED, exc.reason, str(exc))
+        finally:
+            self._active.pop(job.job_id, None)
+            self._cancel_reasons.pop(job.job_id, None)
         await self._gpus.release(job.job_id)
         await self._driver.remove(sandbox.sandbox_id)
 
@@ -205,6 +232,15 @@ class JobRunner:
 
     async def _supervise(self, job: Job, sandbox: SandboxState, report: JobReporter) -> None:
         driver = self._driver
+        if (reason := self._cancel_reason(job.job_id)) is not None:
+            if sandbox.status is SandboxStatus.RUNNING:  # adopted, and cancelled meanwhile
+                await driver.stop(
+                    sandbox.sandbox_id, grace_seconds=self._settings.stop_grace_seconds
+                )
+            await report.emit(
+                Phase.CANCELLED, "Cancelled", reason, output=await self._output(sandbox)
+            )
+            return
         if sandbox.status is SandboxStatus.CREATED:
             await driver.start(sandbox.sandbox_id)
             await report.emit(Phase.RUNNING, "Started")
@@ -221,15 +257,18 @@ class JobRunner:
                 async with asyncio.timeout_at(deadline):
                     exit_code = await driver.wait(sandbox.sandbox_id)
             except TimeoutError:
-                grace = self._settings.stop_grace_seconds
-                await driver.stop(sandbox.sandbox_id, grace_seconds=grace)
+                await driver.stop(
+                    sandbox.sandbox_id, grace_seconds=self._settings.stop_grace_seconds
+                )
                 output = await self._output(sandbox)
                 message = f"exceeded timeout_seconds={job.template.timeout_seconds}"
                 await report.emit(Phase.TIMED_OUT, "Timeout", message, output=output)
                 return
 
         output = await self._output(sandbox)
-        if exit_code is None:
+        if (reason := self._cancel_reason(job.job_id)) is not None:
+            await report.emit(Phase.CANCELLED, "Cancelled", reason, output=output)
+        elif exit_code is None:
             message = "the sandbox ended without reporting an exit code"
             await report.emit(Phase.FAILED, "NoExitCode", message, output=output)
         elif exit_code == 0:

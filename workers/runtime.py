@@ -27,6 +27,7 @@ from common.amqp import EventPublisher, connect, settle
 from common.errors import RetryLater
 from common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Event, Phase, WorkerHealth
 from common.lifecycle import AsyncCloseable
+from common.models import CancelRequest
 from common.settings import Settings
 from common.topology import (
     RETRY_WAITING_SINCE_HEADER,
@@ -34,6 +35,7 @@ from common.topology import (
     job_queue_name,
     retry_queue_name,
 )
+from workers.cancellations import Cancellations
 from workers.drivers.base import SandboxDriver, SandboxStatus
 from workers.gpu.allocator import GpuAllocator
 from workers.gpu.claims import GpuClaimStore, WorkerLease
@@ -105,7 +107,18 @@ class Worker(AsyncCloseable):
             channel, settings, job_queues=[(kind, None), (kind, host)]
         )
         self._events = EventPublisher(topology.events)
-        self._runner = JobRunner(self._driver, self._gpus, self._events, self.identity, settings)
+        self._cancellations = Cancellations(
+            await self._connection.channel(), on_cancel=self._on_cancel
+        )
+        await self._cancellations.start()  # know every cancellation before taking a job
+        self._runner = JobRunner(
+            self._driver,
+            self._gpus,
+            self._events,
+            self.identity,
+            settings,
+            cancelled=self._cancellations.get,
+        )
         queues = [await channel.get_queue(job_queue_name(kind, h)) for h in (None, host)]
         self._intake = JobIntake(channel, queues, slots=self._slots, handle=self._handle)
         await self._intake.start()
@@ -122,7 +135,12 @@ class Worker(AsyncCloseable):
             return
         self._closed = True
         if self._intake is not None:
-            await self._intake.drain(self._drain_seconds)
+            wind_down = self._stop_running if self._settings.shutdown_policy == "stop" else None
+            await self._intake.drain(
+                self._drain_seconds,
+                wind_down=wind_down,
+                wind_down_timeout=self._settings.stop_grace_seconds + 30,
+            )
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,6 +161,16 @@ class Worker(AsyncCloseable):
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         assert self._runner is not None
         await settle(message, self._runner.handle, retry=self._retry_later)
+
+    async def _on_cancel(self, request: CancelRequest) -> None:
+        if self._runner is not None:
+            await self._runner.cancel(request.job_id, request.reason)
+
+    async def _stop_running(self) -> None:
+        assert self._runner is not None
+        for job_id in self._runner.active_jobs:
+            log.warning("stopping job %s: the worker is shutting down", job_id)
+            await self._runner.cancel(job_id, f"worker {self.identity.worker_id} shut down")
 
     async def _retry_later(self, message: AbstractIncomingMessage, retry: RetryLater) -> None:
         """Park the job in its retry queue; it expires back to the queue it came from."""

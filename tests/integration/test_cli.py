@@ -13,7 +13,7 @@ import pytest
 from common.events import Phase
 from common.settings import Settings
 from gateway.client import Client
-from tests.integration.conftest import WorkerFactory
+from tests.conftest import WorkerFactory
 from tests.support import until_terminal
 
 pytestmark = pytest.mark.integration

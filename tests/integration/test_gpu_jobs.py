@@ -21,8 +21,8 @@ from common.events import Event, Phase
 from common.settings import Settings
 from common.topology import retry_queue_name
 from gateway.client import Client
+from tests.conftest import WorkerFactory, containers_of
 from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
-from tests.integration.conftest import WorkerFactory, containers_of
 from tests.integration.test_job_flow import ready_messages
 from tests.support import eventually, until_terminal
 from workers.gpu.claims import GpuClaimStore, WorkerLease

@@ -14,7 +14,7 @@ from common.events import Phase
 from common.settings import Settings
 from common.topology import DEAD_QUEUE, SUBMIT_QUEUE, job_queue_name
 from gateway.client import Client
-from tests.integration.conftest import WorkerFactory, containers_of
+from tests.conftest import WorkerFactory, containers_of
 from tests.support import eventually, until_terminal
 
 pytestmark = pytest.mark.integration

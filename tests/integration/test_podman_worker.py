@@ -15,8 +15,8 @@ import pytest
 from common.events import Event, Phase
 from common.settings import Settings
 from gateway.client import Client
+from tests.conftest import TEST_CDI_KIND, WorkerFactory
 from tests.gpu_fixtures import write_inventory
-from tests.integration.conftest import TEST_CDI_KIND, WorkerFactory
 from tests.support import eventually, until_terminal
 from workers.drivers.podman.client import LibpodClient
 from workers.gpu.claims import GpuClaimStore

@@ -18,8 +18,8 @@ from common.events import Event, Phase
 from common.models import Driver, Job, JobTemplate, ResourceRequirements
 from common.settings import Settings
 from gateway.client import Client
+from tests.conftest import WorkerFactory
 from tests.gpu_fixtures import write_inventory
-from tests.integration.conftest import WorkerFactory
 from tests.support import until_terminal
 from workers.drivers.base import (
     LABEL_GPUS,

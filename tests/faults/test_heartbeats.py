@@ -14,7 +14,7 @@ import pytest
 from common.events import Event, Phase, worker_state
 from common.settings import Settings
 from gateway.client import Client
-from tests.integration.conftest import WorkerFactory
+from tests.conftest import WorkerFactory
 from tests.integration.test_cli import sandfleet
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,5 @@
-"""Real RabbitMQ and dockerd for integration tests (started by ./dev setup or .ci/run).
+"""Real RabbitMQ, dockerd, podman and libvirtd for integration and fault tests
+(started by ./dev setup or .ci/run).
 
 Each test gets its own RabbitMQ vhost, so queues, streams and dead letters of one
 test can never leak into another.
@@ -29,7 +30,7 @@ from workers.drivers.vm import VmDriver
 from workers.runtime import Worker
 
 TEST_IMAGE = "sandfleet-test/busybox:latest"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CDI_SPEC = ROOT / "tests" / "fixtures" / "cdi" / "sandfleet-test-gpu.json"
 CDI_DIR = Path("/var/run/cdi")
 # A test vendor/class whose CDI spec maps harmless nodes (/dev/null) and sets one env

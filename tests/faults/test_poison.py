@@ -12,7 +12,7 @@ from common.events import Phase
 from common.models import Job
 from common.settings import Settings
 from gateway.client import Client
-from tests.integration.conftest import worker_factory
+from tests.conftest import worker_factory
 from tests.integration.test_job_flow import dead_letters, raw_submit
 from tests.support import until_terminal
 from workers.drivers.cdi import ContainerBlock

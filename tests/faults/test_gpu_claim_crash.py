@@ -13,8 +13,8 @@ import aiodocker
 import pytest
 
 from common.settings import Settings
+from tests.conftest import WorkerFactory, containers_of
 from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
-from tests.integration.conftest import WorkerFactory, containers_of
 from tests.support import eventually
 from workers.gpu.claims import GpuClaimStore, worker_alive
 
