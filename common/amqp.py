@@ -65,6 +65,8 @@ async def settle(
     - any other exception        → requeue; the quorum queue's delivery limit
       dead-letters a message that keeps failing
     - cancellation (shutdown)    → nothing: the broker redelivers it when the channel closes
+    A handler may ack early itself (a job handed to the host's journal); then nothing
+    more is said to the broker, whatever happens next.
     """
     try:
         await handler(message)
@@ -76,10 +78,17 @@ async def settle(
         await retry(message, exc)
         await message.ack()
     except DeadLetter as exc:
+        if message.processed:
+            log.error("message %s failed after it was acked: %s", message.message_id, exc)
+            return
         log.info("dead-lettering message %s: %s", message.message_id, exc)
         await message.reject(requeue=False)
     except Exception:
+        if message.processed:
+            log.exception("message %s failed after it was acked", message.message_id)
+            return
         log.exception("handler failed on message %s; requeueing", message.message_id)
         await message.nack(requeue=True)
     else:
-        await message.ack()
+        if not message.processed:  # a handler may ack early (see workers.job_runner)
+            await message.ack()

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     gpu_inventory: Path | None = None
     cdi_kind: str = "nvidia.com/gpu"
     state_dir: Path = Path("/run/sandfleet")
+    # Jobs this host has taken on; on a disk that survives a reboot, unlike state_dir.
+    journal_dir: Path = Path("/var/lib/sandfleet/journal")
     docker_url: str = "unix:///var/run/docker.sock"
     podman_url: str = "unix:///run/podman/podman.sock"
     libvirt_uri: str = "qemu:///system"

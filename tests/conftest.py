@@ -91,6 +91,7 @@ def make_settings(broker_url: str, tmp_path: Path) -> Callable[..., Settings]:
             "broker_url": broker_url,
             "host": f"h{uuid.uuid4().hex[:8]}",
             "state_dir": tmp_path / "state",
+            "journal_dir": tmp_path / "journal",
             "heartbeat_seconds": 1.0,
             "stop_grace_seconds": 1.0,
             **overrides,

@@ -11,7 +11,6 @@ requeued: RabbitMQ 3.10 counts every requeue toward the delivery limit).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -57,28 +56,10 @@ class JobIntake:
         self._stopped = True
         await self._pause()
 
-    async def drain(
-        self,
-        timeout: float,
-        *,
-        wind_down: Callable[[], Awaitable[None]] | None = None,
-        wind_down_timeout: float = 30.0,
-    ) -> None:
-        """Wait up to `timeout` for jobs in hand. Then, if given, `wind_down()` (which
-        stops their sandboxes) and wait up to `wind_down_timeout` more; cancel what is
-        left: its messages stay unacked, so the broker redelivers them and the next
-        worker adopts their sandboxes."""
-        await self.stop_consuming()
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-        if pending and wind_down is not None:
-            await wind_down()
-            _, pending = await asyncio.wait(pending, timeout=wind_down_timeout)
-        for task in pending:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*pending, return_exceptions=True)
+    @property
+    def in_hand(self) -> set[asyncio.Task[None]]:
+        """The tasks handling deliveries right now."""
+        return set(self._tasks)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()

@@ -3,19 +3,23 @@
     decode → validate block → claim GPUs → create → start → wait / timeout
     → terminal event → release GPUs → remove sandbox → ack
 
-Ack timing: the message is acked only after the terminal event is confirmed and the
-sandbox is removed. A worker that dies earlier leaves the message unacked; the
-redelivered job finds its sandbox by its deterministic name and adopts it (and its
-GPU claim) instead of starting a second one. GPUs are claimed only right before the
-sandbox is created: a job waiting for GPUs holds none, and holds no slot either (it
-is republished with a delay).
+Ownership: a job taken from the driver's shared queue is first bound to this host
+(republished to `sandfleet.jobs.<driver>.<host>`, then acked), so whatever happens
+next, only workers of this host ever see it again and none elsewhere can start a
+second sandbox. From the host queue, the job is claimed its GPUs, written to the
+host's journal, and acked at once: no message is held while the sandbox runs (a long
+job would outlive the broker's consumer timeout). The journal owns the job until its
+sandbox is removed; a worker that dies leaves the entry to the next worker of this
+host, which adopts the sandbox (found by its deterministic name) instead of starting
+another. GPUs are claimed right before the sandbox is created: a job waiting for GPUs
+holds none, and holds no slot either (it is republished with a delay).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -23,10 +27,10 @@ from pydantic import ValidationError
 
 from common.amqp import EventPublisher
 from common.errors import DeadLetter, RequestInvalid, RetryLater, SandboxError, Unschedulable
-from common.events import Phase
+from common.events import Event, Phase
 from common.models import CancelRequest, Job, field_errors
 from common.settings import Settings
-from common.topology import RETRY_WAITING_SINCE_HEADER
+from common.topology import RETRY_WAITING_SINCE_HEADER, job_routing_key
 from workers.drivers.base import (
     LABEL_GPUS,
     LABEL_JOB_ID,
@@ -40,6 +44,7 @@ from workers.drivers.base import (
 )
 from workers.gpu.allocator import GpuAllocator, GpuRequest
 from workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
+from workers.journal import JobJournal, JournalEntry, OwnedByLiveWorker
 from workers.reporter import JobReporter, WorkerIdentity
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,9 @@ class JobRunner:
         identity: WorkerIdentity,
         settings: Settings,
         cancelled: Callable[[str], CancelRequest | None],
+        journal: JobJournal,
+        bind_to_host: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        worker_alive: Callable[[str], bool],
     ) -> None:
         self._driver = driver
         self._gpus = gpus
@@ -61,6 +69,9 @@ class JobRunner:
         self._identity = identity
         self._settings = settings
         self._cancelled = cancelled  # cancellations known from the control log
+        self._journal = journal
+        self._bind_to_host = bind_to_host
+        self._worker_alive = worker_alive
         self._cancel_reasons: dict[str, str] = {}  # cancelled while this worker ran them
         self._active: dict[str, str] = {}  # job id -> sandbox id, for jobs in hand
         self.started = 0
@@ -97,9 +108,51 @@ class JobRunner:
             crash = f"validating the {job.driver.value} block crashed: {type(exc).__name__}: {exc}"
             await report.emit(Phase.REJECTED, "DriverConfigCrashed", crash)
             raise DeadLetter(crash) from exc
-        self.started += 1
+        if message.routing_key == job_routing_key(job.driver):
+            await self._bind_to_host(message)  # then settle acks the shared-queue copy
+            return
         try:
-            await self._run(job, config, gpu_request, report, _waiting_since(message))
+            entry = await asyncio.to_thread(
+                self._journal.claim_entry, job.job_id, self._identity.worker_id, self._worker_alive
+            )
+        except OwnedByLiveWorker:
+            log.warning("job %s: a live worker of this host already runs it", job.job_id)
+            return  # a duplicate delivery: drop it
+        await self._execute(
+            job, config, gpu_request, report, entry, _waiting_since(message), message.ack
+        )
+
+    async def resume(self, entry: JournalEntry) -> None:
+        """Finish a job taken over from a dead worker's journal entry (no message: it
+        was acked when the job was journaled)."""
+        job = entry.job
+        report = JobReporter(self._events, self._identity, job.job_id)
+        if entry.terminal is not None:
+            # It ended, and may have said so: say it again under the same event_id.
+            await self._events.publish(entry.terminal)
+            await self._clean_up(job.job_id, entry.sandbox_id)
+            return
+        config, gpu_request = self._validate(job)
+
+        async def nothing_to_ack() -> None:
+            return None
+
+        await self._execute(job, config, gpu_request, report, entry, None, nothing_to_ack)
+
+    async def _execute(
+        self,
+        job: Job,
+        config: DriverConfig,
+        gpu_request: GpuRequest,
+        report: JobReporter,
+        entry: JournalEntry | None,
+        waiting_since: datetime | None,
+        ack: Callable[[], Awaitable[object]],
+    ) -> None:
+        self.started += 1
+        report.before_terminal = lambda event: self._record_terminal(job, event)
+        try:
+            await self._run(job, config, gpu_request, report, entry, waiting_since, ack)
         except SandboxError as exc:
             await report.emit(Phase.FAILED, exc.reason, str(exc))
         except (DeadLetter, RetryLater, asyncio.CancelledError):
@@ -107,10 +160,22 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %s: unexpected error", job.job_id)
             await report.emit(Phase.FAILED, "WorkerError", f"{type(exc).__name__}: {exc}")
-            await self._gpus.release(job.job_id)
+            await self._clean_up(job.job_id, None)
             raise DeadLetter(f"job {job.job_id} failed inside the worker") from exc
         finally:
             self.finished += 1
+
+    def _record_terminal(self, job: Job, event: Event) -> None:
+        entry = self._journal.read(job.job_id)
+        if entry is not None:
+            self._journal.write(entry.model_copy(update={"terminal": event}))
+
+    async def _clean_up(self, job_id: str, sandbox_id: str | None) -> None:
+        """After the terminal event: release GPUs, remove the sandbox, close the entry."""
+        await self._gpus.release(job_id)
+        if sandbox_id is not None:
+            await self._driver.remove(sandbox_id)
+        await asyncio.to_thread(self._journal.delete, job_id)
 
     async def _decode(self, message: AbstractIncomingMessage) -> Job:
         try:
@@ -137,27 +202,45 @@ class JobRunner:
         config: DriverConfig,
         gpus: GpuRequest,
         report: JobReporter,
+        entry: JournalEntry | None,
         waiting_since: datetime | None,
+        ack: Callable[[], Awaitable[object]],
     ) -> None:
         sandbox = await self._driver.find(sandbox_name(job.job_id))
+        if sandbox is None and entry is not None and entry.sandbox_id is not None:
+            # It was created once and is gone now: never start a second one.
+            message = f"sandbox {entry.sandbox_id} disappeared while no worker watched it"
+            await report.emit(Phase.FAILED, "SandboxLost", message)
+            await self._clean_up(job.job_id, None)
+            await ack()
+            return
         if sandbox is None and (reason := self._cancel_reason(job.job_id)):
             await report.emit(Phase.CANCELLED, "CancelledBeforeStart", reason)
+            await self._clean_up(job.job_id, None)
             return
         if sandbox is None:
             claim = await self._claim(job, gpus, report, waiting_since)
+            await self._journal_write(JournalEntry(job=job, owner=self._identity.worker_id))
+            await ack()  # from here on the journal owns the job
             try:
                 sandbox = await self._create(job, config, claim, report)
             except SandboxError as exc:
                 await report.emit(Phase.FAILED, exc.reason, str(exc))
-                await self._gpus.release(job.job_id)
+                await self._clean_up(job.job_id, None)
                 return
             except Exception:
                 await self._gpus.release(job.job_id)
                 raise
         else:
             log.info("job %s: adopting existing sandbox %s", job.job_id, sandbox.sandbox_id)
+            if entry is None:
+                await self._journal_write(JournalEntry(job=job, owner=self._identity.worker_id))
+            await ack()
             claim = await self._gpus.adopt(job.job_id)
             report.gpus = list(claim.devices) if claim else []
+        await self._journal_write(
+            JournalEntry(job=job, owner=self._identity.worker_id, sandbox_id=sandbox.sandbox_id)
+        )
         report.sandbox_id = sandbox.sandbox_id
         self._active[job.job_id] = sandbox.sandbox_id
         try:
@@ -167,8 +250,10 @@ class JobRunner:
         finally:
             self._active.pop(job.job_id, None)
             self._cancel_reasons.pop(job.job_id, None)
-        await self._gpus.release(job.job_id)
-        await self._driver.remove(sandbox.sandbox_id)
+        await self._clean_up(job.job_id, sandbox.sandbox_id)
+
+    async def _journal_write(self, entry: JournalEntry) -> None:
+        await asyncio.to_thread(self._journal.write, entry)
 
     async def _claim(
         self, job: Job, request: GpuRequest, report: JobReporter, waiting_since: datetime | None

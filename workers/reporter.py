@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.amqp import EventPublisher
@@ -24,6 +26,8 @@ class JobReporter:
         self.job_id = job_id
         self.sandbox_id: str | None = None
         self.gpus: list[str] = []
+        # Called with a terminal event before it is published (the journal keeps it).
+        self.before_terminal: Callable[[Event], None] | None = None
 
     async def emit(
         self,
@@ -35,19 +39,20 @@ class JobReporter:
         output: str | None = None,
         errors: list[FieldError] | None = None,
     ) -> None:
-        await self._events.publish(
-            Event(
-                job_id=self.job_id,
-                phase=phase,
-                reason=reason,
-                message=message,
-                driver=self._identity.driver.value,
-                host=self._identity.host,
-                worker_id=self._identity.worker_id,
-                gpus=self.gpus,
-                sandbox_id=self.sandbox_id,
-                exit_code=exit_code,
-                output=None if output is None else bounded_output(output),
-                errors=errors or [],
-            )
+        event = Event(
+            job_id=self.job_id,
+            phase=phase,
+            reason=reason,
+            message=message,
+            driver=self._identity.driver.value,
+            host=self._identity.host,
+            worker_id=self._identity.worker_id,
+            gpus=self.gpus,
+            sandbox_id=self.sandbox_id,
+            exit_code=exit_code,
+            output=None if output is None else bounded_output(output),
+            errors=errors or [],
         )
+        if event.phase.is_terminal and self.before_terminal is not None:
+            await asyncio.to_thread(self.before_terminal, event)
+        await self._events.publish(event)

@@ -21,7 +21,12 @@ from datetime import UTC, datetime
 from typing import Self
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
 
 from common.amqp import EventPublisher, connect, settle
 from common.errors import RetryLater
@@ -33,15 +38,17 @@ from common.topology import (
     RETRY_WAITING_SINCE_HEADER,
     declare_topology,
     job_queue_name,
+    job_routing_key,
     retry_queue_name,
 )
 from workers.cancellations import Cancellations
 from workers.drivers.base import SandboxDriver, SandboxStatus
 from workers.gpu.allocator import GpuAllocator
-from workers.gpu.claims import GpuClaimStore, WorkerLease
+from workers.gpu.claims import GpuClaimStore, WorkerLease, worker_alive
 from workers.gpu.inventory import GpuInventory, discover
 from workers.intake import JobIntake
 from workers.job_runner import JobRunner
+from workers.journal import JobJournal, JournalEntry
 from workers.reporter import WorkerIdentity
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,7 @@ class Worker(AsyncCloseable):
         )
         self.inventory = inventory or discover(settings.gpu_inventory, cdi_kind=settings.cdi_kind)
         self.claims = GpuClaimStore(settings.state_dir)
+        self.journal = JobJournal(settings.journal_dir, driver.kind.value)
         self._lease = WorkerLease(settings.state_dir, self.identity.worker_id)
         self._gpus = GpuAllocator(
             self.inventory,
@@ -89,6 +97,8 @@ class Worker(AsyncCloseable):
         self._runner: JobRunner | None = None
         self._events: EventPublisher | None = None
         self._background: list[asyncio.Task[None]] = []
+        self._resumed: set[asyncio.Task[None]] = set()  # jobs taken over from dead workers
+        self._jobs_exchange: AbstractExchange | None = None
         self._free_gpus = len(self.inventory)
         self._started_at = datetime.now(UTC)
         self._closed = False
@@ -111,6 +121,7 @@ class Worker(AsyncCloseable):
             await self._connection.channel(), on_cancel=self._on_cancel
         )
         await self._cancellations.start()  # know every cancellation before taking a job
+        self._jobs_exchange = topology.jobs
         self._runner = JobRunner(
             self._driver,
             self._gpus,
@@ -118,11 +129,21 @@ class Worker(AsyncCloseable):
             self.identity,
             settings,
             cancelled=self._cancellations.get,
+            journal=self.journal,
+            bind_to_host=self._bind_to_host,
+            worker_alive=lambda worker_id: worker_alive(settings.state_dir, worker_id),
         )
+        for entry in await asyncio.to_thread(
+            self.journal.take_orphans,
+            self.identity.worker_id,
+            lambda worker_id: worker_alive(settings.state_dir, worker_id),
+        ):
+            log.warning("job %s: taking it over from a worker that is gone", entry.job.job_id)
+            self._resumed.add(asyncio.create_task(self._resume(entry)))
         queues = [await channel.get_queue(job_queue_name(kind, h)) for h in (None, host)]
         self._intake = JobIntake(channel, queues, slots=self._slots, handle=self._handle)
         await self._intake.start()
-        self._background = [
+        self._background += [
             asyncio.create_task(self._beat()),
             asyncio.create_task(self._reconcile_periodically()),
         ]
@@ -134,13 +155,7 @@ class Worker(AsyncCloseable):
         if self._closed:
             return
         self._closed = True
-        if self._intake is not None:
-            wind_down = self._stop_running if self._settings.shutdown_policy == "stop" else None
-            await self._intake.drain(
-                self._drain_seconds,
-                wind_down=wind_down,
-                wind_down_timeout=self._settings.stop_grace_seconds + 30,
-            )
+        await self._drain()
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -155,12 +170,52 @@ class Worker(AsyncCloseable):
             self._connection = None
         self._lease.release()
 
+    async def _drain(self) -> None:
+        """Stop taking jobs; give jobs in hand `drain_seconds`; then, by the shutdown
+        policy, stop their sandboxes (`stop`) or leave them running (`adopt`): their
+        journal entries let the next worker of this host finish them."""
+        if self._intake is not None:
+            await self._intake.stop_consuming()
+        jobs = (self._intake.in_hand if self._intake else set()) | self._resumed
+        if not jobs:
+            return
+        _, pending = await asyncio.wait(jobs, timeout=self._drain_seconds)
+        if pending and self._settings.shutdown_policy == "stop":
+            await self._stop_running()
+            _, pending = await asyncio.wait(pending, timeout=self._settings.stop_grace_seconds + 30)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     async def serve_forever(self) -> None:
         await asyncio.Event().wait()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         assert self._runner is not None
         await settle(message, self._runner.handle, retry=self._retry_later)
+
+    async def _resume(self, entry: JournalEntry) -> None:
+        assert self._runner is not None
+        try:
+            await self._runner.resume(entry)
+        except Exception:
+            log.exception("job %s: could not finish it after taking it over", entry.job.job_id)
+
+    async def _bind_to_host(self, message: AbstractIncomingMessage) -> None:
+        """Move a job from the driver's shared queue to this host's queue (confirmed)."""
+        assert self._jobs_exchange is not None
+        await self._jobs_exchange.publish(
+            aio_pika.Message(
+                message.body,
+                headers=message.headers or {},
+                content_type=message.content_type,
+                message_id=message.message_id,
+                type=message.type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=job_routing_key(self._driver.kind, self.identity.host),
+            mandatory=True,
+        )
 
     async def _on_cancel(self, request: CancelRequest) -> None:
         if self._runner is not None:

@@ -58,6 +58,7 @@ async def test_a_killed_worker_shows_as_lost(
         "SANDFLEET_BROKER_URL": settings.broker_url,
         "SANDFLEET_HOST": settings.host,
         "SANDFLEET_STATE_DIR": str(settings.state_dir),
+        "SANDFLEET_JOURNAL_DIR": str(settings.journal_dir),
         "SANDFLEET_HEARTBEAT_SECONDS": "0.5",
     }
     async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:

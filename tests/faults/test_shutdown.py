@@ -19,7 +19,8 @@ from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import WorkerFactory, containers_of
 from tests.faults.test_cancel import until_phase
-from tests.support import until_terminal
+from tests.integration.test_job_flow import no_containers
+from tests.support import eventually, until_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +34,7 @@ async def start_worker(
         "SANDFLEET_BROKER_URL": settings.broker_url,
         "SANDFLEET_HOST": settings.host,
         "SANDFLEET_STATE_DIR": str(settings.state_dir),
+        "SANDFLEET_JOURNAL_DIR": str(settings.journal_dir),
         "SANDFLEET_STOP_GRACE_SECONDS": "1",
     }
     async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:
@@ -83,7 +85,7 @@ async def test_sigterm_with_stop_policy_cancels_running_sandboxes(
     assert took < 15
     assert events[-1].phase is Phase.CANCELLED
     assert "shut down" in events[-1].message
-    assert not await containers_of(docker, req["job_id"])
+    await eventually(lambda: no_containers(docker, req["job_id"]))
 
 
 async def test_sigterm_with_adopt_policy_leaves_the_sandbox_to_the_next_worker(
@@ -111,10 +113,10 @@ async def test_sigterm_with_adopt_policy_leaves_the_sandbox_to_the_next_worker(
 
         async with docker_worker():  # the next worker on this host adopts it
             events = await until_terminal(stream, req["job_id"])
+            await eventually(lambda: no_containers(docker, req["job_id"]))
     worker_events = [e for e in events if e.phase is not Phase.ACCEPTED]
     assert [(e.phase, e.reason) for e in worker_events] == [
         (Phase.RUNNING, "Adopted"),
         (Phase.SUCCEEDED, "Completed"),
     ]
     assert worker_events[-1].output == "up\ndone\n"
-    assert not await containers_of(docker, req["job_id"])

@@ -19,7 +19,7 @@ import pytest
 
 from common.events import Event, Phase
 from common.settings import Settings
-from common.topology import retry_queue_name
+from common.topology import job_routing_key, retry_queue_name
 from gateway.client import Client
 from tests.conftest import WorkerFactory, containers_of
 from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
@@ -139,7 +139,10 @@ async def test_busy_gpus_make_a_job_wait_then_proceed_when_freed(
             assert waiting.reason == "GpusBusy"
             assert "held by job vm-job" in waiting.message
             # It waits in the retry queue, not in the worker: the slot is free and no GPU held.
-            retry_queue = retry_queue_name(worker.identity.driver.value)
+            # Bound to this host first, the job waits in the host queue's retry queue.
+            retry_queue = retry_queue_name(
+                job_routing_key(worker.identity.driver, worker.identity.host)
+            )
 
             async def parked() -> bool:
                 depth = await ready_messages(settings.broker_url, retry_queue)
@@ -224,6 +227,7 @@ async def test_gpus_command_shows_inventory_and_holders(
         **os.environ,
         "SANDFLEET_GPU_INVENTORY": str(inventory_file),
         "SANDFLEET_STATE_DIR": str(settings.state_dir),
+        "SANDFLEET_JOURNAL_DIR": str(settings.journal_dir),
         "SANDFLEET_HOST": "gpuhost",
     }
     process = await asyncio.create_subprocess_exec(

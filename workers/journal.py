@@ -1,0 +1,110 @@
+"""The host's journal of jobs it has taken on: what lets a job outlive its worker.
+
+A worker acks a job message as soon as the job is journaled here (so no job is held
+unacked for hours, past the broker's consumer timeout), and from then on this file
+owns it until the job's sandbox is gone:
+
+    <journal_dir>/<driver>/<job_id>.json   {job, owner, sandbox_id, terminal}
+
+A worker that starts up takes over the entries of dead workers (their lease is free)
+and finishes them: adopts the running sandbox, or re-publishes a terminal event that
+was recorded but perhaps not sent (same event_id: readers drop the repeat), then
+cleans up. Writes are atomic (write, fsync, rename); take-overs happen under a flock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from common.events import Event
+from common.models import Job
+
+
+class JournalEntry(BaseModel):
+    job: Job
+    owner: str
+    sandbox_id: str | None = None
+    terminal: Event | None = None  # recorded before it is published
+
+
+class OwnedByLiveWorker(Exception):
+    """Another live worker of this host holds the job."""
+
+
+class JobJournal:
+    def __init__(self, directory: Path, driver: str) -> None:
+        self._dir = directory / driver
+        self._dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, job_id: str) -> Path:
+        return self._dir / f"{job_id}.json"
+
+    def read(self, job_id: str) -> JournalEntry | None:
+        try:
+            return JournalEntry.model_validate_json(self._path(job_id).read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def write(self, entry: JournalEntry) -> None:
+        path = self._path(entry.job.job_id)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            out.write(entry.model_dump_json().encode())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        directory = os.open(self._dir, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)  # the rename itself survives a power loss
+        finally:
+            os.close(directory)
+
+    def delete(self, job_id: str) -> None:
+        self._path(job_id).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self._dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def claim_entry(
+        self, job_id: str, owner: str, alive: Callable[[str], bool]
+    ) -> JournalEntry | None:
+        """`job_id`'s entry, now owned by `owner`, or None if there is none.
+
+        Raises OwnedByLiveWorker when another live worker owns it.
+        """
+        with self._locked():
+            entry = self.read(job_id)
+            if entry is None:
+                return None
+            if entry.owner != owner and alive(entry.owner):
+                raise OwnedByLiveWorker(f"{job_id} is run by {entry.owner}")
+            entry = entry.model_copy(update={"owner": owner})
+            self.write(entry)
+            return entry
+
+    def take_orphans(self, owner: str, alive: Callable[[str], bool]) -> list[JournalEntry]:
+        """Every entry whose worker is gone, now owned by `owner`."""
+        taken = []
+        with self._locked():
+            for path in sorted(self._dir.glob("*.json")):
+                try:
+                    entry = JournalEntry.model_validate_json(path.read_bytes())
+                except (FileNotFoundError, ValidationError):
+                    continue
+                if entry.owner != owner and not alive(entry.owner):
+                    entry = entry.model_copy(update={"owner": owner})
+                    self.write(entry)
+                    taken.append(entry)
+        return taken
