@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     state_dir: Path = Path("/run/sandfleet")
     # Jobs this host has taken on; on a disk that survives a reboot, unlike state_dir.
     journal_dir: Path = Path("/var/lib/sandfleet/journal")
+    # How long a finished job's entry stays, to recognise late duplicate deliveries.
+    journal_retention_seconds: float = Field(default=7 * 86400, gt=0)
     docker_url: str = "unix:///var/run/docker.sock"
     podman_url: str = "unix:///run/podman/podman.sock"
     libvirt_uri: str = "qemu:///system"

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
@@ -39,6 +40,8 @@ from common.topology import (
 )
 
 log = logging.getLogger(__name__)
+
+_SEEN_EVENTS = 100_000  # event ids remembered per stream, to drop repeats
 
 
 class ClientClosed(RuntimeError):
@@ -87,6 +90,9 @@ class EventStream(AsyncCloseable):
         self._channel: AbstractChannel | None = None
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._marker: str | None = None
+        # A worker that takes over a dead one's job re-publishes its terminal event under
+        # the same event_id; a reader sees it once.
+        self._seen: OrderedDict[str, None] = OrderedDict()
 
     async def __aenter__(self) -> Self:
         await self._subscribe()
@@ -139,6 +145,11 @@ class EventStream(AsyncCloseable):
                     exc.error_count(),
                 )
                 continue
+            if event.event_id in self._seen:
+                continue
+            self._seen[event.event_id] = None
+            if len(self._seen) > _SEEN_EVENTS:
+                self._seen.popitem(last=False)
             if self._match(event):
                 yield event
 

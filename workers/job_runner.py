@@ -44,7 +44,7 @@ from workers.drivers.base import (
 )
 from workers.gpu.allocator import GpuAllocator, GpuRequest
 from workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
-from workers.journal import JobJournal, JournalEntry, OwnedByLiveWorker
+from workers.journal import AlreadyFinished, JobJournal, JournalEntry, OwnedByLiveWorker
 from workers.reporter import JobReporter, WorkerIdentity
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,13 @@ class JobRunner:
             return
         try:
             entry = await asyncio.to_thread(
-                self._journal.claim_entry, job.job_id, self._identity.worker_id, self._worker_alive
+                self._journal.take, job, self._identity.worker_id, self._worker_alive
             )
-        except OwnedByLiveWorker:
-            log.warning("job %s: a live worker of this host already runs it", job.job_id)
-            return  # a duplicate delivery: drop it
+        except (OwnedByLiveWorker, AlreadyFinished) as exc:
+            log.warning(
+                "job %s: dropping a duplicate delivery (%s)", job.job_id, type(exc).__name__
+            )
+            return
         await self._execute(
             job, config, gpu_request, report, entry, _waiting_since(message), message.ack
         )
@@ -145,7 +147,7 @@ class JobRunner:
         config: DriverConfig,
         gpu_request: GpuRequest,
         report: JobReporter,
-        entry: JournalEntry | None,
+        entry: JournalEntry,
         waiting_since: datetime | None,
         ack: Callable[[], Awaitable[object]],
     ) -> None:
@@ -155,7 +157,11 @@ class JobRunner:
             await self._run(job, config, gpu_request, report, entry, waiting_since, ack)
         except SandboxError as exc:
             await report.emit(Phase.FAILED, exc.reason, str(exc))
-        except (DeadLetter, RetryLater, asyncio.CancelledError):
+            await self._clean_up(job.job_id, None)
+        except RetryLater:
+            await asyncio.to_thread(self._journal.delete, job.job_id)  # not taken on yet
+            raise
+        except (DeadLetter, asyncio.CancelledError):
             raise
         except Exception as exc:
             log.exception("job %s: unexpected error", job.job_id)
@@ -175,7 +181,9 @@ class JobRunner:
         await self._gpus.release(job_id)
         if sandbox_id is not None:
             await self._driver.remove(sandbox_id)
-        await asyncio.to_thread(self._journal.delete, job_id)
+        entry = await asyncio.to_thread(self._journal.read, job_id)
+        if entry is not None:
+            await self._journal_write(entry.model_copy(update={"closed": True}))
 
     async def _decode(self, message: AbstractIncomingMessage) -> Job:
         try:
@@ -202,17 +210,17 @@ class JobRunner:
         config: DriverConfig,
         gpus: GpuRequest,
         report: JobReporter,
-        entry: JournalEntry | None,
+        entry: JournalEntry,
         waiting_since: datetime | None,
         ack: Callable[[], Awaitable[object]],
     ) -> None:
         sandbox = await self._driver.find(sandbox_name(job.job_id))
-        if sandbox is None and entry is not None and entry.sandbox_id is not None:
+        if sandbox is None and entry.sandbox_id is not None:
             # It was created once and is gone now: never start a second one.
             message = f"sandbox {entry.sandbox_id} disappeared while no worker watched it"
+            await ack()
             await report.emit(Phase.FAILED, "SandboxLost", message)
             await self._clean_up(job.job_id, None)
-            await ack()
             return
         if sandbox is None and (reason := self._cancel_reason(job.job_id)):
             await report.emit(Phase.CANCELLED, "CancelledBeforeStart", reason)
@@ -220,7 +228,6 @@ class JobRunner:
             return
         if sandbox is None:
             claim = await self._claim(job, gpus, report, waiting_since)
-            await self._journal_write(JournalEntry(job=job, owner=self._identity.worker_id))
             await ack()  # from here on the journal owns the job
             try:
                 sandbox = await self._create(job, config, claim, report)
@@ -233,14 +240,10 @@ class JobRunner:
                 raise
         else:
             log.info("job %s: adopting existing sandbox %s", job.job_id, sandbox.sandbox_id)
-            if entry is None:
-                await self._journal_write(JournalEntry(job=job, owner=self._identity.worker_id))
             await ack()
             claim = await self._gpus.adopt(job.job_id)
             report.gpus = list(claim.devices) if claim else []
-        await self._journal_write(
-            JournalEntry(job=job, owner=self._identity.worker_id, sandbox_id=sandbox.sandbox_id)
-        )
+        await self._journal_write(entry.model_copy(update={"sandbox_id": sandbox.sandbox_id}))
         report.sandbox_id = sandbox.sandbox_id
         self._active[job.job_id] = sandbox.sandbox_id
         try:

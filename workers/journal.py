@@ -6,7 +6,9 @@ owns it until the job's sandbox is gone:
 
     <journal_dir>/<driver>/<job_id>.json   {job, owner, sandbox_id, terminal}
 
-A worker that starts up takes over the entries of dead workers (their lease is free)
+Entries stay, closed, for `journal_retention_seconds` after the job is over, so a late
+duplicate delivery of the same job is recognised and dropped. A worker that starts up
+takes over the open entries of dead workers (their lease is free)
 and finishes them: adopts the running sandbox, or re-publishes a terminal event that
 was recorded but perhaps not sent (same event_id: readers drop the repeat), then
 cleans up. Writes are atomic (write, fsync, rename); take-overs happen under a flock.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,10 +34,15 @@ class JournalEntry(BaseModel):
     owner: str
     sandbox_id: str | None = None
     terminal: Event | None = None  # recorded before it is published
+    closed: bool = False  # sandbox removed, GPUs released: kept a while to drop duplicates
 
 
 class OwnedByLiveWorker(Exception):
-    """Another live worker of this host holds the job."""
+    """A live worker of this host (maybe this one) holds the job: a duplicate delivery."""
+
+
+class AlreadyFinished(Exception):
+    """The job ran on this host and is over: a duplicate delivery."""
 
 
 class JobJournal:
@@ -77,22 +85,40 @@ class JobJournal:
         finally:
             os.close(fd)
 
-    def claim_entry(
-        self, job_id: str, owner: str, alive: Callable[[str], bool]
-    ) -> JournalEntry | None:
-        """`job_id`'s entry, now owned by `owner`, or None if there is none.
+    def take(self, job: Job, owner: str, alive: Callable[[str], bool]) -> JournalEntry:
+        """Make `owner` the job's owner: a new entry, or a dead worker's (taken over).
 
-        Raises OwnedByLiveWorker when another live worker owns it.
+        Atomic under the journal lock, so of two deliveries of one job on this host,
+        exactly one gets it. Raises OwnedByLiveWorker or AlreadyFinished for the other.
         """
         with self._locked():
-            entry = self.read(job_id)
+            entry = self.read(job.job_id)
             if entry is None:
-                return None
-            if entry.owner != owner and alive(entry.owner):
-                raise OwnedByLiveWorker(f"{job_id} is run by {entry.owner}")
-            entry = entry.model_copy(update={"owner": owner})
+                entry = JournalEntry(job=job, owner=owner)
+            elif entry.closed:
+                raise AlreadyFinished(job.job_id)
+            elif entry.owner == owner or alive(entry.owner):
+                raise OwnedByLiveWorker(f"{job.job_id} is run by {entry.owner}")
+            else:
+                entry = entry.model_copy(update={"owner": owner})
             self.write(entry)
             return entry
+
+    def prune(self, older_than_seconds: float) -> int:
+        """Delete closed entries older than `older_than_seconds`; returns how many."""
+        cutoff = time.time() - older_than_seconds
+        pruned = 0
+        with self._locked():
+            for path in self._dir.glob("*.json"):
+                try:
+                    if path.stat().st_mtime >= cutoff:
+                        continue
+                    if JournalEntry.model_validate_json(path.read_bytes()).closed:
+                        path.unlink()
+                        pruned += 1
+                except (FileNotFoundError, ValidationError):
+                    continue
+        return pruned
 
     def take_orphans(self, owner: str, alive: Callable[[str], bool]) -> list[JournalEntry]:
         """Every entry whose worker is gone, now owned by `owner`."""
@@ -103,7 +129,7 @@ class JobJournal:
                     entry = JournalEntry.model_validate_json(path.read_bytes())
                 except (FileNotFoundError, ValidationError):
                     continue
-                if entry.owner != owner and not alive(entry.owner):
+                if not entry.closed and entry.owner != owner and not alive(entry.owner):
                     entry = entry.model_copy(update={"owner": owner})
                     self.write(entry)
                     taken.append(entry)

@@ -258,6 +258,7 @@ class Worker(AsyncCloseable):
                 claim.worker_id,
             )
         self._free_gpus = await self._gpus.free_count()
+        await asyncio.to_thread(self.journal.prune, self._settings.journal_retention_seconds)
 
     async def _reconcile_periodically(self) -> None:
         while True:
