@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from common.errors import FieldError
+from common.events import Phase
 from common.quantities import cpu_cores, memory_bytes
 
 
@@ -129,6 +130,10 @@ class SubmitReply(_Strict):
     status: ReplyStatus
     job_id: str
     errors: list[FieldError] = Field(default_factory=list)
+    # Only when the job_id was already submitted (nothing new runs): `phase` is where
+    # the existing job stands. Left out of ordinary replies, which keep DESIGN's shape.
+    duplicate: bool | None = None
+    phase: Phase | None = None
 
     @property
     def accepted(self) -> bool:

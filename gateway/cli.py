@@ -151,14 +151,16 @@ async def _submit(request: dict[str, Any], *, wait: bool, as_json: bool) -> int:
     async with Client() as client:
         if not wait:
             reply = await client.submit(request)
-            _show_reply(reply.model_dump_json(), reply, as_json)
+            _show_reply(reply.model_dump_json(exclude_none=True), reply, as_json)
             return 0 if reply.accepted else 2
         # Subscribe before submitting so no event of the job can be missed.
         async with client.events() as stream:
             reply = await client.submit(request)
-            _show_reply(reply.model_dump_json(), reply, as_json)
+            _show_reply(reply.model_dump_json(exclude_none=True), reply, as_json)
             if not reply.accepted:
                 return 2
+            if reply.duplicate and reply.phase is not None and reply.phase.is_terminal:
+                return 0 if reply.phase is Phase.SUCCEEDED else 1
             async for event in stream:
                 if event.job_id != reply.job_id or event.phase is Phase.ACCEPTED:
                     continue

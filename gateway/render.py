@@ -56,6 +56,10 @@ def print_event(console: Console, event: Event) -> None:
 
 
 def print_reply(console: Console, reply: SubmitReply) -> None:
+    if reply.duplicate:
+        phase = reply.phase.value if reply.phase else "unknown"
+        console.print(f"[yellow]already submitted[/] {reply.job_id}: it is {phase}")
+        return
     if reply.accepted:
         console.print(f"[green]accepted[/] {reply.job_id}")
         return

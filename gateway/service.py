@@ -35,6 +35,7 @@ from common.topology import (
     job_routing_key,
 )
 from gateway.envelope import admit, decode, job_id_hint, new_job_id
+from gateway.job_index import JobIndex
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Gateway(AsyncCloseable):
         self._topology: Topology | None = None
         self._events: EventPublisher | None = None
         self._routes: RouteChecker | None = None
+        self._jobs: JobIndex | None = None
 
     async def __aenter__(self) -> Self:
         settings = self._settings
@@ -89,6 +91,8 @@ class Gateway(AsyncCloseable):
         self._topology = await declare_topology(self._channel, settings)
         self._events = EventPublisher(self._topology.events)
         self._routes = RouteChecker(self._connection)
+        self._jobs = JobIndex(await self._connection.channel())
+        await self._jobs.start()  # know every job id in the log before taking submissions
         await self._channel.set_qos(prefetch_count=settings.gateway_concurrency)
         submit = await self._channel.get_queue(SUBMIT_QUEUE)
         await submit.consume(self._on_submission)
@@ -126,6 +130,21 @@ class Gateway(AsyncCloseable):
         await self._route(message, job)
 
     async def _route(self, message: AbstractIncomingMessage, job: Job) -> None:
+        assert self._topology is not None and self._routes is not None and self._jobs is not None
+        if (phase := self._jobs.existing(job.job_id)) is not None:
+            reply = SubmitReply(
+                status=ReplyStatus.ACCEPTED, job_id=job.job_id, duplicate=True, phase=phase
+            )
+            await self._reply(message, reply)
+            return
+        self._jobs.reserve(job.job_id)  # no await since the check: concurrent twins see it
+        try:
+            await self._publish(message, job)
+        except BaseException:
+            self._jobs.forget(job.job_id)
+            raise
+
+    async def _publish(self, message: AbstractIncomingMessage, job: Job) -> None:
         assert self._topology is not None and self._routes is not None
         host = job.placement.host
         queue = job_queue_name(job.driver, host)
@@ -201,7 +220,7 @@ class Gateway(AsyncCloseable):
         assert self._channel is not None
         await self._channel.default_exchange.publish(
             aio_pika.Message(
-                reply.model_dump_json().encode(),
+                reply.model_dump_json(exclude_none=True).encode(),
                 content_type="application/json",
                 correlation_id=message.correlation_id,
             ),

@@ -1,0 +1,53 @@
+"""Which job ids the fleet already has, from the event log: submissions are idempotent.
+
+The gateway replays the event log before it takes submissions and follows it live, so
+a job_id it (or another gateway) accepted earlier is answered with that job's current
+phase instead of being run again. A job whose last word was `rejected` never ran; its
+id may be submitted again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aio_pika.abc import AbstractChannel
+from pydantic import ValidationError
+
+from common.events import Event, Phase
+from common.stream_follower import StreamFollower
+from common.topology import EVENTS_LOG_QUEUE
+
+log = logging.getLogger(__name__)
+
+
+class JobIndex:
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._phases: dict[str, Phase] = {}
+        self._follower = StreamFollower(channel, EVENTS_LOG_QUEUE, self._on_message)
+
+    async def start(self) -> None:
+        await self._follower.start()
+
+    def existing(self, job_id: str) -> Phase | None:
+        """The phase of a job already in the fleet under this id, if any."""
+        phase = self._phases.get(job_id)
+        return None if phase is Phase.REJECTED else phase
+
+    def reserve(self, job_id: str) -> None:
+        """Mark `job_id` taken now, before its `accepted` event comes back."""
+        self._phases[job_id] = Phase.ACCEPTED
+
+    def forget(self, job_id: str) -> None:
+        self._phases.pop(job_id, None)
+
+    async def _on_message(self, body: bytes, live: bool) -> None:
+        try:
+            event = Event.model_validate_json(body)
+        except ValidationError:
+            return
+        if event.job_id is None or event.phase is Phase.HEARTBEAT:
+            return
+        current = self._phases.get(event.job_id)
+        if current is not None and current.is_terminal and event.phase is Phase.ACCEPTED:
+            return  # a terminal phase is final; a late `accepted` does not reopen it
+        self._phases[event.job_id] = event.phase
