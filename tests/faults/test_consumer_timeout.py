@@ -15,8 +15,8 @@ import uuid
 from collections.abc import Iterator
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from common.events import Phase
 from common.settings import Settings
@@ -59,9 +59,13 @@ async def a_hoarding_consumer_is_cut_off(url: str) -> float:
         channel = await connection.channel()
         queue = await channel.declare_queue(exclusive=True)
         closed: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        channel.close_callbacks.add(lambda *_: closed.done() or closed.set_result(time.monotonic()))
+        channel.close_callbacks.add(lambda *_: _settle(closed, time.monotonic()))
         received: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        await queue.consume(lambda _: received.done() or received.set_result(time.monotonic()))
+
+        async def hold(_: AbstractIncomingMessage) -> None:  # and never ack
+            _settle(received, time.monotonic())
+
+        await queue.consume(hold)
         await channel.default_exchange.publish(aio_pika.Message(b"hold"), routing_key=queue.name)
         start = await received
         async with asyncio.timeout(120):
