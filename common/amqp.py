@@ -6,12 +6,14 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
 from pydantic import BaseModel
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from common.errors import DeadLetter, RetryLater
 from common.events import Event
@@ -35,18 +37,44 @@ def json_message(model: BaseModel, **properties: object) -> aio_pika.Message:
     )
 
 
-class EventPublisher:
-    """Publishes status events to the events exchange, each confirmed by the broker."""
+# What a broker outage looks like to a publisher: the robust connection is
+# reconnecting, so the same publish succeeds a little later.
+BROKER_UNAVAILABLE = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelClosed,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
 
-    def __init__(self, exchange: AbstractExchange) -> None:
+
+class EventPublisher:
+    """Publishes status events to the events exchange, each confirmed by the broker.
+
+    A publish that meets a broker outage is retried until the robust connection is
+    back (`retry_seconds` at most): an event, terminal ones above all, is not dropped
+    because the broker restarted. A repeat carries the same event_id.
+    """
+
+    def __init__(self, exchange: AbstractExchange, *, retry_seconds: float = 120.0) -> None:
         self._exchange = exchange
+        self._retry_seconds = retry_seconds
 
     async def publish(self, event: Event) -> None:
-        await self._exchange.publish(
-            json_message(event, message_id=event.event_id, type="sandfleet.event"),
-            routing_key=event.routing_key,
-            mandatory=False,  # the events log is bound to '#'; no listener is not an error
-        )
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(BROKER_UNAVAILABLE),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            stop=stop_after_delay(self._retry_seconds),
+            before_sleep=lambda state: log.warning(
+                "event %s not published (%s); retrying", event.event_id, state.outcome
+            ),
+            reraise=True,
+        ):
+            with attempt:
+                await self._exchange.publish(
+                    json_message(event, message_id=event.event_id, type="sandfleet.event"),
+                    routing_key=event.routing_key,
+                    mandatory=False,  # the log is bound to '#'; no listener is not an error
+                )
 
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
