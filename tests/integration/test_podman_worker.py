@@ -228,3 +228,42 @@ async def test_docker_and_podman_jobs_never_hold_the_same_gpu_at_once(
     assert docker_claimed.timestamp >= podman_done.timestamp
     # Docker 20.10 then cannot inject the device; the point here is the exclusion.
     assert docker_history[-1].reason == "CapabilityMissing"
+
+
+async def test_busy_gpus_make_a_job_wait_then_run_when_the_first_finishes(
+    settings: Settings,
+    client: Client,
+    podman_worker: WorkerFactory,
+    podman_image: str,
+    gpu_settings: dict[str, Any],
+) -> None:
+    # Both want GPU 1; the first holds it for a few seconds.
+    first = request(
+        podman_image, "sleep", "3",
+        resource_requirements={"gpu": {"count": 1}},
+        template={"driver_config": {"podman": {"gpu_device_ids": ["test.sandfleet/gpu=1"]}}},
+    )  # fmt: skip
+    second = request(
+        podman_image, "sh", "-c", GPU_PROBE,
+        resource_requirements={"gpu": {"count": 1}},
+        template={"driver_config": {"podman": {"gpu_device_ids": ["test.sandfleet/gpu=1"]}}},
+    )  # fmt: skip
+    async with (
+        podman_worker(slots=2, gpu_retry_seconds=0.5, **gpu_settings),
+        client.events(job_id=first["job_id"]) as first_events,
+        client.events(job_id=second["job_id"]) as second_events,
+    ):
+        assert (await client.submit(first)).accepted
+        async with asyncio.timeout(30):
+            async for event in first_events:
+                if event.phase is Phase.RUNNING:
+                    break
+        assert (await client.submit(second)).accepted
+        second_history = await until_terminal(second_events, second["job_id"], timeout=60)
+        first_history = await until_terminal(first_events, first["job_id"])
+    phases = [e.phase for e in second_history]
+    assert Phase.WAITING in phases
+    assert phases[-1] is Phase.SUCCEEDED
+    claimed = next(e for e in second_history if e.phase is Phase.CLAIMED)
+    assert claimed.timestamp >= first_history[-1].timestamp  # only after the first let go
+    assert second_history[-1].output == "sandfleet-gpu1\nSANDFLEET_TEST_GPU_1=present\n"
