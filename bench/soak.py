@@ -4,7 +4,8 @@ sandbox created for a job id, from dockerd's own event log) and leaked GPU claim
 
     python -m bench.soak [-n 500] [--kill-every 4] [--seed 1]
 
-Lost, duplicated and leaked must be 0; the exit status says whether they were.
+Lost, duplicated and leaked must be 0; the exit status says whether they were. A job
+counts as lost if it has no terminal event by the deadline (max(600 s, 6 s per job)).
 The workers share one host name, so a restarted worker takes over its dead peer's
 journal entries, as on a real host.
 """
@@ -102,7 +103,7 @@ async def soak(n: int, kill_every: float, seed: int, url: str) -> int:
                 )
             wanted = set(job_ids)
             try:
-                async with asyncio.timeout(max(300, n * 2)):
+                async with asyncio.timeout(max(600, n * 6)):
                     async for event in stream:
                         if event.job_id in wanted and event.phase.is_terminal:
                             terminal.setdefault(event.job_id, event.phase)

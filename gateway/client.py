@@ -102,8 +102,14 @@ class EventStream(AsyncCloseable):
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=500)  # streams require a prefetch
         log = await self._channel.declare_queue(EVENTS_LOG_QUEUE, passive=True)
-        await log.consume(self._inbox.put, arguments={"x-stream-offset": self._offset})
+        await log.consume(self._receive, arguments={"x-stream-offset": self._offset})
         return log
+
+    async def _receive(self, message: AbstractIncomingMessage) -> None:
+        # Acked on arrival, not when read: a slow reader must not hold deliveries past
+        # the broker's consumer timeout (which would close this channel).
+        await message.ack()
+        await self._inbox.put(message)
 
     async def aclose(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
@@ -129,7 +135,6 @@ class EventStream(AsyncCloseable):
             await self._subscribe()
         while True:
             message = await self._inbox.get()
-            await message.ack()
             if message.type == LOG_MARKER_TYPE:
                 if message.message_id == self._marker:
                     return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from common.events import Event
+from common.events import Event, Phase
 from gateway.client import EventStream
 
 
@@ -33,3 +33,14 @@ async def until_terminal(stream: EventStream, job_id: str, *, timeout: float = 3
             if event.phase.is_terminal:
                 return events
     raise AssertionError(f"event stream ended before job {job_id} did: {events}")
+
+
+async def until_phase(
+    stream: EventStream, job_id: str, phase: Phase, *, timeout: float = 30.0
+) -> Event:
+    """The first event of `job_id` in `phase` from `stream`."""
+    async with asyncio.timeout(timeout):
+        async for event in stream:
+            if event.job_id == job_id and event.phase is phase:
+                return event
+    raise AssertionError(f"event stream ended before job {job_id} was {phase}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,15 +10,15 @@ import aio_pika
 import aiodocker
 import pytest
 
-from common.events import Event, Phase
+from common.events import Phase
 from common.models import Driver
 from common.settings import Settings
 from common.topology import declare_topology
-from gateway.client import Client, EventStream
+from gateway.client import Client
 from tests.conftest import WorkerFactory, containers_of
 from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
 from tests.integration.test_cli import sandfleet
-from tests.support import until_terminal
+from tests.support import until_phase, until_terminal
 from workers.gpu.claims import GpuClaimStore, WorkerLease
 
 pytestmark = pytest.mark.integration
@@ -31,14 +30,6 @@ def job(image: str, *command: str, **extra: Any) -> dict[str, Any]:
         "template": {"image": image, "command": list(command)},
         **extra,
     }
-
-
-async def until_phase(stream: EventStream, job_id: str, phase: Phase) -> Event:
-    async with asyncio.timeout(30):
-        async for event in stream:
-            if event.job_id == job_id and event.phase is phase:
-                return event
-    raise AssertionError(f"no {phase}")
 
 
 async def test_cancel_a_running_job(

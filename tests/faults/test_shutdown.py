@@ -18,9 +18,8 @@ from common.events import Phase
 from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import WorkerFactory, containers_of
-from tests.faults.test_cancel import until_phase
 from tests.integration.test_job_flow import no_containers
-from tests.support import eventually, until_terminal
+from tests.support import eventually, until_phase, until_terminal
 
 pytestmark = pytest.mark.integration
 

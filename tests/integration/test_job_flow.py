@@ -15,7 +15,7 @@ from common.settings import Settings
 from common.topology import DEAD_QUEUE, SUBMIT_QUEUE, job_queue_name
 from gateway.client import Client
 from tests.conftest import WorkerFactory, containers_of
-from tests.support import eventually, until_terminal
+from tests.support import eventually, until_phase, until_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -95,13 +95,8 @@ async def test_successful_job_applies_limits_env_and_labels(
     job_id = str(req["job_id"])
     async with docker_worker(), client.events(job_id=job_id) as stream:
         assert (await client.submit(req)).accepted
-        running = None
-        async with asyncio.timeout(30):
-            async for event in stream:
-                if event.phase is Phase.RUNNING:
-                    running = event
-                    break
-        assert running is not None and running.sandbox_id
+        running = await until_phase(stream, job_id, Phase.RUNNING)
+        assert running.sandbox_id
         info = await docker.containers.container(running.sandbox_id).show()
         assert info["Name"] == f"/sandfleet-{job_id}"
         assert info["HostConfig"]["NanoCpus"] == 500_000_000
@@ -289,10 +284,7 @@ async def test_prefetch_equals_free_slots(
         client.events(job_id=str(first["job_id"])) as stream,
     ):
         assert (await client.submit(first)).accepted
-        async with asyncio.timeout(15):
-            async for event in stream:
-                if event.phase is Phase.RUNNING:
-                    break
+        await until_phase(stream, str(first["job_id"]), Phase.RUNNING, timeout=15)
         assert (await client.submit(second)).accepted
         assert worker.health().free_slots == 0
         assert (

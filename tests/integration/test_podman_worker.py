@@ -3,7 +3,6 @@ from inside the container."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import TEST_CDI_KIND, WorkerFactory
 from tests.gpu_fixtures import write_inventory
-from tests.support import eventually, until_terminal
+from tests.support import eventually, until_phase, until_terminal
 from workers.drivers.podman.client import LibpodClient
 from workers.gpu.claims import GpuClaimStore
 
@@ -212,10 +211,7 @@ async def test_docker_and_podman_jobs_never_hold_the_same_gpu_at_once(
         client.events(job_id=docker_req["job_id"]) as docker_events,
     ):
         assert (await client.submit(podman_req)).accepted
-        async with asyncio.timeout(30):
-            async for event in podman_events:
-                if event.phase is Phase.RUNNING:
-                    break
+        await until_phase(podman_events, podman_req["job_id"], Phase.RUNNING)
         assert (await client.submit(docker_req)).accepted
         docker_history = await until_terminal(docker_events, docker_req["job_id"])
         podman_history = await until_terminal(podman_events, podman_req["job_id"])
@@ -254,10 +250,7 @@ async def test_busy_gpus_make_a_job_wait_then_run_when_the_first_finishes(
         client.events(job_id=second["job_id"]) as second_events,
     ):
         assert (await client.submit(first)).accepted
-        async with asyncio.timeout(30):
-            async for event in first_events:
-                if event.phase is Phase.RUNNING:
-                    break
+        await until_phase(first_events, first["job_id"], Phase.RUNNING)
         assert (await client.submit(second)).accepted
         second_history = await until_terminal(second_events, second["job_id"], timeout=60)
         first_history = await until_terminal(first_events, first["job_id"])
