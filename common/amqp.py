@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -40,11 +41,15 @@ def json_message(model: BaseModel, **properties: object) -> aio_pika.Message:
 # What a broker outage looks like to a publisher: the robust connection is
 # reconnecting, so the same publish succeeds a little later.
 BROKER_UNAVAILABLE = (
+    TimeoutError,  # a confirm lost with the old connection never arrives
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.ChannelClosed,
     aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
 )
+
+
+PUBLISH_TIMEOUT_SECONDS = 10.0
 
 
 class EventPublisher:
@@ -70,11 +75,13 @@ class EventPublisher:
             reraise=True,
         ):
             with attempt:
-                await self._exchange.publish(
-                    json_message(event, message_id=event.event_id, type="sandfleet.event"),
-                    routing_key=event.routing_key,
-                    mandatory=False,  # the log is bound to '#'; no listener is not an error
-                )
+                # The whole attempt is bounded: waits inside a reconnecting channel too.
+                async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                    await self._exchange.publish(
+                        json_message(event, message_id=event.event_id, type="sandfleet.event"),
+                        routing_key=event.routing_key,
+                        mandatory=False,  # the log is bound to '#'; no listener: not an error
+                    )
 
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]

@@ -31,7 +31,9 @@ class StreamFollower:
         """Start reading from the stream's first message; return once caught up."""
         await self._channel.set_qos(prefetch_count=1000)  # streams require a prefetch
         stream = await self._channel.declare_queue(self._queue, passive=True)
-        await stream.consume(self._deliver, arguments={"x-stream-offset": "first"})
+        # Restored with this same dict after a reconnect: it resumes at the next offset.
+        self._arguments: dict[str, object] = {"x-stream-offset": "first"}
+        await stream.consume(self._deliver, arguments=self._arguments)  # type: ignore[arg-type]
         await self._channel.default_exchange.publish(
             aio_pika.Message(b"", type=LOG_MARKER_TYPE, message_id=self._marker),
             routing_key=self._queue,
@@ -40,6 +42,9 @@ class StreamFollower:
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
         await message.ack()
+        offset = (message.headers or {}).get("x-stream-offset")
+        if isinstance(offset, int):
+            self._arguments["x-stream-offset"] = offset + 1
         if message.type == LOG_MARKER_TYPE:
             if message.message_id == self._marker:
                 self._caught_up.set()

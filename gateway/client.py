@@ -102,13 +102,19 @@ class EventStream(AsyncCloseable):
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=500)  # streams require a prefetch
         log = await self._channel.declare_queue(EVENTS_LOG_QUEUE, passive=True)
-        await log.consume(self._receive, arguments={"x-stream-offset": self._offset})
+        # aio-pika re-consumes with this same dict after a reconnect; keeping the next
+        # offset in it makes the stream resume where it was, not at "next" (a gap).
+        self._arguments: dict[str, Any] = {"x-stream-offset": self._offset}
+        await log.consume(self._receive, arguments=self._arguments)
         return log
 
     async def _receive(self, message: AbstractIncomingMessage) -> None:
         # Acked on arrival, not when read: a slow reader must not hold deliveries past
         # the broker's consumer timeout (which would close this channel).
         await message.ack()
+        offset = (message.headers or {}).get("x-stream-offset")
+        if isinstance(offset, int):
+            self._arguments["x-stream-offset"] = offset + 1
         await self._inbox.put(message)
 
     async def aclose(self) -> None:

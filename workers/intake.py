@@ -62,9 +62,13 @@ class JobIntake:
         return set(self._tasks)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+        # The job runs in a task of ours, not in aio-pika's callback task: a connection
+        # lost mid-job cancels the latter, and must not abandon a running sandbox.
+        task = asyncio.create_task(self._take(message))
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _take(self, message: AbstractIncomingMessage) -> None:
         self._held += 1
         try:
             if self._held >= self._slots:
@@ -73,7 +77,6 @@ class JobIntake:
                 await self._handle(message)
         finally:
             self._held -= 1
-            self._tasks.discard(task)
             if not self._stopped:
                 await self._resume()
 
