@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from common.events import Event, Phase
-from gateway.client import EventStream
+from gateway.client import Client, EventStream
 
 
 async def eventually(
@@ -44,3 +45,14 @@ async def until_phase(
             if event.job_id == job_id and event.phase is phase:
                 return event
     raise AssertionError(f"event stream ended before job {job_id} was {phase}")
+
+
+async def submit_and_wait(
+    client: Client, request: dict[str, Any], *, timeout: float = 60
+) -> list[Event]:
+    """Submit `request` (it must be accepted) and return its events up to the terminal one."""
+    job_id = request["job_id"]
+    async with client.events(job_id=job_id) as stream:
+        reply = await client.submit(request)
+        assert reply.accepted, reply.errors
+        return await until_terminal(stream, job_id, timeout=timeout)

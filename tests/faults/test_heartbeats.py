@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from datetime import UTC, datetime
 
 import pytest
 
-from common.events import Event, Phase, worker_state
+from common.events import Event, worker_state
 from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import WorkerFactory
 from tests.integration.test_cli import sandfleet
+from tests.worker_process import start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -53,21 +52,9 @@ async def test_live_worker_is_listed_then_stopped(
 async def test_a_killed_worker_shows_as_lost(
     settings: Settings, client: Client, test_image: str
 ) -> None:
-    env = {
-        **os.environ,
-        "SANDFLEET_BROKER_URL": settings.broker_url,
-        "SANDFLEET_HOST": settings.host,
-        "SANDFLEET_STATE_DIR": str(settings.state_dir),
-        "SANDFLEET_JOURNAL_DIR": str(settings.journal_dir),
-        "SANDFLEET_HEARTBEAT_SECONDS": "0.5",
-    }
-    async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandfleet_cli", "worker", "--driver", "docker",
-            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        async with asyncio.timeout(20):
-            first = await anext(aiter(beats))
+    process, first = await start_worker(
+        settings, client, env={"SANDFLEET_HEARTBEAT_SECONDS": "0.5"}
+    )
     try:
         worker_id = first.worker_id
         assert worker_id is not None

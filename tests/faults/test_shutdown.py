@@ -4,9 +4,7 @@ running sandboxes is the `shutdown_policy` setting."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 import uuid
 from typing import Any
@@ -16,34 +14,13 @@ import pytest
 
 from common.events import Phase
 from common.settings import Settings
-from gateway.client import Client
+from gateway.client import Client, EventStream
 from tests.conftest import WorkerFactory, containers_of
 from tests.integration.test_job_flow import no_containers
 from tests.support import eventually, until_phase, until_terminal
+from tests.worker_process import start_worker
 
 pytestmark = pytest.mark.integration
-
-
-async def start_worker(
-    settings: Settings, client: Client, *args: str
-) -> asyncio.subprocess.Process:
-    """A worker process, returned once it serves (its first heartbeat is out)."""
-    env = {
-        **os.environ,
-        "SANDFLEET_BROKER_URL": settings.broker_url,
-        "SANDFLEET_HOST": settings.host,
-        "SANDFLEET_STATE_DIR": str(settings.state_dir),
-        "SANDFLEET_JOURNAL_DIR": str(settings.journal_dir),
-        "SANDFLEET_STOP_GRACE_SECONDS": "1",
-    }
-    async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandfleet_cli", "worker", "--driver", "docker", *args,
-            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        async with asyncio.timeout(30):
-            await anext(aiter(beats))
-    return process
 
 
 async def sigterm(process: asyncio.subprocess.Process, *, bound: float) -> float:
@@ -64,21 +41,29 @@ def sleeper(image: str, seconds: int) -> dict[str, Any]:
     }
 
 
+async def sigterm_while_running(
+    settings: Settings, client: Client, stream: EventStream, request: dict[str, Any], policy: str
+) -> tuple[asyncio.subprocess.Process, float]:
+    """A worker with `policy` runs `request`; once it runs, SIGTERM. Returns the
+    worker and how long it took to exit."""
+    worker, _ = await start_worker(
+        settings, client, "--on-shutdown", policy, "--drain-seconds", "1"
+    )
+    try:
+        assert (await client.submit(request)).accepted
+        await until_phase(stream, request["job_id"], Phase.RUNNING)
+        return worker, await sigterm(worker, bound=20)
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+
+
 async def test_sigterm_with_stop_policy_cancels_running_sandboxes(
     settings: Settings, client: Client, test_image: str, docker: aiodocker.Docker
 ) -> None:
     req = sleeper(test_image, 60)
     async with client.events(job_id=req["job_id"]) as stream:
-        worker = await start_worker(
-            settings, client, "--on-shutdown", "stop", "--drain-seconds", "1"
-        )
-        try:
-            assert (await client.submit(req)).accepted
-            await until_phase(stream, req["job_id"], Phase.RUNNING)
-            took = await sigterm(worker, bound=20)
-        finally:
-            if worker.returncode is None:
-                worker.kill()
+        worker, took = await sigterm_while_running(settings, client, stream, req, "stop")
         events = await until_terminal(stream, req["job_id"])
     assert worker.returncode == 0
     assert took < 15
@@ -96,16 +81,7 @@ async def test_sigterm_with_adopt_policy_leaves_the_sandbox_to_the_next_worker(
 ) -> None:
     req = sleeper(test_image, 6)
     async with client.events(job_id=req["job_id"]) as stream:
-        worker = await start_worker(
-            settings, client, "--on-shutdown", "adopt", "--drain-seconds", "1"
-        )
-        try:
-            assert (await client.submit(req)).accepted
-            await until_phase(stream, req["job_id"], Phase.RUNNING)
-            took = await sigterm(worker, bound=20)
-        finally:
-            if worker.returncode is None:
-                worker.kill()
+        _, took = await sigterm_while_running(settings, client, stream, req, "adopt")
         assert took < 15
         [container] = await containers_of(docker, req["job_id"])
         assert (await container.show())["State"]["Running"]

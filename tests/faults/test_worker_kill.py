@@ -16,9 +16,9 @@ from common.events import Phase
 from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import WorkerFactory, containers_of
-from tests.faults.test_shutdown import start_worker
 from tests.integration.test_job_flow import no_containers
 from tests.support import eventually, until_terminal
+from tests.worker_process import start_worker
 from workers.gpu.claims import GpuClaimStore
 from workers.journal import JournalEntry
 
@@ -54,7 +54,7 @@ async def test_sigkill_at_any_step_neither_loses_nor_duplicates_the_job(
     }
     since = time.time()
     async with client.events(job_id=job_id) as stream:
-        worker = await start_worker(settings, client)
+        worker, _ = await start_worker(settings, client)
         try:
             assert (await client.submit(request)).accepted
             async with asyncio.timeout(30):

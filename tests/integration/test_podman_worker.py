@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from common.events import Event, Phase
+from common.events import Phase
 from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import TEST_CDI_KIND, WorkerFactory
 from tests.gpu_fixtures import write_inventory
-from tests.support import eventually, until_phase, until_terminal
+from tests.support import eventually, submit_and_wait, until_phase, until_terminal
 from workers.drivers.podman.client import LibpodClient
 from workers.gpu.claims import GpuClaimStore
 
@@ -49,19 +49,12 @@ def request(image: str, *command: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-async def run(client: Client, req: dict[str, Any], timeout: float = 60) -> list[Event]:
-    async with client.events(job_id=req["job_id"]) as stream:
-        reply = await client.submit(req)
-        assert reply.accepted, reply.errors
-        return await until_terminal(stream, req["job_id"], timeout=timeout)
-
-
 async def test_exit_code_and_output(
     client: Client, podman_worker: WorkerFactory, podman_image: str, libpod: LibpodClient
 ) -> None:
     req = request(podman_image, "sh", "-c", "echo hi; echo oops >&2; exit 3")
     async with podman_worker():
-        events = await run(client, req)
+        events = await submit_and_wait(client, req)
     assert [e.phase for e in events] == [
         Phase.ACCEPTED,
         Phase.STARTING,
@@ -88,7 +81,7 @@ async def test_success_with_env_and_limits(
         resource_requirements={"cpu": 0.5, "memory": "64Mi"},
     )  # fmt: skip
     async with podman_worker():
-        events = await run(client, req)
+        events = await submit_and_wait(client, req)
     assert events[-1].phase is Phase.SUCCEEDED, events[-1]
     assert events[-1].output == f"hello\n{64 * 2**20}\n"
 
@@ -98,7 +91,7 @@ async def test_timeout_leaves_no_container(
 ) -> None:
     req = request(podman_image, "sleep", "60", template={"timeout_seconds": 1})
     async with podman_worker():
-        events = await run(client, req)
+        events = await submit_and_wait(client, req)
 
         async def gone() -> bool:
             return not await containers_of(libpod, req["job_id"])
@@ -115,7 +108,7 @@ async def test_invalid_podman_block_is_rejected_with_its_path(
         template={"driver_config": {"podman": {"gpu_device_ids": ["nvidia.com/gpu=0"]}}},
     )  # fmt: skip
     async with podman_worker():
-        events = await run(client, req)
+        events = await submit_and_wait(client, req)
     assert events[-1].phase is Phase.REJECTED
     assert [e.field for e in events[-1].errors] == ["template.driver_config.podman.gpu_device_ids"]
     assert not await containers_of(libpod, req["job_id"])
@@ -138,7 +131,7 @@ async def test_gpu_job_gets_exactly_its_claimed_devices(
 ) -> None:
     req = request(podman_image, "sh", "-c", GPU_PROBE, resource_requirements={"gpu": {"count": 2}})
     async with podman_worker(**gpu_settings):
-        events = await run(client, req)
+        events = await submit_and_wait(client, req)
     phases = [e.phase for e in events]
     assert phases == [Phase.ACCEPTED, Phase.CLAIMED, Phase.STARTING, Phase.RUNNING, Phase.SUCCEEDED]
     assert events[-1].gpus == ["test.sandfleet/gpu=0", "test.sandfleet/gpu=1"]
@@ -158,7 +151,7 @@ async def test_exact_gpu_id_gets_that_device(
         template={"driver_config": {"podman": {"gpu_device_ids": ["test.sandfleet/gpu=2"]}}},
     )  # fmt: skip
     async with podman_worker(**gpu_settings):
-        events = await run(client, req)
+        events = await submit_and_wait(client, req)
     assert events[-1].phase is Phase.SUCCEEDED
     assert events[-1].output == "sandfleet-gpu2\nSANDFLEET_TEST_GPU_2=present\n"
 
@@ -178,7 +171,7 @@ async def test_unresolvable_cdi_device_fails_with_podmans_reason_and_frees_the_c
         template={"driver_config": {"podman": {"gpu_device_ids": ["test.sandfleet/gpu=3"]}}},
     )  # fmt: skip
     async with podman_worker(**gpu_settings):
-        events = await run(client, req)
+        events = await submit_and_wait(client, req)
     assert events[-1].phase is Phase.FAILED
     assert "unresolvable CDI devices test.sandfleet/gpu=3" in events[-1].message
     assert GpuClaimStore(settings.state_dir).claims() == []

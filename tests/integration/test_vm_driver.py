@@ -14,13 +14,13 @@ from typing import Any
 import libvirt
 import pytest
 
-from common.events import Event, Phase
+from common.events import Phase
 from common.models import Driver, Job, JobTemplate, ResourceRequirements
 from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import WorkerFactory
 from tests.gpu_fixtures import write_inventory
-from tests.support import until_terminal
+from tests.support import submit_and_wait
 from workers.drivers.base import (
     LABEL_GPUS,
     LABEL_JOB_ID,
@@ -166,13 +166,6 @@ def vm_request(guest: dict[str, str], script: str, **extra: Any) -> dict[str, An
     }
 
 
-async def run(client: Client, req: dict[str, Any]) -> list[Event]:
-    async with client.events(job_id=req["job_id"]) as stream:
-        reply = await client.submit(req)
-        assert reply.accepted, reply.errors
-        return await until_terminal(stream, req["job_id"], timeout=120)
-
-
 def domain_exists(name: str) -> bool:
     conn = libvirt.open("qemu:///system")
     try:
@@ -193,7 +186,7 @@ async def test_real_boot_reports_exit_code_and_output(
         template={"environment": {"GREETING": "from a VM"}},
     )
     async with vm_worker():
-        events = await run(client, req)
+        events = await submit_and_wait(client, req, timeout=120)
     assert [e.phase for e in events] == [
         Phase.ACCEPTED,
         Phase.STARTING,
@@ -210,7 +203,7 @@ async def test_real_boot_timeout_destroys_the_domain(
 ) -> None:
     req = vm_request(vm_guest, "echo sleeping; sleep 600", template={"timeout_seconds": 3})
     async with vm_worker():
-        events = await run(client, req)
+        events = await submit_and_wait(client, req, timeout=120)
     assert events[-1].phase is Phase.TIMED_OUT
     assert not domain_exists(f"sandfleet-{req['job_id']}")
     assert not (vm_work_dir / f"sandfleet-{req['job_id']}").exists()
@@ -230,7 +223,7 @@ async def test_gpu_vm_job_fails_with_the_passthrough_reason_and_frees_its_claim(
         resource_requirements={"gpu": {"count": 1}},
     )  # fmt: skip
     async with vm_worker(gpu_inventory=inventory):
-        events = await run(client, req)
+        events = await submit_and_wait(client, req, timeout=120)
     claimed = next(e for e in events if e.phase is Phase.CLAIMED)
     assert claimed.gpus == ["0000:2b:00.0"]
     assert events[-1].phase is Phase.FAILED
