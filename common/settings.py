@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     # drain time: "adopt" leaves them running for the next worker on this host to adopt;
     # "stop" stops them and reports them `cancelled`.
     shutdown_policy: Literal["adopt", "stop"] = "adopt"
+    # What a worker does with a sandbox still running (or created, not started) that it
+    # finds for a job it takes over from a worker that is gone (killed, crashed, or shut
+    # down with "adopt"): "adopt" watches it to its end; "stop" stops it and reports
+    # it `cancelled` (reason StoppedOnTakeover). A sandbox that already ended is
+    # reported as it ended either way.
+    takeover_policy: Literal["adopt", "stop"] = "adopt"
 
     # topology
     job_delivery_limit: int = Field(default=5, gt=0)

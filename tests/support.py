@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -56,3 +57,14 @@ async def submit_and_wait(
         reply = await client.submit(request)
         assert reply.accepted, reply.errors
         return await until_terminal(stream, job_id, timeout=timeout)
+
+
+def sleeper(image: str, seconds: float) -> dict[str, Any]:
+    """A request for a job that prints "up", sleeps `seconds`, prints "done"."""
+    return {
+        "job_id": f"t-{uuid.uuid4().hex[:8]}",
+        "template": {
+            "image": image,
+            "command": ["sh", "-c", f"echo up; sleep {seconds}; echo done"],
+        },
+    }

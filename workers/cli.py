@@ -54,6 +54,14 @@ def worker(
             "next worker; 'stop' stops them (cancelled). Default: SANDFLEET_SHUTDOWN_POLICY."
         ),
     ] = None,
+    on_takeover: Annotated[
+        str | None,
+        typer.Option(
+            help="Running sandboxes of jobs taken over from a worker that is gone: 'adopt' "
+            "watches them to their end; 'stop' stops them (cancelled, StoppedOnTakeover). "
+            "Default: SANDFLEET_TAKEOVER_POLICY."
+        ),
+    ] = None,
     drain_seconds: Annotated[
         float,
         typer.Option(
@@ -63,10 +71,15 @@ def worker(
 ) -> None:
     """Run a worker: take jobs for DRIVER on this host, run them, report events."""
     settings = Settings()
-    if on_shutdown is not None:
-        if on_shutdown not in ("adopt", "stop"):
-            raise typer.BadParameter("adopt or stop", param_hint="--on-shutdown")
-        settings = settings.model_copy(update={"shutdown_policy": on_shutdown})
+    for option, value, setting in (
+        ("--on-shutdown", on_shutdown, "shutdown_policy"),
+        ("--on-takeover", on_takeover, "takeover_policy"),
+    ):
+        if value is None:
+            continue
+        if value not in ("adopt", "stop"):
+            raise typer.BadParameter(f"adopt or stop, not {value!r}", param_hint=option)
+        settings = settings.model_copy(update={setting: value})
     setup_logging(settings.log_level)
 
     async def serve() -> None:

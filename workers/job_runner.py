@@ -72,7 +72,8 @@ class JobRunner:
         self._journal = journal
         self._bind_to_host = bind_to_host
         self._worker_alive = worker_alive
-        self._cancel_reasons: dict[str, str] = {}  # cancelled while this worker ran them
+        # Cancelled while this worker ran them: job id -> (reason code, message).
+        self._cancel_reasons: dict[str, tuple[str, str]] = {}
         self._active: dict[str, str] = {}  # job id -> sandbox id, for jobs in hand
         self.started = 0
         self.finished = 0
@@ -81,13 +82,16 @@ class JobRunner:
     def active_jobs(self) -> list[str]:
         return list(self._active)
 
-    def _cancel_reason(self, job_id: str) -> str | None:
+    def _cancel_reason(self, job_id: str) -> tuple[str, str] | None:
+        if (reason := self._cancel_reasons.get(job_id)) is not None:
+            return reason
         request = self._cancelled(job_id)
-        return self._cancel_reasons.get(job_id) or (request.reason if request else None)
+        return None if request is None else ("Cancelled", request.reason)
 
-    async def cancel(self, job_id: str, reason: str) -> None:
-        """Stop the job's sandbox if this worker runs it; the job then ends `cancelled`."""
-        self._cancel_reasons[job_id] = reason
+    async def cancel(self, job_id: str, message: str, *, reason: str = "Cancelled") -> None:
+        """Stop the job's sandbox if this worker runs it; the job then ends `cancelled`
+        with `reason` (a reason code) and `message`."""
+        self._cancel_reasons[job_id] = (reason, message)
         sandbox_id = self._active.get(job_id)
         if sandbox_id is not None:
             await self._driver.stop(sandbox_id, grace_seconds=self._settings.stop_grace_seconds)
@@ -222,8 +226,8 @@ class JobRunner:
             await report.emit(Phase.FAILED, "SandboxLost", message)
             await self._clean_up(job.job_id, None)
             return
-        if sandbox is None and (reason := self._cancel_reason(job.job_id)):
-            await report.emit(Phase.CANCELLED, "CancelledBeforeStart", reason)
+        if sandbox is None and (cancelled := self._cancel_reason(job.job_id)):
+            await report.emit(Phase.CANCELLED, "CancelledBeforeStart", cancelled[1])
             await self._clean_up(job.job_id, None)
             return
         if sandbox is None:
@@ -243,6 +247,13 @@ class JobRunner:
             await ack()
             claim = await self._gpus.adopt(job.job_id)
             report.gpus = list(claim.devices) if claim else []
+            still_running = sandbox.status is not SandboxStatus.EXITED
+            if still_running and self._settings.takeover_policy == "stop":
+                self._cancel_reasons[job.job_id] = (
+                    "StoppedOnTakeover",
+                    f"found {sandbox.status.value} after its worker was gone; "
+                    "SANDFLEET_TAKEOVER_POLICY=stop stops such sandboxes",
+                )
         await self._journal_write(entry.model_copy(update={"sandbox_id": sandbox.sandbox_id}))
         report.sandbox_id = sandbox.sandbox_id
         self._active[job.job_id] = sandbox.sandbox_id
@@ -320,14 +331,13 @@ class JobRunner:
 
     async def _supervise(self, job: Job, sandbox: SandboxState, report: JobReporter) -> None:
         driver = self._driver
-        if (reason := self._cancel_reason(job.job_id)) is not None:
+        if (cancelled := self._cancel_reason(job.job_id)) is not None:
             if sandbox.status is SandboxStatus.RUNNING:  # adopted, and cancelled meanwhile
                 await driver.stop(
                     sandbox.sandbox_id, grace_seconds=self._settings.stop_grace_seconds
                 )
-            await report.emit(
-                Phase.CANCELLED, "Cancelled", reason, output=await self._output(sandbox)
-            )
+            reason, message = cancelled
+            await report.emit(Phase.CANCELLED, reason, message, output=await self._output(sandbox))
             return
         if sandbox.status is SandboxStatus.CREATED:
             await driver.start(sandbox.sandbox_id)
@@ -354,8 +364,9 @@ class JobRunner:
                 return
 
         output = await self._output(sandbox)
-        if (reason := self._cancel_reason(job.job_id)) is not None:
-            await report.emit(Phase.CANCELLED, "Cancelled", reason, output=output)
+        if (cancelled := self._cancel_reason(job.job_id)) is not None:
+            reason, message = cancelled
+            await report.emit(Phase.CANCELLED, reason, message, output=output)
         elif exit_code is None:
             message = "the sandbox ended without reporting an exit code"
             await report.emit(Phase.FAILED, "NoExitCode", message, output=output)

@@ -97,7 +97,6 @@ class Worker(AsyncCloseable):
         self._runner: JobRunner | None = None
         self._events: EventPublisher | None = None
         self._background: list[asyncio.Task[None]] = []
-        self._resumed: set[asyncio.Task[None]] = set()  # jobs taken over from dead workers
         self._jobs_exchange: AbstractExchange | None = None
         self._free_gpus = len(self.inventory)
         self._started_at = datetime.now(UTC)
@@ -133,15 +132,15 @@ class Worker(AsyncCloseable):
             bind_to_host=self._bind_to_host,
             worker_alive=lambda worker_id: worker_alive(settings.state_dir, worker_id),
         )
+        queues = [await channel.get_queue(job_queue_name(kind, h)) for h in (None, host)]
+        self._intake = JobIntake(channel, queues, slots=self._slots, handle=self._handle)
         for entry in await asyncio.to_thread(
             self.journal.take_orphans,
             self.identity.worker_id,
             lambda worker_id: worker_alive(settings.state_dir, worker_id),
         ):
             log.warning("job %s: taking it over from a worker that is gone", entry.job.job_id)
-            self._resumed.add(asyncio.create_task(self._resume(entry)))
-        queues = [await channel.get_queue(job_queue_name(kind, h)) for h in (None, host)]
-        self._intake = JobIntake(channel, queues, slots=self._slots, handle=self._handle)
+            self._intake.take_over(self._resume(entry))
         await self._intake.start()
         self._background += [
             asyncio.create_task(self._beat()),
@@ -176,7 +175,7 @@ class Worker(AsyncCloseable):
         journal entries let the next worker of this host finish them."""
         if self._intake is not None:
             await self._intake.stop_consuming()
-        jobs = (self._intake.in_hand if self._intake else set()) | self._resumed
+        jobs = self._intake.in_hand if self._intake else set()
         if not jobs:
             return
         _, pending = await asyncio.wait(jobs, timeout=self._drain_seconds)
@@ -225,7 +224,11 @@ class Worker(AsyncCloseable):
         assert self._runner is not None
         for job_id in self._runner.active_jobs:
             log.warning("stopping job %s: the worker is shutting down", job_id)
-            await self._runner.cancel(job_id, f"worker {self.identity.worker_id} shut down")
+            await self._runner.cancel(
+                job_id,
+                f"worker {self.identity.worker_id} shut down (SANDFLEET_SHUTDOWN_POLICY=stop)",
+                reason="StoppedOnShutdown",
+            )
 
     async def _retry_later(self, message: AbstractIncomingMessage, retry: RetryLater) -> None:
         """Park the job in its retry queue; it expires back to the queue it came from."""

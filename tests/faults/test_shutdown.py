@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import uuid
 from typing import Any
 
 import aiodocker
@@ -17,7 +16,7 @@ from common.settings import Settings
 from gateway.client import Client, EventStream
 from tests.conftest import WorkerFactory, containers_of
 from tests.integration.test_job_flow import no_containers
-from tests.support import eventually, until_phase, until_terminal
+from tests.support import eventually, sleeper, until_phase, until_terminal
 from tests.worker_process import start_worker
 
 pytestmark = pytest.mark.integration
@@ -29,16 +28,6 @@ async def sigterm(process: asyncio.subprocess.Process, *, bound: float) -> float
     async with asyncio.timeout(bound):
         await process.wait()
     return time.monotonic() - started
-
-
-def sleeper(image: str, seconds: int) -> dict[str, Any]:
-    return {
-        "job_id": f"t-{uuid.uuid4().hex[:8]}",
-        "template": {
-            "image": image,
-            "command": ["sh", "-c", f"echo up; sleep {seconds}; echo done"],
-        },
-    }
 
 
 async def sigterm_while_running(
