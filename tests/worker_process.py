@@ -12,10 +12,14 @@ from gateway.client import Client
 
 
 async def start_worker(
-    settings: Settings, client: Client, *args: str, env: dict[str, str] | None = None
+    settings: Settings,
+    client: Client,
+    *args: str,
+    driver: str = "docker",
+    env: dict[str, str] | None = None,
 ) -> tuple[asyncio.subprocess.Process, Event]:
-    """A `sandfleet worker --driver docker` process on the test's broker, host and state,
-    returned with its first heartbeat (it serves by then)."""
+    """A `sandfleet worker --driver <driver>` process on the test's broker, host and
+    state, returned with its first heartbeat (it serves by then)."""
     environment = {
         **os.environ,
         "SANDFLEET_BROKER_URL": settings.broker_url,
@@ -27,7 +31,7 @@ async def start_worker(
     }
     async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandfleet_cli", "worker", "--driver", "docker", *args,
+            sys.executable, "-m", "sandfleet_cli", "worker", "--driver", driver, *args,
             env=environment, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         async with asyncio.timeout(30):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated
+from typing import Annotated, assert_never
 
 import typer
 from rich.console import Console
@@ -21,8 +21,8 @@ from workers.runtime import Worker
 
 
 def make_driver(kind: Driver, settings: Settings) -> SandboxDriver:
+    # Drivers load on demand: a host installs only its own runtime's libraries.
     if kind is Driver.DOCKER:
-        # Drivers load on demand: a host installs only its own runtime's libraries.
         from workers.drivers.docker import DockerDriver  # noqa: PLC0415
 
         return DockerDriver(
@@ -30,16 +30,28 @@ def make_driver(kind: Driver, settings: Settings) -> SandboxDriver:
             cdi_kind=settings.cdi_kind,
             pull_timeout_seconds=settings.image_pull_timeout_seconds,
         )
-    try:
-        from workers.drivers.vm import VmDriver  # noqa: PLC0415
-    except ImportError as exc:
-        raise typer.BadParameter(
-            f"the vm driver needs libvirt-python: pip install 'sandfleet[vm]' ({exc})",
-            param_hint="--driver",
-        ) from exc
-    return VmDriver(
-        uri=settings.libvirt_uri, domain_type=settings.vm_domain_type, work_dir=settings.vm_work_dir
-    )
+    if kind is Driver.PODMAN:
+        from workers.drivers.podman import PodmanDriver  # noqa: PLC0415
+
+        return PodmanDriver(
+            url=settings.podman_url,
+            cdi_kind=settings.cdi_kind,
+            pull_timeout_seconds=settings.image_pull_timeout_seconds,
+        )
+    if kind is Driver.VM:
+        try:
+            from workers.drivers.vm import VmDriver  # noqa: PLC0415
+        except ImportError as exc:
+            raise typer.BadParameter(
+                f"the vm driver needs libvirt-python: pip install 'sandfleet[vm]' ({exc})",
+                param_hint="--driver",
+            ) from exc
+        return VmDriver(
+            uri=settings.libvirt_uri,
+            domain_type=settings.vm_domain_type,
+            work_dir=settings.vm_work_dir,
+        )
+    assert_never(kind)
 
 
 def worker(

@@ -1,21 +1,29 @@
 """A worker killed with SIGKILL mid-job: its GPU claim outlives it while the sandbox
-runs, and reconciliation frees it once the sandbox is gone."""
+runs, and reconciliation frees it once the sandbox is gone; a real worker process
+killed with a GPU job in hand leaves it to the next worker, which finishes it on the
+same GPU, once."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiodocker
 import pytest
 
+from common.events import Phase
 from common.settings import Settings
-from tests.conftest import WorkerFactory, containers_of
+from gateway.client import Client
+from tests.conftest import TEST_CDI_KIND, WorkerFactory, containers_of
 from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
-from tests.support import eventually
+from tests.support import eventually, until_phase, until_terminal
+from tests.worker_process import start_worker
 from workers.gpu.claims import GpuClaimStore, worker_alive
 
 pytestmark = pytest.mark.integration
@@ -65,3 +73,67 @@ async def test_sigkilled_workers_claim_stays_while_its_container_runs_then_is_fr
             holder.kill()
         for container in await containers_of(docker, job_id):
             await container.delete(force=True)
+
+
+def podman_containers_created(job_id: str, since: float) -> int:
+    """How many containers podman created for `job_id` (podman's event log)."""
+    out = subprocess.run(
+        [
+            "podman", "events", "--stream=false", "--since", f"{since:.3f}",
+            "--filter", "event=create", "--filter", f"label=sandfleet.job_id={job_id}",
+            "--format", "{{.ID}}",
+        ],
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    return len(out.stdout.split())
+
+
+@pytest.mark.parametrize("kill_after", [Phase.CLAIMED, Phase.RUNNING])
+async def test_sigkilled_podman_worker_with_a_gpu_job_leaves_it_to_the_next_worker(
+    kill_after: Phase,
+    settings: Settings,
+    client: Client,
+    podman_worker: WorkerFactory,
+    podman_image: str,
+    test_cdi_spec: Path,
+    tmp_path: Path,
+) -> None:
+    inventory = write_inventory(tmp_path / "gpus.json")
+    gpu_env = {"SANDFLEET_GPU_INVENTORY": str(inventory), "SANDFLEET_CDI_KIND": TEST_CDI_KIND}
+    job_id = f"gk-{kill_after.value}-{uuid.uuid4().hex[:6]}"
+    request: dict[str, Any] = {
+        "job_id": job_id,
+        "driver": "podman",
+        "resource_requirements": {"gpu": {"count": 1}},
+        "template": {
+            "image": podman_image,
+            "command": ["sh", "-c", "sleep 2; ls /dev | grep sandfleet-gpu"],
+            "driver_config": {"podman": {"gpu_device_ids": ["test.sandfleet/gpu=2"]}},
+        },
+    }
+    store = GpuClaimStore(settings.state_dir)
+    since = time.time()
+    async with client.events(job_id=job_id) as stream:
+        worker, _ = await start_worker(settings, client, driver="podman", env=gpu_env)
+        try:
+            assert (await client.submit(request)).accepted
+            await until_phase(stream, job_id, kill_after)
+            worker.send_signal(signal.SIGKILL)
+            await worker.wait()
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+        [claim] = store.claims()  # the dead worker's claim stands
+        assert (claim.job_id, claim.gpus) == (job_id, (FOUR_UUIDS[2],))
+
+        async with podman_worker(gpu_inventory=inventory, cdi_kind=TEST_CDI_KIND):
+            history = await client.history(job_id)
+            if not history[-1].phase.is_terminal:
+                history += await until_terminal(stream, job_id, timeout=60)
+
+    history = list({e.event_id: e for e in history}.values())
+    terminal = [e for e in history if e.phase.is_terminal]
+    assert [e.phase for e in terminal] == [Phase.SUCCEEDED], [e.phase for e in history]
+    assert terminal[0].output == "sandfleet-gpu2\n"  # seen from inside: the one claimed GPU
+    assert podman_containers_created(job_id, since) == 1
+    assert store.claims() == []
