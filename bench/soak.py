@@ -1,37 +1,64 @@
 """Soak: N jobs through a gateway and 2 workers while a chaos loop SIGKILLs and restarts
 workers at random. Prints jobs submitted, terminal, lost, duplicated (more than one
-sandbox created for a job id, from dockerd's own event log) and leaked GPU claims.
+sandbox created for a job id, from the runtime's own event log), GPU double-holds and
+leaked GPU claims.
 
-    python -m bench.soak [-n 500] [--kill-every 4] [--seed 1]
+    python -m bench.soak [-n 500] [--kill-every 4] [--seed 1] [--driver docker|podman]
+                         [--gpu-share 0.25]
 
-Lost, duplicated and leaked must be 0; the exit status says whether they were. A job
-counts as lost if it has no terminal event by the deadline (max(600 s, 6 s per job)).
-The workers share one host name, so a restarted worker takes over its dead peer's
-journal entries, as on a real host.
+A share of the jobs asks for 1 or 2 of a static 3-GPU inventory. With `--driver
+podman` the GPUs are the test CDI devices (tests/fixtures/cdi, installed for the run)
+and the jobs really get them; Docker 20.10 has no CDI, so there its GPU jobs are
+claimed, then fail `CapabilityMissing` and release. A double-hold is two jobs whose
+[claimed, terminal] event intervals overlap on one GPU: each interval lies inside the
+job's real claim, so an overlap means a GPU was handed out twice.
+
+Lost, duplicated, double-held and leaked must be 0; the exit status says whether they
+were. A job counts as lost if it has no terminal event by the deadline (max(600 s, 6 s
+per job)). The workers share one host name, so a restarted worker takes over its dead
+peer's journal entries, as on a real host.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from bench.gateway_throughput import throwaway_vhost
-from common.events import Phase
+from common.events import Event, Phase
 from common.settings import Settings
 from gateway.client import Client
 from workers.gpu.claims import GpuClaimStore
 
 IMAGE = "sandfleet-test/busybox:latest"
+ROOT = Path(__file__).resolve().parent.parent
+TEST_CDI_SPEC = ROOT / "tests" / "fixtures" / "cdi" / "sandfleet-test-gpu.json"
+CDI_DIR = Path("/var/run/cdi")
+TEST_CDI_KIND = "test.sandfleet/gpu"
+INVENTORY = {
+    "gpus": [
+        {"index": i, "uuid": f"GPU-50a50a50-0000-0000-0000-00000000000{i}", "name": "Soak GPU",
+         "pci_bus_id": f"0000:{0x3A + i:02x}:00.0"}
+        for i in range(3)  # the test CDI spec has devices 0, 1 and 2
+    ]
+}  # fmt: skip
 
 
 async def spawn(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -43,6 +70,7 @@ async def spawn(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Proc
 
 async def chaos(
     workers: list[asyncio.subprocess.Process],
+    worker_args: list[str],
     env: dict[str, str],
     every: float,
     rng: random.Random,
@@ -55,23 +83,86 @@ async def chaos(
         workers[index].send_signal(signal.SIGKILL)
         await workers[index].wait()
         kills += 1
-        workers[index] = await spawn(["worker", "--driver", "docker", "--slots", "2"], env)
+        workers[index] = await spawn(worker_args, env)
     return kills
 
 
-def sandboxes_created(since: float) -> Counter[str]:
-    out = subprocess.run(
-        ["docker", "events", "--since", f"{since:.3f}", "--until", f"{time.time():.3f}",
-         "--filter", "type=container", "--filter", "event=create",
-         "--format", '{{index .Actor.Attributes "sandfleet.job_id"}}'],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return Counter(line for line in out.stdout.split() if line)
+def sandboxes_created(driver: str, since: float) -> Counter[str]:
+    """Containers created per job id, from the runtime's own event log."""
+    if driver == "docker":
+        command = [
+            "docker", "events", "--since", f"{since:.3f}", "--until", f"{time.time():.3f}",
+            "--filter", "type=container", "--filter", "event=create",
+            "--format", '{{index .Actor.Attributes "sandfleet.job_id"}}',
+        ]  # fmt: skip
+    else:
+        command = [
+            "podman", "events", "--stream=false", "--since", f"{since:.3f}",
+            "--filter", "event=create", "--format", "{{.Name}}",
+        ]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    names = (line.removeprefix("sandfleet-") for line in out.stdout.split())
+    return Counter(name for name in names if name)
 
 
-async def soak(n: int, kill_every: float, seed: int, url: str) -> int:
+def double_holds(events: list[Event]) -> list[str]:
+    """GPUs held by two jobs at once, judged from [last `claimed`, terminal] intervals."""
+    claimed: dict[str, Event] = {}
+    intervals: dict[str, list[tuple[datetime, datetime, str]]] = defaultdict(list)
+    for event in events:
+        if event.job_id is None:
+            continue
+        if event.phase is Phase.CLAIMED:
+            claimed[event.job_id] = event
+        elif event.phase.is_terminal and (start := claimed.pop(event.job_id, None)):
+            for gpu in start.gpus:
+                intervals[gpu].append((start.timestamp, event.timestamp, event.job_id))
+    overlaps = []
+    for gpu, spans in intervals.items():
+        spans.sort()
+        for (_, end, job), (begin, _, other) in itertools.pairwise(spans):
+            if begin < end:
+                overlaps.append(f"{gpu}: {job} and {other}")
+    return overlaps
+
+
+def request(job_id: str, driver: str, gpu_share: float, rng: random.Random) -> dict[str, Any]:
+    command = ["sh", "-c", f"echo {job_id}; sleep {rng.choice([0, 0, 1, 2])}"]
+    job: dict[str, Any] = {
+        "job_id": job_id,
+        "driver": driver,
+        "template": {"image": IMAGE, "command": command},
+    }
+    if rng.random() < gpu_share:
+        job["resource_requirements"] = {"gpu": {"count": rng.choice([1, 1, 2])}}
+    return job
+
+
+@dataclass
+class SoakRun:
+    driver: str
+    job_ids: list[str]
+    state_dir: Path
+    since: float
+    events: list[Event] = field(default_factory=list)
+    kills: int = 0
+
+    def terminal(self) -> dict[str, Phase]:
+        wanted = set(self.job_ids)
+        phases: dict[str, Phase] = {}
+        for event in self.events:
+            if event.job_id in wanted and event.phase.is_terminal:
+                phases.setdefault(event.job_id, event.phase)
+        return phases
+
+
+async def soak(
+    n: int, kill_every: float, seed: int, url: str, driver: str, gpu_share: float
+) -> SoakRun:
     rng = random.Random(seed)
     state = Path(tempfile.mkdtemp(prefix="sandfleet-soak-"))
+    inventory = state / "gpus.json"
+    inventory.write_text(json.dumps(INVENTORY))
     host = f"soak{uuid.uuid4().hex[:4]}"
     env = {
         **os.environ,
@@ -81,55 +172,64 @@ async def soak(n: int, kill_every: float, seed: int, url: str) -> int:
         "SANDFLEET_JOURNAL_DIR": str(state / "journal"),
         "SANDFLEET_STOP_GRACE_SECONDS": "1",
         "SANDFLEET_LOG_LEVEL": "WARNING",
+        "SANDFLEET_GPU_INVENTORY": str(inventory),
+        "SANDFLEET_CDI_KIND": TEST_CDI_KIND,
+        "SANDFLEET_GPU_RETRY_SECONDS": "1",
     }
-    settings = Settings(broker_url=url, host=host)
-    since = time.time()
+    run = SoakRun(driver, [f"soak-{i}-{uuid.uuid4().hex[:6]}" for i in range(n)], state, 0.0)
+    run.since = time.time()
+    worker_args = ["worker", "--driver", driver, "--slots", "2"]
     gateway = await spawn(["gateway"], env)
-    workers = [await spawn(["worker", "--driver", "docker", "--slots", "2"], env) for _ in range(2)]
+    workers = [await spawn(worker_args, env) for _ in range(2)]
     stop = asyncio.Event()
-    job_ids = [f"soak-{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]
-    terminal: dict[str, Phase] = {}
     try:
+        settings = Settings(broker_url=url, host=host)
         async with Client(settings=settings) as client, client.events() as stream:
             async with asyncio.timeout(60):  # a worker has declared the queues
                 async for event in stream:
                     if event.phase is Phase.HEARTBEAT:
                         break
-            chaos_task = asyncio.create_task(chaos(workers, env, kill_every, rng, stop))
-            for job_id in job_ids:
-                command = ["sh", "-c", f"echo {job_id}; sleep {rng.choice([0, 0, 1, 2])}"]
-                await client.submit(
-                    {"job_id": job_id, "template": {"image": IMAGE, "command": command}}
-                )
-            wanted = set(job_ids)
-            try:
+            kills = asyncio.create_task(chaos(workers, worker_args, env, kill_every, rng, stop))
+            for job_id in run.job_ids:
+                await client.submit(request(job_id, driver, gpu_share, rng))
+            wanted, ended = set(run.job_ids), set()
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(600, n * 6)):
                     async for event in stream:
+                        run.events.append(event)
                         if event.job_id in wanted and event.phase.is_terminal:
-                            terminal.setdefault(event.job_id, event.phase)
-                            if len(terminal) == n:
+                            ended.add(event.job_id)
+                            if len(ended) == n:
                                 break
-            except TimeoutError:
-                pass
             stop.set()
-            kills = await chaos_task
+            run.kills = await kills
     finally:
         for process in [gateway, *workers]:
             if process.returncode is None:
                 process.terminate()
                 await process.wait()
-    created = sandboxes_created(since)
-    lost = n - len(terminal)
-    duplicated = sum(1 for job_id in job_ids if created[job_id] > 1)
-    leaked = len(GpuClaimStore(state / "state").claims())
+    return run
+
+
+def report(run: SoakRun) -> int:
+    """Print the run's figures; 0 if nothing was lost, duplicated, double-held or leaked."""
+    terminal = run.terminal()
+    created = sandboxes_created(run.driver, run.since)
+    lost = len(run.job_ids) - len(terminal)
+    duplicated = sum(1 for job_id in run.job_ids if created[job_id] > 1)
+    overlaps = double_holds(run.events)
+    leaked = len(GpuClaimStore(run.state_dir / "state").claims())
     phases = Counter(p.value for p in terminal.values())
-    print(f"jobs submitted:        {n}")
-    print(f"worker kills (SIGKILL): {kills}")
+    gpu_jobs = len({e.job_id for e in run.events if e.phase is Phase.CLAIMED})
+    print(f"driver:                {run.driver}")
+    print(f"jobs submitted:        {len(run.job_ids)}  ({gpu_jobs} claimed GPUs)")
+    print(f"worker kills (SIGKILL): {run.kills}")
     print(f"jobs terminal:         {len(terminal)}  {dict(phases)}")
     print(f"lost:                  {lost}")
     print(f"duplicated:            {duplicated}  (jobs with more than one sandbox created)")
+    print(f"GPU double-holds:      {len(overlaps)}  {overlaps[:5]}")
     print(f"leaked GPU claims:     {leaked}")
-    return 0 if lost == duplicated == leaked == 0 else 1
+    return 0 if lost == duplicated == len(overlaps) == leaked == 0 else 1
 
 
 def main() -> None:
@@ -139,11 +239,25 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=500)
     parser.add_argument("--kill-every", type=float, default=4.0, help="mean seconds between kills")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--driver", choices=["docker", "podman"], default="docker")
+    parser.add_argument(
+        "--gpu-share", type=float, default=0.25, help="share of jobs asking for GPUs"
+    )
     args = parser.parse_args()
     url, cleanup = throwaway_vhost(Settings().broker_url)
+    CDI_DIR.mkdir(parents=True, exist_ok=True)
+    cdi_spec = CDI_DIR / TEST_CDI_SPEC.name
+    installed = not cdi_spec.exists()
+    if installed:
+        shutil.copyfile(TEST_CDI_SPEC, cdi_spec)
     try:
-        raise SystemExit(asyncio.run(soak(args.n, args.kill_every, args.seed, url)))
+        run = asyncio.run(
+            soak(args.n, args.kill_every, args.seed, url, args.driver, args.gpu_share)
+        )
+        raise SystemExit(report(run))
     finally:
+        if installed:
+            cdi_spec.unlink(missing_ok=True)
         cleanup()
 
 
