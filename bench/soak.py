@@ -1,7 +1,7 @@
 """Soak: N jobs through a gateway and 2 workers while a chaos loop SIGKILLs and restarts
 workers at random. Prints jobs submitted, terminal, lost, duplicated (more than one
-sandbox created for a job id, from the runtime's own event log), GPU double-holds and
-leaked GPU claims.
+sandbox created for a job id, from the runtime's own event log), GPU double-holds,
+leaked GPU claims and worker crashes.
 
     python -m bench.soak [-n 500] [--kill-every 4] [--seed 1] [--driver docker|podman]
                          [--gpu-share 0.25]
@@ -13,10 +13,11 @@ claimed, then fail `CapabilityMissing` and release. A double-hold is two jobs wh
 [claimed, terminal] event intervals overlap on one GPU: each interval lies inside the
 job's real claim, so an overlap means a GPU was handed out twice.
 
-Lost, duplicated, double-held and leaked must be 0; the exit status says whether they
-were. A job counts as lost if it has no terminal event by the deadline (max(600 s, 6 s
-per job)). The workers share one host name, so a restarted worker takes over its dead
-peer's journal entries, as on a real host.
+Lost, duplicated, double-held, leaked and crashed must be 0; the exit status says
+whether they were. A job counts as lost if it has no terminal event by the deadline
+(max(600 s, 6 s per job)). The workers share one host name, so a dead worker's journal
+entries are taken over by a restarted worker or by its live peer, as on a real host.
+Each process's log is kept under the run's state directory (printed at the end).
 """
 
 from __future__ import annotations
@@ -62,10 +63,14 @@ INVENTORY = {
 
 
 async def spawn(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandfleet_cli", *args,
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    """A sandfleet process; its log goes to a file of its own under SOAK_LOG_DIR."""
+    log_dir = Path(env["SOAK_LOG_DIR"])
+    # A local file opened once per process start: not worth a thread.
+    with open(log_dir / f"{args[0]}-{time.monotonic_ns()}.log", "wb") as log:  # noqa: ASYNC230
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sandfleet_cli", *args,
+            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
 
 
 async def chaos(
@@ -75,16 +80,23 @@ async def chaos(
     every: float,
     rng: random.Random,
     stop: asyncio.Event,
-) -> int:
-    kills = 0
+) -> tuple[int, int]:
+    """SIGKILL a random worker every ~`every` s and start a new one in its place; a
+    worker found exited by itself is a crash: counted, and replaced too.
+    Returns (kills, crashes)."""
+    kills = crashes = 0
     while not stop.is_set():
         await asyncio.sleep(rng.uniform(0.5 * every, 1.5 * every))
+        for index, worker in enumerate(workers):
+            if worker.returncode is not None:
+                crashes += 1
+                workers[index] = await spawn(worker_args, env)
         index = rng.randrange(len(workers))
         workers[index].send_signal(signal.SIGKILL)
         await workers[index].wait()
         kills += 1
         workers[index] = await spawn(worker_args, env)
-    return kills
+    return kills, crashes
 
 
 def sandboxes_created(driver: str, since: float) -> Counter[str]:
@@ -146,6 +158,7 @@ class SoakRun:
     since: float
     events: list[Event] = field(default_factory=list)
     kills: int = 0
+    crashes: int = 0
 
     def terminal(self) -> dict[str, Phase]:
         wanted = set(self.job_ids)
@@ -175,7 +188,9 @@ async def soak(
         "SANDFLEET_GPU_INVENTORY": str(inventory),
         "SANDFLEET_CDI_KIND": TEST_CDI_KIND,
         "SANDFLEET_GPU_RETRY_SECONDS": "1",
+        "SOAK_LOG_DIR": str(state / "logs"),
     }
+    (state / "logs").mkdir()
     run = SoakRun(driver, [f"soak-{i}-{uuid.uuid4().hex[:6]}" for i in range(n)], state, 0.0)
     run.since = time.time()
     worker_args = ["worker", "--driver", driver, "--slots", "2"]
@@ -202,7 +217,7 @@ async def soak(
                             if len(ended) == n:
                                 break
             stop.set()
-            run.kills = await kills
+            run.kills, run.crashes = await kills
     finally:
         for process in [gateway, *workers]:
             if process.returncode is None:
@@ -212,7 +227,8 @@ async def soak(
 
 
 def report(run: SoakRun) -> int:
-    """Print the run's figures; 0 if nothing was lost, duplicated, double-held or leaked."""
+    """Print the run's figures; 0 if nothing was lost, duplicated, double-held or leaked,
+    and no worker crashed."""
     terminal = run.terminal()
     created = sandboxes_created(run.driver, run.since)
     lost = len(run.job_ids) - len(terminal)
@@ -221,15 +237,25 @@ def report(run: SoakRun) -> int:
     leaked = len(GpuClaimStore(run.state_dir / "state").claims())
     phases = Counter(p.value for p in terminal.values())
     gpu_jobs = len({e.job_id for e in run.events if e.phase is Phase.CLAIMED})
-    print(f"driver:                {run.driver}")
+    print(f"driver:                {run.driver}  (process logs in {run.state_dir / 'logs'})")
     print(f"jobs submitted:        {len(run.job_ids)}  ({gpu_jobs} claimed GPUs)")
     print(f"worker kills (SIGKILL): {run.kills}")
+    print(f"worker crashes:        {run.crashes}  (exited by themselves; logs say why)")
     print(f"jobs terminal:         {len(terminal)}  {dict(phases)}")
     print(f"lost:                  {lost}")
     print(f"duplicated:            {duplicated}  (jobs with more than one sandbox created)")
     print(f"GPU double-holds:      {len(overlaps)}  {overlaps[:5]}")
+    for job_id in sorted({job for overlap in overlaps for job in overlap.split()[1::2]}):
+        print(f"  timeline of {job_id}:")
+        for e in run.events:
+            if e.job_id == job_id:
+                print(
+                    f"    {e.timestamp:%H:%M:%S.%f} {e.phase.value:9} {e.reason:18} "
+                    f"{e.worker_id} {','.join(e.gpus)}"
+                )
     print(f"leaked GPU claims:     {leaked}")
-    return 0 if lost == duplicated == len(overlaps) == leaked == 0 else 1
+    failures = lost + duplicated + len(overlaps) + leaked + run.crashes
+    return 0 if failures == 0 else 1
 
 
 def main() -> None:

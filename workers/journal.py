@@ -4,14 +4,16 @@ A worker acks a job message as soon as the job is journaled here (so no job is h
 unacked for hours, past the broker's consumer timeout), and from then on this file
 owns it until the job's sandbox is gone:
 
-    <journal_dir>/<driver>/<job_id>.json   {job, owner, sandbox_id, terminal}
+    <journal_dir>/<driver>/<job_id>.json          open: {job, owner, sandbox_id, terminal}
+    <journal_dir>/<driver>/closed/<job_id>.json   over: sandbox removed, GPUs released
 
-Entries stay, closed, for `journal_retention_seconds` after the job is over, so a late
-duplicate delivery of the same job is recognised and dropped. A worker that starts up
-takes over the open entries of dead workers (their lease is free)
-and finishes them: adopts the running sandbox, or re-publishes a terminal event that
-was recorded but perhaps not sent (same event_id: readers drop the repeat), then
-cleans up. Writes are atomic (write, fsync, rename); take-overs happen under a flock.
+Closed entries stay for `journal_retention_seconds`, so a late duplicate delivery of
+the same job is recognised and dropped; they live apart so that finding the open
+ones (every reconciliation) never reads a week of finished jobs. Workers take over
+the open entries of dead workers (their lease is free), at start-up and periodically,
+and finish them: adopt the running sandbox, or re-publish a terminal event that was
+recorded but perhaps not sent (same event_id: readers drop the repeat), then clean
+up. Writes are atomic (write, fsync, rename); take-overs happen under a flock.
 """
 
 from __future__ import annotations
@@ -48,33 +50,49 @@ class AlreadyFinished(Exception):
 class JobJournal:
     def __init__(self, directory: Path, driver: str) -> None:
         self._dir = directory / driver
-        self._dir.mkdir(parents=True, exist_ok=True)
+        self._closed = self._dir / "closed"
+        self._closed.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, job_id: str) -> Path:
-        return self._dir / f"{job_id}.json"
+    def _path(self, job_id: str, *, closed: bool = False) -> Path:
+        return (self._closed if closed else self._dir) / f"{job_id}.json"
 
     def read(self, job_id: str) -> JournalEntry | None:
-        try:
-            return JournalEntry.model_validate_json(self._path(job_id).read_bytes())
-        except FileNotFoundError:
-            return None
+        # Closed first: a crash between writing the closed entry and removing the open
+        # one leaves both, and the closed one is the later word.
+        for closed in (True, False):
+            try:
+                return JournalEntry.model_validate_json(
+                    self._path(job_id, closed=closed).read_bytes()
+                )
+            except FileNotFoundError:
+                continue
+        return None
 
     def write(self, entry: JournalEntry) -> None:
-        path = self._path(entry.job.job_id)
+        job_id = entry.job.job_id
+        path = self._path(job_id, closed=entry.closed)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as out:
             out.write(entry.model_dump_json().encode())
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-        directory = os.open(self._dir, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)  # the rename itself survives a power loss
-        finally:
-            os.close(directory)
+        _fsync_directory(path.parent)  # the rename itself survives a power loss
+        if entry.closed:
+            self._path(job_id).unlink(missing_ok=True)
+            _fsync_directory(self._dir)
 
     def delete(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)
+        self._path(job_id, closed=True).unlink(missing_ok=True)
+
+    def open_job_ids(self) -> set[str]:
+        """Jobs taken on by this host's workers of this driver and not over yet."""
+        return {
+            path.stem
+            for path in self._dir.glob("*.json")
+            if not self._path(path.stem, closed=True).exists()
+        }
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -109,14 +127,12 @@ class JobJournal:
         cutoff = time.time() - older_than_seconds
         pruned = 0
         with self._locked():
-            for path in self._dir.glob("*.json"):
+            for path in self._closed.glob("*.json"):
                 try:
-                    if path.stat().st_mtime >= cutoff:
-                        continue
-                    if JournalEntry.model_validate_json(path.read_bytes()).closed:
+                    if path.stat().st_mtime < cutoff:
                         path.unlink()
                         pruned += 1
-                except (FileNotFoundError, ValidationError):
+                except FileNotFoundError:
                     continue
         return pruned
 
@@ -124,9 +140,9 @@ class JobJournal:
         """Every entry whose worker is gone, now owned by `owner`."""
         taken = []
         with self._locked():
-            for path in sorted(self._dir.glob("*.json")):
+            for job_id in sorted(self.open_job_ids()):
                 try:
-                    entry = JournalEntry.model_validate_json(path.read_bytes())
+                    entry = JournalEntry.model_validate_json(self._path(job_id).read_bytes())
                 except (FileNotFoundError, ValidationError):
                     continue
                 if not entry.closed and entry.owner != owner and not alive(entry.owner):
@@ -134,3 +150,11 @@ class JobJournal:
                     self.write(entry)
                     taken.append(entry)
         return taken
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -6,8 +6,8 @@
 It declares its job queues (the driver's shared one and its host's), takes jobs
 through a `JobIntake` that never holds more than its free slots, runs each through a
 `JobRunner`, and publishes heartbeats. Leaving the `async with` stops taking jobs,
-lets running ones finish for `drain_seconds`, then leaves the rest to be redelivered
-and adopted by the next worker on this host.
+lets running ones finish for `drain_seconds`, then leaves the rest (by the shutdown
+policy) running, for another worker of this host to take over from the journal.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ class Worker(AsyncCloseable):
         self._intake: JobIntake | None = None
         self._runner: JobRunner | None = None
         self._events: EventPublisher | None = None
-        self._background: list[asyncio.Task[None]] = []
+        self._heartbeats: asyncio.Task[None] | None = None
+        self._reconciler: asyncio.Task[None] | None = None
         self._jobs_exchange: AbstractExchange | None = None
         self._free_gpus = len(self.inventory)
         self._started_at = datetime.now(UTC)
@@ -134,18 +135,10 @@ class Worker(AsyncCloseable):
         )
         queues = [await channel.get_queue(job_queue_name(kind, h)) for h in (None, host)]
         self._intake = JobIntake(channel, queues, slots=self._slots, handle=self._handle)
-        for entry in await asyncio.to_thread(
-            self.journal.take_orphans,
-            self.identity.worker_id,
-            lambda worker_id: worker_alive(settings.state_dir, worker_id),
-        ):
-            log.warning("job %s: taking it over from a worker that is gone", entry.job.job_id)
-            self._intake.take_over(self._resume(entry))
+        await self._take_orphans()
         await self._intake.start()
-        self._background += [
-            asyncio.create_task(self._beat()),
-            asyncio.create_task(self._reconcile_periodically()),
-        ]
+        self._heartbeats = asyncio.create_task(self._beat())
+        self._reconciler = asyncio.create_task(self._reconcile_periodically())
         log.info("worker %s consuming %s", self.identity.worker_id, [q.name for q in queues])
         return self
 
@@ -154,11 +147,11 @@ class Worker(AsyncCloseable):
         if self._closed:
             return
         self._closed = True
+        # Reconciliation stops first, so no take-over starts a job behind the drain's
+        # back; heartbeats go on through the drain.
+        await _cancel(self._reconciler)
         await self._drain()
-        for task in self._background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(self._heartbeats)
         if self._events is not None:
             try:
                 await self._heartbeat(HEARTBEAT_STOPPED)  # so it is listed as stopped, not lost
@@ -250,10 +243,27 @@ class Worker(AsyncCloseable):
             routing_key=retry_queue_name(message.routing_key or self._driver.kind.value),
         )
 
+    async def _take_orphans(self) -> None:
+        """Take over the open journal entries of this host's dead workers of our driver."""
+        assert self._intake is not None
+        state_dir = self._settings.state_dir
+        for entry in await asyncio.to_thread(
+            self.journal.take_orphans,
+            self.identity.worker_id,
+            lambda worker_id: worker_alive(state_dir, worker_id),
+        ):
+            log.warning("job %s: taking it over from a worker that is gone", entry.job.job_id)
+            self._intake.take_over(self._resume(entry))
+
     async def _reconcile(self) -> None:
+        """Release the GPUs of dead workers' jobs that are over: no sandbox running and
+        no open journal entry. A job with an open entry keeps its claim for whoever
+        takes it over, even with no sandbox in sight: its worker may have died while the
+        runtime was still creating one, which would then appear with the GPUs inside."""
         sandboxes = await self._driver.list_sandboxes()
-        live = {s.job_id for s in sandboxes if s.job_id and s.status is not SandboxStatus.EXITED}
-        for claim in await self._gpus.reconcile(live):
+        running = {s.job_id for s in sandboxes if s.job_id and s.status is not SandboxStatus.EXITED}
+        unfinished = await asyncio.to_thread(self.journal.open_job_ids)
+        for claim in await self._gpus.reconcile(running | unfinished):
             log.warning(
                 "released GPUs %s of job %s: its worker %s is gone and so is its sandbox",
                 ",".join(claim.devices),
@@ -264,12 +274,14 @@ class Worker(AsyncCloseable):
         await asyncio.to_thread(self.journal.prune, self._settings.journal_retention_seconds)
 
     async def _reconcile_periodically(self) -> None:
+        """A peer that dies is noticed here, not only when a worker next starts."""
         while True:
             await asyncio.sleep(self._settings.reconcile_seconds)
             try:
+                await self._take_orphans()
                 await self._reconcile()
             except Exception:
-                log.warning("GPU claim reconciliation failed; will retry", exc_info=True)
+                log.warning("reconciliation failed; will retry", exc_info=True)
 
     def health(self) -> WorkerHealth:
         assert self._intake is not None and self._runner is not None
@@ -308,3 +320,11 @@ class Worker(AsyncCloseable):
                 # A broker outage must not end the heartbeat; the robust connection recovers.
                 log.warning("heartbeat not published", exc_info=True)
             await asyncio.sleep(self._settings.heartbeat_seconds)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -6,6 +6,7 @@ same GPU, once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import aiodocker
 import pytest
 
 from common.events import Phase
+from common.models import Job
 from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import TEST_CDI_KIND, WorkerFactory, containers_of
@@ -25,6 +27,7 @@ from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
 from tests.support import eventually, until_phase, until_terminal
 from tests.worker_process import start_worker
 from workers.gpu.claims import GpuClaimStore, worker_alive
+from workers.journal import JobJournal
 
 pytestmark = pytest.mark.integration
 
@@ -136,4 +139,42 @@ async def test_sigkilled_podman_worker_with_a_gpu_job_leaves_it_to_the_next_work
     assert [e.phase for e in terminal] == [Phase.SUCCEEDED], [e.phase for e in history]
     assert terminal[0].output == "sandfleet-gpu2\n"  # seen from inside: the one claimed GPU
     assert podman_containers_created(job_id, since) == 1
+    assert store.claims() == []
+
+
+async def test_a_dead_workers_claim_for_an_unfinished_job_goes_to_whoever_finishes_it(
+    settings: Settings,
+    client: Client,
+    podman_worker: WorkerFactory,
+    podman_image: str,
+    test_cdi_spec: Path,
+    tmp_path: Path,
+) -> None:
+    """A worker died after claiming GPU 2 and before any sandbox showed up (the runtime
+    may still have been creating one, GPU inside). The claim must not be freed for
+    another job: the worker that takes the job over runs it on GPU 2."""
+    job_id = f"gc-{uuid.uuid4().hex[:8]}"
+    body = {
+        "job_id": job_id,
+        "driver": "podman",
+        "resource_requirements": {"gpu": {"count": 1}},
+        "template": {"image": podman_image, "command": ["sh", "-c", "ls /dev | grep gpu"]},
+    }
+    job = Job.model_validate_json(json.dumps(body))
+    JobJournal(settings.journal_dir, "podman").take(job, "dead-worker", lambda _: True)
+    store = GpuClaimStore(settings.state_dir)
+    store.claim(
+        job_id=job_id, gpus=[FOUR_UUIDS[2]], devices=[f"{TEST_CDI_KIND}=2"],
+        driver="podman", worker_id="dead-worker",
+    )  # fmt: skip
+
+    inventory = write_inventory(tmp_path / "gpus.json")
+    async with (
+        client.events(job_id=job_id) as stream,
+        podman_worker(gpu_inventory=inventory, cdi_kind=TEST_CDI_KIND),
+    ):
+        events = await until_terminal(stream, job_id, timeout=60)
+    assert events[-1].phase is Phase.SUCCEEDED, events
+    assert events[-1].gpus == [f"{TEST_CDI_KIND}=2"]
+    assert events[-1].output == "sandfleet-gpu2\n"  # the claimed GPU, not the first free one
     assert store.claims() == []

@@ -90,3 +90,33 @@ async def test_an_adopted_job_holds_a_slot_until_it_ends(
 
 def _timeline(events: list[Event]) -> list[tuple[str, str | None, str]]:
     return [(e.phase.value, e.job_id, e.timestamp.isoformat()) for e in events]
+
+
+async def test_a_live_peer_takes_over_a_killed_workers_job_without_a_restart(
+    settings: Settings,
+    client: Client,
+    docker_worker: WorkerFactory,
+    test_image: str,
+    docker: aiodocker.Docker,
+) -> None:
+    req = sleeper(test_image, 3)
+    async with client.events(job_id=req["job_id"]) as stream:
+        victim, _ = await start_worker(settings, client)
+        try:
+            assert (await client.submit(req)).accepted
+            await until_phase(stream, req["job_id"], Phase.RUNNING)
+            # The peer starts while the victim lives, so its start-up takes nothing over.
+            async with docker_worker(reconcile_seconds=0.5) as peer:
+                victim.send_signal(signal.SIGKILL)
+                await victim.wait()
+                events = await until_terminal(stream, req["job_id"], timeout=30)
+                await eventually(lambda: no_containers(docker, req["job_id"]))
+        finally:
+            if victim.returncode is None:
+                victim.kill()
+    assert [(e.phase, e.reason) for e in events] == [
+        (Phase.RUNNING, "Adopted"),
+        (Phase.SUCCEEDED, "Completed"),
+    ]
+    assert {e.worker_id for e in events} == {peer.identity.worker_id}
+    assert events[-1].output == "up\ndone\n"

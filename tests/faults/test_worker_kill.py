@@ -82,5 +82,5 @@ async def test_sigkill_at_any_step_neither_loses_nor_duplicates_the_job(
     assert GpuClaimStore(settings.state_dir).claims() == []
     journal = settings.journal_dir / "docker"
     assert [
-        JournalEntry.model_validate_json(p.read_bytes()).closed for p in journal.glob("*.json")
+        JournalEntry.model_validate_json(p.read_bytes()).closed for p in journal.rglob("*.json")
     ] == [True]

@@ -231,11 +231,11 @@ class GpuClaimStore:
             return [gpu for gpu in candidates if gpu not in held]
 
     def reconcile(self, *, driver: str, live_jobs: Collection[str]) -> list[Claim]:
-        """Release `driver`'s claims whose worker is dead and whose sandbox is gone.
+        """Release `driver`'s claims whose worker is dead and whose job is over.
 
         Claims of live workers are theirs to release; a dead worker's claim stays
-        while its sandbox (`live_jobs`: job ids with a sandbox that is not finished)
-        still runs, for the worker that adopts it.
+        while its job is in `live_jobs` (the caller's word: a sandbox still running,
+        or a job not yet finished by whoever takes it over).
         """
         with self._transaction() as claims:
             released = [

@@ -22,6 +22,12 @@ class PodmanApiError(Exception):
         self.message = message
         super().__init__(f"{status}: {message}")
 
+    @property
+    def no_such_container(self) -> bool:
+        # Podman 4.3 answers 500 "... no such container" for a container removed while
+        # the request was under way (listed, then inspected after another worker's rm).
+        return self.status == 404 or (self.status == 500 and "no such container" in self.message)
+
 
 def _connector(url: str) -> tuple[aiohttp.BaseConnector, str]:
     parsed = urlparse(url)

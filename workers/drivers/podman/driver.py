@@ -126,14 +126,14 @@ class PodmanDriver:
                 "DELETE", f"/containers/{sandbox_id}", params={"force": "true", "v": "true"}
             )
         except PodmanApiError as exc:
-            if exc.status != 404:
+            if not exc.no_such_container:
                 raise SandboxError(f"podman rm {sandbox_id}: {exc.message}") from exc
 
     async def find(self, name: str) -> SandboxState | None:
         try:
             info = await self._api.json("GET", f"/containers/{name}/json")
         except PodmanApiError as exc:
-            if exc.status == 404:
+            if exc.no_such_container:
                 return None
             raise SandboxError(f"podman inspect {name}: {exc.message}") from exc
         return state_from_inspect(info)
