@@ -124,16 +124,14 @@ class JobJournal:
 
     def prune(self, older_than_seconds: float) -> int:
         """Delete closed entries older than `older_than_seconds`; returns how many."""
-        cutoff = time.time() - older_than_seconds
+        now = time.time()
         pruned = 0
         with self._locked():
             for path in self._closed.glob("*.json"):
-                try:
-                    if path.stat().st_mtime < cutoff:
-                        path.unlink()
-                        pruned += 1
-                except FileNotFoundError:
-                    continue
+                pruned += _unlink_if_older(path, now - older_than_seconds)
+            # Half-written entries of workers killed mid-write (a write takes ms).
+            for path in [*self._dir.glob("*.tmp"), *self._closed.glob("*.tmp")]:
+                _unlink_if_older(path, now - 60)
         return pruned
 
     def take_orphans(self, owner: str, alive: Callable[[str], bool]) -> list[JournalEntry]:
@@ -158,3 +156,13 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _unlink_if_older(path: Path, cutoff: float) -> bool:
+    try:
+        if path.stat().st_mtime < cutoff:
+            path.unlink()
+            return True
+    except FileNotFoundError:
+        pass
+    return False

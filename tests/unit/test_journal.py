@@ -85,3 +85,17 @@ def test_prune_removes_only_old_closed_entries(tmp_path: Path) -> None:
     assert journal.read("old-closed") is None
     assert journal.read("new-closed") is not None
     assert journal.open_job_ids() == {"old-open"}
+
+
+def test_prune_removes_half_written_entries_of_killed_writers(tmp_path: Path) -> None:
+    journal = JobJournal(tmp_path, "docker")
+    journal.take(job("a"), "w1", alive)
+    stale, fresh = tmp_path / "docker" / "b.123.tmp", tmp_path / "docker" / "c.456.tmp"
+    stale.write_bytes(b'{"job": ')
+    fresh.write_bytes(b'{"job": ')
+    minute_ago = time.time() - 61
+    os.utime(stale, (minute_ago, minute_ago))
+    journal.prune(7 * 86400)
+    assert not stale.exists()
+    assert fresh.exists()  # perhaps a write under way
+    assert journal.open_job_ids() == {"a"}
