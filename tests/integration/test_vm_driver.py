@@ -105,6 +105,20 @@ async def test_define_inspect_metadata_and_cleanup(
     await test_driver.remove(state.sandbox_id)  # already gone: not an error
 
 
+async def test_a_domain_undefined_after_it_was_listed_reads_as_gone(
+    test_driver: VmDriver, vm_guest: dict[str, str]
+) -> None:
+    """Another worker may remove a domain between this one's list and inspect."""
+    state = await test_driver.create(spec_for(test_driver, vm_guest))
+    conn = libvirt.open("test:///default")
+    try:
+        listed = conn.lookupByUUIDString(state.sandbox_id)
+        await test_driver.remove(state.sandbox_id)
+        assert await test_driver._state_unless_gone(listed) is None
+    finally:
+        conn.close()
+
+
 async def test_lifecycle_events_end_the_wait(
     test_driver: VmDriver, vm_guest: dict[str, str]
 ) -> None:

@@ -225,14 +225,27 @@ class VmDriver:
             if _missing_domain(exc):
                 return None
             raise SandboxError(f"libvirt lookup {name}: {exc.get_error_message()}") from exc
-        return await self._state(domain)
+        return await self._state_unless_gone(domain)
 
     async def list_sandboxes(self) -> list[SandboxState]:
         conn = await self._connection()
         async with _translated("list", "domains"):
             domains = await self._libvirt.call(conn.listAllDomains, 0)
-        states = [await self._state(d) for d in domains if d.name().startswith(NAME_PREFIX)]
-        return [s for s in states if s.job_id]
+        states = [
+            await self._state_unless_gone(d) for d in domains if d.name().startswith(NAME_PREFIX)
+        ]
+        return [s for s in states if s is not None and s.job_id]
+
+    async def _state_unless_gone(self, domain: libvirt.virDomain) -> SandboxState | None:
+        """The domain's state, or None if it was undefined since it was looked up
+        (another worker removing it is no error of ours)."""
+        try:
+            return await self._state(domain)
+        except SandboxError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, libvirt.libvirtError) and _missing_domain(cause):
+                return None
+            raise
 
     async def output(self, sandbox_id: str, *, lines: int) -> str:
         domain = await self._domain(sandbox_id)
