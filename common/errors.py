@@ -82,5 +82,12 @@ class CapabilityMissing(SandboxError):
     reason = "CapabilityMissing"
 
 
+class SandboxNameTaken(SandboxError):
+    """A sandbox of this name exists already: for a deterministic per-job name, an
+    earlier create of the same job (by a worker that died waiting for the answer)."""
+
+    reason = "SandboxNameTaken"
+
+
 class Unschedulable(SandboxError):
     reason = "Unschedulable"

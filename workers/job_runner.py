@@ -26,7 +26,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from common.amqp import EventPublisher
-from common.errors import DeadLetter, RequestInvalid, RetryLater, SandboxError, Unschedulable
+from common.errors import (
+    DeadLetter,
+    RequestInvalid,
+    RetryLater,
+    SandboxError,
+    SandboxNameTaken,
+    Unschedulable,
+)
 from common.events import Event, Phase
 from common.models import CancelRequest, Job, field_errors
 from common.settings import Settings
@@ -235,6 +242,15 @@ class JobRunner:
             await ack()  # from here on the journal owns the job
             try:
                 sandbox = await self._create(job, config, claim, report)
+            except SandboxNameTaken:
+                # A dead worker's create of this job landed after we looked: that
+                # sandbox is the job's one sandbox (its GPUs are this claim's).
+                sandbox = await self._driver.find(sandbox_name(job.job_id))
+                if sandbox is None:
+                    raise
+                log.info("job %s: adopting %s, created late", job.job_id, sandbox.sandbox_id)
+                if claim is not None:
+                    await self._gpus.attach(job.job_id, sandbox.sandbox_id)
             except SandboxError as exc:
                 await report.emit(Phase.FAILED, exc.reason, str(exc))
                 await self._clean_up(job.job_id, None)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 import uuid
+from typing import Any
 
 import aiodocker
 import pytest
@@ -15,10 +16,12 @@ import pytest
 from common.events import Phase
 from common.settings import Settings
 from gateway.client import Client
-from tests.conftest import WorkerFactory, containers_of
+from tests.conftest import WorkerFactory, containers_of, worker_factory
 from tests.integration.test_job_flow import no_containers
-from tests.support import eventually, until_terminal
+from tests.support import eventually, submit_and_wait, until_terminal
 from tests.worker_process import start_worker
+from workers.drivers.base import LABEL_DRIVER, LABEL_JOB_ID, SandboxState, sandbox_name
+from workers.drivers.docker import DockerDriver
 from workers.gpu.claims import GpuClaimStore
 from workers.journal import JournalEntry
 
@@ -84,3 +87,45 @@ async def test_sigkill_at_any_step_neither_loses_nor_duplicates_the_job(
     assert [
         JournalEntry.model_validate_json(p.read_bytes()).closed for p in journal.rglob("*.json")
     ] == [True]
+
+
+class LateCreateDockerDriver(DockerDriver):
+    """A real Docker driver whose first look for `late_name` misses: as when a dead
+    worker's create request was still under way in dockerd when its job was taken over."""
+
+    def __init__(self, late_name: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._late_name: str | None = late_name
+
+    async def find(self, name: str) -> SandboxState | None:
+        if name == self._late_name:
+            self._late_name = None
+            return None
+        return await super().find(name)
+
+
+async def test_a_create_that_lands_late_is_adopted_not_duplicated(
+    settings: Settings, client: Client, test_image: str, docker: aiodocker.Docker
+) -> None:
+    job_id = f"late-{uuid.uuid4().hex[:8]}"
+    since = time.time()
+    # The dead worker's create, landed: same name and labels, its own command.
+    await docker.containers.create(
+        {
+            "Image": test_image,
+            "Cmd": ["sh", "-c", "echo created by the dead worker"],
+            "Labels": {LABEL_JOB_ID: job_id, LABEL_DRIVER: "docker"},
+        },
+        name=sandbox_name(job_id),
+    )
+    request = {"job_id": job_id, "template": {"image": test_image, "command": ["echo", "again"]}}
+    start = worker_factory(
+        settings,
+        lambda s: LateCreateDockerDriver(sandbox_name(job_id), url=s.docker_url),
+    )
+    async with start():
+        events = await submit_and_wait(client, request)
+        await eventually(lambda: no_containers(docker, job_id), timeout=20)
+    assert [e.phase for e in events][-3:] == [Phase.STARTING, Phase.RUNNING, Phase.SUCCEEDED]
+    assert events[-1].output == "created by the dead worker\n"
+    assert containers_created(job_id, since) == 1

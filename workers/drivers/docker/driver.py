@@ -9,7 +9,7 @@ from typing import Any
 import aiodocker
 from aiodocker.exceptions import DockerError
 
-from common.errors import CapabilityMissing, ImageUnavailable, SandboxError
+from common.errors import CapabilityMissing, ImageUnavailable, SandboxError, SandboxNameTaken
 from common.models import Driver, Job
 from workers.drivers.base import (
     LABEL_DRIVER,
@@ -132,8 +132,11 @@ class DockerDriver:
         }
         if spec.command:
             config["Cmd"] = list(spec.command)
-        async with _translated("create", spec.name):
+        try:
             container = await self._docker.containers.create(config, name=spec.name)
+        except DockerError as exc:
+            error = SandboxNameTaken if exc.status == 409 else SandboxError
+            raise error(f"docker create {spec.name}: {exc.message}") from exc
         state = await self._state(container.id)
         if state is None:
             raise SandboxError(f"docker create {spec.name}: the container vanished after creation")

@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from common.errors import ImageUnavailable, SandboxError
+from common.errors import ImageUnavailable, SandboxError, SandboxNameTaken
 from common.models import Driver, Job
 from workers.drivers.base import LABEL_DRIVER, Capabilities, SandboxSpec, SandboxState
 from workers.drivers.cdi import ContainerBlock, parse_container_block
@@ -94,8 +94,13 @@ class PodmanDriver:
             limits["memory"] = {"limit": spec.memory_bytes}
         if limits:
             body["resource_limits"] = limits
-        async with _translated("create", spec.name):
+        try:
             created = await self._api.json("POST", "/containers/create", body=body)
+        except PodmanApiError as exc:
+            # Podman 4.3 answers 500 "... that name is already in use", not 409.
+            taken = exc.status == 409 or "name is already in use" in exc.message
+            error = SandboxNameTaken if taken else SandboxError
+            raise error(f"podman create {spec.name}: {exc.message}") from exc
         state = await self.find(created["Id"])
         if state is None:
             raise SandboxError(f"podman create {spec.name}: the container vanished after creation")
