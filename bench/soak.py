@@ -69,7 +69,7 @@ async def spawn(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Proc
     with open(log_dir / f"{args[0]}-{time.monotonic_ns()}.log", "wb") as log:  # noqa: ASYNC230
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sandfleet_cli", *args,
-            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log,
+            env=env, stdout=log, stderr=log,
         )  # fmt: skip
 
 

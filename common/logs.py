@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 
@@ -11,7 +12,8 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(name)s: %(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=True)],
+        # stderr: stdout belongs to what a command prints (`--json` output included).
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=True)],
     )
     # aio-pika logs every reconnect attempt at length; our own lines say what matters.
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
