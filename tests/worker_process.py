@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 from common.events import Event, Phase
 from common.settings import Settings
-from gateway.client import Client
+from gateway.client import Client, EventStream
+from tests.support import until_phase
 
 
 async def start_worker(
@@ -37,3 +43,38 @@ async def start_worker(
         async with asyncio.timeout(30):
             first = await anext(aiter(beats))
     return process, first
+
+
+@asynccontextmanager
+async def worker_in_phase(
+    settings: Settings,
+    client: Client,
+    stream: EventStream,
+    request: dict[str, Any],
+    *args: str,
+    phase: Phase = Phase.RUNNING,
+    driver: str = "docker",
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A worker process (`args`, `driver`, `env` as for `start_worker`) that has taken
+    `request` as far as `phase` on `stream`. Killed on the way out if still alive."""
+    worker, _ = await start_worker(settings, client, *args, driver=driver, env=env)
+    try:
+        assert (await client.submit(request)).accepted
+        await until_phase(stream, request["job_id"], phase)
+        yield worker
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+
+
+async def signal_and_wait(
+    process: asyncio.subprocess.Process, sig: signal.Signals, *, bound: float = 20
+) -> float:
+    """Send `sig`; seconds until the process exited (at most `bound`)."""
+    started = time.monotonic()
+    process.send_signal(sig)
+    async with asyncio.timeout(bound):
+        await process.wait()
+    return time.monotonic() - started

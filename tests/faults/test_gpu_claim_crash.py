@@ -24,8 +24,8 @@ from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import TEST_CDI_KIND, WorkerFactory, containers_of
 from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
-from tests.support import eventually, until_phase, until_terminal
-from tests.worker_process import start_worker
+from tests.support import eventually, until_terminal
+from tests.worker_process import signal_and_wait, worker_in_phase
 from workers.gpu.claims import GpuClaimStore, worker_alive
 from workers.journal import JobJournal
 
@@ -117,15 +117,10 @@ async def test_sigkilled_podman_worker_with_a_gpu_job_leaves_it_to_the_next_work
     store = GpuClaimStore(settings.state_dir)
     since = time.time()
     async with client.events(job_id=job_id) as stream:
-        worker, _ = await start_worker(settings, client, driver="podman", env=gpu_env)
-        try:
-            assert (await client.submit(request)).accepted
-            await until_phase(stream, job_id, kill_after)
-            worker.send_signal(signal.SIGKILL)
-            await worker.wait()
-        finally:
-            if worker.returncode is None:
-                worker.kill()
+        async with worker_in_phase(
+            settings, client, stream, request, phase=kill_after, driver="podman", env=gpu_env
+        ) as worker:
+            await signal_and_wait(worker, signal.SIGKILL)
         [claim] = store.claims()  # the dead worker's claim stands
         assert (claim.job_id, claim.gpus) == (job_id, (FOUR_UUIDS[2],))
 

@@ -14,7 +14,7 @@ from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import WorkerFactory
 from tests.integration.test_cli import sandfleet
-from tests.worker_process import start_worker
+from tests.worker_process import signal_and_wait, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -58,8 +58,7 @@ async def test_a_killed_worker_shows_as_lost(
     try:
         worker_id = first.worker_id
         assert worker_id is not None
-        process.send_signal(signal.SIGKILL)
-        await process.wait()
+        await signal_and_wait(process, signal.SIGKILL)
         lost = await until_state(client, worker_id, "lost")
         assert lost.reason == "Alive"  # it never said goodbye
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from typing import Any
 
 import aiodocker
@@ -16,18 +15,10 @@ from common.settings import Settings
 from gateway.client import Client, EventStream
 from tests.conftest import WorkerFactory, containers_of
 from tests.integration.test_job_flow import no_containers
-from tests.support import eventually, sleeper, until_phase, until_terminal
-from tests.worker_process import start_worker
+from tests.support import eventually, sleeper, until_terminal
+from tests.worker_process import signal_and_wait, worker_in_phase
 
 pytestmark = pytest.mark.integration
-
-
-async def sigterm(process: asyncio.subprocess.Process, *, bound: float) -> float:
-    started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(bound):
-        await process.wait()
-    return time.monotonic() - started
 
 
 async def sigterm_while_running(
@@ -35,16 +26,9 @@ async def sigterm_while_running(
 ) -> tuple[asyncio.subprocess.Process, float]:
     """A worker with `policy` runs `request`; once it runs, SIGTERM. Returns the
     worker and how long it took to exit."""
-    worker, _ = await start_worker(
-        settings, client, "--on-shutdown", policy, "--drain-seconds", "1"
-    )
-    try:
-        assert (await client.submit(request)).accepted
-        await until_phase(stream, request["job_id"], Phase.RUNNING)
-        return worker, await sigterm(worker, bound=20)
-    finally:
-        if worker.returncode is None:
-            worker.kill()
+    args = ("--on-shutdown", policy, "--drain-seconds", "1")
+    async with worker_in_phase(settings, client, stream, request, *args) as worker:
+        return worker, await signal_and_wait(worker, signal.SIGTERM)
 
 
 async def test_sigterm_with_stop_policy_cancels_running_sandboxes(

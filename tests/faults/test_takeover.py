@@ -15,8 +15,8 @@ from common.settings import Settings
 from gateway.client import Client, EventStream
 from tests.conftest import WorkerFactory, containers_of
 from tests.integration.test_job_flow import no_containers
-from tests.support import eventually, sleeper, until_phase, until_terminal
-from tests.worker_process import start_worker
+from tests.support import eventually, sleeper, until_terminal
+from tests.worker_process import signal_and_wait, worker_in_phase
 from workers.gpu.claims import GpuClaimStore
 
 pytestmark = pytest.mark.integration
@@ -26,15 +26,8 @@ async def sigkill_while_running(
     settings: Settings, client: Client, stream: EventStream, request: dict[str, Any]
 ) -> None:
     """A worker process runs `request`; once it runs, the worker is killed (SIGKILL)."""
-    worker, _ = await start_worker(settings, client)
-    try:
-        assert (await client.submit(request)).accepted
-        await until_phase(stream, request["job_id"], Phase.RUNNING)
-        worker.send_signal(signal.SIGKILL)
-        await worker.wait()
-    finally:
-        if worker.returncode is None:
-            worker.kill()
+    async with worker_in_phase(settings, client, stream, request) as worker:
+        await signal_and_wait(worker, signal.SIGKILL)
 
 
 async def test_stop_policy_stops_a_taken_over_sandbox_and_reports_it(
@@ -100,20 +93,15 @@ async def test_a_live_peer_takes_over_a_killed_workers_job_without_a_restart(
     docker: aiodocker.Docker,
 ) -> None:
     req = sleeper(test_image, 3)
-    async with client.events(job_id=req["job_id"]) as stream:
-        victim, _ = await start_worker(settings, client)
-        try:
-            assert (await client.submit(req)).accepted
-            await until_phase(stream, req["job_id"], Phase.RUNNING)
-            # The peer starts while the victim lives, so its start-up takes nothing over.
-            async with docker_worker(reconcile_seconds=0.5) as peer:
-                victim.send_signal(signal.SIGKILL)
-                await victim.wait()
-                events = await until_terminal(stream, req["job_id"], timeout=30)
-                await eventually(lambda: no_containers(docker, req["job_id"]))
-        finally:
-            if victim.returncode is None:
-                victim.kill()
+    async with (
+        client.events(job_id=req["job_id"]) as stream,
+        worker_in_phase(settings, client, stream, req) as victim,
+        # The peer starts while the victim lives, so its start-up takes nothing over.
+        docker_worker(reconcile_seconds=0.5) as peer,
+    ):
+        await signal_and_wait(victim, signal.SIGKILL)
+        events = await until_terminal(stream, req["job_id"], timeout=30)
+        await eventually(lambda: no_containers(docker, req["job_id"]))
     assert [(e.phase, e.reason) for e in events] == [
         (Phase.RUNNING, "Adopted"),
         (Phase.SUCCEEDED, "Completed"),

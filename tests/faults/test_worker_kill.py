@@ -3,7 +3,6 @@ the job reaches exactly one terminal phase, and at most one sandbox is ever crea
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import time
@@ -19,7 +18,7 @@ from gateway.client import Client
 from tests.conftest import WorkerFactory, containers_of, worker_factory
 from tests.integration.test_job_flow import no_containers
 from tests.support import eventually, submit_and_wait, until_terminal
-from tests.worker_process import start_worker
+from tests.worker_process import signal_and_wait, worker_in_phase
 from workers.drivers.base import LABEL_DRIVER, LABEL_JOB_ID, SandboxState, sandbox_name
 from workers.drivers.docker import DockerDriver
 from workers.gpu.claims import GpuClaimStore
@@ -57,18 +56,10 @@ async def test_sigkill_at_any_step_neither_loses_nor_duplicates_the_job(
     }
     since = time.time()
     async with client.events(job_id=job_id) as stream:
-        worker, _ = await start_worker(settings, client)
-        try:
-            assert (await client.submit(request)).accepted
-            async with asyncio.timeout(30):
-                async for event in stream:
-                    if event.phase.value == kill_after:
-                        break
-            worker.send_signal(signal.SIGKILL)
-            await worker.wait()
-        finally:
-            if worker.returncode is None:
-                worker.kill()
+        async with worker_in_phase(
+            settings, client, stream, request, phase=Phase(kill_after)
+        ) as worker:
+            await signal_and_wait(worker, signal.SIGKILL)
 
         async with docker_worker():  # the next worker on this host
             history = await client.history(job_id)
