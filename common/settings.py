@@ -6,8 +6,8 @@ The names in DESIGN.md are a contract with operators and deployment files.
 from __future__ import annotations
 
 import socket
+from enum import StrEnum
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +18,13 @@ from common.models import Driver
 def _short_hostname() -> str:
     # Host names are routing-key words; a dotted FQDN would split into several.
     return socket.gethostname().split(".", 1)[0] or "localhost"
+
+
+class SandboxPolicy(StrEnum):
+    """What a worker does with running sandboxes it lets go of or takes over."""
+
+    ADOPT = "adopt"
+    STOP = "stop"
 
 
 class Settings(BaseSettings):
@@ -57,13 +64,13 @@ class Settings(BaseSettings):
     # What a worker told to stop (SIGTERM) does with sandboxes still running after its
     # drain time: "adopt" leaves them running for the next worker on this host to adopt;
     # "stop" stops them and reports them `cancelled`.
-    shutdown_policy: Literal["adopt", "stop"] = "adopt"
+    shutdown_policy: SandboxPolicy = SandboxPolicy.ADOPT
     # What a worker does with a sandbox still running (or created, not started) that it
     # finds for a job it takes over from a worker that is gone (killed, crashed, or shut
     # down with "adopt"): "adopt" watches it to its end; "stop" stops it and reports
     # it `cancelled` (reason StoppedOnTakeover). A sandbox that already ended is
     # reported as it ended either way.
-    takeover_policy: Literal["adopt", "stop"] = "adopt"
+    takeover_policy: SandboxPolicy = SandboxPolicy.ADOPT
 
     # topology
     job_delivery_limit: int = Field(default=5, gt=0)

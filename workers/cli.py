@@ -13,7 +13,7 @@ from rich.table import Table
 from common.lifecycle import until_signalled
 from common.logs import setup_logging
 from common.models import Driver
-from common.settings import Settings
+from common.settings import SandboxPolicy, Settings
 from workers.drivers.base import SandboxDriver
 from workers.gpu.claims import GpuClaimStore, worker_alive
 from workers.gpu.inventory import discover
@@ -60,14 +60,14 @@ def worker(
     ] = Driver.DOCKER,
     slots: Annotated[int, typer.Option(min=1, help="Jobs run at once (= the queue prefetch).")] = 1,
     on_shutdown: Annotated[
-        str | None,
+        SandboxPolicy | None,
         typer.Option(
             help="On SIGTERM, after the drain time: 'adopt' leaves running sandboxes for the "
             "next worker; 'stop' stops them (cancelled). Default: SANDFLEET_SHUTDOWN_POLICY."
         ),
     ] = None,
     on_takeover: Annotated[
-        str | None,
+        SandboxPolicy | None,
         typer.Option(
             help="Running sandboxes of jobs taken over from a worker that is gone: 'adopt' "
             "watches them to their end; 'stop' stops them (cancelled, StoppedOnTakeover). "
@@ -82,16 +82,8 @@ def worker(
     ] = 30.0,
 ) -> None:
     """Run a worker: take jobs for DRIVER on this host, run them, report events."""
-    settings = Settings()
-    for option, value, setting in (
-        ("--on-shutdown", on_shutdown, "shutdown_policy"),
-        ("--on-takeover", on_takeover, "takeover_policy"),
-    ):
-        if value is None:
-            continue
-        if value not in ("adopt", "stop"):
-            raise typer.BadParameter(f"adopt or stop, not {value!r}", param_hint=option)
-        settings = settings.model_copy(update={setting: value})
+    policies = {"shutdown_policy": on_shutdown, "takeover_policy": on_takeover}
+    settings = Settings().model_copy(update={k: v for k, v in policies.items() if v is not None})
     setup_logging(settings.log_level)
 
     async def serve() -> None:

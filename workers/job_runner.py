@@ -36,7 +36,7 @@ from common.errors import (
 )
 from common.events import Event, Phase
 from common.models import CancelRequest, Job, field_errors
-from common.settings import Settings
+from common.settings import SandboxPolicy, Settings
 from common.topology import RETRY_WAITING_SINCE_HEADER, job_routing_key
 from workers.drivers.base import (
     LABEL_GPUS,
@@ -240,6 +240,7 @@ class JobRunner:
         if sandbox is None:
             claim = await self._claim(job, gpus, report, waiting_since)
             await ack()  # from here on the journal owns the job
+            # Any other failure ends in `_execute`: terminal event, GPUs released.
             try:
                 sandbox = await self._create(job, config, claim, report)
             except SandboxNameTaken:
@@ -251,20 +252,13 @@ class JobRunner:
                 log.info("job %s: adopting %s, created late", job.job_id, sandbox.sandbox_id)
                 if claim is not None:
                     await self._gpus.attach(job.job_id, sandbox.sandbox_id)
-            except SandboxError as exc:
-                await report.emit(Phase.FAILED, exc.reason, str(exc))
-                await self._clean_up(job.job_id, None)
-                return
-            except Exception:
-                await self._gpus.release(job.job_id)
-                raise
         else:
             log.info("job %s: adopting existing sandbox %s", job.job_id, sandbox.sandbox_id)
             await ack()
             claim = await self._gpus.adopt(job.job_id)
             report.gpus = list(claim.devices) if claim else []
             still_running = sandbox.status is not SandboxStatus.EXITED
-            if still_running and self._settings.takeover_policy == "stop":
+            if still_running and self._settings.takeover_policy == SandboxPolicy.STOP:
                 self._cancel_reasons[job.job_id] = (
                     "StoppedOnTakeover",
                     f"found {sandbox.status.value} after its worker was gone; "

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
 from datetime import UTC, datetime
-from typing import Self
+from typing import Any, Self
 
 import aio_pika
 from aio_pika.abc import (
@@ -33,7 +34,7 @@ from common.errors import RetryLater
 from common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Event, Phase, WorkerHealth
 from common.lifecycle import AsyncCloseable
 from common.models import CancelRequest
-from common.settings import Settings
+from common.settings import SandboxPolicy, Settings
 from common.topology import (
     RETRY_WAITING_SINCE_HEADER,
     declare_topology,
@@ -84,6 +85,7 @@ class Worker(AsyncCloseable):
         self.claims = GpuClaimStore(settings.state_dir)
         self.journal = JobJournal(settings.journal_dir, driver.kind.value)
         self._lease = WorkerLease(settings.state_dir, self.identity.worker_id)
+        self._alive = functools.partial(worker_alive, settings.state_dir)
         self._gpus = GpuAllocator(
             self.inventory,
             self.claims,
@@ -131,7 +133,7 @@ class Worker(AsyncCloseable):
             cancelled=self._cancellations.get,
             journal=self.journal,
             bind_to_host=self._bind_to_host,
-            worker_alive=lambda worker_id: worker_alive(settings.state_dir, worker_id),
+            worker_alive=self._alive,
         )
         queues = [await channel.get_queue(job_queue_name(kind, h)) for h in (None, host)]
         self._intake = JobIntake(channel, queues, slots=self._slots, handle=self._handle)
@@ -172,7 +174,7 @@ class Worker(AsyncCloseable):
         if not jobs:
             return
         _, pending = await asyncio.wait(jobs, timeout=self._drain_seconds)
-        if pending and self._settings.shutdown_policy == "stop":
+        if pending and self._settings.shutdown_policy == SandboxPolicy.STOP:
             await self._stop_running()
             _, pending = await asyncio.wait(pending, timeout=self._settings.stop_grace_seconds + 30)
         for task in pending:
@@ -197,14 +199,7 @@ class Worker(AsyncCloseable):
         """Move a job from the driver's shared queue to this host's queue (confirmed)."""
         assert self._jobs_exchange is not None
         await self._jobs_exchange.publish(
-            aio_pika.Message(
-                message.body,
-                headers=message.headers or {},
-                content_type=message.content_type,
-                message_id=message.message_id,
-                type=message.type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
+            _persistent_copy(message, message.headers or {}),
             routing_key=job_routing_key(self._driver.kind, self.identity.host),
             mandatory=True,
         )
@@ -231,26 +226,15 @@ class Worker(AsyncCloseable):
             RETRY_WAITING_SINCE_HEADER: retry.waiting_since.isoformat(),
         }
         await self._channel.default_exchange.publish(
-            aio_pika.Message(
-                message.body,
-                headers=headers,
-                content_type=message.content_type,
-                message_id=message.message_id,
-                type=message.type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                expiration=retry.delay,
-            ),
+            _persistent_copy(message, headers, expiration=retry.delay),
             routing_key=retry_queue_name(message.routing_key or self._driver.kind.value),
         )
 
     async def _take_orphans(self) -> None:
         """Take over the open journal entries of this host's dead workers of our driver."""
         assert self._intake is not None
-        state_dir = self._settings.state_dir
         for entry in await asyncio.to_thread(
-            self.journal.take_orphans,
-            self.identity.worker_id,
-            lambda worker_id: worker_alive(state_dir, worker_id),
+            self.journal.take_orphans, self.identity.worker_id, self._alive
         ):
             log.warning("job %s: taking it over from a worker that is gone", entry.job.job_id)
             self._intake.take_over(self._resume(entry))
@@ -265,7 +249,7 @@ class Worker(AsyncCloseable):
         unfinished = await asyncio.to_thread(self.journal.open_job_ids)
         for claim in await self._gpus.reconcile(running | unfinished):
             log.warning(
-                "released GPUs %s of job %s: its worker %s is gone and so is its sandbox",
+                "released GPUs %s of job %s: its worker %s is gone and the job is over",
                 ",".join(claim.devices),
                 claim.job_id,
                 claim.worker_id,
@@ -328,3 +312,21 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _persistent_copy(
+    message: AbstractIncomingMessage,
+    headers: dict[str, Any],
+    *,
+    expiration: float | None = None,
+) -> aio_pika.Message:
+    """The job message again, to publish elsewhere (its host's queue, a retry queue)."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        type=message.type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        expiration=expiration,
+    )

@@ -28,6 +28,11 @@ class PodmanApiError(Exception):
         # the request was under way (listed, then inspected after another worker's rm).
         return self.status == 404 or (self.status == 500 and "no such container" in self.message)
 
+    @property
+    def name_in_use(self) -> bool:
+        # Podman 4.3 answers 500 "... that name is already in use", not 409.
+        return self.status == 409 or "name is already in use" in self.message
+
 
 def _connector(url: str) -> tuple[aiohttp.BaseConnector, str]:
     parsed = urlparse(url)

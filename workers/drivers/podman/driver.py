@@ -97,9 +97,7 @@ class PodmanDriver:
         try:
             created = await self._api.json("POST", "/containers/create", body=body)
         except PodmanApiError as exc:
-            # Podman 4.3 answers 500 "... that name is already in use", not 409.
-            taken = exc.status == 409 or "name is already in use" in exc.message
-            error = SandboxNameTaken if taken else SandboxError
+            error = SandboxNameTaken if exc.name_in_use else SandboxError
             raise error(f"podman create {spec.name}: {exc.message}") from exc
         state = await self.find(created["Id"])
         if state is None:
