@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from bench.soak import sandboxes_created
 from common.events import Phase
 from gateway.client import Client
 from tests.conftest import WorkerFactory
-from tests.faults.test_worker_kill import containers_created
 from tests.support import until_phase, until_terminal
 
 pytestmark = pytest.mark.integration
@@ -68,4 +68,4 @@ async def test_broker_restart_loses_and_duplicates_nothing(
     for job_id in (through["job_id"], fresh["job_id"]):
         history = await client.history(job_id)
         assert [e.phase for e in history].count(Phase.SUCCEEDED) == 1
-        assert containers_created(job_id, since) == 1
+        assert sandboxes_created("docker", since)[job_id] == 1

@@ -18,11 +18,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
+from bench.soak import sandboxes_created
 from common.events import Phase
 from common.settings import Settings
 from gateway.client import Client
 from tests.conftest import WorkerFactory
-from tests.faults.test_worker_kill import containers_created
 from tests.support import until_terminal
 
 pytestmark = pytest.mark.integration
@@ -95,4 +95,4 @@ async def test_job_longer_than_the_consumer_timeout_runs_once(
         Phase.ACCEPTED, Phase.STARTING, Phase.RUNNING, Phase.SUCCEEDED
     ]  # fmt: skip
     assert events[-1].output == "finished\n"
-    assert containers_created(job_id, since) == 1
+    assert sandboxes_created("docker", since)[job_id] == 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -18,6 +17,7 @@ from typing import Any
 import aiodocker
 import pytest
 
+from bench.soak import sandboxes_created
 from common.events import Phase
 from common.models import Job
 from common.settings import Settings
@@ -78,19 +78,6 @@ async def test_sigkilled_workers_claim_stays_while_its_container_runs_then_is_fr
             await container.delete(force=True)
 
 
-def podman_containers_created(job_id: str, since: float) -> int:
-    """How many containers podman created for `job_id` (podman's event log)."""
-    out = subprocess.run(
-        [
-            "podman", "events", "--stream=false", "--since", f"{since:.3f}",
-            "--filter", "event=create", "--filter", f"label=sandfleet.job_id={job_id}",
-            "--format", "{{.ID}}",
-        ],
-        capture_output=True, text=True, check=True, timeout=30,
-    )  # fmt: skip
-    return len(out.stdout.split())
-
-
 @pytest.mark.parametrize("kill_after", [Phase.CLAIMED, Phase.RUNNING])
 async def test_sigkilled_podman_worker_with_a_gpu_job_leaves_it_to_the_next_worker(
     kill_after: Phase,
@@ -133,7 +120,7 @@ async def test_sigkilled_podman_worker_with_a_gpu_job_leaves_it_to_the_next_work
     terminal = [e for e in history if e.phase.is_terminal]
     assert [e.phase for e in terminal] == [Phase.SUCCEEDED], [e.phase for e in history]
     assert terminal[0].output == "sandfleet-gpu2\n"  # seen from inside: the one claimed GPU
-    assert podman_containers_created(job_id, since) == 1
+    assert sandboxes_created("podman", since)[job_id] == 1
     assert store.claims() == []
 
 

@@ -11,12 +11,12 @@ from typing import Any
 import aio_pika
 import pytest
 
+from bench.soak import sandboxes_created
 from common.events import Phase
 from common.settings import Settings
 from gateway.client import Client
 from gateway.job_index import JobIndex
 from tests.conftest import WorkerFactory
-from tests.faults.test_worker_kill import containers_created
 from tests.support import until_terminal
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ async def test_resubmitting_a_finished_job_returns_its_state(
     assert again.phase is Phase.SUCCEEDED
     history = await client.history(job_id)
     assert [e.phase for e in history].count(Phase.ACCEPTED) == 1
-    assert containers_created(job_id, since) == 1
+    assert sandboxes_created("docker", since)[job_id] == 1
 
     # A gateway started later knows it too: it replays the event log.
     connection = await aio_pika.connect(settings.broker_url)
@@ -62,7 +62,7 @@ async def test_concurrent_twins_run_once(
         await until_terminal(stream, job_id)
     assert sorted(bool(r.duplicate) for r in replies) == [False, True, True, True, True]
     assert all(r.accepted for r in replies)
-    assert containers_created(job_id, since) == 1
+    assert sandboxes_created("docker", since)[job_id] == 1
 
 
 async def test_a_rejected_job_id_may_be_submitted_again(

@@ -4,7 +4,6 @@ the job reaches exactly one terminal phase, and at most one sandbox is ever crea
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 import uuid
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import aiodocker
 import pytest
 
+from bench.soak import sandboxes_created
 from common.events import Phase
 from common.settings import Settings
 from gateway.client import Client
@@ -25,19 +25,6 @@ from workers.gpu.claims import GpuClaimStore
 from workers.journal import JournalEntry
 
 pytestmark = pytest.mark.integration
-
-
-def containers_created(job_id: str, since: float) -> int:
-    """How many containers dockerd created for `job_id` (its event log, not ours)."""
-    out = subprocess.run(
-        [
-            "docker", "events", "--since", f"{since:.3f}", "--until", f"{time.time():.3f}",
-            "--filter", "type=container", "--filter", "event=create",
-            "--filter", f"label=sandfleet.job_id={job_id}", "--format", "{{.Actor.ID}}",
-        ],
-        capture_output=True, text=True, check=True, timeout=30,
-    )  # fmt: skip
-    return len(out.stdout.split())
 
 
 @pytest.mark.parametrize("kill_after", ["accepted", "starting", "running", "succeeded"])
@@ -71,7 +58,7 @@ async def test_sigkill_at_any_step_neither_loses_nor_duplicates_the_job(
     terminal = [e for e in history if e.phase.is_terminal]
     assert [e.phase for e in terminal] == [Phase.SUCCEEDED], [e.phase for e in history]
     assert terminal[0].output == "one\ntwo\n"
-    assert containers_created(job_id, since) == 1
+    assert sandboxes_created("docker", since)[job_id] == 1
     assert not await containers_of(docker, job_id)
     assert GpuClaimStore(settings.state_dir).claims() == []
     journal = settings.journal_dir / "docker"
@@ -119,4 +106,4 @@ async def test_a_create_that_lands_late_is_adopted_not_duplicated(
         await eventually(lambda: no_containers(docker, job_id), timeout=20)
     assert [e.phase for e in events][-3:] == [Phase.STARTING, Phase.RUNNING, Phase.SUCCEEDED]
     assert events[-1].output == "created by the dead worker\n"
-    assert containers_created(job_id, since) == 1
+    assert sandboxes_created("docker", since)[job_id] == 1
