@@ -27,9 +27,8 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from common.models import Driver
-from common.settings import Settings
-from common.topology import SUBMIT_QUEUE, declare_topology, job_queue_name
+from sandfleet.common.settings import Settings
+from sandfleet.common.topology import SUBMIT_QUEUE, declare_topology, job_queue_name
 
 
 def payloads(n: int, host: str) -> list[bytes]:
@@ -91,7 +90,7 @@ async def through_gateway(
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         settings = Settings(broker_url=url, host=host)
-        await declare_topology(channel, settings, job_queues=[(Driver.DOCKER, host)])
+        await declare_topology(channel, settings, job_queues=[("docker", host)])
         replies = await channel.declare_queue(exclusive=True)
         pending: dict[str, asyncio.Future[bytes]] = {}
 
@@ -119,8 +118,8 @@ async def through_gateway(
         started = time.perf_counter()
         await windowed(len(bodies), window, submit)
         elapsed = time.perf_counter() - started
-        queued = await _depth(channel, job_queue_name(Driver.DOCKER, host))
-        await (await channel.get_queue(job_queue_name(Driver.DOCKER, host))).delete(
+        queued = await _depth(channel, job_queue_name("docker", host))
+        await (await channel.get_queue(job_queue_name("docker", host))).delete(
             if_unused=False, if_empty=False
         )
     return elapsed, queued
@@ -183,7 +182,7 @@ def main() -> None:
         "SANDFLEET_HOST": "benchgw",
         "SANDFLEET_LOG_LEVEL": "WARNING",
     }
-    gateway = subprocess.Popen([sys.executable, "-m", "sandfleet_cli", "gateway"], env=env)
+    gateway = subprocess.Popen([sys.executable, "-m", "sandfleet", "gateway"], env=env)
     try:
         asyncio.run(measure(url, args.n, args.window))
     finally:

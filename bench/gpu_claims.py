@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers.gpu.claims import GpuClaimStore, NotEnoughGpus
+from sandfleet.workers.gpu.claims import GpuClaimStore, NotEnoughGpus
 
 GPUS = [f"GPU-{i}" for i in range(4)]
 

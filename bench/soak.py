@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.gateway_throughput import throwaway_vhost
-from common.events import Event, Phase
-from common.settings import Settings
-from gateway.client import Client
-from workers.gpu.claims import GpuClaimStore
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
+from sandfleet.workers.gpu.claims import GpuClaimStore
 
 IMAGE = "sandfleet-test/busybox:latest"
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ async def spawn(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Proc
     # A local file opened once per process start: not worth a thread.
     with open(log_dir / f"{args[0]}-{time.monotonic_ns()}.log", "wb") as log:  # noqa: ASYNC230
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandfleet_cli", *args,
+            sys.executable, "-m", "sandfleet", *args,
             env=env, stdout=log, stderr=log,
         )  # fmt: skip
 

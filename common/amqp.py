@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq
@@ -16,8 +17,9 @@ from aio_pika.abc import (
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from common.errors import DeadLetter, RetryLater
-from common.events import Event
+from sandfleet.common.errors import DeadLetter
+from sandfleet.common.events import Event
+from sandfleet.common.models import Job
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,15 @@ def json_message(model: BaseModel, **properties: object) -> aio_pika.Message:
     )
 
 
+def job_message(
+    job: Job, *, headers: dict[str, Any] | None = None, expiration: float | None = None
+) -> aio_pika.Message:
+    """A job as it travels on the job queues (gateway → driver queue → host queue → retry)."""
+    return json_message(
+        job, message_id=job.job_id, type="sandfleet.job", headers=headers, expiration=expiration
+    )
+
+
 # What a broker outage looks like to a publisher: the robust connection is
 # reconnecting, so the same publish succeeds a little later.
 BROKER_UNAVAILABLE = (
@@ -50,6 +61,10 @@ BROKER_UNAVAILABLE = (
 
 
 PUBLISH_TIMEOUT_SECONDS = 10.0
+
+
+class EventSink(Protocol):
+    async def publish(self, event: Event) -> None: ...
 
 
 class EventPublisher:
@@ -85,18 +100,14 @@ class EventPublisher:
 
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
-Retrier = Callable[[AbstractIncomingMessage, RetryLater], Awaitable[None]]
 
 
-async def settle(
-    message: AbstractIncomingMessage, handler: Handler, *, retry: Retrier | None = None
-) -> None:
+async def settle(message: AbstractIncomingMessage, handler: Handler) -> None:
     """Run `handler` and tell the broker the outcome; the one place that acks or rejects.
 
     - returns normally           → ack
     - DeadLetter                 → reject without requeue: the queue's dead-letter
       exchange keeps it (the handler has already emitted its event)
-    - RetryLater                 → `retry` republishes it with a delay, then ack
     - any other exception        → requeue; the quorum queue's delivery limit
       dead-letters a message that keeps failing
     - cancellation (shutdown)    → nothing: the broker redelivers it when the channel closes
@@ -105,13 +116,6 @@ async def settle(
     """
     try:
         await handler(message)
-    except RetryLater as exc:
-        if retry is None:
-            log.error("RetryLater from a handler with no retry path; requeueing")
-            await message.nack(requeue=True)
-            return
-        await retry(message, exc)
-        await message.ack()
     except DeadLetter as exc:
         if message.processed:
             log.error("message %s failed after it was acked: %s", message.message_id, exc)
@@ -125,5 +129,5 @@ async def settle(
         log.exception("handler failed on message %s; requeueing", message.message_id)
         await message.nack(requeue=True)
     else:
-        if not message.processed:  # a handler may ack early (see workers.job_runner)
+        if not message.processed:  # a handler may ack early (see sandfleet.workers.job_runner)
             await message.ack()

@@ -4,7 +4,7 @@
     ├── DeadLetter            the message can never be processed: it goes to sandfleet.dead
     │   ├── RequestInvalid        a request or driver block broke a rule; carries FieldErrors
     │   └── MessageUndecodable    a body that is not JSON, or over the size limit
-    ├── RetryLater            no capacity yet (GPUs busy): republish after `delay`, never requeue
+    ├── RetryLater            no capacity yet (GPUs busy): parked for `delay`, never requeued
     └── SandboxError          a runtime refused or failed; `reason` is the event's reason code
         ├── ImageUnavailable      the image is missing and could not be pulled
         ├── CapabilityMissing     the runtime lacks something the job needs (e.g. CDI)
@@ -53,10 +53,10 @@ class MessageUndecodable(DeadLetter):
 
 
 class RetryLater(SandfleetError):
-    """The job cannot start now; `settle` hands the message back after `delay` seconds.
+    """The job cannot start now; the worker parks it for `delay` seconds.
 
     RabbitMQ 3.10 counts every requeue toward a quorum queue's delivery limit, so the
-    message is republished to a delay queue instead of being requeued.
+    job is republished to its retry queue (which expires it back) instead of requeued.
     """
 
     def __init__(self, reason: str, *, delay: float, waiting_since: datetime) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.errors import FieldError
+from sandfleet.common.errors import FieldError
 
 
 class Phase(StrEnum):

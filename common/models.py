@@ -21,16 +21,15 @@ from pydantic import (
     ValidationError,
 )
 
-from common.errors import FieldError
-from common.events import Phase
-from common.quantities import cpu_cores, memory_bytes
+from sandfleet.common.errors import FieldError
+from sandfleet.common.events import Phase
+from sandfleet.common.quantities import cpu_cores, memory_bytes
 
-
-class Driver(StrEnum):
-    DOCKER = "docker"
-    PODMAN = "podman"
-    VM = "vm"
-
+# A driver is named, not enumerated: any installed driver package may register a name
+# (entry-point group `sandfleet.drivers`). Names become routing-key words, queue-name parts
+# and `SANDFLEET_<NAME>_*` settings prefixes, so: lower-case letters, digits, underscores.
+DRIVER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+DriverName = Annotated[str, StringConstraints(pattern=DRIVER_NAME_PATTERN)]
 
 RESERVED_LABEL_PREFIX = "sandfleet."
 
@@ -102,7 +101,7 @@ class JobTemplate(_TemplateBase):
 
 class SandboxRequest(_Strict):
     job_id: JobId | None = None
-    driver: Driver | None = None
+    driver: DriverName | None = None
     placement: Placement = Placement()
     labels: Labels = Field(default_factory=dict)
     resource_requirements: ResourceRequirements = ResourceRequirements()
@@ -113,7 +112,7 @@ class Job(_Strict):
     """What a worker receives: a validated request bound to one driver."""
 
     job_id: JobId
-    driver: Driver
+    driver: DriverName
     placement: Placement = Placement()
     labels: Labels = Field(default_factory=dict)
     resource_requirements: ResourceRequirements = ResourceRequirements()
@@ -161,7 +160,7 @@ def field_errors(exc: ValidationError, *, prefix: str = "") -> list[FieldError]:
 
 __all__ = [
     "CancelRequest",
-    "Driver",
+    "DriverName",
     "GpuRequirement",
     "HostName",
     "Job",

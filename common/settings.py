@@ -1,18 +1,21 @@
 """Settings every sandfleet process reads from the environment (`SANDFLEET_` prefix).
 
-The names in DESIGN.md are a contract with operators and deployment files.
+The names in DESIGN.md are a contract with operators and deployment files. A driver's
+own settings (`SANDFLEET_<NAME>_*`, e.g. `SANDFLEET_DOCKER_URL`) belong to the driver's
+package, not to this class: see `sandfleet.workers.drivers.base.DriverPlugin`.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.models import Driver
+from sandfleet.common.models import DRIVER_NAME_PATTERN
 
 
 def _short_hostname() -> str:
@@ -27,12 +30,24 @@ class SandboxPolicy(StrEnum):
     STOP = "stop"
 
 
+# RabbitMQ's x-max-age units (Y, M, D, h, m, s), as seconds.
+_AGE_UNITS = {"Y": 365 * 86400, "M": 30 * 86400, "D": 86400, "h": 3600, "m": 60, "s": 1}
+MAX_AGE_PATTERN = r"^[0-9]{1,9}[YMDhms]$"
+
+
+def max_age_seconds(max_age: str) -> float:
+    """`7D` → 604800.0: a stream's x-max-age in seconds."""
+    if re.fullmatch(MAX_AGE_PATTERN, max_age) is None:
+        raise ValueError(f"{max_age!r} is not a RabbitMQ max age (examples: 7D, 12h, 90m)")
+    return float(int(max_age[:-1]) * _AGE_UNITS[max_age[-1]])
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SANDFLEET_", frozen=True, extra="ignore")
 
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     host: str = Field(default_factory=_short_hostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-    default_driver: Driver = Driver.DOCKER
+    default_driver: str = Field(default="docker", pattern=DRIVER_NAME_PATTERN)
     log_level: str = "INFO"
 
     # gateway
@@ -48,18 +63,11 @@ class Settings(BaseSettings):
     journal_dir: Path = Path("/var/lib/sandfleet/journal")
     # How long a finished job's entry stays, to recognise late duplicate deliveries.
     journal_retention_seconds: float = Field(default=7 * 86400, gt=0)
-    docker_url: str = "unix:///var/run/docker.sock"
-    podman_url: str = "unix:///run/podman/podman.sock"
-    libvirt_uri: str = "qemu:///system"
-    # kvm on real hosts; qemu (TCG) where nested KVM guests hang, as on CI machines
-    vm_domain_type: str = Field(default="kvm", pattern=r"^(kvm|qemu|test)$")
-    vm_work_dir: Path = Path("/var/lib/sandfleet/vm")
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     reconcile_seconds: float = Field(default=30.0, gt=0)
     gpu_retry_seconds: float = Field(default=10.0, gt=0)
     gpu_max_wait_seconds: float = Field(default=3600.0, ge=0)
     output_tail_lines: int = Field(default=50, gt=0)
-    image_pull_timeout_seconds: float = Field(default=300.0, gt=0)
     stop_grace_seconds: float = Field(default=5.0, ge=0)
     # What a worker told to stop (SIGTERM) does with sandboxes still running after its
     # drain time: "adopt" leaves them running for the next worker on this host to adopt;
@@ -74,4 +82,24 @@ class Settings(BaseSettings):
 
     # topology
     job_delivery_limit: int = Field(default=5, gt=0)
-    events_max_age: str = "7D"
+    # How long the event and control logs keep history (RabbitMQ x-max-age).
+    events_max_age: str = Field(default="7D", pattern=MAX_AGE_PATTERN)
+
+    @property
+    def events_max_age_seconds(self) -> float:
+        return max_age_seconds(self.events_max_age)
+
+
+def env_names(settings_type: type[BaseSettings]) -> set[str]:
+    """The environment variables a settings class reads (upper case)."""
+    prefix = str(settings_type.model_config.get("env_prefix", ""))
+    names: set[str] = set()
+    for name, field in settings_type.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice).upper() for choice in alias.choices)
+        elif isinstance(alias, str):
+            names.add(alias.upper())
+        else:
+            names.add(f"{prefix}{name}".upper())
+    return names

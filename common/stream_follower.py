@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from common.topology import LOG_MARKER_TYPE
+from sandfleet.common.topology import LOG_MARKER_TYPE
 
 OnMessage = Callable[[bytes, bool], Awaitable[None]]  # (body, live)
 

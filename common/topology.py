@@ -19,8 +19,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq.abc import FieldTable
 
-from common.models import Driver
-from common.settings import Settings
+from sandfleet.common.settings import Settings
 
 SUBMIT_QUEUE = "sandfleet.submit"
 JOBS_EXCHANGE = "sandfleet.jobs"
@@ -39,11 +38,11 @@ EVENTS_MAX_LENGTH_BYTES = 1 << 30
 LOG_MARKER_TYPE = "sandfleet.log-marker"
 
 
-def job_routing_key(driver: Driver, host: str | None = None) -> str:
-    return f"{driver.value}.{host}" if host else driver.value
+def job_routing_key(driver: str, host: str | None = None) -> str:
+    return f"{driver}.{host}" if host else driver
 
 
-def job_queue_name(driver: Driver, host: str | None = None) -> str:
+def job_queue_name(driver: str, host: str | None = None) -> str:
     return f"{JOBS_EXCHANGE}.{job_routing_key(driver, host)}"
 
 
@@ -72,7 +71,7 @@ async def declare_topology(
     channel: AbstractChannel,
     settings: Settings,
     *,
-    job_queues: Iterable[tuple[Driver, str | None]] = (),
+    job_queues: Iterable[tuple[str, str | None]] = (),
 ) -> Topology:
     """Declare the whole topology; safe to call from every process, any number of times.
 

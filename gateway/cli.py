@@ -12,13 +12,13 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from common.events import Event, Phase, worker_state
-from common.lifecycle import until_signalled
-from common.logs import setup_logging
-from common.settings import Settings
-from gateway.client import Client
-from gateway.render import history_table, print_event, print_reply, workers_table
-from gateway.service import run_gateway
+from sandfleet.common.events import Event, Phase, worker_state
+from sandfleet.common.lifecycle import until_signalled
+from sandfleet.common.logs import setup_logging
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
+from sandfleet.gateway.render import history_table, print_event, print_reply, workers_table
+from sandfleet.gateway.service import run_gateway
 
 console = Console(highlight=False)
 JsonFlag = Annotated[
@@ -72,7 +72,7 @@ def build_request(
     if gpu_devices:
         # The IDs name the GPUs, so they also say how many.
         gpu_count = len(gpu_devices)
-        block_driver = driver or Settings().default_driver.value
+        block_driver = driver or Settings().default_driver
         template["driver_config"] = {block_driver: {"gpu_device_ids": gpu_devices}}
     if gpu_count is not None:
         resources["gpu"] = {"count": gpu_count}

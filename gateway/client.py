@@ -26,12 +26,12 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
-from common.amqp import JSON, connect, json_message
-from common.events import Event, Phase
-from common.lifecycle import AsyncCloseable
-from common.models import CancelRequest, SandboxRequest, SubmitReply
-from common.settings import Settings
-from common.topology import (
+from sandfleet.common.amqp import JSON, connect, json_message
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.lifecycle import AsyncCloseable
+from sandfleet.common.models import CancelRequest, SandboxRequest, SubmitReply
+from sandfleet.common.settings import Settings
+from sandfleet.common.topology import (
     CONTROL_EXCHANGE,
     EVENTS_LOG_QUEUE,
     LOG_MARKER_TYPE,

@@ -8,9 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from common.errors import FieldError, MessageUndecodable, RequestInvalid
-from common.models import Driver, Job, JobTemplate, SandboxRequest, field_errors
-from common.settings import Settings
+from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid
+from sandfleet.common.models import Job, JobTemplate, SandboxRequest, field_errors
+from sandfleet.common.settings import Settings
 
 
 def new_job_id() -> str:
@@ -73,7 +73,7 @@ def admit(body: bytes, settings: Settings) -> Job:
 
 
 def _active_block(
-    request: SandboxRequest, driver: Driver, max_bytes: int
+    request: SandboxRequest, driver: str, max_bytes: int
 ) -> tuple[dict[str, Any], list[FieldError]]:
     """The active driver's inner object; other drivers' blocks are dropped unread."""
     envelope = request.template.driver_config
@@ -81,10 +81,10 @@ def _active_block(
     if size > max_bytes:
         message = f"serialized size is {size} bytes; the limit is {max_bytes}"
         return {}, [FieldError(field="template.driver_config", message=message)]
-    block = envelope.get(driver.value, {})
+    block = envelope.get(driver, {})
     if not isinstance(block, dict):
         message = f"must be a JSON object, not {_json_type(block)}"
-        return {}, [FieldError(field=f"template.driver_config.{driver.value}", message=message)]
+        return {}, [FieldError(field=f"template.driver_config.{driver}", message=message)]
     return block, []
 
 

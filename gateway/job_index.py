@@ -13,9 +13,9 @@ import logging
 from aio_pika.abc import AbstractChannel
 from pydantic import ValidationError
 
-from common.events import Event, Phase
-from common.stream_follower import StreamFollower
-from common.topology import EVENTS_LOG_QUEUE
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.stream_follower import StreamFollower
+from sandfleet.common.topology import EVENTS_LOG_QUEUE
 
 log = logging.getLogger(__name__)
 

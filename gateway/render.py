@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from common.events import Event, Phase, worker_state
-from common.models import SubmitReply
+from sandfleet.common.events import Event, Phase, worker_state
+from sandfleet.common.models import SubmitReply
 
 _PHASE_STYLE = {
     Phase.ACCEPTED: "cyan",

@@ -21,21 +21,21 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
 
-from common.amqp import EventPublisher, connect, json_message, settle
-from common.errors import FieldError, MessageUndecodable, RequestInvalid
-from common.events import Event, Phase
-from common.lifecycle import AsyncCloseable
-from common.models import Job, ReplyStatus, SubmitReply
-from common.settings import Settings
-from common.topology import (
+from sandfleet.common.amqp import EventPublisher, connect, job_message, settle
+from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.lifecycle import AsyncCloseable
+from sandfleet.common.models import Job, ReplyStatus, SubmitReply
+from sandfleet.common.settings import Settings
+from sandfleet.common.topology import (
     SUBMIT_QUEUE,
     Topology,
     declare_topology,
     job_queue_name,
     job_routing_key,
 )
-from gateway.envelope import admit, decode, job_id_hint, new_job_id
-from gateway.job_index import JobIndex
+from sandfleet.gateway.envelope import admit, decode, job_id_hint, new_job_id
+from sandfleet.gateway.job_index import JobIndex
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Gateway(AsyncCloseable):
         await self._emit(job, Phase.ACCEPTED, "Accepted", f"queued on {queue}")
         try:
             await self._topology.jobs.publish(
-                json_message(job, message_id=job.job_id, type="sandfleet.job"),
+                job_message(job),
                 routing_key=job_routing_key(job.driver, host),
                 mandatory=True,
             )
@@ -167,13 +167,11 @@ class Gateway(AsyncCloseable):
         if job.placement.host:
             error = FieldError(
                 field="placement.host",
-                message=f"no {job.driver.value} worker serves host {job.placement.host!r}",
+                message=f"no {job.driver} worker serves host {job.placement.host!r}",
             )
         else:
-            error = FieldError(
-                field="driver", message=f"no worker serves driver {job.driver.value!r}"
-            )
-        await self._reject(message, job.job_id, [error], "Unroutable", driver=job.driver.value)
+            error = FieldError(field="driver", message=f"no worker serves driver {job.driver!r}")
+        await self._reject(message, job.job_id, [error], "Unroutable", driver=job.driver)
         return [error]
 
     async def _reject(
@@ -209,7 +207,7 @@ class Gateway(AsyncCloseable):
                 phase=phase,
                 reason=reason,
                 message=text,
-                driver=job.driver.value,
+                driver=job.driver,
                 host=self._settings.host,
             )
         )

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from workers.gpu.inventory import InventoryError, discover, from_nvidia_smi, from_nvml
+from sandfleet.workers.gpu.inventory import InventoryError, discover, from_nvidia_smi, from_nvml
 
 
 def main() -> int:

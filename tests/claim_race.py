@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from workers.gpu.claims import GpuBusy, GpuClaimStore, NotEnoughGpus
+from sandfleet.workers.gpu.claims import GpuBusy, GpuClaimStore, NotEnoughGpus
 
 Interval = tuple[str, str, int, int]  # gpu, job, start_ns, end_ns
 

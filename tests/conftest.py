@@ -20,14 +20,12 @@ from typing import Any
 import aiodocker
 import pytest
 
-from common.settings import Settings
-from gateway.client import Client
-from gateway.service import Gateway
-from workers.drivers.base import SandboxDriver
-from workers.drivers.docker import DockerDriver
-from workers.drivers.podman import PodmanDriver
-from workers.drivers.vm import VmDriver
-from workers.runtime import Worker
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
+from sandfleet.gateway.service import Gateway
+from sandfleet.workers import registry
+from sandfleet.workers.drivers.base import DriverHost, SandboxDriver
+from sandfleet.workers.runtime import Worker
 
 TEST_IMAGE = "sandfleet-test/busybox:latest"
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,14 +117,22 @@ async def client(settings: Settings, gateway: Gateway) -> AsyncIterator[Client]:
 
 
 WorkerFactory = Callable[..., AbstractAsyncContextManager[Worker]]
+DriverFactory = Callable[[Settings], SandboxDriver[Any]]
 
 
-def worker_factory(
-    settings: Settings, make_driver: Callable[[Settings], SandboxDriver]
-) -> WorkerFactory:
+def registered_driver(name: str, **driver_settings: Any) -> DriverFactory:
+    """The driver registered as `name`, made as a worker makes it, with these of its
+    own settings (the rest from its SANDFLEET_<NAME>_* defaults)."""
+    plugin = registry.load(name)
+    return lambda s: plugin.make(
+        plugin.settings(**driver_settings), DriverHost(cdi_kind=s.cdi_kind)
+    )
+
+
+def worker_factory(settings: Settings, make_driver: DriverFactory) -> WorkerFactory:
     @asynccontextmanager
     async def start(*, slots: int = 1, **overrides: Any) -> AsyncIterator[Worker]:
-        worker_settings = settings.model_copy(update=overrides)
+        worker_settings = Settings(**{**settings.model_dump(), **overrides})  # validated
         driver = make_driver(worker_settings)
         try:
             async with Worker(worker_settings, driver, slots=slots, drain_seconds=5) as worker:
@@ -140,13 +146,13 @@ def worker_factory(
 @pytest.fixture
 def docker_worker(settings: Settings, test_image: str) -> WorkerFactory:
     """`async with docker_worker(host="a", slots=1) as worker:` — a real Docker worker."""
-    return worker_factory(settings, lambda s: DockerDriver(url=s.docker_url, cdi_kind=s.cdi_kind))
+    return worker_factory(settings, registered_driver("docker"))
 
 
 @pytest.fixture
 def podman_worker(settings: Settings, podman_image: str) -> WorkerFactory:
     """`async with podman_worker(slots=1) as worker:` — a real Podman worker."""
-    return worker_factory(settings, lambda s: PodmanDriver(url=s.podman_url, cdi_kind=s.cdi_kind))
+    return worker_factory(settings, registered_driver("podman"))
 
 
 GUEST_DIR = Path("/var/lib/sandfleet/guest")
@@ -174,13 +180,8 @@ def vm_work_dir() -> Iterator[Path]:
 def vm_worker(settings: Settings, vm_guest: dict[str, str], vm_work_dir: Path) -> WorkerFactory:
     """A real VM worker on qemu:///system with TCG (nested KVM guests hang here)."""
 
-    def make(s: Settings) -> SandboxDriver:
-        return VmDriver(uri=s.libvirt_uri, domain_type=s.vm_domain_type, work_dir=s.vm_work_dir)
-
-    factory = worker_factory(
-        settings.model_copy(update={"vm_domain_type": "qemu", "vm_work_dir": vm_work_dir}), make
-    )
-    return factory
+    vm = registered_driver("vm", domain_type="qemu", work_dir=vm_work_dir)
+    return worker_factory(settings, vm)
 
 
 @pytest.fixture

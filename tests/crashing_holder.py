@@ -16,14 +16,14 @@ from pathlib import Path
 
 import aiodocker
 
-from workers.drivers.base import (
+from sandfleet.workers.drivers.base import (
     LABEL_DRIVER,
     LABEL_GPUS,
     LABEL_JOB_ID,
     LABEL_WORKER_ID,
     sandbox_name,
 )
-from workers.gpu.claims import GpuClaimStore, WorkerLease
+from sandfleet.workers.gpu.claims import GpuClaimStore, WorkerLease
 
 
 async def main(state_dir: Path, worker_id: str, job_id: str, gpu: str, image: str) -> None:

@@ -7,8 +7,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from common.events import Event, Phase
-from gateway.client import Client, EventStream
+from sandfleet.common.events import Event, Phase
+from sandfleet.gateway.client import Client, EventStream
 
 
 async def eventually(

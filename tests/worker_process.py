@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from common.events import Event, Phase
-from common.settings import Settings
-from gateway.client import Client, EventStream
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client, EventStream
 from tests.support import until_phase
 
 
@@ -37,7 +37,7 @@ async def start_worker(
     }
     async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandfleet_cli", "worker", "--driver", driver, *args,
+            sys.executable, "-m", "sandfleet", "worker", "--driver", driver, *args,
             env=environment, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         async with asyncio.timeout(30):

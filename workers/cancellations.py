@@ -1,38 +1,85 @@
-"""The cancellations a worker knows of, read from the control log and kept live.
+"""The user cancellations a worker knows of: the one place it looks them up.
 
-The log (a stream) is replayed from its start before the worker takes any job, so a
-job cancelled while it sat in a queue is recognised whichever worker receives it.
+They come from the control log (a stream), replayed from its start before the worker
+takes any job, so a job cancelled while it sat in a queue is recognised whichever
+worker receives it, then followed live. The table is bounded the way the log is: a
+cancellation older than the log's max age is forgotten (the log has dropped it too),
+and at most `max_entries` are kept, oldest forgotten first.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractChannel
 from pydantic import ValidationError
 
-from common.models import CancelRequest
-from common.stream_follower import StreamFollower
-from common.topology import CONTROL_LOG_QUEUE
+from sandfleet.common.models import CancelRequest
+from sandfleet.common.stream_follower import StreamFollower
+from sandfleet.common.topology import CONTROL_LOG_QUEUE
 
 log = logging.getLogger(__name__)
 
 OnCancel = Callable[[CancelRequest], Awaitable[None]]
 
+MAX_ENTRIES = 100_000
 
-class Cancellations:
-    def __init__(self, channel: AbstractChannel, on_cancel: OnCancel) -> None:
-        self._on_cancel = on_cancel
-        self._requests: dict[str, CancelRequest] = {}
-        self._follower = StreamFollower(channel, CONTROL_LOG_QUEUE, self._on_message)
+
+class CancellationLog:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        *,
+        max_age_seconds: float,
+        max_entries: int = MAX_ENTRIES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._channel = channel
+        self._max_age = max_age_seconds
+        self._max_entries = max_entries
+        self._clock = clock
+        # job id -> (the request, when it counts from), oldest first
+        self._requests: OrderedDict[str, tuple[CancelRequest, float]] = OrderedDict()
+        self._on_cancel: OnCancel | None = None
+
+    def __len__(self) -> int:
+        return len(self._requests)
 
     def get(self, job_id: str) -> CancelRequest | None:
-        return self._requests.get(job_id)
+        self._forget_expired()
+        found = self._requests.get(job_id)
+        if found is None or found[1] < self._clock() - self._max_age:
+            return None
+        return found[0]
 
-    async def start(self) -> None:
-        """Read every past cancellation; then keep acting on new ones."""
-        await self._follower.start()
+    async def start(self, on_cancel: OnCancel) -> None:
+        """Read every past cancellation; then call `on_cancel` for each new one."""
+        self._on_cancel = on_cancel
+        await StreamFollower(self._channel, CONTROL_LOG_QUEUE, self._on_message).start()
+
+    def record(self, request: CancelRequest) -> bool:
+        """Keep `request`; False if it is older than the log keeps anything."""
+        # A requester's clock is not trusted to be behind ours: a time in the future
+        # counts from now, so it is forgotten like any other.
+        since = min(request.requested_at.timestamp(), self._clock())
+        if since < self._clock() - self._max_age:
+            return False
+        self._requests[request.job_id] = (request, since)
+        self._requests.move_to_end(request.job_id)
+        while len(self._requests) > self._max_entries:
+            self._requests.popitem(last=False)
+        return True
+
+    def _forget_expired(self) -> None:
+        cutoff = self._clock() - self._max_age
+        while self._requests:
+            _, (_, since) = next(iter(self._requests.items()))
+            if since >= cutoff:
+                break
+            self._requests.popitem(last=False)
 
     async def _on_message(self, body: bytes, live: bool) -> None:
         try:
@@ -40,6 +87,5 @@ class Cancellations:
         except ValidationError:
             log.warning("skipped a %d-byte control message that is not a cancellation", len(body))
             return
-        self._requests[request.job_id] = request
-        if live:
+        if self.record(request) and live and self._on_cancel is not None:
             await self._on_cancel(request)

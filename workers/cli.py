@@ -4,60 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, assert_never
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.lifecycle import until_signalled
-from common.logs import setup_logging
-from common.models import Driver
-from common.settings import SandboxPolicy, Settings
-from workers.drivers.base import SandboxDriver
-from workers.gpu.claims import GpuClaimStore, worker_alive
-from workers.gpu.inventory import discover
-from workers.runtime import Worker
+from sandfleet.common.lifecycle import until_signalled
+from sandfleet.common.logs import setup_logging
+from sandfleet.common.settings import SandboxPolicy, Settings
+from sandfleet.workers import registry
+from sandfleet.workers.drivers.base import DriverHost, DriverPlugin, SandboxDriver
+from sandfleet.workers.gpu.claims import GpuClaimStore, worker_alive
+from sandfleet.workers.gpu.inventory import discover
+from sandfleet.workers.runtime import Worker
 
 
-def make_driver(kind: Driver, settings: Settings) -> SandboxDriver:
-    # Drivers load on demand: a host installs only its own runtime's libraries.
-    if kind is Driver.DOCKER:
-        from workers.drivers.docker import DockerDriver  # noqa: PLC0415
+def load_plugin(name: str) -> DriverPlugin[Any]:
+    try:
+        return registry.load(name)
+    except (registry.UnknownDriver, registry.BrokenDriver) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--driver") from exc
 
-        return DockerDriver(
-            url=settings.docker_url,
-            cdi_kind=settings.cdi_kind,
-            pull_timeout_seconds=settings.image_pull_timeout_seconds,
-        )
-    if kind is Driver.PODMAN:
-        from workers.drivers.podman import PodmanDriver  # noqa: PLC0415
 
-        return PodmanDriver(
-            url=settings.podman_url,
-            cdi_kind=settings.cdi_kind,
-            pull_timeout_seconds=settings.image_pull_timeout_seconds,
-        )
-    if kind is Driver.VM:
-        try:
-            from workers.drivers.vm import VmDriver  # noqa: PLC0415
-        except ImportError as exc:
-            raise typer.BadParameter(
-                f"the vm driver needs libvirt-python: pip install 'sandfleet[vm]' ({exc})",
-                param_hint="--driver",
-            ) from exc
-        return VmDriver(
-            uri=settings.libvirt_uri,
-            domain_type=settings.vm_domain_type,
-            work_dir=settings.vm_work_dir,
-        )
-    assert_never(kind)
+def make_driver(plugin: DriverPlugin[Any], settings: Settings) -> SandboxDriver[Any]:
+    """The driver, configured from its own SANDFLEET_<NAME>_* settings (in a running loop:
+    drivers open their runtime's client)."""
+    try:
+        return plugin.from_environment(DriverHost(cdi_kind=settings.cdi_kind))
+    except ImportError as exc:  # a native extra that is not installed
+        raise typer.BadParameter(str(exc), param_hint="--driver") from exc
+
+
+def _driver_help() -> str:
+    names = ", ".join(registry.installed()) or "none installed"
+    return f"Which registered driver this worker runs ({names})."
 
 
 def worker(
-    driver: Annotated[
-        Driver, typer.Option(help="Which runtime this worker drives.")
-    ] = Driver.DOCKER,
+    driver: Annotated[str, typer.Option(help=_driver_help())] = "docker",
     slots: Annotated[int, typer.Option(min=1, help="Jobs run at once (= the queue prefetch).")] = 1,
     on_shutdown: Annotated[
         SandboxPolicy | None,
@@ -85,9 +70,10 @@ def worker(
     policies = {"shutdown_policy": on_shutdown, "takeover_policy": on_takeover}
     settings = Settings().model_copy(update={k: v for k, v in policies.items() if v is not None})
     setup_logging(settings.log_level)
+    plugin = load_plugin(driver)
 
     async def serve() -> None:
-        sandbox_driver = make_driver(driver, settings)
+        sandbox_driver = make_driver(plugin, settings)
         try:
             async with Worker(
                 settings, sandbox_driver, slots=slots, drain_seconds=drain_seconds

@@ -1,405 +1,382 @@
-"""One job's life on a worker, as a pipeline of named steps:
+"""One job's life on a worker, as named steps:
 
-    decode → validate block → claim GPUs → create → start → wait / timeout
-    → terminal event → release GPUs → remove sandbox → ack
+    take       decode the job, check its driver block and GPUs (a bad one: `rejected`,
+               dead-lettered); a job from the driver's shared queue is bound to this
+               host's queue instead, and taken from there
+    hand off   the host's journal takes the job, then the message is acked: one step,
+               idempotent (a second delivery finds the entry and is dropped)
+    obtain     its one sandbox: found and adopted (made by a worker now gone), or, with
+               GPUs claimed, created; or an outcome without one (cancelled before it
+               started, sandbox lost); or parked until its GPUs are free
+    supervise  start it, wait for it within its timeout; a stop request ends it early
+    finish     record the terminal outcome in the journal, then publish it
+    clean up   remove the sandbox, release its GPUs, close the journal entry
 
-Ownership: a job taken from the driver's shared queue is first bound to this host
-(republished to `sandfleet.jobs.<driver>.<host>`, then acked), so whatever happens
-next, only workers of this host ever see it again and none elsewhere can start a
-second sandbox. From the host queue, the job is claimed its GPUs, written to the
-host's journal, and acked at once: no message is held while the sandbox runs (a long
-job would outlive the broker's consumer timeout). The journal owns the job until its
-sandbox is removed; a worker that dies leaves the entry to the next worker of this
-host, which adopts the sandbox (found by its deterministic name) instead of starting
-another. GPUs are claimed right before the sandbox is created: a job waiting for GPUs
-holds none, and holds no slot either (it is republished with a delay).
+From the hand-off on, the journal owns the job: no message is held while a sandbox
+runs (a long job would outlive the broker's consumer timeout), and a worker that dies
+leaves the entry for the next worker of this host to take over, which enters the
+same steps at `obtain` (or re-publishes a recorded terminal event and cleans up).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import HeadersType
 from pydantic import ValidationError
 
-from common.amqp import EventPublisher
-from common.errors import (
+from sandfleet.common.amqp import EventSink
+from sandfleet.common.errors import (
     DeadLetter,
+    FieldError,
     RequestInvalid,
     RetryLater,
     SandboxError,
     SandboxNameTaken,
     Unschedulable,
 )
-from common.events import Event, Phase
-from common.models import CancelRequest, Job, field_errors
-from common.settings import SandboxPolicy, Settings
-from common.topology import RETRY_WAITING_SINCE_HEADER, job_routing_key
-from workers.drivers.base import (
+from sandfleet.common.events import Phase
+from sandfleet.common.models import CancelRequest, Job, field_errors
+from sandfleet.common.topology import job_routing_key
+from sandfleet.workers.attempt import Attempt, JobPlan, Outcome, RunPolicy, StopRequest
+from sandfleet.workers.drivers.base import (
+    LABEL_DRIVER,
     LABEL_GPUS,
     LABEL_JOB_ID,
     LABEL_WORKER_ID,
-    DriverConfig,
+    ClaimedGpu,
     SandboxDriver,
     SandboxSpec,
     SandboxState,
-    SandboxStatus,
-    sandbox_name,
 )
-from workers.gpu.allocator import GpuAllocator, GpuRequest
-from workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
-from workers.journal import AlreadyFinished, JobJournal, JournalEntry, OwnedByLiveWorker
-from workers.reporter import JobReporter, WorkerIdentity
+from sandfleet.workers.gpu.allocator import GpuAllocator, GpuRequest
+from sandfleet.workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
+from sandfleet.workers.identity import WorkerIdentity
+from sandfleet.workers.job_queues import HostJobQueues, waiting_since
+from sandfleet.workers.journal import AlreadyFinished, JobJournal, JournalEntry, OwnedByLiveWorker
+from sandfleet.workers.supervision import SandboxSupervisor
 
 log = logging.getLogger(__name__)
+
+
+class JobMessage(Protocol):
+    """The parts of a delivered job message the runner reads (aio-pika's message has them)."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def headers(self) -> HeadersType: ...
+    @property
+    def routing_key(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    async def ack(self, multiple: bool = False) -> None: ...
+
+
+class UserCancellations(Protocol):
+    def get(self, job_id: str) -> CancelRequest | None: ...
 
 
 class JobRunner:
     def __init__(
         self,
-        driver: SandboxDriver,
-        gpus: GpuAllocator,
-        events: EventPublisher,
+        driver: SandboxDriver[Any],
+        *,
         identity: WorkerIdentity,
-        settings: Settings,
-        cancelled: Callable[[str], CancelRequest | None],
+        gpus: GpuAllocator,
         journal: JobJournal,
-        bind_to_host: Callable[[AbstractIncomingMessage], Awaitable[None]],
-        worker_alive: Callable[[str], bool],
+        events: EventSink,
+        queues: HostJobQueues,
+        cancellations: UserCancellations,
+        policy: RunPolicy,
     ) -> None:
         self._driver = driver
-        self._gpus = gpus
-        self._events = events
         self._identity = identity
-        self._settings = settings
-        self._cancelled = cancelled  # cancellations known from the control log
+        self._gpus = gpus
         self._journal = journal
-        self._bind_to_host = bind_to_host
-        self._worker_alive = worker_alive
-        # Cancelled while this worker ran them: job id -> (reason code, message).
-        self._cancel_reasons: dict[str, tuple[str, str]] = {}
-        self._active: dict[str, str] = {}  # job id -> sandbox id, for jobs in hand
+        self._events = events
+        self._queues = queues
+        self._cancellations = cancellations
+        self._policy = policy
+        self._supervisor = SandboxSupervisor(driver, events, policy)
+        self._in_hand: dict[str, Attempt] = {}
         self.started = 0
         self.finished = 0
 
     @property
-    def active_jobs(self) -> list[str]:
-        return list(self._active)
+    def jobs_in_hand(self) -> list[str]:
+        return list(self._in_hand)
 
-    def _cancel_reason(self, job_id: str) -> tuple[str, str] | None:
-        if (reason := self._cancel_reasons.get(job_id)) is not None:
-            return reason
-        request = self._cancelled(job_id)
-        return None if request is None else ("Cancelled", request.reason)
+    # ---- the ways in: a delivery, a dead worker's job, a stop ----
 
-    async def cancel(self, job_id: str, message: str, *, reason: str = "Cancelled") -> None:
-        """Stop the job's sandbox if this worker runs it; the job then ends `cancelled`
-        with `reason` (a reason code) and `message`."""
-        self._cancel_reasons[job_id] = (reason, message)
-        sandbox_id = self._active.get(job_id)
-        if sandbox_id is not None:
-            await self._driver.stop(sandbox_id, grace_seconds=self._settings.stop_grace_seconds)
+    async def handle(self, message: JobMessage) -> None:
+        """A job queue's delivery; `sandfleet.common.amqp.settle` answers the broker."""
+        job, plan = await self._take(message)
+        if message.routing_key == job_routing_key(job.driver):  # the driver's shared queue
+            await self._queues.bind_to_host(job)  # then settle acks the shared copy
+            return
+        attempt = await self._hand_off(message, job, plan)
+        if attempt is not None:
+            await self._run(attempt)
 
-    async def handle(self, message: AbstractIncomingMessage) -> None:
-        """The job message's handler; `common.amqp.settle` turns its outcome into an ack."""
+    async def take_over(self, entry: JournalEntry) -> None:
+        """Finish a job from the journal entry of a worker that is gone (now ours)."""
+        attempt = Attempt(entry, self._identity, plan=None)
+        if entry.terminal is None:
+            await self._run(attempt)
+            return
+        # It ended, and may not have said so: say it again under the same event_id.
+        await self._events.publish(entry.terminal)
+        await self._clean_up(attempt)
+
+    async def cancel(self, request: CancelRequest) -> None:
+        """A user's cancellation, live; jobs not in hand find it in the cancellation log."""
+        await self.stop(request.job_id, StopRequest(Phase.CANCELLED, "Cancelled", request.reason))
+
+    async def stop(self, job_id: str, request: StopRequest) -> None:
+        """End a job in hand early: its terminal event says `request`."""
+        attempt = self._in_hand.get(job_id)
+        if attempt is None or attempt.stop_request is not None:
+            return
+        attempt.stop_request = request
+        if attempt.sandbox_id is not None:
+            try:
+                await self._supervisor.stop_sandbox(attempt.sandbox_id)
+            except SandboxError as exc:
+                log.warning("job %s: stopping its sandbox failed: %s", job_id, exc)
+
+    # ---- the steps ----
+
+    async def _take(self, message: JobMessage) -> tuple[Job, JobPlan]:
         job = await self._decode(message)
-        report = JobReporter(self._events, self._identity, job.job_id)
         try:
-            config, gpu_request = self._validate(job)
+            return job, self._plan(job)
         except RequestInvalid as exc:
-            await report.emit(Phase.REJECTED, "InvalidDriverConfig", str(exc), errors=exc.errors)
+            await self._reject(job.job_id, "InvalidDriverConfig", str(exc), exc.errors)
             raise
         except Exception as exc:
             # A block that crashes its driver's parser is poison: it would crash every
             # worker it reached. Say so once and dead-letter it.
             log.exception("job %s: validating its driver block crashed", job.job_id)
-            crash = f"validating the {job.driver.value} block crashed: {type(exc).__name__}: {exc}"
-            await report.emit(Phase.REJECTED, "DriverConfigCrashed", crash)
+            crash = f"validating the {job.driver} block crashed: {type(exc).__name__}: {exc}"
+            await self._reject(job.job_id, "DriverConfigCrashed", crash)
             raise DeadLetter(crash) from exc
-        if message.routing_key == job_routing_key(job.driver):
-            await self._bind_to_host(message)  # then settle acks the shared-queue copy
-            return
+
+    async def _hand_off(self, message: JobMessage, job: Job, plan: JobPlan) -> Attempt | None:
         try:
             entry = await asyncio.to_thread(
-                self._journal.take, job, self._identity.worker_id, self._worker_alive
+                self._journal.take,
+                job,
+                self._identity.worker_id,
+                waiting_since=waiting_since(message.headers),
             )
         except (OwnedByLiveWorker, AlreadyFinished) as exc:
-            log.warning(
-                "job %s: dropping a duplicate delivery (%s)", job.job_id, type(exc).__name__
-            )
-            return
-        await self._execute(
-            job, config, gpu_request, report, entry, _waiting_since(message), message.ack
-        )
+            log.warning("job %s: dropping a duplicate delivery (%s)", job.job_id, exc)
+            return None  # settle acks it
+        await message.ack()
+        return Attempt(entry, self._identity, plan=plan)
 
-    async def resume(self, entry: JournalEntry) -> None:
-        """Finish a job taken over from a dead worker's journal entry (no message: it
-        was acked when the job was journaled)."""
-        job = entry.job
-        report = JobReporter(self._events, self._identity, job.job_id)
-        if entry.terminal is not None:
-            # It ended, and may have said so: say it again under the same event_id.
-            await self._events.publish(entry.terminal)
-            await self._clean_up(job.job_id, entry.sandbox_id)
-            return
-        config, gpu_request = self._validate(job)
-
-        async def nothing_to_ack() -> None:
-            return None
-
-        await self._execute(job, config, gpu_request, report, entry, None, nothing_to_ack)
-
-    async def _execute(
-        self,
-        job: Job,
-        config: DriverConfig,
-        gpu_request: GpuRequest,
-        report: JobReporter,
-        entry: JournalEntry,
-        waiting_since: datetime | None,
-        ack: Callable[[], Awaitable[object]],
-    ) -> None:
+    async def _run(self, attempt: Attempt) -> None:
+        """obtain → supervise → finish → clean up, for a job in hand."""
+        self._in_hand[attempt.job_id] = attempt
         self.started += 1
-        report.before_terminal = lambda event: self._record_terminal(job, event)
         try:
-            await self._run(job, config, gpu_request, report, entry, waiting_since, ack)
-        except SandboxError as exc:
-            await report.emit(Phase.FAILED, exc.reason, str(exc))
-            await self._clean_up(job.job_id, None)
-        except RetryLater:
-            await asyncio.to_thread(self._journal.delete, job.job_id)  # not taken on yet
-            raise
-        except (DeadLetter, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            log.exception("job %s: unexpected error", job.job_id)
-            await report.emit(Phase.FAILED, "WorkerError", f"{type(exc).__name__}: {exc}")
-            await self._clean_up(job.job_id, None)
-            raise DeadLetter(f"job {job.job_id} failed inside the worker") from exc
+            attempt.stop_request = self._cancelled_by_user(attempt.job_id)
+            try:
+                outcome = await self._outcome(attempt)
+            except RetryLater as wait:
+                await self._park(attempt, wait)
+                return
+            await self._finish(attempt, outcome)
+            await self._clean_up(attempt)
         finally:
             self.finished += 1
+            del self._in_hand[attempt.job_id]
 
-    def _record_terminal(self, job: Job, event: Event) -> None:
-        entry = self._journal.read(job.job_id)
-        if entry is not None:
-            self._journal.write(entry.model_copy(update={"terminal": event}))
-
-    async def _clean_up(self, job_id: str, sandbox_id: str | None) -> None:
-        """After the terminal event: release GPUs, remove the sandbox, close the entry."""
-        await self._gpus.release(job_id)
-        if sandbox_id is not None:
-            await self._driver.remove(sandbox_id)
-        entry = await asyncio.to_thread(self._journal.read, job_id)
-        if entry is not None:
-            await self._journal_write(entry.model_copy(update={"closed": True}))
-
-    async def _decode(self, message: AbstractIncomingMessage) -> Job:
+    async def _outcome(self, attempt: Attempt) -> Outcome:
         try:
-            return Job.model_validate_json(message.body)
-        except ValidationError as exc:
-            errors = field_errors(exc, prefix="job")
-            report = JobReporter(self._events, self._identity, message.message_id or "unknown")
-            await report.emit(Phase.REJECTED, "MalformedJob", "; ".join(map(str, errors)))
-            raise RequestInvalid(errors) from exc
-
-    def _validate(self, job: Job) -> tuple[DriverConfig, GpuRequest]:
-        config = self._driver.parse_config(job)
-        gpus = self._gpus.request(
-            config.gpu_device_ids,
-            job.resource_requirements.gpu_count,
-            path=f"template.driver_config.{job.driver.value}.gpu_device_ids",
-            host=self._identity.host,
-        )
-        return config, gpus
-
-    async def _run(
-        self,
-        job: Job,
-        config: DriverConfig,
-        gpus: GpuRequest,
-        report: JobReporter,
-        entry: JournalEntry,
-        waiting_since: datetime | None,
-        ack: Callable[[], Awaitable[object]],
-    ) -> None:
-        sandbox = await self._driver.find(sandbox_name(job.job_id))
-        if sandbox is None and entry.sandbox_id is not None:
-            # It was created once and is gone now: never start a second one.
-            message = f"sandbox {entry.sandbox_id} disappeared while no worker watched it"
-            await ack()
-            await report.emit(Phase.FAILED, "SandboxLost", message)
-            await self._clean_up(job.job_id, None)
-            return
-        if sandbox is None and (cancelled := self._cancel_reason(job.job_id)):
-            await report.emit(Phase.CANCELLED, "CancelledBeforeStart", cancelled[1])
-            await self._clean_up(job.job_id, None)
-            return
-        if sandbox is None:
-            claim = await self._claim(job, gpus, report, waiting_since)
-            await ack()  # from here on the journal owns the job
-            # Any other failure ends in `_execute`: terminal event, GPUs released.
-            try:
-                sandbox = await self._create(job, config, claim, report)
-            except SandboxNameTaken:
-                # A dead worker's create of this job landed after we looked: that
-                # sandbox is the job's one sandbox (its GPUs are this claim's).
-                sandbox = await self._driver.find(sandbox_name(job.job_id))
-                if sandbox is None:
-                    raise
-                log.info("job %s: adopting %s, created late", job.job_id, sandbox.sandbox_id)
-                if claim is not None:
-                    await self._gpus.attach(job.job_id, sandbox.sandbox_id)
-        else:
-            log.info("job %s: adopting existing sandbox %s", job.job_id, sandbox.sandbox_id)
-            await ack()
-            claim = await self._gpus.adopt(job.job_id)
-            report.gpus = list(claim.devices) if claim else []
-            still_running = sandbox.status is not SandboxStatus.EXITED
-            if still_running and self._settings.takeover_policy == SandboxPolicy.STOP:
-                self._cancel_reasons[job.job_id] = (
-                    "StoppedOnTakeover",
-                    f"found {sandbox.status.value} after its worker was gone; "
-                    "SANDFLEET_TAKEOVER_POLICY=stop stops such sandboxes",
-                )
-        await self._journal_write(entry.model_copy(update={"sandbox_id": sandbox.sandbox_id}))
-        report.sandbox_id = sandbox.sandbox_id
-        self._active[job.job_id] = sandbox.sandbox_id
-        try:
-            await self._supervise(job, sandbox, report)
+            sandbox = await self._obtain(attempt)
+            if isinstance(sandbox, Outcome):
+                return sandbox
+            if attempt.adopted and self._supervisor.must_stop_on_takeover(sandbox):
+                return await self._supervisor.stop_on_takeover(attempt, sandbox)
+            return await self._supervisor.supervise(attempt, sandbox)
+        except RetryLater:
+            raise
+        except RequestInvalid as exc:  # a job taken over, checked again on a changed host
+            return Outcome.failed("InvalidDriverConfig", str(exc))
         except SandboxError as exc:
-            await report.emit(Phase.FAILED, exc.reason, str(exc))
-        finally:
-            self._active.pop(job.job_id, None)
-            self._cancel_reasons.pop(job.job_id, None)
-        await self._clean_up(job.job_id, sandbox.sandbox_id)
+            return Outcome.failed(exc.reason, str(exc))
+        except Exception as exc:
+            log.exception("job %s: unexpected error", attempt.job_id)
+            return Outcome.failed("WorkerError", f"{type(exc).__name__}: {exc}")
 
-    async def _journal_write(self, entry: JournalEntry) -> None:
-        await asyncio.to_thread(self._journal.write, entry)
+    async def _obtain(self, attempt: Attempt) -> SandboxState | Outcome:
+        """The job's one sandbox; never a second one."""
+        found = await self._driver.find(attempt.sandbox_name)
+        if found is not None:
+            return await self._adopt(attempt, found)
+        if attempt.sandbox_id is not None:
+            message = f"sandbox {attempt.sandbox_id} disappeared while no worker watched it"
+            return Outcome.failed("SandboxLost", message)
+        if attempt.stop_request is not None:
+            message = attempt.stop_request.message
+            return Outcome(phase=Phase.CANCELLED, reason="CancelledBeforeStart", message=message)
+        plan = attempt.plan or self._plan(attempt.job)
+        claim = await self._claim(attempt, plan.gpus)
+        return await self._create(attempt, plan, claim)
 
-    async def _claim(
-        self, job: Job, request: GpuRequest, report: JobReporter, waiting_since: datetime | None
-    ) -> Claim | None:
+    async def _adopt(self, attempt: Attempt, sandbox: SandboxState) -> SandboxState:
+        log.info("job %s: adopting sandbox %s", attempt.job_id, sandbox.sandbox_id)
+        claim = await self._gpus.adopt(attempt.job_id)
+        attempt.devices = claim.devices if claim is not None else ()
+        attempt.adopted = True
+        await self._record_sandbox(attempt, sandbox)
+        return sandbox
+
+    async def _claim(self, attempt: Attempt, request: GpuRequest) -> Claim | None:
+        """All the job's GPUs or none; busy ones park the job (RetryLater)."""
         if request.count == 0:
             return None
         host_gpus = len(self._gpus.inventory)
         if request.count > host_gpus:
-            raise Unschedulable(
-                f"{request.count} GPU(s) wanted; host {self._identity.host} has {host_gpus}"
-            )
+            host = self._identity.host
+            raise Unschedulable(f"{request.count} GPU(s) wanted; host {host} has {host_gpus}")
         try:
-            claim = await self._gpus.claim(job.job_id, request)
+            claim = await self._gpus.claim(attempt.job_id, request)
         except (GpuBusy, NotEnoughGpus) as exc:
-            now = datetime.now(UTC)
-            since = waiting_since or now
-            waited = (now - since).total_seconds()
-            if waited >= self._settings.gpu_max_wait_seconds:
-                raise Unschedulable(
-                    f"no GPUs after waiting {waited:.0f}s "
-                    f"(limit {self._settings.gpu_max_wait_seconds:.0f}s): {exc}"
-                ) from exc
-            await report.emit(Phase.WAITING, "GpusBusy", str(exc))
-            raise RetryLater(
-                str(exc), delay=self._settings.gpu_retry_seconds, waiting_since=since
-            ) from exc
-        report.gpus = list(claim.devices)
-        await report.emit(Phase.CLAIMED, "GpusClaimed", "physical GPUs " + ", ".join(claim.gpus))
+            raise await self._gpus_busy(attempt, exc) from exc
+        attempt.devices = claim.devices
+        message = "physical GPUs " + ", ".join(claim.gpus)
+        await self._emit(attempt, Phase.CLAIMED, "GpusClaimed", message)
         return claim
 
-    async def _create(
-        self, job: Job, config: DriverConfig, claim: Claim | None, report: JobReporter
-    ) -> SandboxState:
-        await report.emit(Phase.STARTING, "Creating", f"creating {sandbox_name(job.job_id)}")
-        sandbox = await self._driver.create(self._spec(job, config, claim))
+    async def _gpus_busy(self, attempt: Attempt, busy: Exception) -> RetryLater | Unschedulable:
+        """The job waits (parked), or, after waiting too long, fails `Unschedulable`."""
+        now = datetime.now(UTC)
+        since = attempt.entry.waiting_since or now
+        waited, limit = (now - since).total_seconds(), self._policy.gpu_max_wait_seconds
+        if waited >= limit:
+            return Unschedulable(
+                f"no GPUs after waiting {waited:.0f}s (limit {limit:.0f}s): {busy}"
+            )
+        await self._emit(attempt, Phase.WAITING, "GpusBusy", str(busy))
+        return RetryLater(str(busy), delay=self._policy.gpu_retry_seconds, waiting_since=since)
+
+    async def _create(self, attempt: Attempt, plan: JobPlan, claim: Claim | None) -> SandboxState:
+        await self._emit(attempt, Phase.STARTING, "Creating", f"creating {attempt.sandbox_name}")
+        try:
+            sandbox = await self._driver.create(self._spec(attempt, plan, claim))
+        except SandboxNameTaken:
+            # A dead worker's create of this job landed after we looked: that sandbox
+            # is the job's one sandbox (its GPUs are this claim's).
+            late = await self._driver.find(attempt.sandbox_name)
+            if late is None:
+                raise
+            log.info("job %s: adopting %s, created late", attempt.job_id, late.sandbox_id)
+            sandbox = late
         if claim is not None:
-            await self._gpus.attach(job.job_id, sandbox.sandbox_id)
+            await self._gpus.attach(attempt.job_id, sandbox.sandbox_id)
+        await self._record_sandbox(attempt, sandbox)
         return sandbox
 
-    def _spec(self, job: Job, config: DriverConfig, claim: Claim | None) -> SandboxSpec:
-        template = job.template
+    async def _finish(self, attempt: Attempt, outcome: Outcome) -> None:
+        """Record the terminal event, then publish it: a successor re-publishes a recorded one."""
+        event = attempt.terminal_event(outcome)
+        await self._journal_write(attempt, terminal=event)
+        await self._events.publish(event)
+
+    async def _clean_up(self, attempt: Attempt) -> None:
+        """The sandbox goes first, then its GPUs: a GPU is never free while a sandbox has it."""
+        if attempt.sandbox_id is not None:
+            try:
+                await self._driver.remove(attempt.sandbox_id)
+            except SandboxError as exc:
+                log.error(
+                    "job %s: removing sandbox %s failed (%s); its GPUs stay claimed and its "
+                    "journal entry open until a worker of this host takes it over",
+                    attempt.job_id, attempt.sandbox_id, exc,
+                )  # fmt: skip
+                return
+        await self._gpus.release(attempt.job_id)
+        await self._journal_write(attempt, closed=True)
+
+    async def _park(self, attempt: Attempt, wait: RetryLater) -> None:
+        """Back to the broker until its GPUs may be free; it holds no slot and no GPU."""
+        await self._queues.park(attempt.job, delay=wait.delay, waiting_since=wait.waiting_since)
+        await asyncio.to_thread(self._journal.delete, attempt.job_id)
+
+    # ---- helpers ----
+
+    async def _decode(self, message: JobMessage) -> Job:
+        try:
+            return Job.model_validate_json(message.body)
+        except ValidationError as exc:
+            errors = field_errors(exc, prefix="job")
+            job_id = message.message_id or "unknown"
+            await self._reject(job_id, "MalformedJob", "; ".join(map(str, errors)))
+            raise RequestInvalid(errors) from exc
+
+    def _plan(self, job: Job) -> JobPlan:
+        config = self._driver.parse_config(job)
+        gpus = self._gpus.request(
+            config.gpu_device_ids,
+            job.resource_requirements.gpu_count,
+            path=f"template.driver_config.{job.driver}.gpu_device_ids",
+            host=self._identity.host,
+        )
+        return JobPlan(config=config, gpus=gpus)
+
+    def _cancelled_by_user(self, job_id: str) -> StopRequest | None:
+        request = self._cancellations.get(job_id)
+        if request is None:
+            return None
+        return StopRequest(Phase.CANCELLED, "Cancelled", request.reason)
+
+    def _spec(self, attempt: Attempt, plan: JobPlan, claim: Claim | None) -> SandboxSpec[Any]:
+        job, template = attempt.job, attempt.job.template
+        gpus = () if claim is None else tuple(map(ClaimedGpu, claim.gpus, claim.devices))
         labels = {
             **job.labels,
             **template.labels,
             LABEL_JOB_ID: job.job_id,
+            LABEL_DRIVER: self._driver.name,
             LABEL_WORKER_ID: self._identity.worker_id,
         }
-        if claim is not None:
-            labels[LABEL_GPUS] = ",".join(claim.gpus)
+        if gpus:
+            labels[LABEL_GPUS] = ",".join(gpu.uuid for gpu in gpus)
         return SandboxSpec(
-            name=sandbox_name(job.job_id),
+            name=attempt.sandbox_name,
+            job_id=job.job_id,
+            worker_id=self._identity.worker_id,
             image=template.image,
             command=tuple(template.command),
             environment=template.environment,
             labels=labels,
             cpu=job.resource_requirements.cpu,
             memory_bytes=job.resource_requirements.memory,
-            gpu_devices=claim.devices if claim is not None else (),
-            config=config,
+            config=plan.config,
+            gpus=gpus,
         )
 
-    async def _supervise(self, job: Job, sandbox: SandboxState, report: JobReporter) -> None:
-        driver = self._driver
-        if (cancelled := self._cancel_reason(job.job_id)) is not None:
-            if sandbox.status is SandboxStatus.RUNNING:  # adopted, and cancelled meanwhile
-                await driver.stop(
-                    sandbox.sandbox_id, grace_seconds=self._settings.stop_grace_seconds
-                )
-            reason, message = cancelled
-            await report.emit(Phase.CANCELLED, reason, message, output=await self._output(sandbox))
-            return
-        if sandbox.status is SandboxStatus.CREATED:
-            await driver.start(sandbox.sandbox_id)
-            await report.emit(Phase.RUNNING, "Started")
-            started_at = datetime.now(UTC)
-        else:
-            started_at = sandbox.started_at or datetime.now(UTC)
-            if sandbox.status is SandboxStatus.RUNNING:
-                await report.emit(Phase.RUNNING, "Adopted", "found running after a redelivery")
+    async def _record_sandbox(self, attempt: Attempt, sandbox: SandboxState) -> None:
+        attempt.sandbox_id = sandbox.sandbox_id
+        await self._journal_write(attempt, sandbox_id=sandbox.sandbox_id)
 
-        exit_code = sandbox.exit_code
-        if sandbox.status is not SandboxStatus.EXITED:
-            deadline = _deadline(started_at, job.template.timeout_seconds)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    exit_code = await driver.wait(sandbox.sandbox_id)
-            except TimeoutError:
-                await driver.stop(
-                    sandbox.sandbox_id, grace_seconds=self._settings.stop_grace_seconds
-                )
-                output = await self._output(sandbox)
-                message = f"exceeded timeout_seconds={job.template.timeout_seconds}"
-                await report.emit(Phase.TIMED_OUT, "Timeout", message, output=output)
-                return
+    async def _journal_write(self, attempt: Attempt, **changes: Any) -> None:
+        attempt.entry = attempt.entry.model_copy(update=changes)
+        await asyncio.to_thread(self._journal.write, attempt.entry)
 
-        output = await self._output(sandbox)
-        if (cancelled := self._cancel_reason(job.job_id)) is not None:
-            reason, message = cancelled
-            await report.emit(Phase.CANCELLED, reason, message, output=output)
-        elif exit_code is None:
-            message = "the sandbox ended without reporting an exit code"
-            await report.emit(Phase.FAILED, "NoExitCode", message, output=output)
-        elif exit_code == 0:
-            await report.emit(Phase.SUCCEEDED, "Completed", exit_code=0, output=output)
-        else:
-            message = f"exited with code {exit_code}"
-            await report.emit(
-                Phase.FAILED, "NonZeroExit", message, exit_code=exit_code, output=output
-            )
+    async def _emit(self, attempt: Attempt, phase: Phase, reason: str, message: str = "") -> None:
+        await self._events.publish(attempt.event(phase, reason, message))
 
-    async def _output(self, sandbox: SandboxState) -> str:
-        return await self._driver.output(sandbox.sandbox_id, lines=self._settings.output_tail_lines)
-
-
-def _waiting_since(message: AbstractIncomingMessage) -> datetime | None:
-    value = (message.headers or {}).get(RETRY_WAITING_SINCE_HEADER)
-    return datetime.fromisoformat(value) if isinstance(value, str) else None
-
-
-def _deadline(started_at: datetime, timeout_seconds: int | None) -> float | None:
-    """The loop-clock time at which a sandbox started at `started_at` runs out of time."""
-    if timeout_seconds is None:
-        return None
-    elapsed = (datetime.now(UTC) - started_at).total_seconds()
-    return asyncio.get_running_loop().time() + max(0.0, timeout_seconds - elapsed)
+    async def _reject(
+        self, job_id: str, reason: str, message: str, errors: list[FieldError] | None = None
+    ) -> None:
+        event = self._identity.event(
+            job_id, Phase.REJECTED, reason, message=message, errors=errors or []
+        )
+        await self._events.publish(event)

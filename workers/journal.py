@@ -4,7 +4,7 @@ A worker acks a job message as soon as the job is journaled here (so no job is h
 unacked for hours, past the broker's consumer timeout), and from then on this file
 owns it until the job's sandbox is gone:
 
-    <journal_dir>/<driver>/<job_id>.json          open: {job, owner, sandbox_id, terminal}
+    <journal_dir>/<driver>/<job_id>.json          open: {job, owner, sandbox_id, terminal, ...}
     <journal_dir>/<driver>/closed/<job_id>.json   over: sandbox removed, GPUs released
 
 Closed entries stay for `journal_retention_seconds`, so a late duplicate delivery of
@@ -13,7 +13,7 @@ ones (every reconciliation) never reads a week of finished jobs. Workers take ov
 the open entries of dead workers (their lease is free), at start-up and periodically,
 and finish them: adopt the running sandbox, or re-publish a terminal event that was
 recorded but perhaps not sent (same event_id: readers drop the repeat), then clean
-up. Writes are atomic (write, fsync, rename); take-overs happen under a flock.
+up. Writes are atomic (write, fsync, rename); taking an entry happens under a flock.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import fcntl
 import os
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from common.events import Event
-from common.models import Job
+from sandfleet.common.events import Event
+from sandfleet.common.models import Job
 
 
 class JournalEntry(BaseModel):
@@ -37,6 +38,8 @@ class JournalEntry(BaseModel):
     sandbox_id: str | None = None
     terminal: Event | None = None  # recorded before it is published
     closed: bool = False  # sandbox removed, GPUs released: kept a while to drop duplicates
+    # When the job first found its GPUs busy: it gives up after SANDFLEET_GPU_MAX_WAIT_SECONDS.
+    waiting_since: datetime | None = None
 
 
 class OwnedByLiveWorker(Exception):
@@ -48,7 +51,10 @@ class AlreadyFinished(Exception):
 
 
 class JobJournal:
-    def __init__(self, directory: Path, driver: str) -> None:
+    """`alive(worker_id)` says whether a worker of this host still runs (holds its lease)."""
+
+    def __init__(self, directory: Path, driver: str, *, alive: Callable[[str], bool]) -> None:
+        self._alive = alive
         self._dir = directory / driver
         self._closed = self._dir / "closed"
         self._closed.mkdir(parents=True, exist_ok=True)
@@ -103,7 +109,7 @@ class JobJournal:
         finally:
             os.close(fd)
 
-    def take(self, job: Job, owner: str, alive: Callable[[str], bool]) -> JournalEntry:
+    def take(self, job: Job, owner: str, *, waiting_since: datetime | None = None) -> JournalEntry:
         """Make `owner` the job's owner: a new entry, or a dead worker's (taken over).
 
         Atomic under the journal lock, so of two deliveries of one job on this host,
@@ -112,10 +118,10 @@ class JobJournal:
         with self._locked():
             entry = self.read(job.job_id)
             if entry is None:
-                entry = JournalEntry(job=job, owner=owner)
+                entry = JournalEntry(job=job, owner=owner, waiting_since=waiting_since)
             elif entry.closed:
                 raise AlreadyFinished(job.job_id)
-            elif entry.owner == owner or alive(entry.owner):
+            elif entry.owner == owner or self._alive(entry.owner):
                 raise OwnedByLiveWorker(f"{job.job_id} is run by {entry.owner}")
             else:
                 entry = entry.model_copy(update={"owner": owner})
@@ -134,8 +140,8 @@ class JobJournal:
                 _unlink_if_older(path, now - 60)
         return pruned
 
-    def take_orphans(self, owner: str, alive: Callable[[str], bool]) -> list[JournalEntry]:
-        """Every entry whose worker is gone, now owned by `owner`."""
+    def take_over_dead(self, owner: str) -> list[JournalEntry]:
+        """Every open entry whose worker is gone, now owned by `owner`."""
         taken = []
         with self._locked():
             for job_id in sorted(self.open_job_ids()):
@@ -143,7 +149,7 @@ class JobJournal:
                     entry = JournalEntry.model_validate_json(self._path(job_id).read_bytes())
                 except (FileNotFoundError, ValidationError):
                     continue
-                if not entry.closed and entry.owner != owner and not alive(entry.owner):
+                if not entry.closed and entry.owner != owner and not self._alive(entry.owner):
                     entry = entry.model_copy(update={"owner": owner})
                     self.write(entry)
                     taken.append(entry)

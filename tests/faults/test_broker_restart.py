@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from bench.soak import sandboxes_created
-from common.events import Phase
-from gateway.client import Client
+from sandfleet.common.events import Phase
+from sandfleet.gateway.client import Client
 from tests.conftest import WorkerFactory
 from tests.support import until_phase, until_terminal
 

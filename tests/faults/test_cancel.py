@@ -10,16 +10,15 @@ import aio_pika
 import aiodocker
 import pytest
 
-from common.events import Phase
-from common.models import Driver
-from common.settings import Settings
-from common.topology import declare_topology
-from gateway.client import Client
+from sandfleet.common.events import Phase
+from sandfleet.common.settings import Settings
+from sandfleet.common.topology import declare_topology
+from sandfleet.gateway.client import Client
+from sandfleet.workers.gpu.claims import GpuClaimStore, WorkerLease
 from tests.conftest import WorkerFactory, containers_of
 from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
 from tests.integration.test_cli import sandfleet
 from tests.support import until_phase, until_terminal
-from workers.gpu.claims import GpuClaimStore, WorkerLease
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +61,7 @@ async def test_a_job_cancelled_while_queued_never_starts(
     # The queue exists (a worker served it once) but no worker runs now.
     connection = await aio_pika.connect(settings.broker_url)
     async with connection:
-        await declare_topology(
-            await connection.channel(), settings, job_queues=[(Driver.DOCKER, None)]
-        )
+        await declare_topology(await connection.channel(), settings, job_queues=[("docker", None)])
     req = job(test_image, "touch", "/should-not-run")
     async with client.events(job_id=req["job_id"]) as stream:
         assert (await client.submit(req)).accepted

@@ -19,9 +19,9 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.soak import sandboxes_created
-from common.events import Phase
-from common.settings import Settings
-from gateway.client import Client
+from sandfleet.common.events import Phase
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
 from tests.conftest import WorkerFactory
 from tests.support import until_terminal
 

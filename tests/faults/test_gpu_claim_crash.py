@@ -18,16 +18,16 @@ import aiodocker
 import pytest
 
 from bench.soak import sandboxes_created
-from common.events import Phase
-from common.models import Job
-from common.settings import Settings
-from gateway.client import Client
+from sandfleet.common.events import Phase
+from sandfleet.common.models import Job
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
+from sandfleet.workers.gpu.claims import GpuClaimStore, worker_alive
+from sandfleet.workers.journal import JobJournal
 from tests.conftest import TEST_CDI_KIND, WorkerFactory, containers_of
 from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
 from tests.support import eventually, until_terminal
 from tests.worker_process import signal_and_wait, worker_in_phase
-from workers.gpu.claims import GpuClaimStore, worker_alive
-from workers.journal import JobJournal
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +143,7 @@ async def test_a_dead_workers_claim_for_an_unfinished_job_goes_to_whoever_finish
         "template": {"image": podman_image, "command": ["sh", "-c", "ls /dev | grep gpu"]},
     }
     job = Job.model_validate_json(json.dumps(body))
-    JobJournal(settings.journal_dir, "podman").take(job, "dead-worker", lambda _: True)
+    JobJournal(settings.journal_dir, "podman", alive=lambda _: True).take(job, "dead-worker")
     store = GpuClaimStore(settings.state_dir)
     store.claim(
         job_id=job_id, gpus=[FOUR_UUIDS[2]], devices=[f"{TEST_CDI_KIND}=2"],

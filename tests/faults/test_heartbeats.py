@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from common.events import Event, worker_state
-from common.settings import Settings
-from gateway.client import Client
+from sandfleet.common.events import Event, worker_state
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
 from tests.conftest import WorkerFactory
 from tests.integration.test_cli import sandfleet
 from tests.worker_process import signal_and_wait, start_worker

@@ -12,10 +12,10 @@ import aio_pika
 import pytest
 
 from bench.soak import sandboxes_created
-from common.events import Phase
-from common.settings import Settings
-from gateway.client import Client
-from gateway.job_index import JobIndex
+from sandfleet.common.events import Phase
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
+from sandfleet.gateway.job_index import JobIndex
 from tests.conftest import WorkerFactory
 from tests.support import until_terminal
 

@@ -8,15 +8,16 @@ from typing import Any
 
 import pytest
 
-from common.events import Phase
-from common.models import Job
-from common.settings import Settings
-from gateway.client import Client
+from sandfleet.common.events import Phase
+from sandfleet.common.models import Job
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
+from sandfleet.workers.drivers.cdi import ContainerBlock
+from sandfleet.workers.drivers.docker.driver import DockerDriver
+from sandfleet.workers.drivers.docker.plugin import DockerSettings
 from tests.conftest import worker_factory
 from tests.integration.test_job_flow import dead_letters, raw_submit
 from tests.support import until_terminal
-from workers.drivers.cdi import ContainerBlock
-from workers.drivers.docker import DockerDriver
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,7 @@ class CrashingDockerDriver(DockerDriver):
 async def test_block_that_crashes_validation_is_dead_lettered_and_worker_keeps_serving(
     settings: Settings, client: Client, test_image: str
 ) -> None:
-    start = worker_factory(settings, lambda s: CrashingDockerDriver(url=s.docker_url))
+    start = worker_factory(settings, lambda s: CrashingDockerDriver(url=DockerSettings().url))
     poison: dict[str, Any] = {
         "job_id": f"x-{uuid.uuid4().hex[:8]}",
         "template": {"image": test_image, "driver_config": {"docker": {"explode": True}}},

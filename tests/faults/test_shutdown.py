@@ -10,9 +10,9 @@ from typing import Any
 import aiodocker
 import pytest
 
-from common.events import Phase
-from common.settings import Settings
-from gateway.client import Client, EventStream
+from sandfleet.common.events import Phase
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client, EventStream
 from tests.conftest import WorkerFactory, containers_of
 from tests.integration.test_job_flow import no_containers
 from tests.support import eventually, sleeper, until_terminal

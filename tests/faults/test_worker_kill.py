@@ -12,17 +12,18 @@ import aiodocker
 import pytest
 
 from bench.soak import sandboxes_created
-from common.events import Phase
-from common.settings import Settings
-from gateway.client import Client
+from sandfleet.common.events import Phase
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
+from sandfleet.workers.drivers.base import LABEL_DRIVER, LABEL_JOB_ID, SandboxState, sandbox_name
+from sandfleet.workers.drivers.docker.driver import DockerDriver
+from sandfleet.workers.drivers.docker.plugin import DockerSettings
+from sandfleet.workers.gpu.claims import GpuClaimStore
+from sandfleet.workers.journal import JournalEntry
 from tests.conftest import WorkerFactory, containers_of, worker_factory
 from tests.integration.test_job_flow import no_containers
 from tests.support import eventually, submit_and_wait, until_terminal
 from tests.worker_process import signal_and_wait, worker_in_phase
-from workers.drivers.base import LABEL_DRIVER, LABEL_JOB_ID, SandboxState, sandbox_name
-from workers.drivers.docker import DockerDriver
-from workers.gpu.claims import GpuClaimStore
-from workers.journal import JournalEntry
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +100,7 @@ async def test_a_create_that_lands_late_is_adopted_not_duplicated(
     request = {"job_id": job_id, "template": {"image": test_image, "command": ["echo", "again"]}}
     start = worker_factory(
         settings,
-        lambda s: LateCreateDockerDriver(sandbox_name(job_id), url=s.docker_url),
+        lambda s: LateCreateDockerDriver(sandbox_name(job_id), url=DockerSettings().url),
     )
     async with start():
         events = await submit_and_wait(client, request)

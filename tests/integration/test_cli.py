@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
-from common.events import Phase
-from common.settings import Settings
-from gateway.client import Client
+from sandfleet.common.events import Phase
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
 from tests.conftest import WorkerFactory
 from tests.support import until_terminal
 
@@ -26,7 +26,7 @@ async def sandfleet(settings: Settings, *args: str) -> tuple[int, str]:
         "SANDFLEET_HOST": settings.host,
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandfleet_cli", *args,
+        sys.executable, "-m", "sandfleet", *args,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     async with asyncio.timeout(60):
@@ -93,7 +93,7 @@ async def test_watch_from_start_and_status_replay_past_events(
     # so read its lines until the terminal one, then stop it.
     env = {**os.environ, "SANDFLEET_BROKER_URL": settings.broker_url}
     watcher = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandfleet_cli", "watch", "--from-start", "--job", job_id, "--json",
+        sys.executable, "-m", "sandfleet", "watch", "--from-start", "--job", job_id, "--json",
         env=env, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert watcher.stdout is not None

@@ -17,15 +17,15 @@ from typing import Any
 import aiodocker
 import pytest
 
-from common.events import Event, Phase
-from common.settings import Settings
-from common.topology import job_routing_key, retry_queue_name
-from gateway.client import Client
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.settings import Settings
+from sandfleet.common.topology import job_routing_key, retry_queue_name
+from sandfleet.gateway.client import Client
+from sandfleet.workers.gpu.claims import GpuClaimStore, WorkerLease
 from tests.conftest import WorkerFactory, containers_of
 from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
 from tests.integration.test_job_flow import ready_messages
 from tests.support import eventually, until_terminal
-from workers.gpu.claims import GpuClaimStore, WorkerLease
 
 pytestmark = pytest.mark.integration
 
@@ -233,7 +233,7 @@ async def test_gpus_command_shows_inventory_and_holders(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sandfleet_cli",
+        "sandfleet",
         "gpus",
         "--json",
         env=env,

@@ -10,10 +10,10 @@ import aio_pika
 import aiodocker
 import pytest
 
-from common.events import Phase
-from common.settings import Settings
-from common.topology import DEAD_QUEUE, SUBMIT_QUEUE, job_queue_name
-from gateway.client import Client
+from sandfleet.common.events import Phase
+from sandfleet.common.settings import Settings
+from sandfleet.common.topology import DEAD_QUEUE, SUBMIT_QUEUE, job_queue_name
+from sandfleet.gateway.client import Client
 from tests.conftest import WorkerFactory, containers_of
 from tests.support import eventually, until_phase, until_terminal
 
@@ -131,7 +131,7 @@ async def test_invalid_request_rejected_with_field_paths_and_dead_lettered(
     job_id = f"t-{uuid.uuid4().hex[:12]}"
     bad = {
         "job_id": job_id,
-        "driver": "kubernetes",
+        "driver": "Kubernetes!",
         "resource_requirements": {"gpu": {"count": 0}},
         "template": {"image": "x", "driver_config": {"docker": ["not", "an", "object"]}},
     }

@@ -11,21 +11,22 @@ from typing import Any
 
 import pytest
 
-from common.events import Phase
-from common.settings import Settings
-from gateway.client import Client
+from sandfleet.common.events import Phase
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
+from sandfleet.workers.drivers.podman.client import LibpodClient
+from sandfleet.workers.drivers.podman.plugin import PodmanSettings
+from sandfleet.workers.gpu.claims import GpuClaimStore
 from tests.conftest import TEST_CDI_KIND, WorkerFactory
 from tests.gpu_fixtures import write_inventory
 from tests.support import eventually, submit_and_wait, until_phase, until_terminal
-from workers.drivers.podman.client import LibpodClient
-from workers.gpu.claims import GpuClaimStore
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def libpod(settings: Settings) -> AsyncIterator[LibpodClient]:
-    client = LibpodClient(settings.podman_url)
+    client = LibpodClient(PodmanSettings().url)
     try:
         yield client
     finally:

@@ -14,23 +14,25 @@ from typing import Any
 import libvirt
 import pytest
 
-from common.events import Phase
-from common.models import Driver, Job, JobTemplate, ResourceRequirements
-from common.settings import Settings
-from gateway.client import Client
-from tests.conftest import WorkerFactory
-from tests.gpu_fixtures import write_inventory
-from tests.support import submit_and_wait
-from workers.drivers.base import (
+from sandfleet.common.events import Phase
+from sandfleet.common.models import Job, JobTemplate, ResourceRequirements
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.client import Client
+from sandfleet.workers.drivers.base import (
     LABEL_GPUS,
     LABEL_JOB_ID,
     LABEL_WORKER_ID,
+    ClaimedGpu,
     SandboxSpec,
     SandboxStatus,
 )
-from workers.drivers.vm import VmDriver
-from workers.drivers.vm.domain_xml import METADATA_NS
-from workers.gpu.claims import GpuClaimStore
+from sandfleet.workers.drivers.vm.config import VmBlock
+from sandfleet.workers.drivers.vm.domain_xml import METADATA_NS
+from sandfleet.workers.drivers.vm.driver import VmDriver
+from sandfleet.workers.gpu.claims import GpuClaimStore
+from tests.conftest import WorkerFactory
+from tests.gpu_fixtures import write_inventory
+from tests.support import submit_and_wait
 
 pytestmark = pytest.mark.integration
 
@@ -46,11 +48,11 @@ async def test_driver(vm_work_dir: Path) -> AsyncIterator[VmDriver]:
 
 def spec_for(
     driver: VmDriver, guest: dict[str, str], *, pci: tuple[str, ...] = (), **block: Any
-) -> SandboxSpec:
+) -> SandboxSpec[VmBlock]:
     job_id = f"v{uuid.uuid4().hex[:8]}"
     job = Job(
         job_id=job_id,
-        driver=Driver.VM,
+        driver="vm",
         resource_requirements=ResourceRequirements.model_validate(
             {"cpu": 2, "memory": "128Mi", "gpu": {"count": len(pci) or None}}
         ),
@@ -62,14 +64,16 @@ def spec_for(
     )
     return SandboxSpec(
         name=f"sandfleet-{job_id}",
+        job_id=job_id,
+        worker_id="w1",
         image=job.template.image,
         command=tuple(job.template.command),
         environment={},
-        labels={LABEL_JOB_ID: job_id, LABEL_WORKER_ID: "w1", LABEL_GPUS: "GPU-a" if pci else ""},
+        labels={LABEL_JOB_ID: job_id, LABEL_WORKER_ID: "w1"},
         cpu=2,
         memory_bytes=128 * 2**20,
-        gpu_devices=pci,
         config=driver.parse_config(job),
+        gpus=tuple(ClaimedGpu(f"GPU-{n}", address) for n, address in enumerate(pci)),
     )
 
 
@@ -80,7 +84,7 @@ async def test_define_inspect_metadata_and_cleanup(
     state = await test_driver.create(spec)
     assert state.status is SandboxStatus.CREATED
     assert state.job_id == spec.labels[LABEL_JOB_ID]
-    assert state.labels[LABEL_GPUS] == "GPU-a"
+    assert state.labels[LABEL_GPUS] == "GPU-0"
 
     conn = libvirt.open("test:///default")
     try:

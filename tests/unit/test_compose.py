@@ -5,9 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from pydantic_settings import BaseSettings
 
-from common.settings import Settings
+from sandfleet.common.settings import Settings, env_names
+from sandfleet.workers import registry
+from sandfleet.workers.drivers.docker.plugin import DockerSettings
+from sandfleet.workers.drivers.podman.plugin import PodmanSettings
+from sandfleet.workers.drivers.vm.plugin import VmSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,8 +34,15 @@ def test_deploys_broker_gateway_and_docker_worker_with_health_checks() -> None:
     assert (ROOT / "Dockerfile").is_file()
 
 
+def known_settings() -> set[str]:
+    """Every SANDFLEET_* variable of the runtime and of each registered driver."""
+    kinds: list[type[BaseSettings]] = [Settings]
+    kinds += [registry.load(name).settings for name in registry.installed()]
+    return {name for kind in kinds for name in env_names(kind)}
+
+
 def test_uses_only_settings_the_code_knows() -> None:
-    known = {f"SANDFLEET_{name.upper()}" for name in Settings.model_fields}
+    known = known_settings()
     used = {
         key
         for service in load()["services"].values()
@@ -43,10 +56,22 @@ def test_uses_only_settings_the_code_knows() -> None:
 def test_contract_settings_exist_with_their_defaults() -> None:
     settings = Settings(host="h")
     assert settings.broker_url == "amqp://guest:guest@127.0.0.1:5672/"
-    assert settings.default_driver.value == "docker"
+    assert settings.default_driver == "docker"
     assert settings.cdi_kind == "nvidia.com/gpu"
     assert str(settings.state_dir) == "/run/sandfleet"
-    assert settings.docker_url == "unix:///var/run/docker.sock"
-    assert settings.podman_url == "unix:///run/podman/podman.sock"
-    assert settings.libvirt_uri == "qemu:///system"
     assert settings.gpu_inventory is None
+    assert DockerSettings().url == "unix:///var/run/docker.sock"
+    assert PodmanSettings().url == "unix:///run/podman/podman.sock"
+    assert VmSettings().libvirt_uri == "qemu:///system"
+
+
+def test_driver_settings_keep_their_design_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDFLEET_DOCKER_URL", "unix:///d.sock")
+    monkeypatch.setenv("SANDFLEET_PODMAN_URL", "unix:///p.sock")
+    monkeypatch.setenv("SANDFLEET_LIBVIRT_URI", "test:///default")
+    monkeypatch.setenv("SANDFLEET_IMAGE_PULL_TIMEOUT_SECONDS", "7")
+    assert (DockerSettings().url, DockerSettings().pull_timeout_seconds) == ("unix:///d.sock", 7)
+    assert (PodmanSettings().url, PodmanSettings().pull_timeout_seconds) == ("unix:///p.sock", 7)
+    assert VmSettings().libvirt_uri == "test:///default"
+    expected = {"SANDFLEET_DOCKER_URL", "SANDFLEET_LIBVIRT_URI", "SANDFLEET_VM_WORK_DIR"}
+    assert expected <= known_settings()

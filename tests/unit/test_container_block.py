@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from common.errors import RequestInvalid
-from common.models import Driver, Job, JobTemplate, ResourceRequirements
-from workers.drivers.cdi import parse_container_block
+from sandfleet.common.errors import RequestInvalid
+from sandfleet.common.models import Job, JobTemplate, ResourceRequirements
+from sandfleet.workers.drivers.cdi import parse_container_block
 
 
-def job(block: dict[str, Any], *, gpus: int | None = None, driver: Driver = Driver.DOCKER) -> Job:
+def job(block: dict[str, Any], *, gpus: int | None = None, driver: str = "docker") -> Job:
     return Job(
         job_id="j1",
         driver=driver,
@@ -82,5 +82,5 @@ def test_ids_must_be_a_list_of_strings() -> None:
 
 
 def test_podman_paths_name_the_podman_block() -> None:
-    [(field, _)] = errors({"x": 1}, driver=Driver.PODMAN)
+    [(field, _)] = errors({"x": 1}, driver="podman")
     assert field == "template.driver_config.podman.x"

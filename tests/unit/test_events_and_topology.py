@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-from common.events import MAX_OUTPUT_CHARS, Event, Phase, bounded_output
-from common.models import Driver
-from common.topology import job_queue_name, job_routing_key
+from sandfleet.common.events import MAX_OUTPUT_CHARS, Event, Phase, bounded_output
+from sandfleet.common.topology import job_queue_name, job_routing_key
 
 
 def test_event_routing_key_is_phase_driver_host() -> None:
@@ -32,6 +31,6 @@ def test_output_is_bounded_to_its_last_lines() -> None:
 
 
 def test_job_queue_names() -> None:
-    assert job_routing_key(Driver.DOCKER) == "docker"
-    assert job_routing_key(Driver.VM, "gpu-01") == "vm.gpu-01"
-    assert job_queue_name(Driver.PODMAN, "h") == "sandfleet.jobs.podman.h"
+    assert job_routing_key("docker") == "docker"
+    assert job_routing_key("vm", "gpu-01") == "vm.gpu-01"
+    assert job_queue_name("podman", "h") == "sandfleet.jobs.podman.h"

@@ -7,11 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import RequestInvalid
+from sandfleet.common.errors import RequestInvalid
+from sandfleet.workers.gpu.allocator import GpuAllocator
+from sandfleet.workers.gpu.claims import (
+    GpuBusy,
+    GpuClaimStore,
+    NotEnoughGpus,
+    WorkerLease,
+    worker_alive,
+)
+from sandfleet.workers.gpu.inventory import GpuInventory, from_static_file
 from tests.gpu_fixtures import write_inventory
-from workers.gpu.allocator import GpuAllocator
-from workers.gpu.claims import GpuBusy, GpuClaimStore, NotEnoughGpus, WorkerLease, worker_alive
-from workers.gpu.inventory import GpuInventory, from_static_file
 
 UUIDS = [f"GPU-{i}" for i in range(4)]
 

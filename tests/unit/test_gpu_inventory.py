@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu_fixtures import FOUR_GPUS, FOUR_UUIDS, H200_DIR, H200_UUID, write_inventory
-from workers.gpu.inventory import (
+from sandfleet.workers.gpu.inventory import (
     GpuInventory,
     InventoryError,
     UnknownGpu,
@@ -16,6 +15,7 @@ from workers.gpu.inventory import (
     from_static_file,
     normalize_pci_address,
 )
+from tests.gpu_fixtures import FOUR_GPUS, FOUR_UUIDS, H200_DIR, H200_UUID, write_inventory
 
 
 def nvml_fixture() -> GpuInventory:

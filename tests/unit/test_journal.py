@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from common.models import Job
-from workers.journal import AlreadyFinished, JobJournal, OwnedByLiveWorker
+from sandfleet.common.models import Job
+from sandfleet.workers.journal import AlreadyFinished, JobJournal, OwnedByLiveWorker
 
 
 def job(job_id: str) -> Job:
@@ -19,60 +20,74 @@ def job(job_id: str) -> Job:
     return Job.model_validate_json(json.dumps(body))  # as it comes off the queue
 
 
-def dead(_: str) -> bool:
-    return False
+class Workers:
+    """Which workers of the host are alive: the journal's `alive`."""
 
+    def __init__(self, *alive: str) -> None:
+        self.alive = set(alive)
 
-def alive(_: str) -> bool:
-    return True
+    def __call__(self, worker_id: str) -> bool:
+        return worker_id in self.alive
 
 
 def test_two_deliveries_of_one_job_give_it_one_owner(tmp_path: Path) -> None:
-    journal = JobJournal(tmp_path, "docker")
-    journal.take(job("a"), "w1", alive)
+    workers = Workers("w1", "w2")
+    journal = JobJournal(tmp_path, "docker", alive=workers)
+    journal.take(job("a"), "w1")
     with pytest.raises(OwnedByLiveWorker):
-        journal.take(job("a"), "w2", alive)
-    assert journal.take(job("a"), "w2", dead).owner == "w2"  # w1 is gone: taken over
+        journal.take(job("a"), "w2")
+    workers.alive.discard("w1")
+    assert journal.take(job("a"), "w2").owner == "w2"  # w1 is gone: taken over
 
 
 def test_a_closed_job_is_not_open_and_refuses_a_late_duplicate(tmp_path: Path) -> None:
-    journal = JobJournal(tmp_path, "docker")
-    entry = journal.take(job("a"), "w1", alive)
-    journal.take(job("b"), "w1", alive)
+    journal = JobJournal(tmp_path, "docker", alive=Workers("w2"))
+    entry = journal.take(job("a"), "w1")
+    journal.take(job("b"), "w1")
     journal.write(entry.model_copy(update={"closed": True}))
     assert journal.open_job_ids() == {"b"}
     assert not (tmp_path / "docker" / "a.json").exists()
     with pytest.raises(AlreadyFinished):
-        journal.take(job("a"), "w2", dead)
+        journal.take(job("a"), "w2")
+
+
+def test_a_parked_jobs_wait_is_kept(tmp_path: Path) -> None:
+    journal = JobJournal(tmp_path, "docker", alive=Workers("w1"))
+    since = datetime(2026, 1, 2, tzinfo=UTC)
+    journal.take(job("a"), "w1", waiting_since=since)
+    entry = journal.read("a")
+    assert entry is not None and entry.waiting_since == since
 
 
 def test_a_crash_between_closing_and_unlinking_reads_as_closed(tmp_path: Path) -> None:
-    journal = JobJournal(tmp_path, "docker")
-    entry = journal.take(job("a"), "w1", alive)
+    journal = JobJournal(tmp_path, "docker", alive=Workers("w2"))
+    entry = journal.take(job("a"), "w1")
     open_copy = (tmp_path / "docker" / "a.json").read_bytes()
     journal.write(entry.model_copy(update={"closed": True}))
     (tmp_path / "docker" / "a.json").write_bytes(open_copy)  # as if the unlink never ran
     read = journal.read("a")
     assert read is not None and read.closed
     assert journal.open_job_ids() == set()
-    assert journal.take_orphans("w2", dead) == []
+    assert journal.take_over_dead("w2") == []
 
 
-def test_orphans_of_dead_workers_only_are_taken(tmp_path: Path) -> None:
-    journal = JobJournal(tmp_path, "docker")
-    journal.take(job("mine"), "w2", alive)
-    journal.take(job("live-peer"), "w3", alive)
-    journal.take(job("dead-peer"), "w1", alive)
-    taken = journal.take_orphans("w2", lambda worker: worker == "w3")
+def test_only_dead_workers_jobs_are_taken_over(tmp_path: Path) -> None:
+    workers = Workers("w1", "w2", "w3")
+    journal = JobJournal(tmp_path, "docker", alive=workers)
+    journal.take(job("mine"), "w2")
+    journal.take(job("live-peer"), "w3")
+    journal.take(job("dead-peer"), "w1")
+    workers.alive.discard("w1")
+    taken = journal.take_over_dead("w2")
     assert [e.job.job_id for e in taken] == ["dead-peer"]
     entry = journal.read("dead-peer")
     assert entry is not None and entry.owner == "w2"
 
 
 def test_prune_removes_only_old_closed_entries(tmp_path: Path) -> None:
-    journal = JobJournal(tmp_path, "docker")
+    journal = JobJournal(tmp_path, "docker", alive=Workers("w1"))
     for job_id in ("old-closed", "new-closed", "old-open"):
-        entry = journal.take(job(job_id), "w1", alive)
+        entry = journal.take(job(job_id), "w1")
         if job_id.endswith("closed"):
             journal.write(entry.model_copy(update={"closed": True}))
     week_ago = time.time() - 8 * 86400
@@ -88,8 +103,8 @@ def test_prune_removes_only_old_closed_entries(tmp_path: Path) -> None:
 
 
 def test_prune_removes_half_written_entries_of_killed_writers(tmp_path: Path) -> None:
-    journal = JobJournal(tmp_path, "docker")
-    journal.take(job("a"), "w1", alive)
+    journal = JobJournal(tmp_path, "docker", alive=Workers("w1"))
+    journal.take(job("a"), "w1")
     stale, fresh = tmp_path / "docker" / "b.123.tmp", tmp_path / "docker" / "c.456.tmp"
     stale.write_bytes(b'{"job": ')
     fresh.write_bytes(b'{"job": ')

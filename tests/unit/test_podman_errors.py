@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.drivers.podman.client import PodmanApiError
+from sandfleet.workers.drivers.podman.client import PodmanApiError
 
 
 @pytest.mark.parametrize(

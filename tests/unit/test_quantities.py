@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.quantities import cpu_cores, memory_bytes
+from sandfleet.common.quantities import cpu_cores, memory_bytes
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from bench.soak import double_holds
-from common.events import Event, Phase
+from sandfleet.common.events import Event, Phase
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

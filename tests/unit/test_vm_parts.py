@@ -10,11 +10,16 @@ from typing import Any
 
 import pytest
 
-from common.errors import RequestInvalid
-from common.models import Driver, Job, JobTemplate, ResourceRequirements
-from workers.drivers.vm.config import parse_vm_block
-from workers.drivers.vm.domain_xml import METADATA_NS, DomainPlan, domain_xml, parse_metadata
-from workers.drivers.vm.guest import exit_code, job_archive, job_output, job_script
+from sandfleet.common.errors import RequestInvalid
+from sandfleet.common.models import Job, JobTemplate, ResourceRequirements
+from sandfleet.workers.drivers.vm.config import parse_vm_block
+from sandfleet.workers.drivers.vm.domain_xml import (
+    METADATA_NS,
+    DomainPlan,
+    domain_xml,
+    parse_metadata,
+)
+from sandfleet.workers.drivers.vm.guest import exit_code, job_archive, job_output, job_script
 
 BLOCK = "template.driver_config.vm"
 
@@ -22,7 +27,7 @@ BLOCK = "template.driver_config.vm"
 def job(block: dict[str, Any], *, gpus: int | None = None, image: str = "/boot/vmlinuz") -> Job:
     return Job(
         job_id="j1",
-        driver=Driver.VM,
+        driver="vm",
         resource_requirements=ResourceRequirements.model_validate({"gpu": {"count": gpus}}),
         template=JobTemplate(image=image, driver_config=block),
     )

@@ -1,20 +1,24 @@
-"""The narrow interface every sandbox driver implements.
+"""What a sandbox driver is: the Protocol it implements and the plugin that names it.
 
-The worker runtime owns everything drivers share: events, timeouts, acks, claims.
-A driver only parses its own config block and drives its runtime. Backend errors
-are translated into `common.errors.SandboxError` inside the driver.
+The worker runtime owns everything drivers share: events, GPU claims, the journal,
+timeouts, cancellation, acks. A driver parses its own config block and drives its
+runtime, nothing else. Backend errors are translated into
+`sandfleet.common.errors.SandboxError` inside the driver. See README.md beside this
+file for the whole contract.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
-from common.models import Driver, Job
-from workers.gpu.inventory import Gpu
+from pydantic_settings import BaseSettings
+
+from sandfleet.common.models import Job
+from sandfleet.workers.gpu.inventory import Gpu
 
 LABEL_JOB_ID = "sandfleet.job_id"
 LABEL_DRIVER = "sandfleet.driver"
@@ -28,25 +32,42 @@ def sandbox_name(job_id: str) -> str:
 
 
 class DriverConfig(Protocol):
-    """A driver's parsed block; the runtime only needs the GPU IDs it asks for."""
+    """A driver's parsed block; the runtime reads only the GPU IDs it names."""
 
     @property
     def gpu_device_ids(self) -> list[str]: ...
 
 
-@dataclass(frozen=True, kw_only=True)
-class SandboxSpec:
-    """Everything a runtime needs to create one sandbox, in runtime-neutral terms."""
+ConfigT = TypeVar("ConfigT", bound=DriverConfig)
 
-    name: str
+
+@dataclass(frozen=True)
+class ClaimedGpu:
+    uuid: str  # the physical GPU
+    device: str  # the same GPU as this driver names it (a CDI name, a PCI address)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxSpec(Generic[ConfigT]):
+    """Everything a runtime needs to create one job's sandbox, in runtime-neutral terms."""
+
+    name: str  # sandbox_name(job_id)
+    job_id: str
+    worker_id: str
     image: str
     command: tuple[str, ...]
     environment: Mapping[str, str]
+    # The job's labels plus sandfleet's own (job id, driver, worker, GPUs): the sandbox
+    # carries all of them, so `find` and `list_sandboxes` can say whose it is.
     labels: Mapping[str, str]
     cpu: float | None
     memory_bytes: int | None
-    gpu_devices: tuple[str, ...] = ()  # driver-native IDs of the claimed GPUs
-    config: DriverConfig | None = None  # the driver's own parsed block
+    config: ConfigT  # the driver's own parsed block
+    gpus: tuple[ClaimedGpu, ...] = ()
+
+    @property
+    def gpu_devices(self) -> tuple[str, ...]:
+        return tuple(gpu.device for gpu in self.gpus)
 
 
 class SandboxStatus(StrEnum):
@@ -69,27 +90,23 @@ class SandboxState:
         return self.labels.get(LABEL_JOB_ID)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Capabilities:
-    gpus: bool
-    gpu_detail: str = ""
+class SandboxDriver(Protocol[ConfigT]):
+    """One sandbox runtime. Every method but `parse_config` and `device_id` talks to it."""
 
+    name: str  # the name jobs use (`"driver": "docker"`), as registered
 
-class SandboxDriver(Protocol):
-    kind: Driver
-
-    def parse_config(self, job: Job) -> DriverConfig:
-        """Validate the job's inner block strictly; raise RequestInvalid with full field paths."""
+    def parse_config(self, job: Job) -> ConfigT:
+        """Validate the job's inner block strictly; raise RequestInvalid naming each
+        error's full path (`template.driver_config.<name>.<key>`)."""
         ...
 
     def device_id(self, gpu: Gpu) -> str:
         """How this driver names `gpu` to its runtime (a CDI name, a PCI address)."""
         ...
 
-    async def capabilities(self) -> Capabilities: ...
-
-    async def create(self, spec: SandboxSpec) -> SandboxState:
-        """Create (not start) the sandbox; make the image available first."""
+    async def create(self, spec: SandboxSpec[ConfigT]) -> SandboxState:
+        """Create (not start) the sandbox named `spec.name`; make its image available
+        first. SandboxNameTaken if a sandbox of that name exists already."""
         ...
 
     async def start(self, sandbox_id: str) -> None: ...
@@ -98,16 +115,18 @@ class SandboxDriver(Protocol):
         """Block until the sandbox exits; return its exit code."""
         ...
 
-    async def stop(self, sandbox_id: str, *, grace_seconds: float) -> None: ...
+    async def stop(self, sandbox_id: str, *, grace_seconds: float) -> None:
+        """Ask it to end, and end it after `grace_seconds`; a stopped sandbox is no error."""
+        ...
 
     async def remove(self, sandbox_id: str) -> None:
-        """Remove the sandbox and what it owns; a sandbox already gone is not an error."""
+        """Remove the sandbox (ending it first) and what it owns; one already gone is no error."""
         ...
 
     async def find(self, name: str) -> SandboxState | None: ...
 
     async def list_sandboxes(self) -> list[SandboxState]:
-        """Every sandbox this driver's runtime holds that sandfleet made."""
+        """Every sandbox of this driver that sandfleet made on this host."""
         ...
 
     async def output(self, sandbox_id: str, *, lines: int) -> str:
@@ -115,3 +134,32 @@ class SandboxDriver(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriverHost:
+    """What the worker tells a driver about the host it is made for."""
+
+    cdi_kind: str  # SANDFLEET_CDI_KIND: the vendor/class of the host's GPUs' CDI names
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriverPlugin(Generic[SettingsT]):
+    """What a driver package registers under the entry-point group `sandfleet.drivers`.
+
+    `settings` reads the driver's own `SANDFLEET_<NAME>_*` variables; `make` builds the
+    driver from them. Keep the module that defines the plugin light: heavy imports (a
+    runtime's client library) belong inside `make`, so listing drivers never needs them.
+    """
+
+    name: str
+    summary: str  # one line, for `sandfleet worker --help`
+    settings: type[SettingsT]
+    make: Callable[[SettingsT, DriverHost], SandboxDriver[Any]]
+
+    def from_environment(self, host: DriverHost) -> SandboxDriver[Any]:
+        """The driver, configured from this process's environment."""
+        return self.make(self.settings(), host)

@@ -10,8 +10,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from common.errors import FieldError, RequestInvalid
-from common.models import Job, field_errors
+from sandfleet.common.errors import FieldError, RequestInvalid
+from sandfleet.common.models import Job, field_errors
 
 # vendor/class=name, as the CDI spec defines the parts
 _CDI_NAME = re.compile(
@@ -60,7 +60,7 @@ def gpu_id_errors(ids: list[str], gpu_count: int, *, path: str) -> list[FieldErr
 
 
 def parse_container_block(job: Job) -> ContainerBlock:
-    prefix = f"template.driver_config.{job.driver.value}"
+    prefix = f"template.driver_config.{job.driver}"
     try:
         block = ContainerBlock.model_validate(job.template.driver_config)
     except ValidationError as exc:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.drivers.base import SandboxState, SandboxStatus
-from workers.drivers.timestamps import parse_runtime_time
+from sandfleet.workers.drivers.base import SandboxState, SandboxStatus
+from sandfleet.workers.drivers.timestamps import parse_runtime_time
 
 _STATUS = {
     "created": SandboxStatus.CREATED,

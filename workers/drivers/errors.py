@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TypeVar
 
-from common.errors import SandboxError
+from sandfleet.common.errors import SandboxError
 
 E = TypeVar("E", bound=Exception)
 

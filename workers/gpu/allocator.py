@@ -10,9 +10,9 @@ import asyncio
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from common.errors import FieldError, RequestInvalid
-from workers.gpu.claims import Claim, GpuClaimStore
-from workers.gpu.inventory import Gpu, GpuInventory, UnknownGpu
+from sandfleet.common.errors import FieldError, RequestInvalid
+from sandfleet.workers.gpu.claims import Claim, GpuClaimStore
+from sandfleet.workers.gpu.inventory import Gpu, GpuInventory, UnknownGpu
 
 
 @dataclass(frozen=True)

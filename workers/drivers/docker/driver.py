@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import aiodocker
 from aiodocker.exceptions import DockerError
 
-from common.errors import CapabilityMissing, ImageUnavailable, SandboxError, SandboxNameTaken
-from common.models import Driver, Job
-from workers.drivers.base import (
-    LABEL_DRIVER,
-    Capabilities,
-    SandboxSpec,
-    SandboxState,
+from sandfleet.common.errors import (
+    CapabilityMissing,
+    ImageUnavailable,
+    SandboxError,
+    SandboxNameTaken,
 )
-from workers.drivers.cdi import ContainerBlock, parse_container_block
-from workers.drivers.container_state import state_from_inspect
-from workers.drivers.errors import error_translator
-from workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
+from sandfleet.common.models import Job
+from sandfleet.workers.drivers.base import LABEL_DRIVER, SandboxSpec, SandboxState
+from sandfleet.workers.drivers.cdi import ContainerBlock, parse_container_block
+from sandfleet.workers.drivers.container_state import state_from_inspect
+from sandfleet.workers.drivers.errors import error_translator
+from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
 
 # Docker takes CDI device requests from Engine 25 (API 1.44), when its CDI feature is on.
 _CDI_MIN_ENGINE = (25, 0)
+
+
+@dataclass(frozen=True)
+class _GpuSupport:
+    """Whether this engine can hand GPUs to a container, and if not, what to enable."""
+
+    available: bool
+    detail: str = ""
 
 
 _translated = error_translator(
@@ -43,7 +52,7 @@ def _engine_version(version: str) -> tuple[int, int]:
 
 
 class DockerDriver:
-    kind = Driver.DOCKER
+    name = "docker"
 
     def __init__(
         self, *, url: str, cdi_kind: str = DEFAULT_CDI_KIND, pull_timeout_seconds: float = 300.0
@@ -51,7 +60,7 @@ class DockerDriver:
         self._docker = aiodocker.Docker(url=url)
         self._cdi_kind = cdi_kind
         self._pull_timeout = pull_timeout_seconds
-        self._capabilities: Capabilities | None = None
+        self._gpu_support: _GpuSupport | None = None
 
     async def aclose(self) -> None:
         await self._docker.close()
@@ -62,33 +71,33 @@ class DockerDriver:
     def device_id(self, gpu: Gpu) -> str:
         return f"{self._cdi_kind}={gpu.index}"
 
-    async def capabilities(self) -> Capabilities:
-        if self._capabilities is None:
-            self._capabilities = await self._probe_capabilities()
-        return self._capabilities
+    async def _gpus_supported(self) -> _GpuSupport:
+        if self._gpu_support is None:
+            self._gpu_support = await self._probe_gpu_support()
+        return self._gpu_support
 
-    async def _probe_capabilities(self) -> Capabilities:
+    async def _probe_gpu_support(self) -> _GpuSupport:
         async with _translated("version", "of the engine"):
             version = str((await self._docker.version()).get("Version", "0.0"))
             info = await self._docker.system.info()
         if _engine_version(version) < _CDI_MIN_ENGINE:
-            return Capabilities(
-                gpus=False,
-                gpu_detail=(
+            return _GpuSupport(
+                available=False,
+                detail=(
                     f"Docker Engine {version} cannot inject CDI devices; GPU jobs need "
                     "Docker >= 25 with the CDI feature enabled "
                     '(daemon.json: {"features": {"cdi": true}}), or the podman driver'
                 ),
             )
         if not info.get("CDISpecDirs"):
-            return Capabilities(
-                gpus=False,
-                gpu_detail=(
+            return _GpuSupport(
+                available=False,
+                detail=(
                     f"Docker Engine {version} has CDI turned off; enable it in daemon.json "
                     '({"features": {"cdi": true}}) and restart dockerd'
                 ),
             )
-        return Capabilities(gpus=True)
+        return _GpuSupport(available=True)
 
     async def _ensure_image(self, image: str) -> None:
         try:
@@ -111,11 +120,11 @@ class DockerDriver:
                 f"image {image!r} is not on this host and pulling it failed: {errors[-1]}"
             )
 
-    async def create(self, spec: SandboxSpec) -> SandboxState:
-        if spec.gpu_devices:
-            capabilities = await self.capabilities()
-            if not capabilities.gpus:
-                raise CapabilityMissing(capabilities.gpu_detail)
+    async def create(self, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
+        if spec.gpus:
+            support = await self._gpus_supported()
+            if not support.available:
+                raise CapabilityMissing(support.detail)
         await self._ensure_image(spec.image)
         host_config: dict[str, Any] = {}
         if spec.cpu is not None:
@@ -127,7 +136,7 @@ class DockerDriver:
         config: dict[str, Any] = {
             "Image": spec.image,
             "Env": [f"{k}={v}" for k, v in spec.environment.items()],
-            "Labels": {**spec.labels, LABEL_DRIVER: self.kind.value},
+            "Labels": dict(spec.labels),
             "HostConfig": host_config,
         }
         if spec.command:
@@ -166,7 +175,7 @@ class DockerDriver:
         return await self._state(name)
 
     async def list_sandboxes(self) -> list[SandboxState]:
-        filters = json.dumps({"label": [f"{LABEL_DRIVER}={self.kind.value}"]})
+        filters = json.dumps({"label": [f"{LABEL_DRIVER}={self.name}"]})
         async with _translated("ps", "sandfleet containers"):
             containers = await self._docker.containers.list(all=True, filters=filters)
         states = [await self._state(c.id) for c in containers]

@@ -1,5 +1,1 @@
-"""The Podman driver (libpod REST API). See README.md beside this file for its contract."""
-
-from workers.drivers.podman.driver import PodmanDriver
-
-__all__ = ["PodmanDriver"]
+"""The podman driver. See README.md beside this file for its contract; plugin.py registers it."""

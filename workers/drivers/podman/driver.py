@@ -6,14 +6,14 @@ import asyncio
 import json
 from typing import Any
 
-from common.errors import ImageUnavailable, SandboxError, SandboxNameTaken
-from common.models import Driver, Job
-from workers.drivers.base import LABEL_DRIVER, Capabilities, SandboxSpec, SandboxState
-from workers.drivers.cdi import ContainerBlock, parse_container_block
-from workers.drivers.container_state import state_from_inspect
-from workers.drivers.errors import error_translator
-from workers.drivers.podman.client import LibpodClient, PodmanApiError, demultiplex
-from workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
+from sandfleet.common.errors import ImageUnavailable, SandboxError, SandboxNameTaken
+from sandfleet.common.models import Job
+from sandfleet.workers.drivers.base import LABEL_DRIVER, SandboxSpec, SandboxState
+from sandfleet.workers.drivers.cdi import ContainerBlock, parse_container_block
+from sandfleet.workers.drivers.container_state import state_from_inspect
+from sandfleet.workers.drivers.errors import error_translator
+from sandfleet.workers.drivers.podman.client import LibpodClient, PodmanApiError, demultiplex
+from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
 
 _CPU_PERIOD_US = 100_000
 
@@ -26,7 +26,10 @@ _translated = error_translator(
 
 
 class PodmanDriver:
-    kind = Driver.PODMAN
+    """libpod resolves CDI names itself (Podman >= 4.1); a name it cannot resolve fails
+    the container's start with Podman's own reason."""
+
+    name = "podman"
 
     def __init__(
         self, *, url: str, cdi_kind: str = DEFAULT_CDI_KIND, pull_timeout_seconds: float = 300.0
@@ -43,11 +46,6 @@ class PodmanDriver:
 
     def device_id(self, gpu: Gpu) -> str:
         return f"{self._cdi_kind}={gpu.index}"
-
-    async def capabilities(self) -> Capabilities:
-        # libpod resolves CDI names itself (Podman >= 4.1); a name it cannot resolve
-        # fails the container's start with Podman's own reason.
-        return Capabilities(gpus=True)
 
     async def _ensure_image(self, image: str) -> None:
         try:
@@ -76,13 +74,13 @@ class PodmanDriver:
                 f"image {image!r} is not on this host and pulling it failed: {errors[-1]}"
             )
 
-    async def create(self, spec: SandboxSpec) -> SandboxState:
+    async def create(self, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
         await self._ensure_image(spec.image)
         body: dict[str, Any] = {
             "name": spec.name,
             "image": spec.image,
             "env": dict(spec.environment),
-            "labels": {**spec.labels, LABEL_DRIVER: self.kind.value},
+            "labels": dict(spec.labels),
             "devices": [{"path": device} for device in spec.gpu_devices],
         }
         if spec.command:
@@ -142,7 +140,7 @@ class PodmanDriver:
         return state_from_inspect(info)
 
     async def list_sandboxes(self) -> list[SandboxState]:
-        filters = json.dumps({"label": [f"{LABEL_DRIVER}={self.kind.value}"]})
+        filters = json.dumps({"label": [f"{LABEL_DRIVER}={self.name}"]})
         async with _translated("ps", "sandfleet containers"):
             listed = await self._api.json(
                 "GET", "/containers/json", params={"all": "true", "filters": filters}

@@ -1,5 +1,1 @@
-"""The VM driver (libvirt; `pip install .[vm]`). See README.md beside this file."""
-
-from workers.drivers.vm.driver import VmDriver
-
-__all__ = ["VmDriver"]
+"""The vm driver. See README.md beside this file for its contract; plugin.py registers it."""

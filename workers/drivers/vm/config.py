@@ -13,10 +13,10 @@ from pydantic import (
     ValidationError,
 )
 
-from common.errors import FieldError, RequestInvalid
-from common.models import Job, field_errors
-from workers.drivers.cdi import gpu_id_errors
-from workers.gpu.inventory import normalize_pci_address
+from sandfleet.common.errors import FieldError, RequestInvalid
+from sandfleet.common.models import Job, field_errors
+from sandfleet.workers.drivers.cdi import gpu_id_errors
+from sandfleet.workers.gpu.inventory import normalize_pci_address
 
 
 def _absolute(path: str) -> str:

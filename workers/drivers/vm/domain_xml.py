@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.gpu.inventory import normalize_pci_address
+from sandfleet.workers.gpu.inventory import normalize_pci_address
 
 METADATA_NS = "https://sandfleet.dev/xmlns/libvirt/job/1"
 METADATA_PREFIX = "sandfleet"

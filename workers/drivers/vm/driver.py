@@ -17,24 +17,28 @@ from pathlib import Path
 
 import libvirt
 
-from common.errors import ImageUnavailable, SandboxError
-from common.models import Driver, Job
-from workers.drivers.base import (
+from sandfleet.common.errors import ImageUnavailable, SandboxError, SandboxNameTaken
+from sandfleet.common.models import Job
+from sandfleet.workers.drivers.base import (
     LABEL_DRIVER,
     LABEL_GPUS,
     LABEL_JOB_ID,
     LABEL_WORKER_ID,
-    Capabilities,
     SandboxSpec,
     SandboxState,
     SandboxStatus,
 )
-from workers.drivers.errors import error_translator
-from workers.drivers.vm.config import VmBlock, parse_vm_block
-from workers.drivers.vm.domain_xml import METADATA_NS, DomainPlan, domain_xml, parse_metadata
-from workers.drivers.vm.guest import exit_code, job_archive, job_output
-from workers.drivers.vm.libvirt_loop import StopWatcher, libvirt_loop
-from workers.gpu.inventory import Gpu
+from sandfleet.workers.drivers.errors import error_translator
+from sandfleet.workers.drivers.vm.config import VmBlock, parse_vm_block
+from sandfleet.workers.drivers.vm.domain_xml import (
+    METADATA_NS,
+    DomainPlan,
+    domain_xml,
+    parse_metadata,
+)
+from sandfleet.workers.drivers.vm.guest import exit_code, job_archive, job_output
+from sandfleet.workers.drivers.vm.libvirt_loop import StopWatcher, libvirt_loop
+from sandfleet.workers.gpu.inventory import Gpu
 
 NAME_PREFIX = "sandfleet-"
 
@@ -51,7 +55,10 @@ def _missing_domain(exc: libvirt.libvirtError) -> bool:
 
 
 class VmDriver:
-    kind = Driver.VM
+    """Whether the host can pass PCI devices through shows when a domain starts;
+    libvirt's own reason then reaches the job's failed event."""
+
+    name = "vm"
 
     def __init__(self, *, uri: str, domain_type: str, work_dir: Path) -> None:
         self._uri = uri
@@ -92,27 +99,23 @@ class VmDriver:
     def device_id(self, gpu: Gpu) -> str:
         return gpu.pci_bus_id
 
-    async def capabilities(self) -> Capabilities:
-        # Whether the host can pass PCI devices through shows when a domain starts;
-        # libvirt's own reason then reaches the job's failed event.
-        return Capabilities(gpus=True)
-
     def _dir(self, name: str) -> Path:
         return self._work_dir / name
 
-    async def create(self, spec: SandboxSpec) -> SandboxState:
-        if not isinstance(spec.config, VmBlock):
-            raise SandboxError(f"vm create {spec.name}: no vm block was parsed for this job")
+    async def create(self, spec: SandboxSpec[VmBlock]) -> SandboxState:
+        # Checked before the work directory is cleared: it may be that domain's.
+        if await self.find(spec.name) is not None:
+            raise SandboxNameTaken(f"libvirt define {spec.name}: a domain of that name exists")
         block = spec.config
         work = self._dir(spec.name)
-        initrd = await asyncio.to_thread(self._prepare_files, spec, block, work)
+        initrd = await asyncio.to_thread(self._prepare_files, spec, work)
         disk = await self._overlay(work, block) if block.disk else None
         plan = DomainPlan(
             name=spec.name,
             domain_type=self._domain_type,
-            job_id=spec.labels[LABEL_JOB_ID],
-            worker_id=spec.labels.get(LABEL_WORKER_ID, ""),
-            gpus=tuple(g for g in spec.labels.get(LABEL_GPUS, "").split(",") if g),
+            job_id=spec.job_id,
+            worker_id=spec.worker_id,
+            gpus=tuple(gpu.uuid for gpu in spec.gpus),
             pci_devices=spec.gpu_devices,
             cpu=spec.cpu,
             memory_bytes=spec.memory_bytes,
@@ -129,8 +132,9 @@ class VmDriver:
         return await self._state(domain)
 
     @staticmethod
-    def _prepare_files(spec: SandboxSpec, block: VmBlock, work: Path) -> Path:
+    def _prepare_files(spec: SandboxSpec[VmBlock], work: Path) -> Path:
         """Check the boot files exist; write the job's initramfs. Returns its path."""
+        block = spec.config
         for what, path in (("kernel", spec.image), ("initrd", block.initrd), ("disk", block.disk)):
             if path is not None and not Path(path).is_file():
                 raise ImageUnavailable(f"the guest {what} {path} is not a file on this host")
@@ -267,7 +271,7 @@ class VmDriver:
                 )
             except libvirt.libvirtError:
                 metadata = None  # not ours
-        labels = {LABEL_DRIVER: self.kind.value}
+        labels = {LABEL_DRIVER: self.name}
         if metadata:
             meta = parse_metadata(metadata)
             labels |= {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from gateway import cli as gateway_cli
-from workers import cli as workers_cli
+from sandfleet.gateway import cli as gateway_cli
+from sandfleet.workers import cli as workers_cli
 
 app = typer.Typer(
     name="sandfleet",
@@ -22,5 +22,6 @@ app.command()(gateway_cli.cancel)
 app.command()(workers_cli.worker)
 app.command()(workers_cli.gpus)
 
-if __name__ == "__main__":
+
+def main() -> None:
     app()

@@ -1,0 +1,1 @@
+"""sandfleet: run container and VM sandboxes, with or without GPUs, on a fleet of hosts."""

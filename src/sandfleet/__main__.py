@@ -1,0 +1,5 @@
+"""`python -m sandfleet` is the `sandfleet` command."""
+
+from sandfleet.cli import main
+
+main()

@@ -1,0 +1,110 @@
+"""One job in a worker's hands, from the moment it is journaled until it is cleaned up.
+
+An `Attempt` owns the state of that one job on this worker: its journal entry, its
+sandbox, the GPUs it holds, and why it must stop early (if it must). It builds the
+job's events; it publishes nothing and writes nothing itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sandfleet.common.events import Event, Phase, bounded_output
+from sandfleet.common.models import Job
+from sandfleet.common.settings import SandboxPolicy
+from sandfleet.workers.drivers.base import DriverConfig, sandbox_name
+from sandfleet.workers.gpu.allocator import GpuRequest
+from sandfleet.workers.identity import WorkerIdentity
+from sandfleet.workers.journal import JournalEntry
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What the job asks of this worker: its driver's parsed block and its GPUs."""
+
+    config: DriverConfig
+    gpus: GpuRequest
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """Why a job's sandbox is ended early, as its terminal event will say."""
+
+    phase: Phase  # cancelled, or timed_out
+    reason: str
+    message: str
+
+    def outcome(self, output: str | None = None) -> Outcome:
+        return Outcome(phase=self.phase, reason=self.reason, message=self.message, output=output)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """How a job ended: the phase and words of its terminal event."""
+
+    phase: Phase
+    reason: str
+    message: str = ""
+    exit_code: int | None = None
+    output: str | None = None
+
+    @classmethod
+    def failed(cls, reason: str, message: str, **fields: Any) -> Outcome:
+        return cls(phase=Phase.FAILED, reason=reason, message=message, **fields)
+
+
+class Attempt:
+    def __init__(self, entry: JournalEntry, identity: WorkerIdentity, *, plan: JobPlan | None):
+        self.entry = entry  # kept as last written to the journal
+        self.plan = plan  # None for a job taken over: worked out again when needed
+        self.sandbox_id: str | None = entry.sandbox_id
+        self.devices: tuple[str, ...] = ()  # the claimed GPUs, as the driver names them
+        self.adopted = False  # its sandbox existed already (made by a worker now gone)
+        self.stop_request: StopRequest | None = None
+        self._identity = identity
+
+    @property
+    def job(self) -> Job:
+        return self.entry.job
+
+    @property
+    def job_id(self) -> str:
+        return self.entry.job.job_id
+
+    @property
+    def sandbox_name(self) -> str:
+        return sandbox_name(self.job_id)
+
+    def event(self, phase: Phase, reason: str, message: str = "") -> Event:
+        return self._identity.event(
+            self.job_id,
+            phase,
+            reason,
+            message=message,
+            gpus=list(self.devices),
+            sandbox_id=self.sandbox_id,
+        )
+
+    def terminal_event(self, outcome: Outcome) -> Event:
+        return self._identity.event(
+            self.job_id,
+            outcome.phase,
+            outcome.reason,
+            message=outcome.message,
+            gpus=list(self.devices),
+            sandbox_id=self.sandbox_id,
+            exit_code=outcome.exit_code,
+            output=None if outcome.output is None else bounded_output(outcome.output),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunPolicy:
+    """The worker's settings that shape a job's life (SANDFLEET_* of the same names)."""
+
+    stop_grace_seconds: float = 5.0
+    output_tail_lines: int = 50
+    gpu_retry_seconds: float = 10.0
+    gpu_max_wait_seconds: float = 3600.0
+    takeover: SandboxPolicy = SandboxPolicy.ADOPT

@@ -1,0 +1,47 @@
+"""Where a worker puts a job back on the broker: its host's queue, or its retry queue.
+
+- bound to the host: a job taken from the driver's shared queue is republished
+  (confirmed) to `sandfleet.jobs.<driver>.<host>` before the shared copy is acked, so
+  from then on only workers of this host ever see it;
+- parked: a job whose GPUs are busy waits in `sandfleet.retry.<driver>.<host>`, which
+  expires it back to the host's queue after the delay, holding no slot and no GPU.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from aio_pika.abc import AbstractChannel, AbstractExchange, HeadersType
+
+from sandfleet.common.amqp import job_message
+from sandfleet.common.models import Job
+from sandfleet.common.topology import (
+    RETRY_WAITING_SINCE_HEADER,
+    job_routing_key,
+    retry_queue_name,
+)
+
+
+class HostJobQueues:
+    def __init__(
+        self, channel: AbstractChannel, jobs: AbstractExchange, *, driver: str, host: str
+    ) -> None:
+        self._channel = channel  # with publisher confirms
+        self._jobs = jobs
+        self._host_key = job_routing_key(driver, host)
+
+    async def bind_to_host(self, job: Job) -> None:
+        await self._jobs.publish(job_message(job), routing_key=self._host_key, mandatory=True)
+
+    async def park(self, job: Job, *, delay: float, waiting_since: datetime) -> None:
+        headers = {RETRY_WAITING_SINCE_HEADER: waiting_since.isoformat()}
+        await self._channel.default_exchange.publish(
+            job_message(job, headers=headers, expiration=delay),
+            routing_key=retry_queue_name(self._host_key),
+        )
+
+
+def waiting_since(headers: HeadersType | None) -> datetime | None:
+    """When a parked job first found its GPUs busy, from its message."""
+    value = (headers or {}).get(RETRY_WAITING_SINCE_HEADER)
+    return datetime.fromisoformat(value) if isinstance(value, str) else None

@@ -1,0 +1,99 @@
+"""Supervising a job's sandbox: start it, wait for it within the job's timeout, and end
+it early when asked (a cancellation, a shutdown, a take-over by policy); what it ended
+with becomes the job's `Outcome`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from sandfleet.common.amqp import EventSink
+from sandfleet.common.events import Phase
+from sandfleet.common.settings import SandboxPolicy
+from sandfleet.workers.attempt import Attempt, Outcome, RunPolicy, StopRequest
+from sandfleet.workers.drivers.base import SandboxDriver, SandboxState, SandboxStatus
+
+
+class SandboxSupervisor:
+    def __init__(self, driver: SandboxDriver[Any], events: EventSink, policy: RunPolicy) -> None:
+        self._driver = driver
+        self._events = events
+        self._policy = policy
+
+    async def supervise(self, attempt: Attempt, sandbox: SandboxState) -> Outcome:
+        """Run the sandbox to its end, within the job's timeout, unless asked to stop."""
+        if sandbox.status is SandboxStatus.EXITED:
+            return await self._ended(attempt, sandbox.exit_code)
+        if attempt.stop_request is not None:  # asked before it started
+            return await self._stop_early(attempt, attempt.stop_request)
+        started_at = await self._started(attempt, sandbox)
+        if attempt.stop_request is not None:  # asked while it started
+            return await self._stop_early(attempt, attempt.stop_request)
+        timeout = attempt.job.template.timeout_seconds
+        try:
+            async with asyncio.timeout_at(_deadline(started_at, timeout)):
+                exit_code = await self._driver.wait(sandbox.sandbox_id)
+        except TimeoutError:
+            message = f"exceeded timeout_seconds={timeout}"
+            return await self._stop_early(attempt, StopRequest(Phase.TIMED_OUT, "Timeout", message))
+        return await self._ended(attempt, exit_code)
+
+    async def _started(self, attempt: Attempt, sandbox: SandboxState) -> datetime:
+        """Start a new sandbox (or take an adopted one as it runs); when it started."""
+        if sandbox.status is SandboxStatus.CREATED:
+            await self._driver.start(sandbox.sandbox_id)
+            await self._emit(attempt, Phase.RUNNING, "Started")
+            return datetime.now(UTC)
+        await self._emit(attempt, Phase.RUNNING, "Adopted", "found running after a redelivery")
+        return sandbox.started_at or datetime.now(UTC)
+
+    def must_stop_on_takeover(self, sandbox: SandboxState) -> bool:
+        running = sandbox.status is not SandboxStatus.EXITED
+        return running and self._policy.takeover is SandboxPolicy.STOP
+
+    async def stop_on_takeover(self, attempt: Attempt, sandbox: SandboxState) -> Outcome:
+        message = (
+            f"found {sandbox.status.value} after its worker was gone; "
+            "SANDFLEET_TAKEOVER_POLICY=stop stops such sandboxes"
+        )
+        request = StopRequest(Phase.CANCELLED, "StoppedOnTakeover", message)
+        return await self._stop_early(attempt, request)
+
+    async def _stop_early(self, attempt: Attempt, request: StopRequest) -> Outcome:
+        assert attempt.sandbox_id is not None
+        await self.stop_sandbox(attempt.sandbox_id)
+        output = await self._output(attempt.sandbox_id)
+        return request.outcome(output)
+
+    async def _ended(self, attempt: Attempt, exit_code: int | None) -> Outcome:
+        assert attempt.sandbox_id is not None
+        output = await self._output(attempt.sandbox_id)
+        stop = attempt.stop_request  # stopped while it ran: that is why it ended
+        if stop is not None:
+            return stop.outcome(output)
+        if exit_code is None:
+            message = "the sandbox ended without reporting an exit code"
+            return Outcome.failed("NoExitCode", message, output=output)
+        if exit_code == 0:
+            return Outcome(phase=Phase.SUCCEEDED, reason="Completed", exit_code=0, output=output)
+        message = f"exited with code {exit_code}"
+        return Outcome.failed("NonZeroExit", message, exit_code=exit_code, output=output)
+
+    async def stop_sandbox(self, sandbox_id: str) -> None:
+        await self._driver.stop(sandbox_id, grace_seconds=self._policy.stop_grace_seconds)
+
+    async def _output(self, sandbox_id: str) -> str:
+        return await self._driver.output(sandbox_id, lines=self._policy.output_tail_lines)
+
+    async def _emit(self, attempt: Attempt, phase: Phase, reason: str, message: str = "") -> None:
+        await self._events.publish(attempt.event(phase, reason, message))
+
+
+def _deadline(started_at: datetime, timeout_seconds: int | None) -> float | None:
+    """The loop-clock time at which a sandbox started at `started_at` runs out of time."""
+    if timeout_seconds is None:
+        return None
+    elapsed = (datetime.now(UTC) - started_at).total_seconds()
+    return asyncio.get_running_loop().time() + max(0.0, timeout_seconds - elapsed)
