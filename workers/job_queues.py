@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, HeadersType
 
@@ -22,7 +23,14 @@ from sandfleet.common.topology import (
 )
 
 
+class JobQueues(Protocol):
+    async def bind_to_host(self, job: Job) -> None: ...
+    async def park(self, job: Job, *, delay: float, waiting_since: datetime) -> None: ...
+
+
 class HostJobQueues:
+    """`JobQueues` on the broker."""
+
     def __init__(
         self, channel: AbstractChannel, jobs: AbstractExchange, *, driver: str, host: str
     ) -> None:

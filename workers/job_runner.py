@@ -43,10 +43,6 @@ from sandfleet.common.models import CancelRequest, Job, field_errors
 from sandfleet.common.topology import job_routing_key
 from sandfleet.workers.attempt import Attempt, JobPlan, Outcome, RunPolicy, StopRequest
 from sandfleet.workers.drivers.base import (
-    LABEL_DRIVER,
-    LABEL_GPUS,
-    LABEL_JOB_ID,
-    LABEL_WORKER_ID,
     ClaimedGpu,
     SandboxDriver,
     SandboxSpec,
@@ -55,7 +51,7 @@ from sandfleet.workers.drivers.base import (
 from sandfleet.workers.gpu.allocator import GpuAllocator, GpuRequest
 from sandfleet.workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
 from sandfleet.workers.identity import WorkerIdentity
-from sandfleet.workers.job_queues import HostJobQueues, waiting_since
+from sandfleet.workers.job_queues import JobQueues, waiting_since
 from sandfleet.workers.journal import AlreadyFinished, JobJournal, JournalEntry, OwnedByLiveWorker
 from sandfleet.workers.supervision import SandboxSupervisor
 
@@ -89,7 +85,7 @@ class JobRunner:
         gpus: GpuAllocator,
         journal: JobJournal,
         events: EventSink,
-        queues: HostJobQueues,
+        queues: JobQueues,
         cancellations: UserCancellations,
         policy: RunPolicy,
     ) -> None:
@@ -337,28 +333,12 @@ class JobRunner:
         return StopRequest(Phase.CANCELLED, "Cancelled", request.reason)
 
     def _spec(self, attempt: Attempt, plan: JobPlan, claim: Claim | None) -> SandboxSpec[Any]:
-        job, template = attempt.job, attempt.job.template
         gpus = () if claim is None else tuple(map(ClaimedGpu, claim.gpus, claim.devices))
-        labels = {
-            **job.labels,
-            **template.labels,
-            LABEL_JOB_ID: job.job_id,
-            LABEL_DRIVER: self._driver.name,
-            LABEL_WORKER_ID: self._identity.worker_id,
-        }
-        if gpus:
-            labels[LABEL_GPUS] = ",".join(gpu.uuid for gpu in gpus)
-        return SandboxSpec(
-            name=attempt.sandbox_name,
-            job_id=job.job_id,
+        return SandboxSpec.for_job(
+            attempt.job,
+            plan.config,
+            driver=self._driver.name,
             worker_id=self._identity.worker_id,
-            image=template.image,
-            command=tuple(template.command),
-            environment=template.environment,
-            labels=labels,
-            cpu=job.resource_requirements.cpu,
-            memory_bytes=job.resource_requirements.memory,
-            config=plan.config,
             gpus=gpus,
         )
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sandfleet.common.amqp import EventSink
+from sandfleet.common.errors import SandboxError
 from sandfleet.common.events import Phase
 from sandfleet.common.settings import SandboxPolicy
 from sandfleet.workers.attempt import Attempt, Outcome, RunPolicy, StopRequest
@@ -38,6 +39,10 @@ class SandboxSupervisor:
         except TimeoutError:
             message = f"exceeded timeout_seconds={timeout}"
             return await self._stop_early(attempt, StopRequest(Phase.TIMED_OUT, "Timeout", message))
+        except SandboxError:
+            if attempt.stop_request is None:
+                raise
+            exit_code = None  # stopped on request: a runtime may not say more of how it ended
         return await self._ended(attempt, exit_code)
 
     async def _started(self, attempt: Attempt, sandbox: SandboxState) -> datetime:

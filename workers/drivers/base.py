@@ -69,6 +69,41 @@ class SandboxSpec(Generic[ConfigT]):
     def gpu_devices(self) -> tuple[str, ...]:
         return tuple(gpu.device for gpu in self.gpus)
 
+    @classmethod
+    def for_job(
+        cls,
+        job: Job,
+        config: ConfigT,
+        *,
+        driver: str,
+        worker_id: str,
+        gpus: tuple[ClaimedGpu, ...] = (),
+    ) -> SandboxSpec[ConfigT]:
+        """The sandbox the runtime asks `driver` to create for `job`."""
+        template = job.template
+        labels = {
+            **job.labels,
+            **template.labels,
+            LABEL_JOB_ID: job.job_id,
+            LABEL_DRIVER: driver,
+            LABEL_WORKER_ID: worker_id,
+        }
+        if gpus:
+            labels[LABEL_GPUS] = ",".join(gpu.uuid for gpu in gpus)
+        return cls(
+            name=sandbox_name(job.job_id),
+            job_id=job.job_id,
+            worker_id=worker_id,
+            image=template.image,
+            command=tuple(template.command),
+            environment=template.environment,
+            labels=labels,
+            cpu=job.resource_requirements.cpu,
+            memory_bytes=job.resource_requirements.memory,
+            config=config,
+            gpus=gpus,
+        )
+
 
 class SandboxStatus(StrEnum):
     CREATED = "created"

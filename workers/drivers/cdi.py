@@ -8,10 +8,10 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from sandfleet.common.errors import FieldError, RequestInvalid
-from sandfleet.common.models import Job, field_errors
+from sandfleet.common.models import Job
+from sandfleet.workers.drivers.blocks import parse_block
 
 # vendor/class=name, as the CDI spec defines the parts
 _CDI_NAME = re.compile(
@@ -43,33 +43,5 @@ class ContainerBlock(BaseModel):
     gpu_device_ids: list[CdiName] = Field(default_factory=list, max_length=64)
 
 
-def gpu_id_errors(ids: list[str], gpu_count: int, *, path: str) -> list[FieldError]:
-    """DESIGN's GPU-ID rules, the same for every driver; `path` names the list."""
-    if not ids:
-        return []
-    if gpu_count == 0:
-        message = "GPU IDs require resource_requirements.gpu.count"
-        return [FieldError(field=path, message=message)]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        return [FieldError(field=path, message=f"duplicate IDs: {duplicates}")]
-    if len(ids) != gpu_count:
-        message = f"{len(ids)} IDs given but resource_requirements.gpu.count is {gpu_count}"
-        return [FieldError(field=path, message=message)]
-    return []
-
-
 def parse_container_block(job: Job) -> ContainerBlock:
-    prefix = f"template.driver_config.{job.driver}"
-    try:
-        block = ContainerBlock.model_validate(job.template.driver_config)
-    except ValidationError as exc:
-        raise RequestInvalid(field_errors(exc, prefix=prefix)) from exc
-    errors = gpu_id_errors(
-        block.gpu_device_ids,
-        job.resource_requirements.gpu_count,
-        path=f"{prefix}.gpu_device_ids",
-    )
-    if errors:
-        raise RequestInvalid(errors)
-    return block
+    return parse_block(ContainerBlock, job)

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationError,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from sandfleet.common.errors import FieldError, RequestInvalid
-from sandfleet.common.models import Job, field_errors
-from sandfleet.workers.drivers.cdi import gpu_id_errors
+from sandfleet.common.errors import FieldError
+from sandfleet.common.models import Job
+from sandfleet.workers.drivers.blocks import parse_block
 from sandfleet.workers.gpu.inventory import normalize_pci_address
 
 
@@ -50,23 +43,9 @@ class VmBlock(BaseModel):
 
 
 def parse_vm_block(job: Job) -> VmBlock:
-    prefix = "template.driver_config.vm"
-    errors: list[FieldError] = []
+    errors = []
     if not job.template.image.startswith("/"):
         message = "for the vm driver, the absolute path of the guest kernel on the worker's host"
         errors.append(FieldError(field="template.image", message=message))
-    try:
-        block = VmBlock.model_validate(job.template.driver_config)
-    except ValidationError as exc:
-        raise RequestInvalid(errors + field_errors(exc, prefix=prefix)) from exc
     # PCI addresses are compared normalised: 00000000:2d:00.0 and 0000:2d:00.0 are one device.
-    errors.extend(
-        gpu_id_errors(
-            block.gpu_device_ids,
-            job.resource_requirements.gpu_count,
-            path=f"{prefix}.gpu_device_ids",
-        )
-    )
-    if errors:
-        raise RequestInvalid(errors)
-    return block
+    return parse_block(VmBlock, job, errors=errors)

@@ -41,6 +41,9 @@ from sandfleet.workers.drivers.vm.libvirt_loop import StopWatcher, libvirt_loop
 from sandfleet.workers.gpu.inventory import Gpu
 
 NAME_PREFIX = "sandfleet-"
+# What `wait` returns for a guest that `stop` ended before it reported its own exit
+# code: as for a container killed after its grace time (128 + SIGKILL).
+STOPPED_EXIT_CODE = 137
 
 
 _translated = error_translator(
@@ -69,6 +72,7 @@ class VmDriver:
         self._conn: libvirt.virConnect | None = None
         self._callback_id: int | None = None
         self._opening = asyncio.Lock()
+        self._stopped: set[str] = set()  # domains this driver stopped while they ran
 
     async def _connection(self) -> libvirt.virConnect:
         async with self._opening:
@@ -182,6 +186,8 @@ class VmDriver:
             self._watcher.forget(sandbox_id, stopped)
         console = self._console(domain.name())
         code = exit_code(console)
+        if code is None and sandbox_id in self._stopped:
+            return STOPPED_EXIT_CODE
         if code is None:
             tail = job_output(console, lines=20).strip() or "(no console output)"
             raise SandboxError(
@@ -196,6 +202,7 @@ class VmDriver:
         try:
             if not await self._libvirt.call(domain.isActive):
                 return
+            self._stopped.add(sandbox_id)
             with contextlib.suppress(libvirt.libvirtError):
                 await self._libvirt.call(domain.shutdown)  # ACPI; a guest may ignore it
             with contextlib.suppress(TimeoutError):
@@ -215,6 +222,7 @@ class VmDriver:
                 return
             raise SandboxError(f"libvirt lookup {sandbox_id}: {exc.get_error_message()}") from exc
         name = domain.name()
+        self._stopped.discard(sandbox_id)
         async with _translated("remove", name):
             if await self._libvirt.call(domain.isActive):
                 await self._libvirt.call(domain.destroy)
