@@ -1,0 +1,36 @@
+"""The wheel installs every package of the tree, under the one name `sandfleet`."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDERS = {
+    "common": "sandfleet.common",
+    "gateway": "sandfleet.gateway",
+    "workers": "sandfleet.workers",
+}
+
+
+def test_every_package_folder_is_listed_under_its_sandfleet_name() -> None:
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {
+        "sandfleet": "src/sandfleet",
+        **{v: k for k, v in FOLDERS.items()},
+    }
+    found = {"sandfleet"}
+    for folder, name in FOLDERS.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *parts)))
+    assert set(setuptools["packages"]) == found
+
+
+def test_the_built_in_drivers_register_like_any_other() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    drivers = project["entry-points"]["sandfleet.drivers"]
+    assert drivers == {
+        name: f"sandfleet.workers.drivers.{name}.plugin:plugin"
+        for name in ("docker", "podman", "vm")
+    }
