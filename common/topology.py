@@ -83,56 +83,61 @@ async def declare_topology(
     RabbitMQ 3.10 counts every requeue, so "no capacity yet" must be a delayed
     republish, never a requeue.
     """
-    delivery_limit = settings.job_delivery_limit
     dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
     dead_queue = await channel.declare_queue(
         DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
     )
     await dead_queue.bind(dead)
-
-    await channel.declare_queue(SUBMIT_QUEUE, durable=True, arguments=_quorum_args(delivery_limit))
-
+    quorum = _quorum_args(settings.job_delivery_limit)
+    await channel.declare_queue(SUBMIT_QUEUE, durable=True, arguments=quorum)
     jobs = await channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
     for driver, host in job_queues:
-        queue = await channel.declare_queue(
-            job_queue_name(driver, host), durable=True, arguments=_quorum_args(delivery_limit)
-        )
-        await queue.bind(jobs, routing_key=job_routing_key(driver, host))
-        await channel.declare_queue(
-            retry_queue_name(job_routing_key(driver, host)),
-            durable=True,
-            arguments={
-                # Messages published here with an expiration go back to the job queue
-                # when it runs out; at-least-once dead-lettering never drops one.
-                "x-queue-type": "quorum",
-                "x-dead-letter-exchange": JOBS_EXCHANGE,
-                "x-dead-letter-routing-key": job_routing_key(driver, host),
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
-            },
-        )
+        await _declare_job_queue(channel, jobs, job_routing_key(driver, host), quorum)
+    events = await _declare_logged_exchange(
+        channel, EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, EVENTS_LOG_QUEUE,
+        {"x-max-age": settings.events_max_age, "x-max-length-bytes": EVENTS_MAX_LENGTH_BYTES},
+    )  # fmt: skip
+    control = await _declare_logged_exchange(
+        channel, CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, CONTROL_LOG_QUEUE,
+        {"x-max-age": settings.events_max_age},
+    )  # fmt: skip
+    return Topology(jobs=jobs, events=events, dead=dead, control=control)
 
-    events = await channel.declare_exchange(
-        EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+
+async def _declare_job_queue(
+    channel: AbstractChannel, jobs: AbstractExchange, routing_key: str, quorum: FieldTable
+) -> None:
+    """A job queue and its retry queue, whose messages expire back into it."""
+    queue = await channel.declare_queue(
+        f"{JOBS_EXCHANGE}.{routing_key}", durable=True, arguments=quorum
     )
-    log = await channel.declare_queue(
-        EVENTS_LOG_QUEUE,
+    await queue.bind(jobs, routing_key=routing_key)
+    await channel.declare_queue(
+        retry_queue_name(routing_key),
         durable=True,
         arguments={
-            "x-queue-type": "stream",
-            "x-max-age": settings.events_max_age,
-            "x-max-length-bytes": EVENTS_MAX_LENGTH_BYTES,
+            # Messages published here with an expiration go back to the job queue
+            # when it runs out; at-least-once dead-lettering never drops one.
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": JOBS_EXCHANGE,
+            "x-dead-letter-routing-key": routing_key,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
         },
     )
-    await log.bind(events, routing_key="#")
 
-    control = await channel.declare_exchange(
-        CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+
+async def _declare_logged_exchange(
+    channel: AbstractChannel,
+    name: str,
+    kind: aio_pika.ExchangeType,
+    log_queue: str,
+    retention: FieldTable,
+) -> AbstractExchange:
+    """An exchange whose every message is kept in a stream queue (its log)."""
+    exchange = await channel.declare_exchange(name, kind, durable=True)
+    log = await channel.declare_queue(
+        log_queue, durable=True, arguments={"x-queue-type": "stream", **retention}
     )
-    control_log = await channel.declare_queue(
-        CONTROL_LOG_QUEUE,
-        durable=True,
-        arguments={"x-queue-type": "stream", "x-max-age": settings.events_max_age},
-    )
-    await control_log.bind(control)
-    return Topology(jobs=jobs, events=events, dead=dead, control=control)
+    await log.bind(exchange, routing_key="#")
+    return exchange
