@@ -4,10 +4,10 @@ in-memory driver (no broker, no runtime)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from sandfleet_inmemory import InMemoryBlock
@@ -48,6 +48,35 @@ class Pause:
     async def __call__(self, subject: str) -> None:
         self.reached.set()
         await self.release.wait()
+
+
+async def held_at(
+    h: Harness,
+    operation: str,
+    during: Callable[[], Awaitable[object]],
+    *,
+    fail_after: Exception | None = None,
+    **job_fields: Any,
+) -> None:
+    """Run job "a" up to the driver's `operation`, do `during` there, then let it go on
+    (the operation failing with `fail_after`, if given) to its end."""
+    pause = Pause()
+
+    async def hold(subject: str) -> None:
+        await pause(subject)
+        if fail_after is not None:
+            raise fail_after
+
+    h.driver.hooks[operation] = hold
+    task = asyncio.create_task(h.runner.handle(h.delivery(job("a", **job_fields))))
+    await within(pause.reached.wait())
+    await during()
+    pause.release.set()
+    await within(task)
+
+
+def cancel_a(h: Harness) -> Callable[[], Awaitable[None]]:
+    return lambda: h.runner.cancel(CancelRequest(job_id="a", reason="stop it"))
 
 
 def fail_with(error: Exception) -> Pause:
@@ -197,13 +226,7 @@ async def test_a_job_cancelled_while_its_sandbox_is_created_is_never_started(
     tmp_path: Path,
 ) -> None:
     h = harness(tmp_path)
-    pause = Pause()
-    h.driver.hooks["create"] = pause
-    task = asyncio.create_task(h.runner.handle(h.delivery(job("a"))))
-    await within(pause.reached.wait())
-    await h.runner.cancel(CancelRequest(job_id="a", reason="stop it"))
-    pause.release.set()
-    await within(task)
+    await held_at(h, "create", cancel_a(h))
     last = h.events.last("a")
     assert (last.phase, last.reason, last.message) == (Phase.CANCELLED, "Cancelled", "stop it")
     assert "start" not in [op for op, _ in h.calls]
@@ -212,13 +235,7 @@ async def test_a_job_cancelled_while_its_sandbox_is_created_is_never_started(
 
 async def test_a_job_cancelled_while_it_starts_is_stopped_once_started(tmp_path: Path) -> None:
     h = harness(tmp_path)
-    pause = Pause()
-    h.driver.hooks["start"] = pause
-    task = asyncio.create_task(h.runner.handle(h.delivery(job("a", run_seconds=60))))
-    await within(pause.reached.wait())
-    await h.runner.cancel(CancelRequest(job_id="a", reason="stop it"))
-    pause.release.set()
-    await within(task)
+    await held_at(h, "start", cancel_a(h), run_seconds=60)
     assert h.events.last("a").phase is Phase.CANCELLED
     operations = [op for op, _ in h.calls]
     assert operations.index("start") < len(operations) - 1 - operations[::-1].index("stop")
@@ -226,13 +243,7 @@ async def test_a_job_cancelled_while_it_starts_is_stopped_once_started(tmp_path:
 
 async def test_a_running_job_cancelled_is_stopped_with_its_output(tmp_path: Path) -> None:
     h = harness(tmp_path)
-    pause = Pause()
-    h.driver.hooks["wait"] = pause
-    task = asyncio.create_task(h.runner.handle(h.delivery(job("a", run_seconds=60))))
-    await within(pause.reached.wait())
-    await h.runner.cancel(CancelRequest(job_id="a", reason="stop it"))
-    pause.release.set()
-    await within(task)
+    await held_at(h, "wait", cancel_a(h), run_seconds=60)
     last = h.events.last("a")
     assert (last.phase, last.reason) == (Phase.CANCELLED, "Cancelled")
     assert last.output == "echo a\n"
@@ -243,18 +254,8 @@ async def test_a_job_stopped_on_request_is_cancelled_even_if_its_wait_then_fails
     tmp_path: Path,
 ) -> None:
     h = harness(tmp_path)
-    pause = Pause()
-
-    async def wait_then_fail(sandbox_id: str) -> None:
-        await pause(sandbox_id)
-        raise SandboxError("the guest stopped without reporting an exit code")
-
-    h.driver.hooks["wait"] = wait_then_fail
-    task = asyncio.create_task(h.runner.handle(h.delivery(job("a", run_seconds=60))))
-    await within(pause.reached.wait())
-    await h.runner.cancel(CancelRequest(job_id="a", reason="stop it"))
-    pause.release.set()
-    await within(task)
+    no_code = SandboxError("the guest stopped without reporting an exit code")
+    await held_at(h, "wait", cancel_a(h), fail_after=no_code, run_seconds=60)
     assert (h.events.last("a").phase, h.events.last("a").reason) == (Phase.CANCELLED, "Cancelled")
 
 
@@ -374,15 +375,13 @@ async def test_a_sandbox_that_cannot_be_removed_keeps_its_gpus_and_open_entry(
 
 async def test_a_shutdown_stop_reports_the_job_cancelled(tmp_path: Path) -> None:
     h = harness(tmp_path)
-    pause = Pause()
-    h.driver.hooks["wait"] = pause
-    task = asyncio.create_task(h.runner.handle(h.delivery(job("a", run_seconds=60))))
-    await within(pause.reached.wait())
-    assert h.runner.jobs_in_hand == ["a"]
-    stop = StopRequest(Phase.CANCELLED, "StoppedOnShutdown", "worker shut down")
-    await h.runner.stop("a", stop)
-    pause.release.set()
-    await within(task)
+
+    async def shut_down() -> None:
+        assert h.runner.jobs_in_hand == ["a"]
+        stop = StopRequest(Phase.CANCELLED, "StoppedOnShutdown", "worker shut down")
+        await h.runner.stop("a", stop)
+
+    await held_at(h, "wait", shut_down, run_seconds=60)
     assert (h.events.last("a").phase, h.events.last("a").reason) == (
         Phase.CANCELLED,
         "StoppedOnShutdown",
