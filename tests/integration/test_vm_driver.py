@@ -14,6 +14,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from sandfleet.common.errors import SandboxError
 from sandfleet.common.events import Phase
 from sandfleet.common.models import Job, JobTemplate, ResourceRequirements
 from sandfleet.common.settings import Settings
@@ -28,7 +29,7 @@ from sandfleet.workers.drivers.base import (
 )
 from sandfleet.workers.drivers.vm.config import VmBlock
 from sandfleet.workers.drivers.vm.domain_xml import METADATA_NS
-from sandfleet.workers.drivers.vm.driver import VmDriver
+from sandfleet.workers.drivers.vm.driver import STOPPED_EXIT_CODE, VmDriver
 from sandfleet.workers.gpu.claims import GpuClaimStore
 from tests.conftest import WorkerFactory
 from tests.gpu_fixtures import write_inventory
@@ -130,13 +131,30 @@ async def test_lifecycle_events_end_the_wait(
     state = await test_driver.create(spec)
     await test_driver.start(state.sandbox_id)
     assert (await test_driver.find(spec.name)).status is SandboxStatus.RUNNING  # type: ignore[union-attr]
-    # The simulated guest never reports an exit code; stopping it must end the wait.
+    # The simulated guest never reports an exit code; stopping it must end the wait, with
+    # the code of a sandbox ended by its grace time running out.
     waiter = asyncio.create_task(test_driver.wait(state.sandbox_id))
-    await asyncio.sleep(0)
     await test_driver.stop(state.sandbox_id, grace_seconds=0.1)
-    with pytest.raises(Exception, match="without reporting an exit code"):
-        await asyncio.wait_for(waiter, 10)
+    assert await asyncio.wait_for(waiter, 10) == STOPPED_EXIT_CODE
     assert (await test_driver.find(spec.name)).status is SandboxStatus.EXITED  # type: ignore[union-attr]
+    await test_driver.remove(state.sandbox_id)
+
+
+async def test_a_guest_that_ends_without_an_exit_code_fails(
+    test_driver: VmDriver, vm_guest: dict[str, str]
+) -> None:
+    spec = spec_for(test_driver, vm_guest)
+    state = await test_driver.create(spec)
+    await test_driver.start(state.sandbox_id)
+    waiter = asyncio.create_task(test_driver.wait(state.sandbox_id))
+    conn = libvirt.open("test:///default")
+    try:
+        conn.lookupByUUIDString(state.sandbox_id).destroy()  # not by the driver: it crashed
+    finally:
+        conn.close()
+    with pytest.raises(SandboxError, match="without reporting an exit code") as failed:
+        await asyncio.wait_for(waiter, 10)
+    assert failed.value.reason == "GuestFailed"
     await test_driver.remove(state.sandbox_id)
 
 
