@@ -102,9 +102,11 @@ class Unschedulable(SandboxError):
     reason = "Unschedulable"
 
 
-class FleetUnreachable(SandfleetError):
+class FleetUnreachable(SandfleetError, ConnectionError):
     """The fleet cannot be reached: no broker answers at the URL, it refused the login or
-    the virtual host, or no gateway has set the broker up. `url` has its password hidden."""
+    the virtual host, or no gateway answers there. `url` has its password hidden.
+
+    A ConnectionError, so code that retries on those (a broker restart) retries on it."""
 
     def __init__(self, url: str, reason: str) -> None:
         self.url = url

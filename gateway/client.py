@@ -24,8 +24,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
+from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 
 from sandfleet.common.amqp import (
     CONNECT_TIMEOUT_SECONDS,
@@ -69,7 +74,7 @@ class Client(AsyncCloseable):
         self._url = url or (settings or Settings()).broker_url
         self._connect_timeout = connect_timeout
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._pending: dict[str, asyncio.Future[SubmitReply]] = {}
         self._closed = False
 
@@ -112,7 +117,7 @@ class Client(AsyncCloseable):
             )
         return self._connection
 
-    def _open_channel(self) -> AbstractChannel:
+    def _open_channel(self) -> AbstractRobustChannel:
         self._open_connection()
         assert self._channel is not None
         return self._channel
@@ -135,15 +140,20 @@ class Client(AsyncCloseable):
         future: asyncio.Future[SubmitReply] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         try:
-            await self._publish(channel, _request_body(request), correlation_id)
             async with asyncio.timeout(timeout):
+                # While the robust connection reconnects, wait for the channel and its
+                # reply consumer to be back rather than fail at once.
+                await channel.ready()
+                await self._publish(channel, _request_body(request), correlation_id)
                 return await future
         except TimeoutError:
             raise FleetUnreachable(self.url, f"no gateway answered within {timeout:g} s") from None
         finally:
             self._pending.pop(correlation_id, None)
 
-    async def _publish(self, channel: AbstractChannel, body: bytes, correlation_id: str) -> None:
+    async def _publish(
+        self, channel: AbstractRobustChannel, body: bytes, correlation_id: str
+    ) -> None:
         message = aio_pika.Message(
             body,
             content_type=JSON,
@@ -159,6 +169,8 @@ class Client(AsyncCloseable):
             raise FleetUnreachable(
                 self.url, f"no gateway has run here (no queue {SUBMIT_QUEUE})"
             ) from None
+        except (ChannelInvalidStateError, AMQPConnectionError):  # lost since ready()
+            raise FleetUnreachable(self.url, "the connection to the broker was lost") from None
 
     async def wait(self, job_id: str, *, timeout: float | None = None) -> Event:
         """The job's terminal event (succeeded, failed, timed_out, cancelled, rejected),

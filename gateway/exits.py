@@ -14,6 +14,7 @@ from enum import IntEnum
 from typing import ParamSpec
 
 import typer
+from aiormq.exceptions import AMQPError
 
 from sandfleet.common.errors import FleetUnreachable, JobNotFound, SubmissionRejected
 from sandfleet.common.events import Event, Phase
@@ -57,6 +58,8 @@ def exits_mapped(command: Callable[P, None]) -> Callable[P, None]:
             raise _fail(str(exc), ExitCode.REJECTED) from None
         except TimeoutError as exc:
             raise _fail(str(exc) or "timed out", ExitCode.TIMED_OUT) from None
+        except AMQPError as exc:  # e.g. ACCESS_REFUSED: these credentials cannot do this
+            raise _fail(f"the broker refused: {exc}", ExitCode.FLEET_UNREACHABLE) from None
 
     return run
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings
@@ -129,3 +131,15 @@ async def sandfleet(settings: Settings, *args: str, stdin: bytes | None = None) 
     """Run `sandfleet ARGS` against this test's broker: exit code, stdout + stderr."""
     ran = await run_sandfleet(sandfleet_env(settings), *args, stdin=stdin)
     return ran.returncode, ran.stdout + ran.stderr
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run `rabbitmqctl -q ARGS` (blocking: call it through asyncio.to_thread from a test)."""
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout
+
+
+def vhost_of(broker_url: str) -> str:
+    return urlsplit(broker_url).path.removeprefix("/")
