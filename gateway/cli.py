@@ -1,10 +1,9 @@
 """`sandfleet gateway | submit | wait | watch | status | workers | cancel`: the gateway and
-the submitter's side. Exit codes: `sandfleet.gateway.exits`; output: `Output` below."""
+the submitter's side. Exit codes: `sandfleet.gateway.exits`; output: `render.Output`."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,50 +17,26 @@ from sandfleet.common.errors import JobNotFound, SubmissionRejected
 from sandfleet.common.events import Event, Phase, worker_state
 from sandfleet.common.lifecycle import until_signalled
 from sandfleet.common.logs import setup_logging
-from sandfleet.common.models import CancelRequest, SubmitReply
+from sandfleet.common.models import CancelRequest
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.events_stream import EventFilter, EventStream
 from sandfleet.gateway.exits import ExitCode, exit_code_of
 from sandfleet.gateway.job_file import JobFileInvalid, load_job_file
 from sandfleet.gateway.render import (
+    Output,
     history_table,
     make_console,
-    print_event,
-    print_reply,
     status_line,
     workers_table,
 )
+from sandfleet.gateway.request_flags import build_request
 from sandfleet.gateway.service import run_gateway
 
 StreamJson = Annotated[
     bool, typer.Option("--json", help="JSON for scripts: one object per line, as they come.")
 ]
 DocumentJson = Annotated[bool, typer.Option("--json", help="JSON for scripts: one document.")]
-
-
-class Output:
-    """What a command shows: rich text for people, or JSON on stdout for scripts.
-    Streams print one JSON object per line; one-shot commands print one document."""
-
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.console = make_console()
-
-    def reply(self, reply: SubmitReply) -> None:
-        if self.as_json:
-            self.json_line(reply.model_dump(mode="json", exclude_none=True))
-        else:
-            print_reply(self.console, reply)
-
-    def event(self, event: Event) -> None:
-        if self.as_json:
-            self.json_line(event.model_dump(mode="json"))
-        else:
-            print_event(self.console, event)
-
-    def json_line(self, document: Any) -> None:
-        print(json.dumps(document), flush=True)
 
 
 def _exit_with(body: Coroutine[Any, Any, int]) -> NoReturn:
@@ -73,67 +48,6 @@ def gateway() -> None:
     settings = Settings()
     setup_logging(settings.log_level)
     asyncio.run(until_signalled(run_gateway(settings)))
-
-
-def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
-    result = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=what)
-        result[key] = value
-    return result
-
-
-def build_request(
-    *,
-    driver: str | None,
-    image: str | None,
-    command: list[str],
-    env: list[str],
-    labels: list[str],
-    timeout: int | None,
-    gpu_count: int | None,
-    gpu_devices: list[str],
-    host: str | None,
-    job_id: str | None,
-    cpu: str | None,
-    memory: str | None,
-) -> dict[str, Any]:
-    """The request the submit flags describe; the gateway does the validating."""
-    if image is None:
-        raise typer.BadParameter(
-            "an image is required (or give the whole request with -f)", param_hint="--image"
-        )
-    template: dict[str, Any] = {"image": image, "command": command}
-    if env:
-        template["environment"] = _parse_pairs(env, "--env")
-    if timeout is not None:
-        template["timeout_seconds"] = timeout
-    resources: dict[str, Any] = {}
-    if gpu_devices:
-        # The IDs name the GPUs, so they also say how many.
-        gpu_count = len(gpu_devices)
-        block_driver = driver or Settings().default_driver
-        template["driver_config"] = {block_driver: {"gpu_device_ids": gpu_devices}}
-    if gpu_count is not None:
-        resources["gpu"] = {"count": gpu_count}
-    if cpu is not None:
-        resources["cpu"] = cpu
-    if memory is not None:
-        resources["memory"] = memory
-    request: dict[str, Any] = {"template": template}
-    if resources:
-        request["resource_requirements"] = resources
-    if driver:
-        request["driver"] = driver
-    if host:
-        request["placement"] = {"host": host}
-    if job_id:
-        request["job_id"] = job_id
-    if labels:
-        request["labels"] = _parse_pairs(labels, "--label")
-    return request
 
 
 def submit(

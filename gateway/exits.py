@@ -48,7 +48,7 @@ def exits_mapped(command: Callable[P, None]) -> Callable[P, None]:
     def run(*args: P.args, **kwargs: P.kwargs) -> None:
         try:
             command(*args, **kwargs)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # recent typer does the same; click alone exits 1
             raise typer.Exit(ExitCode.INTERRUPTED) from None
         except FleetUnreachable as exc:
             raise _fail(str(exc), ExitCode.FLEET_UNREACHABLE) from None

@@ -1,4 +1,5 @@
-"""How the CLI shows events and replies to people (rich) and scripts (--json).
+"""How the CLI shows events and replies to people (rich) and scripts (--json: streams
+print one JSON object per line, one-shot commands one document, always on stdout).
 
 Everything that comes from an event, a reply or the command line (job ids, reasons,
 messages, field errors, labels, output) is put on screen as `rich.text.Text`, never
@@ -8,7 +9,9 @@ the printer or restyle the line.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -30,6 +33,30 @@ _PHASE_STYLE = {
     Phase.CANCELLED: "magenta",
     Phase.HEARTBEAT: "dim",
 }
+
+
+class Output:
+    """What a command shows: rich text for people, or JSON on stdout for scripts.
+    Streams print one JSON object per line; one-shot commands print one document."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.console = make_console()
+
+    def reply(self, reply: SubmitReply) -> None:
+        if self.as_json:
+            self.json_line(reply.model_dump(mode="json", exclude_none=True))
+        else:
+            print_reply(self.console, reply)
+
+    def event(self, event: Event) -> None:
+        if self.as_json:
+            self.json_line(event.model_dump(mode="json"))
+        else:
+            print_event(self.console, event)
+
+    def json_line(self, document: Any) -> None:
+        print(json.dumps(document), flush=True)
 
 
 def make_console(*, stderr: bool = False) -> Console:

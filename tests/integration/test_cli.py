@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import sys
 import uuid
 from importlib.metadata import version
 from pathlib import Path
@@ -106,6 +108,9 @@ async def test_watch_from_start_and_status_replay_past_events(
     rc, out = await sandfleet(settings, "status", "no-such-job")
     assert rc == 4
     assert out == "sandfleet: no job 'no-such-job' in the event log\n"
+    unknown = await run_sandfleet(sandfleet_env(settings), "status", "no-such-job", "--json")
+    assert unknown.returncode == 4  # and still its one document
+    assert json.loads(unknown.stdout) == {"job_id": "no-such-job", "phase": None, "events": []}
 
 
 def job(image: str, script: str, **extra: Any) -> dict[str, Any]:
@@ -309,3 +314,26 @@ async def test_cancel_prints_one_json_document(
     requested, outcome = waited.json_lines
     assert requested == {"job_id": other["job_id"], "cancel_requested": True}
     assert (outcome["job_id"], outcome["phase"]) == (other["job_id"], "cancelled")
+
+
+async def test_ctrl_c_ends_a_command_quietly_with_130(settings: Settings, client: Client) -> None:
+    assert not (await client.submit({"template": {"image": "x"}})).accepted  # one event
+    watcher = await spawn_sandfleet(sandfleet_env(settings), "watch", "--from-start", "--json")
+    assert watcher.stdout is not None and watcher.stderr is not None
+    async with asyncio.timeout(30):
+        assert json.loads(await watcher.stdout.readline())["phase"] == "rejected"
+        watcher.send_signal(signal.SIGINT)
+        assert await watcher.wait() == 130
+    assert await watcher.stderr.read() == b""
+
+
+async def test_shell_completion_completes_commands() -> None:
+    # Through the installed script: completion is keyed to the program's name.
+    script = Path(sys.executable).with_name("sandfleet")
+    env = {**os.environ, "_SANDFLEET_COMPLETE": "complete_bash", "COMP_WORDS": "sandfleet wa"}
+    process = await asyncio.create_subprocess_exec(
+        script, env={**env, "COMP_CWORD": "1"}, stdout=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        out, _ = await process.communicate()
+    assert (process.returncode, out.split()) == (0, [b"wait", b"watch"])

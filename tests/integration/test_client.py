@@ -8,6 +8,7 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import aio_pika
@@ -47,16 +48,23 @@ def reserved_label(image: str) -> dict[str, Any]:
 SUBMITTER_PERMISSIONS = ("^$", r"^(amq\.default|sandfleet\.control)$", r"^sandfleet\.events\.log$")
 
 
-@pytest.fixture
-def submitter_url(broker_url: str) -> Iterator[str]:
-    """A user of this test's vhost with only SUBMITTER_PERMISSIONS."""
-    user, password = f"sandfleet-submitter-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+@contextmanager
+def vhost_user(broker_url: str, permissions: tuple[str, str, str]) -> Iterator[str]:
+    """The URL of a new user of the test's vhost with these (configure, write, read)
+    permissions; the user is deleted afterwards."""
+    user, password = f"sandfleet-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     rabbitmqctl("add_user", user, password)
     try:
-        rabbitmqctl("set_permissions", "-p", vhost_of(broker_url), user, *SUBMITTER_PERMISSIONS)
+        rabbitmqctl("set_permissions", "-p", vhost_of(broker_url), user, *permissions)
         yield broker_url.replace("guest:guest@", f"{user}:{password}@")
     finally:
         rabbitmqctl("delete_user", user)
+
+
+@pytest.fixture
+def submitter_url(broker_url: str) -> Iterator[str]:
+    with vhost_user(broker_url, SUBMITTER_PERMISSIONS) as url:
+        yield url
 
 
 async def test_a_submitter_needs_no_configure_permission(
@@ -90,6 +98,22 @@ def submit_through_sync_client(url: str, image: str) -> list[sandfleet.Phase]:
         client.cancel(long["job_id"])
         cancelled = client.wait(long["job_id"], timeout=60)
         return [outcome.phase, cancelled.phase, client.history(long["job_id"])[-1].phase]
+
+
+async def test_a_watcher_needs_read_and_the_default_exchange(
+    broker_url: str, client: sandfleet.Client, test_image: str
+) -> None:
+    """Reading history also writes a marker into the log, through amq.default."""
+    rejected = reserved_label(test_image)
+    assert not (await client.submit(rejected)).accepted
+    permissions = ("^$", r"^amq\.default$", r"^sandfleet\.events\.log$")
+    with vhost_user(broker_url, permissions) as url:
+        async with sandfleet.Client(url) as watcher:
+            history = await watcher.history(rejected["job_id"])
+            outcome = await watcher.wait(rejected["job_id"], timeout=30)
+            with pytest.raises(ChannelAccessRefused, match=r"sandfleet\.control"):
+                await watcher.cancel(rejected["job_id"])  # sandfleet.control: not its to write
+    assert [e.phase for e in history] == [Phase.REJECTED] and outcome == history[0]
 
 
 async def test_passive_lookups_need_no_permission_and_declaring_needs_configure(
