@@ -105,7 +105,8 @@ class Client(AsyncCloseable):
     async def aclose(self) -> None:
         self._closed = True
         for future in self._pending.values():
-            future.cancel()
+            if not future.done():
+                future.set_exception(ClientClosed("the Client was closed before the reply came"))
         if self._connection is not None:
             await self._connection.close()
             self._connection = self._channel = None
