@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -17,7 +20,7 @@ from aio_pika.abc import (
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from sandfleet.common.errors import DeadLetter
+from sandfleet.common.errors import DeadLetter, FleetUnreachable
 from sandfleet.common.events import Event
 from sandfleet.common.models import Job
 
@@ -26,9 +29,87 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 
 
-async def connect(url: str, *, name: str) -> AbstractRobustConnection:
-    """A robust connection: aio-pika reconnects and restores channels, queues and consumers."""
-    return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+# Loggers that narrate a failed connection attempt; the first attempt's failure is
+# reported once, as FleetUnreachable, so their lines would only repeat it.
+_CONNECTION_LOGGERS = ("aiormq.connection", "aio_pika.robust_connection")
+
+
+async def connect(
+    url: str, *, name: str, timeout: float = CONNECT_TIMEOUT_SECONDS
+) -> AbstractRobustConnection:
+    """A robust connection: aio-pika reconnects and restores channels, queues and consumers.
+
+    Only the first attempt can fail: within `timeout` seconds it is made or it raises
+    FleetUnreachable, naming the URL with its password hidden and why. Later outages are
+    the robust connection's to ride out.
+    """
+    try:
+        with _quiet(_CONNECTION_LOGGERS):
+            # aio-pika bounds the attempt itself and then stops trying; an outer timeout
+            # would leave its reconnect loop running behind a connection nobody holds.
+            return await aio_pika.connect_robust(
+                url, timeout=timeout, client_properties={"connection_name": name}
+            )
+    except (aiormq.exceptions.AMQPError, OSError) as exc:  # TimeoutError is an OSError
+        raise FleetUnreachable(redacted_url(url), _why_unreachable(exc, url)) from None
+
+
+def redacted_url(url: str) -> str:
+    """`url` with its password replaced by `***`, fit to print and log."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<an unparsable URL>"
+    if password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def _why_unreachable(exc: BaseException, url: str) -> str:
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return "the broker refused the login (user name or password)"
+    if isinstance(exc, TimeoutError):
+        return "no answer from the broker in time"
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        # The broker closes the connection instead of opening the virtual host.
+        vhost = unquote(urlsplit(url).path[1:]) or "/"
+        return f"the broker refused virtual host {vhost!r} (missing, or not open to this user)"
+    code, text = (*exc.args, None, None)[:2]
+    if isinstance(code, int) and isinstance(text, str):
+        # An OS error as (errno, text); resolver errors have negative codes.
+        reason = os.strerror(code) if code > 0 else text
+    else:
+        reason = str(exc) or type(exc).__name__
+    return _without_password(reason, url)
+
+
+def _without_password(text: str, url: str) -> str:
+    password = urlsplit(url).password or ""
+    for secret in (password, unquote(password)):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _drop_record(record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(_drop_record)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_drop_record)
 
 
 def json_message(model: BaseModel, **properties: object) -> aio_pika.Message:

@@ -1,29 +1,46 @@
-"""`sandfleet gateway | submit | watch | status`: the gateway and the submitter's side."""
+"""`sandfleet gateway | submit | wait | watch | status | workers | cancel`: the gateway and
+the submitter's side. Exit codes: `sandfleet.gateway.exits`; output: `render.Output`."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
+from pydantic import ValidationError
+from rich.text import Text
 
+from sandfleet.common.errors import JobNotFound, SubmissionRejected
 from sandfleet.common.events import Event, Phase, worker_state
 from sandfleet.common.lifecycle import until_signalled
 from sandfleet.common.logs import setup_logging
+from sandfleet.common.models import CancelRequest
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
-from sandfleet.gateway.render import history_table, print_event, print_reply, workers_table
+from sandfleet.gateway.events_stream import EventFilter, EventStream
+from sandfleet.gateway.exits import ExitCode, exit_code_of
+from sandfleet.gateway.job_file import JobFileInvalid, load_job_file
+from sandfleet.gateway.render import (
+    Output,
+    history_table,
+    make_console,
+    status_line,
+    workers_table,
+)
+from sandfleet.gateway.request_flags import build_request
 from sandfleet.gateway.service import run_gateway
 
-console = Console(highlight=False)
-JsonFlag = Annotated[
-    bool, typer.Option("--json", help="Machine-readable output, one JSON object per line.")
+StreamJson = Annotated[
+    bool, typer.Option("--json", help="JSON for scripts: one object per line, as they come.")
 ]
+DocumentJson = Annotated[bool, typer.Option("--json", help="JSON for scripts: one document.")]
+
+
+def _exit_with(body: Coroutine[Any, Any, int]) -> NoReturn:
+    raise typer.Exit(asyncio.run(body))
 
 
 def gateway() -> None:
@@ -33,71 +50,13 @@ def gateway() -> None:
     asyncio.run(until_signalled(run_gateway(settings)))
 
 
-def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
-    result = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=what)
-        result[key] = value
-    return result
-
-
-def build_request(
-    *,
-    driver: str | None,
-    image: str | None,
-    command: list[str],
-    env: list[str],
-    labels: list[str],
-    timeout: int | None,
-    gpu_count: int | None,
-    gpu_devices: list[str],
-    host: str | None,
-    job_id: str | None,
-    cpu: str | None,
-    memory: str | None,
-) -> dict[str, Any]:
-    """The request the submit flags describe; the gateway does the validating."""
-    if image is None:
-        raise typer.BadParameter(
-            "an image is required (or give the whole request with -f)", param_hint="--image"
-        )
-    template: dict[str, Any] = {"image": image, "command": command}
-    if env:
-        template["environment"] = _parse_pairs(env, "--env")
-    if timeout is not None:
-        template["timeout_seconds"] = timeout
-    resources: dict[str, Any] = {}
-    if gpu_devices:
-        # The IDs name the GPUs, so they also say how many.
-        gpu_count = len(gpu_devices)
-        block_driver = driver or Settings().default_driver
-        template["driver_config"] = {block_driver: {"gpu_device_ids": gpu_devices}}
-    if gpu_count is not None:
-        resources["gpu"] = {"count": gpu_count}
-    if cpu is not None:
-        resources["cpu"] = cpu
-    if memory is not None:
-        resources["memory"] = memory
-    request: dict[str, Any] = {"template": template}
-    if resources:
-        request["resource_requirements"] = resources
-    if driver:
-        request["driver"] = driver
-    if host:
-        request["placement"] = {"host": host}
-    if job_id:
-        request["job_id"] = job_id
-    if labels:
-        request["labels"] = _parse_pairs(labels, "--label")
-    return request
-
-
 def submit(
     command: Annotated[list[str] | None, typer.Argument(help="The command, after --.")] = None,
     file: Annotated[
-        Path | None, typer.Option("-f", "--file", help="A request as JSON ('-' for stdin).")
+        Path | None,
+        typer.Option(
+            "-f", "--file", help="A whole request, JSON or YAML (.yaml/.yml); '-' for stdin."
+        ),
     ] = None,
     driver: Annotated[
         str | None, typer.Option(help="docker | podman | vm (default: the gateway's).")
@@ -119,8 +78,15 @@ def submit(
     job_id: Annotated[str | None, typer.Option(help="Client-chosen job id.")] = None,
     cpu: Annotated[str | None, typer.Option(help="CPU cores, e.g. 2 or 500m.")] = None,
     memory: Annotated[str | None, typer.Option(help="Memory, e.g. 512Mi or 4Gi.")] = None,
-    wait: Annotated[bool, typer.Option(help="Follow the job's events until it ends.")] = False,
-    as_json: JsonFlag = False,
+    wait: Annotated[
+        bool, typer.Option(help="Follow the job's events until it ends; exit by its outcome.")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="JSON for scripts: the reply; with --wait, then one event per line."
+        ),
+    ] = False,
 ) -> None:
     """Submit a sandbox job: `sandfleet submit --image busybox --wait -- sh -c 'echo hi'`."""
     flags_given = any(
@@ -133,59 +99,73 @@ def submit(
             param_hint="--file",
         )
     if file is not None:
-        text = sys.stdin.read() if str(file) == "-" else file.read_text()
-        try:
-            request: Any = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--file") from exc
+        request = _request_from_file(file)
     else:
         request = build_request(
             driver=driver, image=image, command=command or [], env=env or [], labels=label or [],
             timeout=timeout, gpu_count=gpu_count, gpu_devices=gpu_device or [], host=host,
             job_id=job_id, cpu=cpu, memory=memory,
         )  # fmt: skip
-    raise typer.Exit(asyncio.run(_submit(request, wait=wait, as_json=as_json)))
+    out = Output(as_json)
+    _exit_with(_submit_and_follow(request, out) if wait else _submit(request, out))
 
 
-async def _submit(request: dict[str, Any], *, wait: bool, as_json: bool) -> int:
+def _request_from_file(file: Path) -> dict[str, Any]:
+    try:
+        return load_job_file(str(file))
+    except JobFileInvalid as exc:
+        raise typer.BadParameter(str(exc), param_hint="--file") from None
+
+
+async def _submit(request: dict[str, Any], out: Output) -> int:
     async with Client() as client:
-        if not wait:
-            reply = await client.submit(request)
-            _show_reply(reply.model_dump_json(exclude_none=True), reply, as_json)
-            return 0 if reply.accepted else 2
-        # Subscribe before submitting so no event of the job can be missed.
-        async with client.events() as stream:
-            reply = await client.submit(request)
-            _show_reply(reply.model_dump_json(exclude_none=True), reply, as_json)
-            if not reply.accepted:
-                return 2
-            if reply.duplicate and reply.phase is not None and reply.phase.is_terminal:
-                return 0 if reply.phase is Phase.SUCCEEDED else 1
-            async for event in stream:
-                if event.job_id != reply.job_id or event.phase is Phase.ACCEPTED:
-                    continue
-                _show_event(event, as_json)
-                if event.phase.is_terminal:
-                    return 0 if event.phase is Phase.SUCCEEDED else 1
-    return 1
+        reply = await client.submit(request)
+    out.reply(reply)
+    return ExitCode.SUCCEEDED if reply.accepted else ExitCode.REJECTED
 
 
-def _show_reply(raw: str, reply: Any, as_json: bool) -> None:
-    if as_json:
-        print(raw, flush=True)
-    else:
-        print_reply(console, reply)
+async def _submit_and_follow(request: dict[str, Any], out: Output) -> int:
+    async with Client() as client:
+        try:
+            async with client.start(request) as job:  # subscribed before it submits
+                out.reply(job.reply)
+                outcome = None
+                async for outcome in job:
+                    if outcome.phase is not Phase.ACCEPTED:  # the reply said so already
+                        out.event(outcome)
+        except SubmissionRejected as exc:
+            out.reply(exc.reply)
+            return ExitCode.REJECTED
+    assert outcome is not None
+    return exit_code_of(outcome)
 
 
-def _show_event(event: Event, as_json: bool) -> None:
-    if as_json:
-        print(event.model_dump_json(), flush=True)
-    else:
-        print_event(console, event)
+def wait(
+    job_id: Annotated[str, typer.Argument(help="The job to wait for.")],
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="Give up after this many seconds (exit 124).")
+    ] = None,
+    as_json: StreamJson = False,
+) -> None:
+    """Wait until a job ends (at once if it has) and print its last event; exit by its outcome."""
+    out = Output(as_json)
+
+    async def body() -> int:
+        async with Client() as client:
+            try:
+                outcome = await client.wait(job_id, timeout=timeout)
+            except TimeoutError:
+                raise TimeoutError(f"job {job_id} did not end within {timeout:g} s") from None
+        out.event(outcome)
+        return exit_code_of(outcome)
+
+    _exit_with(body())
 
 
 def watch(
-    job: Annotated[str | None, typer.Option(help="Only this job's events.")] = None,
+    job: Annotated[
+        str | None, typer.Option(help="Only this job's events; end with its last one.")
+    ] = None,
     driver: Annotated[str | None, typer.Option(help="Only this driver's events.")] = None,
     host: Annotated[str | None, typer.Option(help="Only this host's events.")] = None,
     phase: Annotated[
@@ -193,54 +173,79 @@ def watch(
     ] = None,
     from_start: Annotated[bool, typer.Option(help="Replay the event log's history first.")] = False,
     heartbeats: Annotated[bool, typer.Option(help="Include worker heartbeats.")] = False,
-    as_json: JsonFlag = False,
+    as_json: StreamJson = False,
 ) -> None:
-    """Follow the event stream live (Ctrl-C to stop)."""
+    """Follow events live (Ctrl-C to stop); with --job, until that job ends: exit by its outcome."""
     phases = set(phase or [])
     if not heartbeats and not phases:
         phases = set(Phase) - {Phase.HEARTBEAT}
+    # Shown events are filtered here, not in the stream: with --job, the job's terminal
+    # event ends the watch even when its phase, driver or host is not shown.
+    shown = EventFilter(driver=driver, host=host, phases=phases)
+    out = Output(as_json)
 
-    async def follow() -> None:
-        async with Client() as client:
-            stream = client.events(
-                job_id=job, driver=driver, host=host, phases=phases, from_start=from_start
-            )
-            async with stream:
-                async for event in stream:
-                    _show_event(event, as_json)
+    def show(event: Event) -> None:
+        if shown(event):
+            out.event(event)
 
-    asyncio.run(until_signalled(follow()))
+    async def body() -> int:
+        async with Client() as client, client.events(job_id=job, from_start=from_start) as stream:
+            if job is not None:
+                return await _watch_one_job(stream, show, replay=from_start)
+            async for event in stream:
+                show(event)
+        return ExitCode.SUCCEEDED  # not reached: a live stream does not end
+
+    _exit_with(body())
+
+
+async def _watch_one_job(
+    stream: EventStream, show: Callable[[Event], None], *, replay: bool
+) -> int:
+    """Show the job's events until its end. In a replay, only the job's last event in
+    the log can have ended it (an id rejected, then submitted again, goes on)."""
+    last: Event | None = None
+    if replay:
+        async for last in stream.history():
+            show(last)
+    if last is None or not last.phase.is_terminal:
+        async for last in stream:
+            show(last)
+            if last.phase.is_terminal:
+                break
+    assert last is not None
+    return exit_code_of(last)
 
 
 def status(
     job_id: Annotated[str, typer.Argument(help="The job to look up.")],
-    as_json: JsonFlag = False,
+    as_json: DocumentJson = False,
 ) -> None:
-    """A job's current phase and its history, from the event log."""
+    """A job's current phase and its history, from the event log (exit 4 if it has none)."""
 
     async def lookup() -> list[Event]:
         async with Client() as client:
             return await client.history(job_id)
 
     events = asyncio.run(lookup())
-    current = events[-1].phase.value if events else None
+    current = events[-1].phase if events else None
     if as_json:
-        print(json.dumps({
+        Output(as_json).json_line({
             "job_id": job_id,
             "phase": current,
             "events": [e.model_dump(mode="json") for e in events],
-        }))  # fmt: skip
-    elif not events:
-        console.print(f"no events for job {job_id}", style="yellow")
-    else:
-        console.print(f"{job_id}: [bold]{current}[/]")
+        })  # fmt: skip
+    elif current is not None:
+        console = make_console()
+        console.print(status_line(job_id, current))
         console.print(history_table(job_id, events))
-    raise typer.Exit(0 if events else 1)
+    if current is None:
+        raise JobNotFound(job_id)
 
 
 def workers(
     since: Annotated[int, typer.Option(help="Look back this many minutes of heartbeats.")] = 10,
-    as_json: JsonFlag = False,
+    as_json: DocumentJson = False,
 ) -> None:
     """Workers per host, from their heartbeats: driver, slots, free GPUs, alive or lost."""
 
@@ -251,11 +256,11 @@ def workers(
     beats = asyncio.run(read())
     now = datetime.now(UTC)
     if as_json:
-        print(json.dumps([
+        Output(as_json).json_line([
             {**beat.model_dump(mode="json"), "state": worker_state(beat, now)} for beat in beats
-        ]))  # fmt: skip
+        ])  # fmt: skip
         return
-    console.print(workers_table(beats, now))
+    make_console().print(workers_table(beats, now))
 
 
 def cancel(
@@ -263,22 +268,44 @@ def cancel(
     reason: Annotated[str, typer.Option(help="Why; it appears in the `cancelled` event.")] = (
         "cancelled by request"
     ),
-    wait: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
-    as_json: JsonFlag = False,
+    wait: Annotated[
+        bool, typer.Option(help="Wait until the job ends; exit 0 if it ended cancelled, else 1.")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='JSON for scripts: {"job_id", "cancel_requested"}; with --wait, then its '
+            "last event.",
+        ),
+    ] = False,
 ) -> None:
     """Cancel a job whether it is queued, waiting for GPUs or running."""
+    _check_cancel(job_id, reason)
+    out = Output(as_json)
 
     async def send() -> int:
-        async with Client() as client, client.events(job_id=job_id) as stream:
+        async with Client() as client:
             await client.cancel(job_id, reason=reason)
-            if not as_json:
-                console.print(f"cancellation of {job_id} sent")
+            if as_json:
+                out.json_line({"job_id": job_id, "cancel_requested": True})
+            else:
+                out.console.print(Text(f"cancellation of {job_id} sent"))
             if not wait:
-                return 0
-            async for event in stream:
-                _show_event(event, as_json)
-                if event.phase.is_terminal:
-                    return 0 if event.phase is Phase.CANCELLED else 1
-        return 1
+                return ExitCode.SUCCEEDED
+            outcome = await client.wait(job_id)
+        out.event(outcome)
+        cancelled = outcome.phase is Phase.CANCELLED
+        return ExitCode.SUCCEEDED if cancelled else ExitCode.JOB_DID_NOT_SUCCEED
 
-    raise typer.Exit(asyncio.run(send()))
+    _exit_with(send())
+
+
+def _check_cancel(job_id: str, reason: str) -> None:
+    """Refuse a malformed job id or reason as a usage error, before connecting."""
+    try:
+        CancelRequest(job_id=job_id, reason=reason)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        hint = "JOB_ID" if error["loc"][:1] == ("job_id",) else "--reason"
+        raise typer.BadParameter(error["msg"], param_hint=hint) from None

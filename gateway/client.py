@@ -1,204 +1,127 @@
-"""The Python client: submit jobs, follow their events, read their history.
+"""The Python client: submit jobs, wait for them, follow their events, read their history.
 
-async with Client(url) as client:
-    reply = await client.submit(request)
-    async for event in client.events(job_id=reply.job_id):
-        ...
+    async with Client("amqp://user:pass@broker/") as client:
+        outcome = await client.run(request)           # the job's terminal Event
+        print(outcome.phase, outcome.exit_code, outcome.output)
+
+A client declares nothing, so a submitter needs no "configure" permission at all
+(tests/integration/test_client.py proves it with such a user). It needs:
+    write  amq.default          submissions, and the marker that finds the log's end
+           sandfleet.control    cancellations
+    read   sandfleet.events.log waiting, watching, history
+Replies come back through RabbitMQ's direct reply-to, which needs no permission.
+`sandfleet.SyncClient` offers the same methods, blocking.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 import aio_pika
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from pydantic import ValidationError
+from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
+from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 
-from sandfleet.common.amqp import JSON, connect, json_message
+from sandfleet.common.amqp import (
+    CONNECT_TIMEOUT_SECONDS,
+    JSON,
+    connect,
+    json_message,
+    redacted_url,
+)
+from sandfleet.common.errors import ClientClosed, FleetUnreachable, JobNotFound, SubmissionRejected
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.models import CancelRequest, SandboxRequest, SubmitReply
 from sandfleet.common.settings import Settings
-from sandfleet.common.topology import (
-    CONTROL_EXCHANGE,
-    EVENTS_LOG_QUEUE,
-    LOG_MARKER_TYPE,
-    SUBMIT_QUEUE,
-    declare_topology,
-)
+from sandfleet.common.topology import CONTROL_EXCHANGE, SUBMIT_QUEUE
+from sandfleet.gateway.events_stream import EventFilter, EventStream
 
-log = logging.getLogger(__name__)
+__all__ = ["Client", "ClientClosed", "EventFilter", "EventStream", "JobRun", "Request"]
 
-_SEEN_EVENTS = 100_000  # event ids remembered per stream, to drop repeats
+# RabbitMQ's pseudo-queue for replies: no queue to declare, no permission needed, and
+# the reply comes back on the channel that published the request.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+REPLY_TIMEOUT_SECONDS = 30.0
 
-
-class ClientClosed(RuntimeError):
-    pass
+Request = SandboxRequest | dict[str, Any] | bytes
 
 
-class EventFilter:
-    """Which events a reader wants; an empty criterion matches everything."""
+class Client(AsyncCloseable):
+    """A connection to a sandfleet broker for submitters and watchers.
 
-    def __init__(
-        self,
-        *,
-        job_id: str | None = None,
-        driver: str | None = None,
-        host: str | None = None,
-        phases: Collection[Phase] = (),
-    ) -> None:
-        self.job_id, self.driver, self.host, self.phases = job_id, driver, host, frozenset(phases)
-
-    def __call__(self, event: Event) -> bool:
-        return (
-            (self.job_id is None or event.job_id == self.job_id)
-            and (self.driver is None or event.driver == self.driver)
-            and (self.host is None or event.host == self.host)
-            and (not self.phases or event.phase in self.phases)
-        )
-
-
-class EventStream(AsyncCloseable):
-    """Events from the event log, live or replayed from its start.
-
-    Use as ``async with client.events(...) as stream`` to be sure the subscription
-    is in place before doing what produces the events, or iterate it directly.
+    `url` defaults to SANDFLEET_BROKER_URL. Connecting raises FleetUnreachable when no
+    broker answers within `connect_timeout` seconds or it refuses the login.
     """
 
     def __init__(
         self,
-        connection: AbstractRobustConnection,
-        match: EventFilter,
+        url: str | None = None,
         *,
-        offset: str | datetime,
+        settings: Settings | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     ) -> None:
-        self._connection = connection
-        self._match = match
-        self._offset = offset
-        self._channel: AbstractChannel | None = None
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._marker: str | None = None
-        # A worker that takes over a dead one's job re-publishes its terminal event under
-        # the same event_id; a reader sees it once.
-        self._seen: OrderedDict[str, None] = OrderedDict()
-
-    async def __aenter__(self) -> Self:
-        await self._subscribe()
-        return self
-
-    async def _subscribe(self) -> AbstractQueue:
-        self._channel = await self._connection.channel()
-        await self._channel.set_qos(prefetch_count=500)  # streams require a prefetch
-        log = await self._channel.declare_queue(EVENTS_LOG_QUEUE, passive=True)
-        # aio-pika re-consumes with this same dict after a reconnect; keeping the next
-        # offset in it makes the stream resume where it was, not at "next" (a gap).
-        self._arguments: dict[str, Any] = {"x-stream-offset": self._offset}
-        await log.consume(self._receive, arguments=self._arguments)
-        return log
-
-    async def _receive(self, message: AbstractIncomingMessage) -> None:
-        # Acked on arrival, not when read: a slow reader must not hold deliveries past
-        # the broker's consumer timeout (which would close this channel).
-        await message.ack()
-        offset = (message.headers or {}).get("x-stream-offset")
-        if isinstance(offset, int):
-            self._arguments["x-stream-offset"] = offset + 1
-        await self._inbox.put(message)
-
-    async def aclose(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
-        self._channel = None
-
-    async def mark_end(self) -> None:
-        """Write a marker at the log's current end; iteration stops when it reaches it."""
-        if self._channel is None:
-            await self._subscribe()
-        assert self._channel is not None
-        self._marker = uuid.uuid4().hex
-        await self._channel.default_exchange.publish(
-            aio_pika.Message(b"", type=LOG_MARKER_TYPE, message_id=self._marker),
-            routing_key=EVENTS_LOG_QUEUE,
-        )
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Event]:
-        if self._channel is None:
-            await self._subscribe()
-        while True:
-            message = await self._inbox.get()
-            if message.type == LOG_MARKER_TYPE:
-                if message.message_id == self._marker:
-                    return
-                continue
-            try:
-                event = Event.model_validate_json(message.body)
-            except ValidationError as exc:
-                # Anyone may publish to the events exchange; a reader skips what is not
-                # an event rather than dying on it.
-                log.warning(
-                    "skipped a %d-byte message in the event log that is not an event (%d errors)",
-                    len(message.body),
-                    exc.error_count(),
-                )
-                continue
-            if event.event_id in self._seen:
-                continue
-            self._seen[event.event_id] = None
-            if len(self._seen) > _SEEN_EVENTS:
-                self._seen.popitem(last=False)
-            if self._match(event):
-                yield event
-
-
-class Client(AsyncCloseable):
-    """A connection to a sandfleet broker for submitters and watchers."""
-
-    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
-        self._settings = settings or Settings()
-        self._url = url or self._settings.broker_url
+        self._url = url or (settings or Settings()).broker_url
+        self._connect_timeout = connect_timeout
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._reply_queue: AbstractQueue | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._pending: dict[str, asyncio.Future[SubmitReply]] = {}
         self._closed = False
+
+    @property
+    def url(self) -> str:
+        """The broker URL, password hidden."""
+        return redacted_url(self._url)
 
     async def __aenter__(self) -> Self:
         if self._closed:
             raise ClientClosed("this Client was closed; make a new one")
-        self._connection = await connect(self._url, name="sandfleet-client")
-        self._channel = await self._connection.channel(publisher_confirms=True)
-        await declare_topology(self._channel, self._settings)
-        self._reply_queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
-        await self._reply_queue.consume(self._on_reply, no_ack=True)
+        connection = await connect(
+            self._url, name="sandfleet-client", timeout=self._connect_timeout
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            # Passive, so the robust channel re-consumes after a reconnect; it needs no
+            # permission. Consuming comes first: the broker refuses a request that names
+            # direct reply-to on a channel with no such consumer.
+            replies = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
+            await replies.consume(self._on_reply, no_ack=True)
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection, self._channel = connection, channel
         return self
 
     async def aclose(self) -> None:
         self._closed = True
         for future in self._pending.values():
-            future.cancel()
+            if not future.done():
+                future.set_exception(ClientClosed("the Client was closed before the reply came"))
         if self._connection is not None:
             await self._connection.close()
-            self._connection = None
+            self._connection = self._channel = None
 
     def _open_connection(self) -> AbstractRobustConnection:
         if self._connection is None:
-            raise ClientClosed("use the Client inside 'async with'")
+            raise ClientClosed(
+                "this Client was closed" if self._closed else "use the Client inside 'async with'"
+            )
         return self._connection
+
+    def _open_channel(self) -> AbstractRobustChannel:
+        self._open_connection()
+        assert self._channel is not None
+        return self._channel
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._pending.pop(message.correlation_id or "", None)
@@ -206,45 +129,110 @@ class Client(AsyncCloseable):
             future.set_result(SubmitReply.model_validate_json(message.body))
 
     async def submit(
-        self, request: SandboxRequest | dict[str, Any] | bytes, *, timeout: float = 30.0
+        self, request: Request, *, timeout: float = REPLY_TIMEOUT_SECONDS
     ) -> SubmitReply:
-        """Send a request to the gateway and return its reply (accepted or rejected)."""
-        self._open_connection()
-        assert self._channel is not None and self._reply_queue is not None
-        if isinstance(request, SandboxRequest):
-            body = request.model_dump_json(exclude_none=True).encode()
-        elif isinstance(request, dict):
-            body = json.dumps(request).encode()  # the gateway validates; its reply names the errors
-        else:
-            body = request
+        """Send a request to the gateway and return its reply, accepted or rejected.
+
+        `request` is a SandboxRequest, a dict or the JSON bytes; the gateway validates
+        it. FleetUnreachable when no gateway answers within `timeout` seconds.
+        """
+        channel = self._open_channel()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[SubmitReply] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         try:
-            await self._channel.default_exchange.publish(
-                aio_pika.Message(
-                    body,
-                    content_type=JSON,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    correlation_id=correlation_id,
-                    reply_to=self._reply_queue.name,
-                ),
-                routing_key=SUBMIT_QUEUE,
-            )
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                # While the robust connection reconnects, wait for the channel and its
+                # reply consumer to be back rather than fail at once.
+                await channel.ready()
+                await self._publish(channel, _request_body(request), correlation_id)
+                return await future
+        except TimeoutError:
+            raise FleetUnreachable(self.url, f"no gateway answered within {timeout:g} s") from None
         finally:
             self._pending.pop(correlation_id, None)
+
+    async def _publish(
+        self, channel: AbstractRobustChannel, body: bytes, correlation_id: str
+    ) -> None:
+        message = aio_pika.Message(
+            body,
+            content_type=JSON,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            correlation_id=correlation_id,
+            reply_to=DIRECT_REPLY_TO,
+        )
+        try:
+            await channel.default_exchange.publish(
+                message, routing_key=SUBMIT_QUEUE, mandatory=True
+            )
+        except PublishError:  # returned: the queue is missing
+            raise FleetUnreachable(
+                self.url, f"no gateway has run here (no queue {SUBMIT_QUEUE})"
+            ) from None
+        except (ChannelInvalidStateError, AMQPConnectionError):  # lost since ready()
+            raise FleetUnreachable(self.url, "the connection to the broker was lost") from None
+
+    async def wait(self, job_id: str, *, timeout: float | None = None) -> Event:
+        """The job's terminal event (succeeded, failed, timed_out, cancelled, rejected),
+        at once if it has ended, else when it does.
+
+        The job's latest event in the log decides: a job id rejected and then submitted
+        again is waited for anew. JobNotFound when the log holds no event of the job;
+        TimeoutError after `timeout` seconds.
+        """
+        async with asyncio.timeout(timeout), self.events(job_id=job_id, from_start=True) as stream:
+            latest = None
+            async for latest in stream.history():  # noqa: B007 (only the last one matters)
+                pass
+            if latest is None:
+                raise JobNotFound(job_id)
+            if latest.phase.is_terminal:
+                return latest
+            return await _first_terminal(stream)
+
+    @asynccontextmanager
+    async def start(self, request: Request) -> AsyncIterator[JobRun]:
+        """Submit `request`, already subscribed to the events so none is missed:
+
+            async with client.start(request) as job:
+                print(job.reply.job_id)
+                async for event in job:  # ends with the terminal event
+                    ...
+
+        SubmissionRejected when the gateway refuses the request.
+        """
+        async with self.events() as stream:
+            reply = await self.submit(request)
+            if not reply.accepted:
+                raise SubmissionRejected(reply)
+            yield JobRun(self, stream, reply)
+
+    async def run(self, request: Request, *, timeout: float | None = None) -> Event:
+        """Submit `request` and return its terminal event (see `wait`).
+
+        SubmissionRejected when the gateway refuses it; TimeoutError after `timeout`
+        seconds. A job id already in the fleet is not run again: its outcome is returned.
+        """
+        async with asyncio.timeout(timeout), self.start(request) as job:
+            return await job.outcome()
 
     async def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> None:
         """Ask every worker to cancel `job_id`: running, waiting for GPUs or still queued.
 
-        The worker that holds the job (or later receives it) emits `cancelled`.
+        The worker that holds the job (or later receives it) emits `cancelled`; a job
+        that has ended stays as it ended. ValueError for a malformed job id.
         """
-        self._open_connection()
-        assert self._channel is not None
         request = CancelRequest(job_id=job_id, reason=reason)
-        exchange = await self._channel.get_exchange(CONTROL_EXCHANGE)
-        await exchange.publish(json_message(request, type="sandfleet.cancel"), routing_key="")
+        # A channel of its own: a missing exchange closes the channel it is looked up on.
+        async with self._open_connection().channel(publisher_confirms=True) as channel:
+            try:
+                exchange = await channel.get_exchange(CONTROL_EXCHANGE)  # passive: no permission
+            except ChannelNotFoundEntity:
+                raise FleetUnreachable(
+                    self.url, f"no gateway has run here (no exchange {CONTROL_EXCHANGE})"
+                ) from None
+            await exchange.publish(json_message(request, type="sandfleet.cancel"), routing_key="")
 
     def events(
         self,
@@ -257,21 +245,67 @@ class Client(AsyncCloseable):
     ) -> EventStream:
         """Live events matching the filter; `from_start` replays the log's history first."""
         match = EventFilter(job_id=job_id, driver=driver, host=host, phases=phases)
-        return EventStream(self._open_connection(), match, offset="first" if from_start else "next")
+        return self._stream(match, "first" if from_start else "next")
+
+    def _stream(self, match: EventFilter, offset: str | datetime) -> EventStream:
+        return EventStream(self._open_connection(), match, offset=offset, shown_url=self.url)
 
     async def workers(self, *, since: timedelta = timedelta(minutes=10)) -> list[Event]:
         """Each worker's latest heartbeat within `since` (see `common.events.worker_state`)."""
         match = EventFilter(phases={Phase.HEARTBEAT})
-        start = datetime.now(UTC) - since
         latest: dict[str, Event] = {}
-        async with EventStream(self._open_connection(), match, offset=start) as stream:
-            await stream.mark_end()
-            async for event in stream:
+        async with self._stream(match, datetime.now(UTC) - since) as stream:
+            async for event in stream.history():
                 latest[event.worker_id or ""] = event
         return sorted(latest.values(), key=lambda e: (e.host, e.driver or "", e.worker_id or ""))
 
     async def history(self, job_id: str) -> list[Event]:
-        """Every event the log holds for `job_id`, oldest first."""
+        """Every event the log holds for `job_id`, oldest first; [] if none."""
         async with self.events(job_id=job_id, from_start=True) as stream:
-            await stream.mark_end()
-            return [event async for event in stream]
+            return [event async for event in stream.history()]
+
+
+class JobRun:
+    """A submitted job: the gateway's `reply`; iterated, the job's events to its end."""
+
+    def __init__(self, client: Client, stream: EventStream, reply: SubmitReply) -> None:
+        self._client = client
+        self._stream = stream
+        self.reply = reply
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        if self.reply.duplicate:
+            # Submitted before: its events are in the log, not ahead in this stream.
+            yield await self._client.wait(self.reply.job_id)
+            return
+        async for event in self._stream:
+            if event.job_id == self.reply.job_id:
+                yield event
+                if event.phase.is_terminal:
+                    return
+
+    async def outcome(self) -> Event:
+        """The job's terminal event."""
+        last: Event | None = None
+        async for last in self:  # noqa: B007 (only the last one matters)
+            pass
+        assert last is not None and last.phase.is_terminal
+        return last
+
+
+async def _first_terminal(stream: EventStream) -> Event:
+    async for event in stream:
+        if event.phase.is_terminal:
+            return event
+    raise AssertionError("the event stream ended without a marker")  # it cannot
+
+
+def _request_body(request: Request) -> bytes:
+    if isinstance(request, SandboxRequest):
+        return request.model_dump_json(exclude_none=True).encode()
+    if isinstance(request, dict):
+        return json.dumps(request).encode()  # the gateway validates; its reply names the errors
+    return request

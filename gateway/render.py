@@ -1,8 +1,17 @@
-"""How the CLI shows events and replies to people (rich) and scripts (--json)."""
+"""How the CLI shows events and replies to people (rich) and scripts (--json: streams
+print one JSON object per line, one-shot commands one document, always on stdout).
+
+Everything that comes from an event, a reply or the command line (job ids, reasons,
+messages, field errors, labels, output) is put on screen as `rich.text.Text`, never
+into a markup string: `[/bold]` in a rejected label must print as itself, not crash
+the printer or restyle the line.
+"""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -26,13 +35,41 @@ _PHASE_STYLE = {
 }
 
 
+class Output:
+    """What a command shows: rich text for people, or JSON on stdout for scripts.
+    Streams print one JSON object per line; one-shot commands print one document."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.console = make_console()
+
+    def reply(self, reply: SubmitReply) -> None:
+        if self.as_json:
+            self.json_line(reply.model_dump(mode="json", exclude_none=True))
+        else:
+            print_reply(self.console, reply)
+
+    def event(self, event: Event) -> None:
+        if self.as_json:
+            self.json_line(event.model_dump(mode="json"))
+        else:
+            print_event(self.console, event)
+
+    def json_line(self, document: Any) -> None:
+        print(json.dumps(document), flush=True)
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console that takes strings literally too: no markup, emoji codes or highlighting."""
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False)
+
+
 def event_line(event: Event) -> Text:
-    where = f"{event.driver or '-'}@{event.host}"
     line = Text()
     line.append(event.timestamp.strftime("%H:%M:%S.%f")[:-3], style="dim")
     line.append(f" {event.phase.value:<10}", style=_PHASE_STYLE[event.phase])
     line.append(f" {event.job_id or event.worker_id or '-'} ")
-    line.append(where, style="dim")
+    line.append(_where(event), style="dim")
     if event.reason:
         line.append(f" {event.reason}")
     if event.exit_code is not None:
@@ -47,38 +84,47 @@ def event_line(event: Event) -> Text:
 
 
 def print_event(console: Console, event: Event) -> None:
-    console.print(event_line(event), highlight=False, soft_wrap=True)
+    console.print(event_line(event), soft_wrap=True)
     for error in event.errors:
-        console.print(f"    {error.field}: {error.message}", style="red", highlight=False)
+        console.print(Text(f"    {error.field}: {error.message}", style="red"), soft_wrap=True)
     if event.output and event.phase.is_terminal:
         for out_line in event.output.rstrip("\n").splitlines():
-            console.print(f"    | {out_line}", style="dim", highlight=False, markup=False)
+            console.print(Text(f"    | {out_line}", style="dim"), soft_wrap=True)
+
+
+def reply_text(reply: SubmitReply) -> Text:
+    if reply.duplicate:
+        phase = reply.phase.value if reply.phase else "unknown"
+        return Text.assemble(("already submitted", "yellow"), f" {reply.job_id}: it is {phase}")
+    if reply.accepted:
+        return Text.assemble(("accepted", "green"), f" {reply.job_id}")
+    lines = Text.assemble(("rejected", "bold red"), f" {reply.job_id}")
+    for error in reply.errors:
+        lines.append(f"\n  {error.field}: {error.message}", style="red")
+    return lines
 
 
 def print_reply(console: Console, reply: SubmitReply) -> None:
-    if reply.duplicate:
-        phase = reply.phase.value if reply.phase else "unknown"
-        console.print(f"[yellow]already submitted[/] {reply.job_id}: it is {phase}")
-        return
-    if reply.accepted:
-        console.print(f"[green]accepted[/] {reply.job_id}")
-        return
-    console.print(f"[bold red]rejected[/] {reply.job_id}")
-    for error in reply.errors:
-        console.print(f"  {error.field}: {error.message}", style="red", highlight=False)
+    console.print(reply_text(reply), soft_wrap=True)
+
+
+def status_line(job_id: str, phase: Phase) -> Text:
+    return Text.assemble(f"{job_id}: ", (phase.value, "bold"))
 
 
 def history_table(job_id: str, events: list[Event]) -> Table:
-    table = Table(title=f"job {job_id}", title_justify="left")
-    for column in ("time", "phase", "where", "reason", "message"):
+    table = Table(title=Text(f"job {job_id}"), title_justify="left")
+    for column in ("time", "phase", "where", "reason"):
         table.add_column(column)
+    table.add_column("message", overflow="fold")  # folded, not cut: the message is the point
     for event in events:
+        exit_note = f" (exit {event.exit_code})" if event.exit_code is not None else ""
         table.add_row(
-            event.timestamp.isoformat(timespec="milliseconds"),
+            Text(event.timestamp.isoformat(timespec="milliseconds")),
             Text(event.phase.value, style=_PHASE_STYLE[event.phase]),
-            f"{event.driver or '-'}@{event.host}",
-            event.reason,
-            event.message + (f" (exit {event.exit_code})" if event.exit_code is not None else ""),
+            Text(_where(event)),
+            Text(event.reason),
+            Text(event.message + exit_note),
         )
     return table
 
@@ -94,12 +140,16 @@ def workers_table(heartbeats: list[Event], now: datetime) -> Table:
         state = worker_state(beat, now)
         health = beat.health
         table.add_row(
-            beat.host,
-            beat.driver or "-",
-            beat.worker_id or "-",
+            Text(beat.host),
+            Text(beat.driver or "-"),
+            Text(beat.worker_id or "-"),
             Text(state, style=_STATE_STYLE[state]),
-            f"{health.free_slots}/{health.slots}" if health else "-",
-            f"{health.gpus_free}/{len(health.gpus)}" if health else "-",
-            f"{(now - beat.timestamp).total_seconds():.0f}s ago",
+            Text(f"{health.free_slots}/{health.slots}" if health else "-"),
+            Text(f"{health.gpus_free}/{len(health.gpus)}" if health else "-"),
+            Text(f"{(now - beat.timestamp).total_seconds():.0f}s ago"),
         )
     return table
+
+
+def _where(event: Event) -> str:
+    return f"{event.driver or '-'}@{event.host}"

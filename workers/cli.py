@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from sandfleet.common.lifecycle import until_signalled
 from sandfleet.common.logs import setup_logging
@@ -113,19 +114,20 @@ def gpus(
     if as_json:
         print(json.dumps({"host": settings.host, "source": inventory.source, "gpus": rows}))
         return
-    console = Console(highlight=False)
-    table = Table(title=f"GPUs on {settings.host} (from {inventory.source})", title_justify="left")
+    # Cells are Text, never markup: a GPU name or job id prints as itself.
+    console = Console(markup=False, emoji=False, highlight=False)
+    title = Text(f"GPUs on {settings.host} (from {inventory.source})")
+    table = Table(title=title, title_justify="left")
     for column in ("index", "uuid", "pci", "name", "held by", "driver", "since"):
         table.add_column(column)
     for row in rows:
         claim = row["claim"]
-        holder = "[green]free[/]" if claim is None else claim["job_id"]
+        holder = Text("free", style="green") if claim is None else Text(claim["job_id"])
         if claim is not None and not claim["worker_alive"]:
-            holder += " [yellow](worker gone)[/]"
-        table.add_row(
-            str(row["index"]), row["uuid"], row["pci_bus_id"], row["name"], holder,
-            claim["driver"] if claim else "", claim["since"] if claim else "",
-        )  # fmt: skip
+            holder.append(" (worker gone)", style="yellow")
+        cells = (row["index"], row["uuid"], row["pci_bus_id"], row["name"], holder,
+                 claim["driver"] if claim else "", claim["since"] if claim else "")  # fmt: skip
+        table.add_row(*(cell if isinstance(cell, Text) else Text(str(cell)) for cell in cells))
     console.print(table)
     if not rows:
         console.print("no GPUs found (NVML, nvidia-smi and SANDFLEET_GPU_INVENTORY gave none)")

@@ -2,25 +2,54 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from sandfleet import __version__
 from sandfleet.gateway import cli as gateway_cli
+from sandfleet.gateway.exits import exits_mapped
 from sandfleet.workers import cli as workers_cli
 
 app = typer.Typer(
     name="sandfleet",
     help="Run sandboxes (containers and VMs, with or without GPUs) on a fleet of hosts.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    # A failing command says what failed in one line (sandfleet.gateway.exits); a
+    # traceback, if one still escapes, should be Python's plain one, not pages of locals.
+    pretty_exceptions_show_locals=False,
 )
-app.command()(gateway_cli.gateway)
-app.command(context_settings={"allow_interspersed_args": False})(gateway_cli.submit)
-app.command()(gateway_cli.watch)
-app.command()(gateway_cli.status)
-app.command()(gateway_cli.workers)
-app.command()(gateway_cli.cancel)
-app.command()(workers_cli.worker)
-app.command()(workers_cli.gpus)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"sandfleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Run sandboxes (containers and VMs, with or without GPUs) on a fleet of hosts."""
+
+
+# Every command's errors become exit codes in one place: sandfleet.gateway.exits.
+app.command()(exits_mapped(gateway_cli.gateway))
+app.command(context_settings={"allow_interspersed_args": False})(exits_mapped(gateway_cli.submit))
+app.command()(exits_mapped(gateway_cli.wait))
+app.command()(exits_mapped(gateway_cli.watch))
+app.command()(exits_mapped(gateway_cli.status))
+app.command()(exits_mapped(gateway_cli.workers))
+app.command()(exits_mapped(gateway_cli.cancel))
+app.command()(exits_mapped(workers_cli.worker))
+app.command()(exits_mapped(workers_cli.gpus))
 
 
 def main() -> None:

@@ -17,8 +17,7 @@ from sandfleet.gateway.client import Client
 from sandfleet.workers.gpu.claims import GpuClaimStore, WorkerLease
 from tests.conftest import WorkerFactory, containers_of
 from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
-from tests.integration.test_cli import sandfleet
-from tests.support import until_phase, until_terminal
+from tests.support import sandfleet, until_phase, until_terminal
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from sandfleet.common.events import Event, worker_state
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
 from tests.conftest import WorkerFactory
-from tests.integration.test_cli import sandfleet
+from tests.support import sandfleet
 from tests.worker_process import signal_and_wait, start_worker
 
 pytestmark = pytest.mark.integration

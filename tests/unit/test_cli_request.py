@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 import typer
 
-from sandfleet.gateway.cli import build_request
+from sandfleet.gateway.request_flags import build_request
 
 
 def flags(**overrides: Any) -> dict[str, Any]:

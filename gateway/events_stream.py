@@ -1,0 +1,178 @@
+"""Reading the event log: live, or replayed from its start, filtered by job, driver,
+host and phase.
+
+A reader declares nothing. It finds the log with a passive declare, which RabbitMQ
+3.10 allows with no permission at all (tests/integration/test_client.py measures it),
+and needs read permission on `sandfleet.events.log` to consume it and write
+permission on `amq.default` to mark where the history ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Collection
+from datetime import datetime
+from typing import Any, Self
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import ChannelNotFoundEntity
+from pydantic import ValidationError
+
+from sandfleet.common.errors import FleetUnreachable
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.lifecycle import AsyncCloseable
+from sandfleet.common.topology import EVENTS_LOG_QUEUE, LOG_MARKER_TYPE
+
+log = logging.getLogger(__name__)
+
+_SEEN_EVENTS = 100_000  # event ids remembered per stream, to drop repeats
+
+
+class EventFilter:
+    """Which events a reader wants; an empty criterion matches everything."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str | None = None,
+        driver: str | None = None,
+        host: str | None = None,
+        phases: Collection[Phase] = (),
+    ) -> None:
+        self.job_id, self.driver, self.host, self.phases = job_id, driver, host, frozenset(phases)
+
+    def __call__(self, event: Event) -> bool:
+        return (
+            (self.job_id is None or event.job_id == self.job_id)
+            and (self.driver is None or event.driver == self.driver)
+            and (self.host is None or event.host == self.host)
+            and (not self.phases or event.phase in self.phases)
+        )
+
+
+class EventStream(AsyncCloseable):
+    """Events from the event log, live or replayed from its start.
+
+    Use as ``async with client.events(...) as stream`` to be sure the subscription
+    is in place before doing what produces the events, or iterate it directly.
+    Iteration stops at a marker written by `mark_end()`; iterating again goes on
+    from there, live.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        match: EventFilter,
+        *,
+        offset: str | datetime,
+        shown_url: str = "the broker",
+    ) -> None:
+        self._connection = connection
+        self._match = match
+        self._offset = offset
+        self._shown_url = shown_url  # for errors: the broker URL, password hidden
+        self._channel: AbstractChannel | None = None
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._marker: str | None = None
+        # A worker that takes over a dead one's job re-publishes its terminal event under
+        # the same event_id; a reader sees it once.
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    async def __aenter__(self) -> Self:
+        await self._subscribe()
+        return self
+
+    async def _subscribe(self) -> None:
+        self._channel = await self._connection.channel()
+        await self._channel.set_qos(prefetch_count=500)  # streams require a prefetch
+        try:
+            # Passive: needs no permission, and the robust channel restores the consumer
+            # after a reconnect (a queue made with get_queue(ensure=False) it forgets).
+            stream = await self._channel.declare_queue(EVENTS_LOG_QUEUE, passive=True)
+        except ChannelNotFoundEntity:
+            await self.aclose()  # else the robust channel reopens itself, unused
+            raise FleetUnreachable(
+                self._shown_url, f"no event log ({EVENTS_LOG_QUEUE}): no gateway has run here"
+            ) from None
+        # aio-pika re-consumes with this same dict after a reconnect; keeping the next
+        # offset in it makes the stream resume where it was, not at "next" (a gap).
+        self._arguments: dict[str, Any] = {"x-stream-offset": self._offset}
+        await stream.consume(self._receive, arguments=self._arguments)
+
+    async def _receive(self, message: AbstractIncomingMessage) -> None:
+        # Acked on arrival, not when read: a slow reader must not hold deliveries past
+        # the broker's consumer timeout (which would close this channel).
+        await message.ack()
+        offset = (message.headers or {}).get("x-stream-offset")
+        if isinstance(offset, int):
+            self._arguments["x-stream-offset"] = offset + 1
+        await self._inbox.put(message)
+
+    async def aclose(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+        self._channel = None
+
+    async def mark_end(self) -> None:
+        """Write a marker at the log's current end; iteration stops when it reaches it."""
+        if self._channel is None:
+            await self._subscribe()
+        assert self._channel is not None
+        self._marker = uuid.uuid4().hex
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(b"", type=LOG_MARKER_TYPE, message_id=self._marker),
+            routing_key=EVENTS_LOG_QUEUE,
+        )
+
+    async def history(self) -> AsyncIterator[Event]:
+        """The matching events the log holds now, oldest first (for a stream that reads
+        from the start); iterating the stream afterwards goes on live."""
+        await self.mark_end()
+        async for event in self:
+            yield event
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        if self._channel is None:
+            await self._subscribe()
+        while True:
+            message = await self._inbox.get()
+            if message.type == LOG_MARKER_TYPE:
+                if message.message_id == self._marker:
+                    return
+                continue
+            event = self._decode(message)
+            if event is not None and self._first_sight(event) and self._match(event):
+                yield event
+
+    @staticmethod
+    def _decode(message: AbstractIncomingMessage) -> Event | None:
+        try:
+            return Event.model_validate_json(message.body)
+        except ValidationError as exc:
+            # Anyone may publish to the events exchange; a reader skips what is not
+            # an event rather than dying on it.
+            log.warning(
+                "skipped a %d-byte message in the event log that is not an event (%d errors)",
+                len(message.body),
+                exc.error_count(),
+            )
+            return None
+
+    def _first_sight(self, event: Event) -> bool:
+        if event.event_id in self._seen:
+            return False
+        self._seen[event.event_id] = None
+        if len(self._seen) > _SEEN_EVENTS:
+            self._seen.popitem(last=False)
+        return True
