@@ -25,34 +25,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from bench.gateway_throughput import throwaway_vhost
+from sandfleet.common.amqp import connect
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings
+from sandfleet.common.topology import declare_topology
 from sandfleet.gateway.client import Client
 from sandfleet.workers.gpu.claims import GpuClaimStore
+from tests.support.gpus import double_holds
+from tests.support.runtimes import (
+    CDI_DIR,
+    CDI_SPEC,
+    TEST_CDI_KIND,
+    TEST_IMAGE,
+    sandboxes_created,
+)
 
-IMAGE = "sandfleet-test/busybox:latest"
-ROOT = Path(__file__).resolve().parent.parent
-TEST_CDI_SPEC = ROOT / "tests" / "fixtures" / "cdi" / "sandfleet-test-gpu.json"
-CDI_DIR = Path("/var/run/cdi")
-TEST_CDI_KIND = "test.sandfleet/gpu"
 INVENTORY = {
     "gpus": [
         {"index": i, "uuid": f"GPU-50a50a50-0000-0000-0000-00000000000{i}", "name": "Soak GPU",
@@ -99,51 +101,12 @@ async def chaos(
     return kills, crashes
 
 
-def sandboxes_created(driver: str, since: float) -> Counter[str]:
-    """Containers created per job id, from the runtime's own event log."""
-    if driver == "docker":
-        command = [
-            "docker", "events", "--since", f"{since:.3f}", "--until", f"{time.time():.3f}",
-            "--filter", "type=container", "--filter", "event=create",
-            "--format", '{{index .Actor.Attributes "sandfleet.job_id"}}',
-        ]  # fmt: skip
-    else:
-        command = [
-            "podman", "events", "--stream=false", "--since", f"{since:.3f}",
-            "--filter", "event=create", "--format", "{{.Name}}",
-        ]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
-    names = (line.removeprefix("sandfleet-") for line in out.stdout.split())
-    return Counter(name for name in names if name)
-
-
-def double_holds(events: list[Event]) -> list[str]:
-    """GPUs held by two jobs at once, judged from [last `claimed`, terminal] intervals."""
-    claimed: dict[str, Event] = {}
-    intervals: dict[str, list[tuple[datetime, datetime, str]]] = defaultdict(list)
-    for event in events:
-        if event.job_id is None:
-            continue
-        if event.phase is Phase.CLAIMED:
-            claimed[event.job_id] = event
-        elif event.phase.is_terminal and (start := claimed.pop(event.job_id, None)):
-            for gpu in start.gpus:
-                intervals[gpu].append((start.timestamp, event.timestamp, event.job_id))
-    overlaps = []
-    for gpu, spans in intervals.items():
-        spans.sort()
-        for (_, end, job), (begin, _, other) in itertools.pairwise(spans):
-            if begin < end:
-                overlaps.append(f"{gpu}: {job} and {other}")
-    return overlaps
-
-
 def request(job_id: str, driver: str, gpu_share: float, rng: random.Random) -> dict[str, Any]:
     command = ["sh", "-c", f"echo {job_id}; sleep {rng.choice([0, 0, 1, 2])}"]
     job: dict[str, Any] = {
         "job_id": job_id,
         "driver": driver,
-        "template": {"image": IMAGE, "command": command},
+        "template": {"image": TEST_IMAGE, "command": command},
     }
     if rng.random() < gpu_share:
         job["resource_requirements"] = {"gpu": {"count": rng.choice([1, 1, 2])}}
@@ -194,11 +157,15 @@ async def soak(
     run = SoakRun(driver, [f"soak-{i}-{uuid.uuid4().hex[:6]}" for i in range(n)], state, 0.0)
     run.since = time.time()
     worker_args = ["worker", "--driver", driver, "--slots", "2"]
+    settings = Settings(broker_url=url, host=host)
+    # As an operator sets up a vhost: clients declare nothing, and the stream below is
+    # opened before the gateway has had time to declare the topology itself.
+    async with await connect(url, name="soak") as connection:
+        await declare_topology(await connection.channel(), settings)
     gateway = await spawn(["gateway"], env)
     workers = [await spawn(worker_args, env) for _ in range(2)]
     stop = asyncio.Event()
     try:
-        settings = Settings(broker_url=url, host=host)
         async with Client(settings=settings) as client, client.events() as stream:
             async with asyncio.timeout(60):  # a worker has declared the queues
                 async for event in stream:
@@ -272,10 +239,10 @@ def main() -> None:
     args = parser.parse_args()
     url, cleanup = throwaway_vhost(Settings().broker_url)
     CDI_DIR.mkdir(parents=True, exist_ok=True)
-    cdi_spec = CDI_DIR / TEST_CDI_SPEC.name
+    cdi_spec = CDI_DIR / CDI_SPEC.name
     installed = not cdi_spec.exists()
     if installed:
-        shutil.copyfile(TEST_CDI_SPEC, cdi_spec)
+        shutil.copyfile(CDI_SPEC, cdi_spec)
     try:
         run = asyncio.run(
             soak(args.n, args.kill_every, args.seed, url, args.driver, args.gpu_share)

@@ -7,13 +7,11 @@ test can never leak into another.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +21,16 @@ import pytest
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.service import Gateway
-from sandfleet.workers import registry
-from sandfleet.workers.drivers.base import DriverHost, SandboxDriver
-from sandfleet.workers.runtime import Worker
-
-TEST_IMAGE = "sandfleet-test/busybox:latest"
-ROOT = Path(__file__).resolve().parents[1]
-CDI_SPEC = ROOT / "tests" / "fixtures" / "cdi" / "sandfleet-test-gpu.json"
-CDI_DIR = Path("/var/run/cdi")
-# A test vendor/class whose CDI spec maps harmless nodes (/dev/null) and sets one env
-# var per device. The spec defines devices 0-2; the test inventory has 4 GPUs, so
-# test.sandfleet/gpu=3 is a GPU the host has but CDI cannot resolve.
-TEST_CDI_KIND = "test.sandfleet/gpu"
+from tests.support.runtimes import (
+    CDI_DIR,
+    CDI_SPEC,
+    GUEST_DIR,
+    ROOT,
+    TEST_IMAGE,
+    WorkerFactory,
+    registered_driver,
+    worker_factory,
+)
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -116,33 +112,6 @@ async def client(settings: Settings, gateway: Gateway) -> AsyncIterator[Client]:
         yield c
 
 
-WorkerFactory = Callable[..., AbstractAsyncContextManager[Worker]]
-DriverFactory = Callable[[Settings], SandboxDriver[Any]]
-
-
-def registered_driver(name: str, **driver_settings: Any) -> DriverFactory:
-    """The driver registered as `name`, made as a worker makes it, with these of its
-    own settings (the rest from its SANDFLEET_<NAME>_* defaults)."""
-    plugin = registry.load(name)
-    return lambda s: plugin.make(
-        plugin.settings(**driver_settings), DriverHost(cdi_kind=s.cdi_kind)
-    )
-
-
-def worker_factory(settings: Settings, make_driver: DriverFactory) -> WorkerFactory:
-    @asynccontextmanager
-    async def start(*, slots: int = 1, **overrides: Any) -> AsyncIterator[Worker]:
-        worker_settings = Settings(**{**settings.model_dump(), **overrides})  # validated
-        driver = make_driver(worker_settings)
-        try:
-            async with Worker(worker_settings, driver, slots=slots, drain_seconds=5) as worker:
-                yield worker
-        finally:
-            await driver.aclose()
-
-    return start
-
-
 @pytest.fixture
 def docker_worker(settings: Settings, test_image: str) -> WorkerFactory:
     """`async with docker_worker(host="a", slots=1) as worker:` — a real Docker worker."""
@@ -153,9 +122,6 @@ def docker_worker(settings: Settings, test_image: str) -> WorkerFactory:
 def podman_worker(settings: Settings, podman_image: str) -> WorkerFactory:
     """`async with podman_worker(slots=1) as worker:` — a real Podman worker."""
     return worker_factory(settings, registered_driver("podman"))
-
-
-GUEST_DIR = Path("/var/lib/sandfleet/guest")
 
 
 @pytest.fixture(scope="session")
@@ -191,9 +157,3 @@ async def docker() -> AsyncIterator[aiodocker.Docker]:
         yield client
     finally:
         await client.close()
-
-
-async def containers_of(docker: aiodocker.Docker, job_id: str) -> list[Any]:
-    """Every container, running or not, labelled with this job id."""
-    filters = json.dumps({"label": [f"sandfleet.job_id={job_id}"]})
-    return list(await docker.containers.list(all=True, filters=filters))

@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from bench.soak import sandboxes_created
 from sandfleet.common.events import Phase
 from sandfleet.gateway.client import Client
-from tests.conftest import WorkerFactory
 from tests.support import until_phase, until_terminal
+from tests.support.runtimes import WorkerFactory, sandboxes_created
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,10 @@ from sandfleet.common.settings import Settings
 from sandfleet.common.topology import declare_topology
 from sandfleet.gateway.client import Client
 from sandfleet.workers.gpu.claims import GpuClaimStore, WorkerLease
-from tests.conftest import WorkerFactory, containers_of
-from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
-from tests.support import sandfleet, until_phase, until_terminal
+from tests.support import until_phase, until_terminal
+from tests.support.cli import sandfleet
+from tests.support.gpus import FOUR_UUIDS, write_inventory
+from tests.support.runtimes import WorkerFactory, containers_of
 
 pytestmark = pytest.mark.integration
 

@@ -18,12 +18,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.soak import sandboxes_created
 from sandfleet.common.events import Phase
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
-from tests.conftest import WorkerFactory
 from tests.support import until_terminal
+from tests.support.runtimes import WorkerFactory, sandboxes_created
 
 pytestmark = pytest.mark.integration
 

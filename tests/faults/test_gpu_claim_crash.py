@@ -17,17 +17,16 @@ from typing import Any
 import aiodocker
 import pytest
 
-from bench.soak import sandboxes_created
 from sandfleet.common.events import Phase
 from sandfleet.common.models import Job
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
 from sandfleet.workers.gpu.claims import GpuClaimStore, worker_alive
 from sandfleet.workers.journal import JobJournal
-from tests.conftest import TEST_CDI_KIND, WorkerFactory, containers_of
-from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
 from tests.support import eventually, until_terminal
-from tests.worker_process import signal_and_wait, worker_in_phase
+from tests.support.gpus import FOUR_UUIDS, write_inventory
+from tests.support.processes import signal_and_wait, worker_in_phase
+from tests.support.runtimes import TEST_CDI_KIND, WorkerFactory, containers_of, sandboxes_created
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +42,7 @@ async def test_sigkilled_workers_claim_stays_while_its_container_runs_then_is_fr
     gpu = FOUR_UUIDS[2]
     store = GpuClaimStore(settings.state_dir)
     holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.crashing_holder",
+        sys.executable, "-m", "tests.support.crashing_holder",
         str(settings.state_dir), "doomed-worker", job_id, gpu, test_image,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip

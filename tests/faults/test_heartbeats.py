@@ -12,9 +12,9 @@ import pytest
 from sandfleet.common.events import Event, worker_state
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
-from tests.conftest import WorkerFactory
-from tests.support import sandfleet
-from tests.worker_process import signal_and_wait, start_worker
+from tests.support.cli import sandfleet
+from tests.support.processes import signal_and_wait, start_worker
+from tests.support.runtimes import WorkerFactory
 
 pytestmark = pytest.mark.integration
 

@@ -11,13 +11,12 @@ from typing import Any
 import aio_pika
 import pytest
 
-from bench.soak import sandboxes_created
 from sandfleet.common.events import Phase
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.job_index import JobIndex
-from tests.conftest import WorkerFactory
 from tests.support import until_terminal
+from tests.support.runtimes import WorkerFactory, sandboxes_created
 
 pytestmark = pytest.mark.integration
 

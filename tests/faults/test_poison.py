@@ -15,9 +15,9 @@ from sandfleet.gateway.client import Client
 from sandfleet.workers.drivers.cdi import ContainerBlock
 from sandfleet.workers.drivers.docker.driver import DockerDriver
 from sandfleet.workers.drivers.docker.plugin import DockerSettings
-from tests.conftest import worker_factory
-from tests.integration.test_job_flow import dead_letters, raw_submit
 from tests.support import until_terminal
+from tests.support.broker import dead_letters, raw_submit
+from tests.support.runtimes import worker_factory
 
 pytestmark = pytest.mark.integration
 

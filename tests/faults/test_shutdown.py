@@ -13,10 +13,9 @@ import pytest
 from sandfleet.common.events import Phase
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client, EventStream
-from tests.conftest import WorkerFactory, containers_of
-from tests.integration.test_job_flow import no_containers
 from tests.support import eventually, sleeper, until_terminal
-from tests.worker_process import signal_and_wait, worker_in_phase
+from tests.support.processes import signal_and_wait, worker_in_phase
+from tests.support.runtimes import WorkerFactory, containers_of, no_containers
 
 pytestmark = pytest.mark.integration
 

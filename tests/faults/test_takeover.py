@@ -14,10 +14,9 @@ from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client, EventStream
 from sandfleet.workers.gpu.claims import GpuClaimStore
-from tests.conftest import WorkerFactory, containers_of
-from tests.integration.test_job_flow import no_containers
 from tests.support import eventually, sleeper, until_terminal
-from tests.worker_process import signal_and_wait, worker_in_phase
+from tests.support.processes import signal_and_wait, worker_in_phase
+from tests.support.runtimes import WorkerFactory, containers_of, no_containers
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,6 @@ from typing import Any
 import aiodocker
 import pytest
 
-from bench.soak import sandboxes_created
 from sandfleet.common.events import Phase
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
@@ -20,10 +19,15 @@ from sandfleet.workers.drivers.docker.driver import DockerDriver
 from sandfleet.workers.drivers.docker.plugin import DockerSettings
 from sandfleet.workers.gpu.claims import GpuClaimStore
 from sandfleet.workers.journal import JournalEntry
-from tests.conftest import WorkerFactory, containers_of, worker_factory
-from tests.integration.test_job_flow import no_containers
 from tests.support import eventually, submit_and_wait, until_terminal
-from tests.worker_process import signal_and_wait, worker_in_phase
+from tests.support.processes import signal_and_wait, worker_in_phase
+from tests.support.runtimes import (
+    WorkerFactory,
+    containers_of,
+    no_containers,
+    sandboxes_created,
+    worker_factory,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -17,15 +17,9 @@ import pytest
 from sandfleet.common.events import Phase
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
-from tests.conftest import WorkerFactory
-from tests.support import (
-    run_sandfleet,
-    sandfleet,
-    sandfleet_env,
-    spawn_sandfleet,
-    until_phase,
-    until_terminal,
-)
+from tests.support import until_phase, until_terminal
+from tests.support.cli import run_sandfleet, sandfleet, sandfleet_env, spawn_sandfleet
+from tests.support.runtimes import WorkerFactory
 
 pytestmark = pytest.mark.integration
 

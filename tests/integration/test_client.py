@@ -21,8 +21,9 @@ from sandfleet.common.settings import Settings
 from sandfleet.common.topology import CONTROL_EXCHANGE, EVENTS_LOG_QUEUE, SUBMIT_QUEUE
 from sandfleet.gateway.client import DIRECT_REPLY_TO
 from sandfleet.gateway.service import Gateway
-from tests.conftest import WorkerFactory
-from tests.support import eventually, rabbitmqctl, until_phase, until_terminal, vhost_of
+from tests.support import eventually, until_phase, until_terminal
+from tests.support.broker import rabbitmqctl, vhost_of
+from tests.support.runtimes import WorkerFactory
 
 pytestmark = pytest.mark.integration
 

@@ -22,10 +22,10 @@ from sandfleet.common.settings import Settings
 from sandfleet.common.topology import job_routing_key, retry_queue_name
 from sandfleet.gateway.client import Client
 from sandfleet.workers.gpu.claims import GpuClaimStore, WorkerLease
-from tests.conftest import WorkerFactory, containers_of
-from tests.gpu_fixtures import FOUR_UUIDS, write_inventory
-from tests.integration.test_job_flow import ready_messages
 from tests.support import eventually, until_terminal
+from tests.support.broker import ready_messages
+from tests.support.gpus import FOUR_UUIDS, write_inventory
+from tests.support.runtimes import WorkerFactory, containers_of
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,11 @@ import pytest
 
 from sandfleet.common.events import Phase
 from sandfleet.common.settings import Settings
-from sandfleet.common.topology import DEAD_QUEUE, SUBMIT_QUEUE, job_queue_name
+from sandfleet.common.topology import job_queue_name
 from sandfleet.gateway.client import Client
-from tests.conftest import WorkerFactory, containers_of
 from tests.support import eventually, until_phase, until_terminal
+from tests.support.broker import dead_letters, raw_submit, ready_messages
+from tests.support.runtimes import WorkerFactory, containers_of, no_containers
 
 pytestmark = pytest.mark.integration
 
@@ -23,40 +24,6 @@ pytestmark = pytest.mark.integration
 def request(image: str, *command: str, **extra: object) -> dict[str, object]:
     job_id = f"t-{uuid.uuid4().hex[:12]}"
     return {"job_id": job_id, "template": {"image": image, "command": list(command)}, **extra}
-
-
-async def raw_submit(url: str, body: bytes) -> dict[str, object]:
-    """Submit as any AMQP client would: publish to sandfleet.submit, read the reply."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        replies = await channel.declare_queue(exclusive=True)
-        await channel.default_exchange.publish(
-            aio_pika.Message(body, reply_to=replies.name, correlation_id="c1"),
-            routing_key=SUBMIT_QUEUE,
-        )
-        async with asyncio.timeout(15), replies.iterator() as messages:
-            async for message in messages:
-                await message.ack()
-                assert message.correlation_id == "c1"
-                reply: dict[str, object] = json.loads(message.body)
-                return reply
-    raise AssertionError("no reply")
-
-
-async def no_containers(docker: aiodocker.Docker, job_id: str) -> bool:
-    return not await containers_of(docker, job_id)
-
-
-async def dead_letters(url: str) -> list[bytes]:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(DEAD_QUEUE)
-        bodies = []
-        while (message := await queue.get(fail=False, no_ack=True)) is not None:
-            bodies.append(message.body)
-        return bodies
 
 
 async def test_raw_amqp_job_runs_and_reports_exit_code_and_output(
@@ -290,16 +257,6 @@ async def test_prefetch_equals_free_slots(
         assert (
             await ready_messages(settings.broker_url, job_queue_name(worker.identity.driver)) == 1
         )
-
-
-async def ready_messages(url: str, queue_name: str) -> int:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, passive=True)
-        count = queue.declaration_result.message_count
-        assert count is not None
-        return count
 
 
 async def test_readers_skip_junk_in_the_event_log(settings: Settings, client: Client) -> None:

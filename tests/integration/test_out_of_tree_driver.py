@@ -16,7 +16,7 @@ from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
 from sandfleet.workers import registry
 from tests.support import submit_and_wait, until_terminal
-from tests.worker_process import start_worker
+from tests.support.processes import start_worker
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ from sandfleet.gateway.client import Client
 from sandfleet.workers.drivers.podman.client import LibpodClient
 from sandfleet.workers.drivers.podman.plugin import PodmanSettings
 from sandfleet.workers.gpu.claims import GpuClaimStore
-from tests.conftest import TEST_CDI_KIND, WorkerFactory
-from tests.gpu_fixtures import write_inventory
 from tests.support import eventually, submit_and_wait, until_phase, until_terminal
+from tests.support.gpus import write_inventory
+from tests.support.runtimes import TEST_CDI_KIND, WorkerFactory
 
 pytestmark = pytest.mark.integration
 

@@ -31,9 +31,9 @@ from sandfleet.workers.drivers.vm.config import VmBlock
 from sandfleet.workers.drivers.vm.domain_xml import METADATA_NS
 from sandfleet.workers.drivers.vm.driver import STOPPED_EXIT_CODE, VmDriver
 from sandfleet.workers.gpu.claims import GpuClaimStore
-from tests.conftest import WorkerFactory
-from tests.gpu_fixtures import write_inventory
 from tests.support import submit_and_wait
+from tests.support.gpus import write_inventory
+from tests.support.runtimes import WorkerFactory
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import json
 import multiprocessing
 from pathlib import Path
 
-from tests.claim_race import Interval, hammer, overlaps
+from tests.support.claim_race import Interval, hammer, overlaps
 
 GPUS = [f"GPU-{i}" for i in range(4)]
 

@@ -17,7 +17,7 @@ from sandfleet.workers.gpu.claims import (
     worker_alive,
 )
 from sandfleet.workers.gpu.inventory import GpuInventory, from_static_file
-from tests.gpu_fixtures import write_inventory
+from tests.support.gpus import write_inventory
 
 UUIDS = [f"GPU-{i}" for i in range(4)]
 

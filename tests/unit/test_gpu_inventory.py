@@ -15,7 +15,7 @@ from sandfleet.workers.gpu.inventory import (
     from_static_file,
     normalize_pci_address,
 )
-from tests.gpu_fixtures import FOUR_GPUS, FOUR_UUIDS, H200_DIR, H200_UUID, write_inventory
+from tests.support.gpus import FOUR_GPUS, FOUR_UUIDS, H200_DIR, H200_UUID, write_inventory
 
 
 def nvml_fixture() -> GpuInventory:

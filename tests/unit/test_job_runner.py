@@ -25,8 +25,8 @@ from sandfleet.common.settings import SandboxPolicy
 from sandfleet.workers.attempt import RunPolicy, StopRequest
 from sandfleet.workers.drivers.base import LABEL_JOB_ID, SandboxSpec, sandbox_name
 from sandfleet.workers.identity import WorkerIdentity
-from tests.gpu_fixtures import FOUR_UUIDS
-from tests.runtime_fakes import WORKER, Harness, harness, job
+from tests.support.fakes import WORKER, Harness, harness, job
+from tests.support.gpus import FOUR_UUIDS
 
 T = TypeVar("T")
 

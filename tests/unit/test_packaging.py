@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import tomllib
 from pathlib import Path
 
@@ -34,3 +35,21 @@ def test_the_built_in_drivers_register_like_any_other() -> None:
         name: f"sandfleet.workers.drivers.{name}.plugin:plugin"
         for name in ("docker", "podman", "vm")
     }
+
+
+def test_tests_share_helpers_only_through_tests_support() -> None:
+    """No test imports another test module, the conftest, or bench/."""
+    wrong = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                local = name == "tests" or name.startswith(("tests.", "bench"))
+                if local and not name.startswith("tests.support"):
+                    wrong.append(f"{path.relative_to(ROOT)}: {name}")
+    assert wrong == []

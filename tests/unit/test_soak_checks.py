@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from bench.soak import double_holds
 from sandfleet.common.events import Event, Phase
+from tests.support.gpus import double_holds
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -5,7 +5,7 @@ claims a GPU, creates and starts a labelled `sandfleet-<job>` container, records
 sandbox on the claim — then says "ready" and sleeps until killed. (A real worker
 cannot get this far on Docker 20.10, which has no CDI to pass the GPU.)
 
-    python -m tests.crashing_holder STATE_DIR WORKER_ID JOB_ID GPU_UUID IMAGE
+    python -m tests.support.crashing_holder STATE_DIR WORKER_ID JOB_ID GPU_UUID IMAGE
 """
 
 from __future__ import annotations

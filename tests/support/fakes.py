@@ -23,7 +23,7 @@ from sandfleet.workers.gpu.inventory import GpuInventory, from_records
 from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.job_runner import JobRunner
 from sandfleet.workers.journal import JobJournal
-from tests.gpu_fixtures import FOUR_GPUS
+from tests.support.gpus import FOUR_GPUS
 
 WORKER = "w-test"
 HOST = "h1"

@@ -1,0 +1,64 @@
+"""Talking to the test's RabbitMQ as any AMQP client (or its operator) would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from urllib.parse import urlsplit
+
+import aio_pika
+
+from sandfleet.common.topology import DEAD_QUEUE, SUBMIT_QUEUE
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run `rabbitmqctl -q ARGS` (blocking: call it through asyncio.to_thread from a test)."""
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout
+
+
+def vhost_of(broker_url: str) -> str:
+    return urlsplit(broker_url).path.removeprefix("/")
+
+
+async def raw_submit(url: str, body: bytes) -> dict[str, object]:
+    """Submit as any AMQP client would: publish to sandfleet.submit, read the reply."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, reply_to=replies.name, correlation_id="c1"),
+            routing_key=SUBMIT_QUEUE,
+        )
+        async with asyncio.timeout(15), replies.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                assert message.correlation_id == "c1"
+                reply: dict[str, object] = json.loads(message.body)
+                return reply
+    raise AssertionError("no reply")
+
+
+async def dead_letters(url: str) -> list[bytes]:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(DEAD_QUEUE)
+        bodies = []
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            bodies.append(message.body)
+        return bodies
+
+
+async def ready_messages(url: str, queue_name: str) -> int:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        count = queue.declaration_result.message_count
+        assert count is not None
+        return count
