@@ -37,6 +37,12 @@ StreamJson = Annotated[
     bool, typer.Option("--json", help="JSON for scripts: one object per line, as they come.")
 ]
 DocumentJson = Annotated[bool, typer.Option("--json", help="JSON for scripts: one document.")]
+DriverOption = Annotated[
+    str | None,
+    typer.Option(
+        help="A driver's name: docker, podman, vm or any installed (default: the gateway's)."
+    ),
+]
 
 
 def _exit_with(body: Coroutine[Any, Any, int]) -> NoReturn:
@@ -58,9 +64,7 @@ def submit(
             "-f", "--file", help="A whole request, JSON or YAML (.yaml/.yml); '-' for stdin."
         ),
     ] = None,
-    driver: Annotated[
-        str | None, typer.Option(help="docker | podman | vm (default: the gateway's).")
-    ] = None,
+    driver: DriverOption = None,
     image: Annotated[str | None, typer.Option(help="The sandbox image.")] = None,
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")

@@ -44,10 +44,14 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def test_the_package_imports_and_the_bare_folder_names_do_not(venv: Path) -> None:
     python = venv / "bin" / "python"
-    ok = run(python, "-c", "import sandfleet; sandfleet.Client; sandfleet.SyncClient")
+    # Away from the checkout: `python -c` puts the working directory on sys.path.
+    elsewhere = venv.parent
+    ok = run(
+        python, "-c", "import sandfleet; sandfleet.Client; sandfleet.SyncClient", cwd=elsewhere
+    )
     assert ok.returncode == 0, ok.stderr
     for bare in ("common", "gateway", "workers", "sandfleet_cli"):
-        refused = run(python, "-c", f"import {bare}")
+        refused = run(python, "-c", f"import {bare}", cwd=elsewhere)
         assert "ModuleNotFoundError" in refused.stderr, bare
 
 
