@@ -148,6 +148,26 @@ class EventSink(Protocol):
     async def publish(self, event: Event) -> None: ...
 
 
+async def publish_through_outages(
+    publish: Callable[[], Awaitable[object]], *, what: str, retry_seconds: float = 120.0
+) -> None:
+    """`publish()`, retried while the broker is away (`retry_seconds` at most): the
+    robust connection comes back, and the same publish succeeds then. Each attempt is
+    bounded, waits inside a reconnecting channel included."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(BROKER_UNAVAILABLE),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        stop=stop_after_delay(retry_seconds),
+        before_sleep=lambda state: log.warning(
+            "%s not published (%s); retrying", what, state.outcome
+        ),
+        reraise=True,
+    ):
+        with attempt:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                await publish()
+
+
 class EventPublisher:
     """Publishes status events to the events exchange, each confirmed by the broker.
 
@@ -161,23 +181,16 @@ class EventPublisher:
         self._retry_seconds = retry_seconds
 
     async def publish(self, event: Event) -> None:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(BROKER_UNAVAILABLE),
-            wait=wait_exponential(multiplier=0.2, max=5),
-            stop=stop_after_delay(self._retry_seconds),
-            before_sleep=lambda state: log.warning(
-                "event %s not published (%s); retrying", event.event_id, state.outcome
+        message = json_message(event, message_id=event.event_id, type="sandfleet.event")
+        await publish_through_outages(
+            lambda: self._exchange.publish(
+                message,
+                routing_key=event.routing_key,
+                mandatory=False,  # the log is bound to '#'; no listener: not an error
             ),
-            reraise=True,
-        ):
-            with attempt:
-                # The whole attempt is bounded: waits inside a reconnecting channel too.
-                async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-                    await self._exchange.publish(
-                        json_message(event, message_id=event.event_id, type="sandfleet.event"),
-                        routing_key=event.routing_key,
-                        mandatory=False,  # the log is bound to '#'; no listener: not an error
-                    )
+            what=f"event {event.event_id}",
+            retry_seconds=self._retry_seconds,
+        )
 
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -193,7 +206,8 @@ async def settle(message: AbstractIncomingMessage, handler: Handler) -> None:
       dead-letters a message that keeps failing
     - cancellation (shutdown)    → nothing: the broker redelivers it when the channel closes
     A handler may ack early itself (a job handed to the host's journal); then nothing
-    more is said to the broker, whatever happens next.
+    more is said to the broker, whatever happens next. An answer lost with the channel
+    is no error: the broker delivers the message again, and handlers are idempotent.
     """
     try:
         await handler(message)
@@ -202,13 +216,20 @@ async def settle(message: AbstractIncomingMessage, handler: Handler) -> None:
             log.error("message %s failed after it was acked: %s", message.message_id, exc)
             return
         log.info("dead-lettering message %s: %s", message.message_id, exc)
-        await message.reject(requeue=False)
+        await _answer(message, message.reject(requeue=False))
     except Exception:
         if message.processed:
             log.exception("message %s failed after it was acked", message.message_id)
             return
         log.exception("handler failed on message %s; requeueing", message.message_id)
-        await message.nack(requeue=True)
+        await _answer(message, message.nack(requeue=True))
     else:
         if not message.processed:  # a handler may ack early (see sandfleet.workers.job_runner)
-            await message.ack()
+            await _answer(message, message.ack())
+
+
+async def _answer(message: AbstractIncomingMessage, answer: Awaitable[None]) -> None:
+    try:
+        await answer
+    except BROKER_UNAVAILABLE as exc:
+        log.warning("message %s: the broker did not hear its answer (%s)", message.message_id, exc)

@@ -8,6 +8,7 @@
     ├── SandboxError          a runtime refused or failed; `reason` is the event's reason code
     │   ├── ImageUnavailable      the image is missing and could not be pulled
     │   ├── CapabilityMissing     the runtime lacks something the job needs (e.g. CDI)
+    │   ├── SandboxNameTaken      a sandbox of the job's name exists (a dead worker's late create)
     │   └── Unschedulable         the job's GPUs cannot be had (none such, or waited too long)
     └── what a client (sandfleet.Client, the CLI) tells its caller:
         ├── FleetUnreachable      no broker at the URL, credentials refused, or no gateway there

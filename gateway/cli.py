@@ -94,8 +94,9 @@ def submit(
 ) -> None:
     """Submit a sandbox job: `sandfleet submit --image busybox --wait -- sh -c 'echo hi'`."""
     flags_given = any(
-        value for value in (command, driver, image, env, label, timeout, gpu_count, gpu_device,
-                            host, job_id, cpu, memory)
+        value is not None and value != []
+        for value in (command, driver, image, env, label, timeout, gpu_count, gpu_device,
+                      host, job_id, cpu, memory)
     )  # fmt: skip
     if file is not None and flags_given:
         raise typer.BadParameter(
@@ -147,7 +148,8 @@ async def _submit_and_follow(request: dict[str, Any], out: Output) -> int:
 def wait(
     job_id: Annotated[str, typer.Argument(help="The job to wait for.")],
     timeout: Annotated[
-        float | None, typer.Option(min=0, help="Give up after this many seconds (exit 124).")
+        float | None,
+        typer.Option(min=0.001, help="Give up after this many seconds (exit 124)."),
     ] = None,
     as_json: StreamJson = False,
 ) -> None:
@@ -159,6 +161,8 @@ def wait(
             try:
                 outcome = await client.wait(job_id, timeout=timeout)
             except TimeoutError:
+                if timeout is None:
+                    raise
                 raise TimeoutError(f"job {job_id} did not end within {timeout:g} s") from None
         out.event(outcome)
         return exit_code_of(outcome)
@@ -193,9 +197,12 @@ def watch(
             out.event(event)
 
     async def body() -> int:
-        async with Client() as client, client.events(job_id=job, from_start=from_start) as stream:
+        # One job's history is read even without --from-start (and shown only with it):
+        # a job that has ended ends the watch at once.
+        replay = from_start or job is not None
+        async with Client() as client, client.events(job_id=job, from_start=replay) as stream:
             if job is not None:
-                return await _watch_one_job(stream, show, replay=from_start)
+                return await _watch_one_job(stream, show, show_past=from_start)
             async for event in stream:
                 show(event)
         return ExitCode.SUCCEEDED  # not reached: a live stream does not end
@@ -204,21 +211,17 @@ def watch(
 
 
 async def _watch_one_job(
-    stream: EventStream, show: Callable[[Event], None], *, replay: bool
+    stream: EventStream, show: Callable[[Event], None], *, show_past: bool
 ) -> int:
-    """Show the job's events until its end. In a replay, only the job's last event in
-    the log can have ended it (an id rejected, then submitted again, goes on)."""
-    last: Event | None = None
-    if replay:
-        async for last in stream.history():
-            show(last)
-    if last is None or not last.phase.is_terminal:
-        async for last in stream:
-            show(last)
-            if last.phase.is_terminal:
-                break
-    assert last is not None
-    return exit_code_of(last)
+    """Show the job's events until its end; its exit code."""
+
+    def seen(event: Event, live: bool) -> None:
+        if live or show_past:
+            show(event)
+
+    outcome = await stream.job_outcome(seen=seen)
+    assert outcome is not None
+    return exit_code_of(outcome)
 
 
 def status(

@@ -182,14 +182,10 @@ class Client(AsyncCloseable):
         TimeoutError after `timeout` seconds.
         """
         async with asyncio.timeout(timeout), self.events(job_id=job_id, from_start=True) as stream:
-            latest = None
-            async for latest in stream.history():  # noqa: B007 (only the last one matters)
-                pass
-            if latest is None:
-                raise JobNotFound(job_id)
-            if latest.phase.is_terminal:
-                return latest
-            return await _first_terminal(stream)
+            outcome = await stream.job_outcome(known_only=True)
+        if outcome is None:
+            raise JobNotFound(job_id)
+        return outcome
 
     @asynccontextmanager
     async def start(self, request: Request) -> AsyncIterator[JobRun]:
@@ -294,13 +290,6 @@ class JobRun:
             pass
         assert last is not None and last.phase.is_terminal
         return last
-
-
-async def _first_terminal(stream: EventStream) -> Event:
-    async for event in stream:
-        if event.phase.is_terminal:
-            return event
-    raise AssertionError("the event stream ended without a marker")  # it cannot
 
 
 def _request_body(request: Request) -> bytes:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from datetime import datetime
 from typing import Any, Self
 
@@ -56,6 +56,10 @@ class EventFilter:
             and (self.host is None or event.host == self.host)
             and (not self.phases or event.phase in self.phases)
         )
+
+
+def _ignore(event: Event, live: bool) -> None:
+    return None
 
 
 class EventStream(AsyncCloseable):
@@ -138,6 +142,29 @@ class EventStream(AsyncCloseable):
         await self.mark_end()
         async for event in self:
             yield event
+
+    async def job_outcome(
+        self, *, seen: Callable[[Event, bool], object] = _ignore, known_only: bool = False
+    ) -> Event | None:
+        """For a stream of one job's events read from the log's start: its terminal event.
+
+        The job's latest event in the history decides whether it has ended (an id
+        rejected, then submitted again, goes on); if not, the first live terminal event
+        does. `seen(event, live)` sees each event on the way. With `known_only`, None
+        when the history holds no event of the job (rather than waiting for one).
+        """
+        last: Event | None = None
+        async for last in self.history():
+            seen(last, False)
+        if last is None and known_only:
+            return None
+        if last is not None and last.phase.is_terminal:
+            return last
+        async for event in self:
+            seen(event, True)
+            if event.phase.is_terminal:
+                return event
+        raise AssertionError("a live event stream does not end")
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()

@@ -27,6 +27,9 @@ class JobPlan:
     gpus: GpuRequest
 
 
+USER_CANCELLED = "Cancelled"
+
+
 @dataclass(frozen=True)
 class StopRequest:
     """Why a job's sandbox is ended early, as its terminal event will say."""
@@ -35,8 +38,18 @@ class StopRequest:
     reason: str
     message: str
 
+    @classmethod
+    def cancelled(cls, why: str) -> StopRequest:
+        """A user's cancellation."""
+        return cls(Phase.CANCELLED, USER_CANCELLED, why)
+
     def outcome(self, output: str | None = None) -> Outcome:
         return Outcome(phase=self.phase, reason=self.reason, message=self.message, output=output)
+
+    def before_start(self) -> Outcome:
+        """The outcome for a job stopped before its sandbox existed."""
+        reason = "CancelledBeforeStart" if self.reason == USER_CANCELLED else self.reason
+        return Outcome(phase=self.phase, reason=reason, message=self.message)
 
 
 @dataclass(frozen=True, kw_only=True)

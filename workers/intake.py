@@ -76,25 +76,31 @@ class JobIntake:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_taken_over(self, job: Coroutine[Any, Any, None]) -> None:
-        await self._pause_if_full()
-        await self._release_after(job)
-
-    async def _run_delivery(self, message: AbstractIncomingMessage) -> None:
-        await self._pause_if_full()
         try:
-            await self._slots.start_queued()
-        except asyncio.CancelledError:
-            await self._resume_unless_closed()
-            raise
-        await self._release_after(self._handle(message))
-
-    async def _release_after(self, job: Coroutine[Any, Any, None]) -> None:
-        try:
+            await self._pause_if_full()
             await job
         finally:
-            job.close()  # no-op once awaited; frees it if cancelled before it ran
+            await self._done(job, ran=True)
+
+    async def _run_delivery(self, message: AbstractIncomingMessage) -> None:
+        job, ran = self._handle(message), False
+        try:
+            await self._pause_if_full()
+            await self._slots.start_queued()
+            ran = True
+            await job
+        finally:
+            await self._done(job, ran=ran)
+
+    async def _done(self, job: Coroutine[Any, Any, None], *, ran: bool) -> None:
+        """Whatever ended it (cancelled before it ran included): its slot is given back."""
+        job.close()  # no-op once awaited; frees it if cancelled before it ran
+        if ran:
             await self._slots.finish()
-            await self._resume_unless_closed()
+        else:
+            self._slots.leave_queue()
+        if not self._closed:
+            await self._resume()
 
     async def _pause_if_full(self) -> None:
         if self._slots.free == 0:
@@ -104,10 +110,6 @@ class JobIntake:
                 # A broker outage: the job runs all the same; a delivery that comes in
                 # meanwhile waits for a slot.
                 log.warning("could not pause the job consumers", exc_info=True)
-
-    async def _resume_unless_closed(self) -> None:
-        if not self._closed:
-            await self._resume()
 
     async def _pause(self) -> None:
         async with self._toggle:

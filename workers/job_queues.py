@@ -14,7 +14,7 @@ from typing import Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, HeadersType
 
-from sandfleet.common.amqp import job_message
+from sandfleet.common.amqp import job_message, publish_through_outages
 from sandfleet.common.models import Job
 from sandfleet.common.topology import (
     RETRY_WAITING_SINCE_HEADER,
@@ -34,7 +34,7 @@ class HostJobQueues:
     def __init__(
         self, channel: AbstractChannel, jobs: AbstractExchange, *, driver: str, host: str
     ) -> None:
-        self._channel = channel  # with publisher confirms
+        self._channel = channel  # with publisher confirms, and returns raised
         self._jobs = jobs
         self._host_key = job_routing_key(driver, host)
 
@@ -42,10 +42,14 @@ class HostJobQueues:
         await self._jobs.publish(job_message(job), routing_key=self._host_key, mandatory=True)
 
     async def park(self, job: Job, *, delay: float, waiting_since: datetime) -> None:
+        """Retried through a broker outage; an error after that means it is not parked."""
         headers = {RETRY_WAITING_SINCE_HEADER: waiting_since.isoformat()}
-        await self._channel.default_exchange.publish(
-            job_message(job, headers=headers, expiration=delay),
-            routing_key=retry_queue_name(self._host_key),
+        message = job_message(job, headers=headers, expiration=delay)
+        await publish_through_outages(
+            lambda: self._channel.default_exchange.publish(
+                message, routing_key=retry_queue_name(self._host_key), mandatory=True
+            ),
+            what=f"job {job.job_id} (parked)",
         )
 
 

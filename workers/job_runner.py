@@ -1,37 +1,37 @@
 """One job's life on a worker, as named steps:
 
     take       decode the job, check its driver block and GPUs (a bad one: `rejected`,
-               dead-lettered); a job from the driver's shared queue is bound to this
-               host's queue instead, and taken from there
+               dead-lettered; job_check.py); a job from the driver's shared queue is
+               bound to this host's queue instead, and taken from there
     hand off   the host's journal takes the job, then the message is acked: one step,
                idempotent (a second delivery finds the entry and is dropped)
     obtain     its one sandbox: found and adopted (made by a worker now gone), or, with
                GPUs claimed, created; or an outcome without one (cancelled before it
                started, sandbox lost); or parked until its GPUs are free
     supervise  start it, wait for it within its timeout; a stop request ends it early
+               (supervision.py)
     finish     record the terminal outcome in the journal, then publish it
     clean up   remove the sandbox, release its GPUs, close the journal entry
 
 From the hand-off on, the journal owns the job: no message is held while a sandbox
-runs (a long job would outlive the broker's consumer timeout), and a worker that dies
+runs (a long job would outlive the broker's consumer timeout). A worker that dies
 leaves the entry for the next worker of this host to take over, which enters the
-same steps at `obtain` (or re-publishes a recorded terminal event and cleans up).
+same steps at `obtain` (or re-publishes a recorded terminal event and cleans up); so
+does this worker's reconciler for an entry of its own whose run ended in an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from aio_pika.abc import HeadersType
-from pydantic import ValidationError
-
-from sandfleet.common.amqp import EventSink
+from sandfleet.common.amqp import BROKER_UNAVAILABLE, EventSink
 from sandfleet.common.errors import (
-    DeadLetter,
-    FieldError,
     RequestInvalid,
     RetryLater,
     SandboxError,
@@ -39,7 +39,7 @@ from sandfleet.common.errors import (
     Unschedulable,
 )
 from sandfleet.common.events import Phase
-from sandfleet.common.models import CancelRequest, Job, field_errors
+from sandfleet.common.models import CancelRequest, Job
 from sandfleet.common.topology import job_routing_key
 from sandfleet.workers.attempt import Attempt, JobPlan, Outcome, RunPolicy, StopRequest
 from sandfleet.workers.drivers.base import (
@@ -51,25 +51,12 @@ from sandfleet.workers.drivers.base import (
 from sandfleet.workers.gpu.allocator import GpuAllocator, GpuRequest
 from sandfleet.workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
 from sandfleet.workers.identity import WorkerIdentity
+from sandfleet.workers.job_check import JobCheck, JobMessage
 from sandfleet.workers.job_queues import JobQueues, waiting_since
 from sandfleet.workers.journal import AlreadyFinished, JobJournal, JournalEntry, OwnedByLiveWorker
 from sandfleet.workers.supervision import SandboxSupervisor
 
 log = logging.getLogger(__name__)
-
-
-class JobMessage(Protocol):
-    """The parts of a delivered job message the runner reads (aio-pika's message has them)."""
-
-    @property
-    def body(self) -> bytes: ...
-    @property
-    def headers(self) -> HeadersType: ...
-    @property
-    def routing_key(self) -> str | None: ...
-    @property
-    def message_id(self) -> str | None: ...
-    async def ack(self, multiple: bool = False) -> None: ...
 
 
 class UserCancellations(Protocol):
@@ -97,8 +84,12 @@ class JobRunner:
         self._queues = queues
         self._cancellations = cancellations
         self._policy = policy
-        self._supervisor = SandboxSupervisor(driver, events, policy)
+        self._supervisor = SandboxSupervisor(driver, self._emit, policy)
+        self._check = JobCheck(driver, gpus, identity, events)
         self._in_hand: dict[str, Attempt] = {}
+        # Jobs being handed off, run or taken over here, counted from before the journal
+        # takes them, so the reconciler never takes over a job this worker is running.
+        self._working: Counter[str] = Counter()
         self.started = 0
         self.finished = 0
 
@@ -106,31 +97,56 @@ class JobRunner:
     def jobs_in_hand(self) -> list[str]:
         return list(self._in_hand)
 
+    def working_on(self, job_id: str) -> bool:
+        return self._working[job_id] > 0
+
     # ---- the ways in: a delivery, a dead worker's job, a stop ----
 
     async def handle(self, message: JobMessage) -> None:
         """A job queue's delivery; `sandfleet.common.amqp.settle` answers the broker."""
-        job, plan = await self._take(message)
+        job, plan = await self._check.take(message)
         if message.routing_key == job_routing_key(job.driver):  # the driver's shared queue
             await self._queues.bind_to_host(job)  # then settle acks the shared copy
             return
-        attempt = await self._hand_off(message, job, plan)
-        if attempt is not None:
-            await self._run(attempt)
+        with self._working_on(job.job_id):
+            attempt = await self._hand_off(message, job, plan)
+            if attempt is not None:
+                await self._run(attempt)
 
     async def take_over(self, entry: JournalEntry) -> None:
-        """Finish a job from the journal entry of a worker that is gone (now ours)."""
-        attempt = Attempt(entry, self._identity, plan=None)
-        if entry.terminal is None:
-            await self._run(attempt)
+        """Finish a job from its journal entry, now this worker's: a dead worker's, or
+        this worker's own whose run ended in an error. Nothing if the job is being run
+        here, or has ended or changed hands since `entry` was read."""
+        job_id = entry.job.job_id
+        if self.working_on(job_id):
             return
-        # It ended, and may not have said so: say it again under the same event_id.
-        await self._events.publish(entry.terminal)
-        await self._clean_up(attempt)
+        with self._working_on(job_id):
+            current = await asyncio.to_thread(self._journal.read, job_id)
+            if current is None or current.closed or current.owner != self._identity.worker_id:
+                return
+            if current.parked:  # its copy may be back in the broker, or have taken it
+                current = await asyncio.to_thread(self._journal.unpark, job_id, current.owner)
+                if current is None:
+                    return
+            attempt = Attempt(current, self._identity, plan=None)
+            if current.terminal is None:
+                await self._run(attempt)
+                return
+            # It ended, and may not have said so: say it again under the same event_id.
+            await self._events.publish(current.terminal)
+            await self._clean_up(attempt)
 
     async def cancel(self, request: CancelRequest) -> None:
         """A user's cancellation, live; jobs not in hand find it in the cancellation log."""
-        await self.stop(request.job_id, StopRequest(Phase.CANCELLED, "Cancelled", request.reason))
+        await self.stop(request.job_id, StopRequest.cancelled(request.reason))
+
+    async def stop_running(self, request: StopRequest) -> None:
+        """Stop every job in hand that has a sandbox (the shutdown policy `stop`); one
+        still being created is left for the next worker to take over."""
+        for job_id, attempt in list(self._in_hand.items()):
+            if attempt.sandbox_id is not None:
+                log.warning("stopping job %s: %s", job_id, request.message)
+                await self.stop(job_id, request)
 
     async def stop(self, job_id: str, request: StopRequest) -> None:
         """End a job in hand early: its terminal event says `request`."""
@@ -146,21 +162,6 @@ class JobRunner:
 
     # ---- the steps ----
 
-    async def _take(self, message: JobMessage) -> tuple[Job, JobPlan]:
-        job = await self._decode(message)
-        try:
-            return job, self._plan(job)
-        except RequestInvalid as exc:
-            await self._reject(job.job_id, "InvalidDriverConfig", str(exc), exc.errors)
-            raise
-        except Exception as exc:
-            # A block that crashes its driver's parser is poison: it would crash every
-            # worker it reached. Say so once and dead-letter it.
-            log.exception("job %s: validating its driver block crashed", job.job_id)
-            crash = f"validating the {job.driver} block crashed: {type(exc).__name__}: {exc}"
-            await self._reject(job.job_id, "DriverConfigCrashed", crash)
-            raise DeadLetter(crash) from exc
-
     async def _hand_off(self, message: JobMessage, job: Job, plan: JobPlan) -> Attempt | None:
         try:
             entry = await asyncio.to_thread(
@@ -172,7 +173,12 @@ class JobRunner:
         except (OwnedByLiveWorker, AlreadyFinished) as exc:
             log.warning("job %s: dropping a duplicate delivery (%s)", job.job_id, exc)
             return None  # settle acks it
-        await message.ack()
+        try:
+            await message.ack()
+        except BROKER_UNAVAILABLE as exc:
+            # The journal owns the job now: the broker redelivers the message, and that
+            # copy finds this worker running it and is dropped.
+            log.warning("job %s: its ack was lost (%s); running it all the same", job.job_id, exc)
         return Attempt(entry, self._identity, plan=plan)
 
     async def _run(self, attempt: Attempt) -> None:
@@ -181,16 +187,18 @@ class JobRunner:
         self.started += 1
         try:
             attempt.stop_request = self._cancelled_by_user(attempt.job_id)
+            outcome: Outcome | None
             try:
                 outcome = await self._outcome(attempt)
             except RetryLater as wait:
-                await self._park(attempt, wait)
-                return
-            await self._finish(attempt, outcome)
-            await self._clean_up(attempt)
+                outcome = await self._park(attempt, wait)
+            if outcome is not None:  # None: parked, the broker holds the job again
+                await self._finish(attempt, outcome)
+                await self._clean_up(attempt)
         finally:
             self.finished += 1
-            del self._in_hand[attempt.job_id]
+            if self._in_hand.get(attempt.job_id) is attempt:
+                del self._in_hand[attempt.job_id]
 
     async def _outcome(self, attempt: Attempt) -> Outcome:
         try:
@@ -219,9 +227,8 @@ class JobRunner:
             message = f"sandbox {attempt.sandbox_id} disappeared while no worker watched it"
             return Outcome.failed("SandboxLost", message)
         if attempt.stop_request is not None:
-            message = attempt.stop_request.message
-            return Outcome(phase=Phase.CANCELLED, reason="CancelledBeforeStart", message=message)
-        plan = attempt.plan or self._plan(attempt.job)
+            return attempt.stop_request.before_start()
+        plan = attempt.plan or self._check.plan(attempt.job)
         claim = await self._claim(attempt, plan.gpus)
         return await self._create(attempt, plan, claim)
 
@@ -274,6 +281,9 @@ class JobRunner:
                 raise
             log.info("job %s: adopting %s, created late", attempt.job_id, late.sandbox_id)
             sandbox = late
+        except Exception:
+            await self._record_left_behind(attempt)
+            raise
         if claim is not None:
             await self._gpus.attach(attempt.job_id, sandbox.sandbox_id)
         await self._record_sandbox(attempt, sandbox)
@@ -300,37 +310,49 @@ class JobRunner:
         await self._gpus.release(attempt.job_id)
         await self._journal_write(attempt, closed=True)
 
-    async def _park(self, attempt: Attempt, wait: RetryLater) -> None:
-        """Back to the broker until its GPUs may be free; it holds no slot and no GPU."""
-        await self._queues.park(attempt.job, delay=wait.delay, waiting_since=wait.waiting_since)
-        await asyncio.to_thread(self._journal.delete, attempt.job_id)
+    async def _park(self, attempt: Attempt, wait: RetryLater) -> Outcome | None:
+        """Back to the broker until its GPUs may be free, holding no slot and no GPU.
+
+        The entry is marked parked before the copy is published: a copy that comes back
+        at once takes it. An outcome if the job could not be parked and is ours still."""
+        job_id, me = attempt.job_id, self._identity.worker_id
+        await self._journal_write(attempt, parked=True)
+        try:
+            await self._queues.park(attempt.job, delay=wait.delay, waiting_since=wait.waiting_since)
+        except Exception as exc:
+            log.exception("job %s: could not park it while its GPUs are busy", job_id)
+            if (entry := await asyncio.to_thread(self._journal.unpark, job_id, me)) is None:
+                return None  # its copy was parked after all, and has taken it since
+            attempt.entry = entry
+            return Outcome.failed("WorkerError", f"could not park it for its GPUs: {exc}")
+        await asyncio.to_thread(self._journal.drop_parked, job_id, me)
+        return None
 
     # ---- helpers ----
 
-    async def _decode(self, message: JobMessage) -> Job:
-        try:
-            return Job.model_validate_json(message.body)
-        except ValidationError as exc:
-            errors = field_errors(exc, prefix="job")
-            job_id = message.message_id or "unknown"
-            await self._reject(job_id, "MalformedJob", "; ".join(map(str, errors)))
-            raise RequestInvalid(errors) from exc
-
-    def _plan(self, job: Job) -> JobPlan:
-        config = self._driver.parse_config(job)
-        gpus = self._gpus.request(
-            config.gpu_device_ids,
-            job.resource_requirements.gpu_count,
-            path=f"template.driver_config.{job.driver}.gpu_device_ids",
-            host=self._identity.host,
-        )
-        return JobPlan(config=config, gpus=gpus)
-
     def _cancelled_by_user(self, job_id: str) -> StopRequest | None:
         request = self._cancellations.get(job_id)
-        if request is None:
-            return None
-        return StopRequest(Phase.CANCELLED, "Cancelled", request.reason)
+        return None if request is None else StopRequest.cancelled(request.reason)
+
+    @contextmanager
+    def _working_on(self, job_id: str) -> Iterator[None]:
+        self._working[job_id] += 1
+        try:
+            yield
+        finally:
+            self._working[job_id] -= 1
+            if not self._working[job_id]:
+                del self._working[job_id]
+
+    async def _record_left_behind(self, attempt: Attempt) -> None:
+        """After a failed create: a sandbox the runtime made all the same is the job's,
+        so that clean-up removes it before the GPUs go."""
+        try:
+            left = await self._driver.find(attempt.sandbox_name)
+            if left is not None:
+                await self._record_sandbox(attempt, left)
+        except Exception:
+            log.exception("job %s: looking for a sandbox left by a failed create", attempt.job_id)
 
     def _spec(self, attempt: Attempt, plan: JobPlan, claim: Claim | None) -> SandboxSpec[Any]:
         gpus = () if claim is None else tuple(map(ClaimedGpu, claim.gpus, claim.devices))
@@ -352,11 +374,3 @@ class JobRunner:
 
     async def _emit(self, attempt: Attempt, phase: Phase, reason: str, message: str = "") -> None:
         await self._events.publish(attempt.event(phase, reason, message))
-
-    async def _reject(
-        self, job_id: str, reason: str, message: str, errors: list[FieldError] | None = None
-    ) -> None:
-        event = self._identity.event(
-            job_id, Phase.REJECTED, reason, message=message, errors=errors or []
-        )
-        await self._events.publish(event)

@@ -40,6 +40,9 @@ class JournalEntry(BaseModel):
     closed: bool = False  # sandbox removed, GPUs released: kept a while to drop duplicates
     # When the job first found its GPUs busy: it gives up after SANDFLEET_GPU_MAX_WAIT_SECONDS.
     waiting_since: datetime | None = None
+    # Being put back in its retry queue (GPUs busy): the copy there may take the entry
+    # whoever owns it, even before the owner has dropped it.
+    parked: bool = False
 
 
 class OwnedByLiveWorker(Exception):
@@ -121,12 +124,48 @@ class JobJournal:
                 entry = JournalEntry(job=job, owner=owner, waiting_since=waiting_since)
             elif entry.closed:
                 raise AlreadyFinished(job.job_id)
-            elif entry.owner == owner or self._alive(entry.owner):
+            elif not entry.parked and (entry.owner == owner or self._alive(entry.owner)):
                 raise OwnedByLiveWorker(f"{job.job_id} is run by {entry.owner}")
-            else:
-                entry = entry.model_copy(update={"owner": owner})
+            else:  # a dead worker's, or parked: the copy that came back is the job now
+                update = {"owner": owner, "parked": False}
+                if waiting_since is not None:
+                    update["waiting_since"] = waiting_since
+                entry = entry.model_copy(update=update)
             self.write(entry)
             return entry
+
+    def unpark(self, job_id: str, owner: str) -> JournalEntry | None:
+        """The parked entry back in `owner`'s hands; None if its copy has taken it since."""
+        with self._locked():
+            entry = self.read(job_id)
+            if entry is None or entry.closed or not entry.parked or entry.owner != owner:
+                return None
+            entry = entry.model_copy(update={"parked": False})
+            self.write(entry)
+            return entry
+
+    def drop_parked(self, job_id: str, owner: str) -> bool:
+        """Delete `owner`'s parked entry (its copy waits in the broker); False if that copy
+        has taken it already."""
+        with self._locked():
+            entry = self.read(job_id)
+            if entry is None or entry.closed or not entry.parked or entry.owner != owner:
+                return False
+            self.delete(job_id)
+            return True
+
+    def open_entries(self, owner: str) -> list[JournalEntry]:
+        """`owner`'s open entries."""
+        return [entry for entry in self._open_entries() if entry.owner == owner]
+
+    def _open_entries(self) -> Iterator[JournalEntry]:
+        for job_id in sorted(self.open_job_ids()):
+            try:
+                entry = JournalEntry.model_validate_json(self._path(job_id).read_bytes())
+            except (FileNotFoundError, ValidationError):  # gone, or a half-written file
+                continue
+            if not entry.closed:
+                yield entry
 
     def prune(self, older_than_seconds: float) -> int:
         """Delete closed entries older than `older_than_seconds`; returns how many."""
@@ -144,15 +183,11 @@ class JobJournal:
         """Every open entry whose worker is gone, now owned by `owner`."""
         taken = []
         with self._locked():
-            for job_id in sorted(self.open_job_ids()):
-                try:
-                    entry = JournalEntry.model_validate_json(self._path(job_id).read_bytes())
-                except (FileNotFoundError, ValidationError):
-                    continue
-                if not entry.closed and entry.owner != owner and not self._alive(entry.owner):
-                    entry = entry.model_copy(update={"owner": owner})
-                    self.write(entry)
-                    taken.append(entry)
+            for entry in list(self._open_entries()):
+                if entry.owner != owner and not self._alive(entry.owner):
+                    mine = entry.model_copy(update={"owner": owner})
+                    self.write(mine)
+                    taken.append(mine)
         return taken
 
 

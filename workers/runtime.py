@@ -118,12 +118,12 @@ class Worker(AsyncCloseable):
         self._lease.acquire()
         await self._reconcile()  # free GPUs of sandboxes that ended while no worker watched
         connected = self._connected = await self._connect()
-        await self._take_over_dead_workers()
+        await self._take_over_unwatched()
         await connected.intake.start()
         settings = self._settings
         self._heartbeats = asyncio.create_task(_every(settings.heartbeat_seconds, self._beat))
         self._reconciler = asyncio.create_task(
-            _every(settings.reconcile_seconds, self._reconcile_dead_peers, wait_first=True)
+            _every(settings.reconcile_seconds, self._reconcile_unwatched, wait_first=True)
         )
         log.info("worker %s consuming %s", self.identity.worker_id, self._queue_names())
         return self
@@ -162,7 +162,8 @@ class Worker(AsyncCloseable):
         connection = await connect(
             settings.broker_url, name=f"sandfleet-worker {self.identity.worker_id}"
         )
-        channel = await connection.channel(publisher_confirms=True)
+        # A returned job (bound to the host, parked) raises: it must not vanish unseen.
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         topology = await declare_topology(
             channel, settings, job_queues=[(name, None), (name, host)]
         )
@@ -211,17 +212,18 @@ class Worker(AsyncCloseable):
 
     async def _stop_jobs_in_hand(self, runner: JobRunner) -> None:
         message = f"worker {self.identity.worker_id} shut down (SANDFLEET_SHUTDOWN_POLICY=stop)"
-        request = StopRequest(Phase.CANCELLED, "StoppedOnShutdown", message)
-        for job_id in runner.jobs_in_hand:
-            log.warning("stopping job %s: the worker is shutting down", job_id)
-            await runner.stop(job_id, request)
+        await runner.stop_running(StopRequest(Phase.CANCELLED, "StoppedOnShutdown", message))
 
-    async def _take_over_dead_workers(self) -> None:
-        """Take over the open journal entries of this host's dead workers of our driver."""
-        connected = self._online()
-        for entry in await asyncio.to_thread(self.journal.take_over_dead, self.identity.worker_id):
+    async def _take_over_unwatched(self) -> None:
+        """Take over the open journal entries of this host's dead workers of our driver,
+        and this worker's own that no task of it runs (a run that ended in an error, a
+        clean-up the runtime refused): each is finished and cleaned up."""
+        connected, me = self._online(), self.identity.worker_id
+        for entry in await asyncio.to_thread(self.journal.take_over_dead, me):
             log.warning("job %s: taking it over from a worker that is gone", entry.job.job_id)
-            connected.intake.run_taken_over(self._finish_taken_over(connected.runner, entry))
+        for entry in await asyncio.to_thread(self.journal.open_entries, me):
+            if not connected.runner.working_on(entry.job.job_id):
+                connected.intake.run_taken_over(self._finish_taken_over(connected.runner, entry))
 
     @staticmethod
     async def _finish_taken_over(runner: JobRunner, entry: JournalEntry) -> None:
@@ -248,9 +250,9 @@ class Worker(AsyncCloseable):
         self._free_gpus = await self._gpus.free_count()
         await asyncio.to_thread(self.journal.prune, self._settings.journal_retention_seconds)
 
-    async def _reconcile_dead_peers(self) -> None:
+    async def _reconcile_unwatched(self) -> None:
         """A peer that dies is noticed here, not only when a worker next starts."""
-        await self._take_over_dead_workers()
+        await self._take_over_unwatched()
         await self._reconcile()
 
     def health(self) -> WorkerHealth:

@@ -1,7 +1,8 @@
 """A worker's job slots: how many jobs it runs at once, and how many it may still take.
 
 Jobs from a queue are counted the moment they are delivered (`enqueue`), wait for a
-slot (`start_queued`), and give it back when they end (`finish`). Jobs taken over from
+slot (`start_queued`), and give it back when they end (`finish`); one that ends before
+it got a slot (cancelled while it waited) leaves the queue (`leave_queue`). Jobs taken over from
 a dead worker start at once (`start_now`), even past the capacity: their sandboxes run
 whether or not anyone watches them. `free` is what the consumers may still prefetch.
 """
@@ -32,13 +33,14 @@ class Slots:
         self._queued += 1
 
     async def start_queued(self) -> None:
-        """Wait for a slot and take it; a wait cancelled gives up its place."""
-        try:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self._running < self.capacity)
-                self._running += 1
-        finally:
+        """Wait for a slot and take it."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._running < self.capacity)
             self._queued -= 1
+            self._running += 1
+
+    def leave_queue(self) -> None:
+        self._queued -= 1
 
     def start_now(self) -> None:
         self._running += 1

@@ -6,21 +6,25 @@ with becomes the job's `Outcome`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sandfleet.common.amqp import EventSink
 from sandfleet.common.errors import SandboxError
 from sandfleet.common.events import Phase
 from sandfleet.common.settings import SandboxPolicy
 from sandfleet.workers.attempt import Attempt, Outcome, RunPolicy, StopRequest
 from sandfleet.workers.drivers.base import SandboxDriver, SandboxState, SandboxStatus
 
+Emit = Callable[[Attempt, Phase, str, str], Awaitable[None]]
+
 
 class SandboxSupervisor:
-    def __init__(self, driver: SandboxDriver[Any], events: EventSink, policy: RunPolicy) -> None:
+    """`emit(attempt, phase, reason, message)` publishes one of the job's events."""
+
+    def __init__(self, driver: SandboxDriver[Any], emit: Emit, policy: RunPolicy) -> None:
         self._driver = driver
-        self._events = events
+        self._emit = emit
         self._policy = policy
 
     async def supervise(self, attempt: Attempt, sandbox: SandboxState) -> Outcome:
@@ -49,7 +53,7 @@ class SandboxSupervisor:
         """Start a new sandbox (or take an adopted one as it runs); when it started."""
         if sandbox.status is SandboxStatus.CREATED:
             await self._driver.start(sandbox.sandbox_id)
-            await self._emit(attempt, Phase.RUNNING, "Started")
+            await self._emit(attempt, Phase.RUNNING, "Started", "")
             return datetime.now(UTC)
         await self._emit(attempt, Phase.RUNNING, "Adopted", "found running after a redelivery")
         return sandbox.started_at or datetime.now(UTC)
@@ -91,9 +95,6 @@ class SandboxSupervisor:
 
     async def _output(self, sandbox_id: str) -> str:
         return await self._driver.output(sandbox_id, lines=self._policy.output_tail_lines)
-
-    async def _emit(self, attempt: Attempt, phase: Phase, reason: str, message: str = "") -> None:
-        await self._events.publish(attempt.event(phase, reason, message))
 
 
 def _deadline(started_at: datetime, timeout_seconds: int | None) -> float | None:

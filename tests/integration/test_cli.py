@@ -230,6 +230,33 @@ async def test_watch_job_ends_with_the_jobs_terminal_event(
     assert watched_bad.json_lines[-1]["phase"] == "failed"
 
 
+async def test_watch_job_of_a_job_that_has_ended_ends_at_once(
+    settings: Settings, client: Client, docker_worker: WorkerFactory, test_image: str
+) -> None:
+    done = job(test_image, "exit 3")
+    async with docker_worker():
+        await client.run(done, timeout=60)
+    env = sandfleet_env(settings)
+    live_only, replayed = await asyncio.gather(
+        run_sandfleet(env, "watch", "--job", done["job_id"], "--json"),
+        run_sandfleet(env, "watch", "--job", done["job_id"], "--from-start", "--json"),
+    )
+    assert (live_only.returncode, live_only.stdout) == (1, "")  # nothing new: over already
+    assert [e["phase"] for e in replayed.json_lines][-1] == "failed"
+
+
+async def test_a_zero_is_a_flag_given_and_a_zero_wait_timeout_a_usage_error(
+    settings: Settings, tmp_path: Path
+) -> None:
+    request = tmp_path / "job.json"
+    request.write_text('{"template": {"image": "x"}}')
+    env = sandfleet_env(settings)
+    both = await run_sandfleet(env, "submit", "-f", str(request), "--timeout", "0")
+    assert both.returncode == 2 and "not both" in both.stderr
+    zero = await run_sandfleet(env, "wait", "some-job", "--timeout", "0")
+    assert zero.returncode == 2
+
+
 async def test_markup_in_event_text_prints_literally(settings: Settings, client: Client) -> None:
     # A reserved label key is rejected, and the rejection quotes the key back.
     request: dict[str, Any] = {

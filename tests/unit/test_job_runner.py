@@ -19,13 +19,13 @@ from sandfleet.common.errors import (
     SandboxError,
     SandboxNameTaken,
 )
-from sandfleet.common.events import Phase
-from sandfleet.common.models import CancelRequest
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.models import CancelRequest, Job
 from sandfleet.common.settings import SandboxPolicy
 from sandfleet.workers.attempt import RunPolicy, StopRequest
-from sandfleet.workers.drivers.base import LABEL_JOB_ID, SandboxSpec, sandbox_name
+from sandfleet.workers.drivers.base import LABEL_JOB_ID, SandboxSpec, SandboxState, sandbox_name
 from sandfleet.workers.identity import WorkerIdentity
-from tests.support.fakes import WORKER, Harness, harness, job
+from tests.support.fakes import WORKER, Delivery, Harness, harness, job
 from tests.support.gpus import FOUR_UUIDS
 
 T = TypeVar("T")
@@ -529,3 +529,143 @@ async def test_counters_count_jobs_started_and_finished(tmp_path: Path) -> None:
     await run(h, "b", exit_code=1)
     assert (h.runner.started, h.runner.finished) == (2, 2)
     assert await h.driver.list_sandboxes() == []
+
+
+# ---- the broker failing around the hand-off and the parking ----
+
+
+async def test_a_lost_ack_does_not_strand_the_job(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    delivery = h.delivery(job("a"))
+
+    async def lost(multiple: bool = False) -> None:
+        raise ConnectionError("the channel closed")
+
+    delivery.ack = lost  # type: ignore[method-assign]
+    await run_delivery(h, delivery)
+    assert h.events.phases("a") == [S, R, Phase.SUCCEEDED]
+    assert closed(h, "a")
+    await run_delivery(h, h.delivery(job("a")))  # the broker's redelivery of it
+    assert [op for op, _ in h.calls].count("create") == 1
+
+
+async def run_delivery(h: Harness, delivery: Delivery) -> None:
+    await within(h.runner.handle(delivery))
+
+
+async def test_a_job_that_cannot_be_parked_fails_and_is_not_stranded(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    h.claims.claim(job_id="other", gpus=FOUR_UUIDS, devices=FOUR_UUIDS, driver="x", worker_id="w")
+
+    async def broker_gone(job: Job, *, delay: float, waiting_since: datetime) -> None:
+        raise ConnectionError("no broker for two minutes")
+
+    h.queues.park = broker_gone  # type: ignore[method-assign]
+    await run(h, "a", gpus=1)
+    last = h.events.last("a")
+    assert (last.phase, last.reason) == (Phase.FAILED, "WorkerError")
+    assert "no broker for two minutes" in last.message
+    assert closed(h, "a") and h.runner.jobs_in_hand == []
+
+
+async def test_a_parked_copy_back_before_its_entry_is_dropped_runs_once(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    h.claims.claim(job_id="other", gpus=FOUR_UUIDS, devices=FOUR_UUIDS, driver="x", worker_id="w")
+    parked = h.queues.park
+
+    async def back_at_once(job: Job, *, delay: float, waiting_since: datetime) -> None:
+        await parked(job, delay=delay, waiting_since=waiting_since)
+        h.claims.release("other")  # the GPUs are free by the time it is back
+        await h.runner.handle(h.delivery(job))
+
+    h.queues.park = back_at_once  # type: ignore[method-assign]
+    await run(h, "a", gpus=1)
+    assert h.events.phases("a") == [Phase.WAITING, Phase.CLAIMED, S, R, Phase.SUCCEEDED]
+    assert closed(h, "a")  # not dropped by the first delivery's parking
+    assert h.runner.jobs_in_hand == []
+
+
+# ---- this worker's own jobs that no task runs any more ----
+
+
+async def test_a_job_whose_run_failed_after_the_hand_off_is_finished_later(
+    tmp_path: Path,
+) -> None:
+    h = harness(tmp_path)
+    published = h.events.publish
+
+    async def broker_gone_for_the_end(event: Event) -> None:
+        if event.phase.is_terminal:
+            raise ConnectionError("gone")
+        await published(event)
+
+    h.events.publish = broker_gone_for_the_end  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await run(h, "a")
+    [entry] = h.journal.open_entries(WORKER)  # recorded, not published, not cleaned up
+    assert entry.terminal is not None and not h.runner.working_on("a")
+    h.events.publish = published  # type: ignore[method-assign]
+    await within(h.runner.take_over(entry))
+    assert h.events.last("a").event_id == entry.terminal.event_id
+    assert closed(h, "a") and h.driver.sandboxes == {}
+
+
+async def test_taking_over_a_job_being_run_here_does_nothing(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+
+    async def take_it_over_now() -> None:
+        [entry] = h.journal.open_entries(WORKER)
+        assert h.runner.working_on("a")
+        await h.runner.take_over(entry)
+
+    await held_at(h, "wait", take_it_over_now)
+    assert h.events.phases("a") == [S, R, Phase.SUCCEEDED]
+    assert [op for op, _ in h.calls].count("start") == 1
+
+
+async def test_taking_over_an_entry_read_before_its_job_ended_does_nothing(
+    tmp_path: Path,
+) -> None:
+    h = harness(tmp_path)
+    await dead_workers_job(h, "a")
+    [stale] = h.journal.take_over_dead(WORKER)
+    await within(h.runner.take_over(stale))
+    ended = len(h.events.events)
+    await within(h.runner.take_over(stale))  # read before that run closed it
+    assert len(h.events.events) == ended
+
+
+async def test_a_failed_create_that_left_a_sandbox_removes_it_before_freeing_gpus(
+    tmp_path: Path,
+) -> None:
+    h = harness(tmp_path)
+    create = h.driver.create
+    held_at_remove: list[dict[str, tuple[str, ...]]] = []
+
+    async def made_then_failed(spec: SandboxSpec[InMemoryBlock]) -> SandboxState:
+        await create(spec)
+        raise SandboxError("inspecting the new container failed")
+
+    async def note_claims(sandbox_id: str) -> None:
+        held_at_remove.append(h.gpus_held())
+
+    h.driver.create = made_then_failed  # type: ignore[method-assign]
+    h.driver.hooks["remove"] = note_claims
+    await run(h, "a", gpus=1)
+    assert h.events.last("a").phase is Phase.FAILED
+    assert h.driver.sandboxes == {}
+    assert held_at_remove == [{"a": (FOUR_UUIDS[0],)}]
+    assert h.gpus_held() == {}
+
+
+async def test_a_shutdown_stops_only_jobs_with_a_sandbox(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    stop = StopRequest(Phase.CANCELLED, "StoppedOnShutdown", "worker shut down")
+    await held_at(h, "create", lambda: h.runner.stop_running(stop))
+    assert h.events.last("a").phase is Phase.SUCCEEDED  # left to run (or be taken over)
+
+
+def test_a_stop_before_start_keeps_its_reason_and_a_users_says_before_start() -> None:
+    shutdown = StopRequest(Phase.CANCELLED, "StoppedOnShutdown", "worker shut down")
+    assert shutdown.before_start().reason == "StoppedOnShutdown"
+    assert StopRequest.cancelled("no").before_start().reason == "CancelledBeforeStart"

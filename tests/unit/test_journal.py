@@ -114,3 +114,27 @@ def test_prune_removes_half_written_entries_of_killed_writers(tmp_path: Path) ->
     assert not stale.exists()
     assert fresh.exists()  # perhaps a write under way
     assert journal.open_job_ids() == {"a"}
+
+
+def test_a_parked_entry_is_taken_by_its_copy_whoever_owns_it(tmp_path: Path) -> None:
+    journal = JobJournal(tmp_path, "docker", alive=Workers("w1", "w2"))
+    entry = journal.take(job("a"), "w1")
+    journal.write(entry.model_copy(update={"parked": True}))
+    taken = journal.take(job("a"), "w2")  # w1 is alive, but the job is parked
+    assert (taken.owner, taken.parked) == ("w2", False)
+    assert journal.unpark("a", "w1") is None  # w1 lost it to its copy
+    assert not journal.drop_parked("a", "w1")
+    assert journal.read("a") is not None
+
+
+def test_the_owner_drops_or_unparks_its_own_parked_entry(tmp_path: Path) -> None:
+    journal = JobJournal(tmp_path, "docker", alive=Workers("w1"))
+    for job_id in ("a", "b"):
+        entry = journal.take(job(job_id), "w1")
+        journal.write(entry.model_copy(update={"parked": True}))
+    assert journal.drop_parked("a", "w1")
+    assert journal.read("a") is None
+    unparked = journal.unpark("b", "w1")
+    assert unparked is not None and not unparked.parked
+    assert [e.job.job_id for e in journal.open_entries("w1")] == ["b"]
+    assert journal.open_entries("w2") == []

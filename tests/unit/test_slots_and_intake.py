@@ -43,7 +43,7 @@ async def test_a_taken_over_job_starts_at_once_even_past_capacity() -> None:
     assert slots.free == 1
 
 
-async def test_a_cancelled_wait_gives_up_its_place() -> None:
+async def test_a_job_that_leaves_the_queue_gives_up_its_place() -> None:
     slots = Slots(1)
     slots.start_now()
     slots.enqueue()
@@ -52,6 +52,7 @@ async def test_a_cancelled_wait_gives_up_its_place() -> None:
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
+    slots.leave_queue()
     await slots.finish()
     assert (slots.running, slots.free) == (0, 1)
 
@@ -98,9 +99,13 @@ class Jobs:
 
     def __init__(self) -> None:
         self.running: dict[str, asyncio.Event] = {}
+        self.tasks: dict[str, asyncio.Task[Any]] = {}
         self.started = asyncio.Condition()
 
     async def handle(self, message: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks[str(message)] = task
         done = self.running[str(message)] = asyncio.Event()
         async with self.started:
             self.started.notify_all()
@@ -114,13 +119,16 @@ class Jobs:
         self.running.pop(name).set()
 
 
-def intake(slots: int) -> tuple[JobIntake, list[FakeQueue], FakeChannel, Jobs]:
+def intake(slots: int | Slots) -> tuple[JobIntake, list[FakeQueue], FakeChannel, Jobs]:
     channel, jobs = FakeChannel(), Jobs()
     queues = [FakeQueue("shared"), FakeQueue("host")]
     for queue in queues:
         queue._channel = channel
     made = JobIntake(
-        cast(AbstractChannel, channel), cast(list[AbstractQueue], queues), Slots(slots), jobs.handle
+        cast(AbstractChannel, channel),
+        cast(list[AbstractQueue], queues),
+        slots if isinstance(slots, Slots) else Slots(slots),
+        jobs.handle,
     )
     return made, queues, channel, jobs
 
@@ -188,3 +196,18 @@ async def test_after_stop_no_job_is_taken_even_when_slots_free_up() -> None:
     jobs.end("a")
     await until(lambda: not made.in_hand)
     assert shared.consumer is None
+
+
+async def test_a_delivery_cancelled_while_it_waits_gives_its_place_back() -> None:
+    slots = Slots(1)
+    made, (shared, host), _, jobs = intake(slots)
+    await made.start()
+    await asyncio.gather(shared.deliver("a"), host.deliver("b"))  # both in before the pause
+    await jobs.until_running("a")
+    await until(lambda: len(made.in_hand) == 2)
+    [waiting] = made.in_hand - {jobs.tasks["a"]}
+    waiting.cancel()  # "b", waiting for the slot "a" holds, as a shutdown cancels it
+    jobs.end("a")
+    await until(lambda: not made.in_hand)
+    assert (slots.running, slots.free) == (0, 1)
+    assert "b" not in jobs.running

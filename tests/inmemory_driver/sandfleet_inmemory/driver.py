@@ -19,12 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandfleet.common.errors import SandboxError, SandboxNameTaken
 from sandfleet.common.models import Job
-from sandfleet.workers.drivers.base import (
-    LABEL_DRIVER,
-    SandboxSpec,
-    SandboxState,
-    SandboxStatus,
-)
+from sandfleet.workers.drivers.base import SandboxSpec, SandboxState, SandboxStatus
 from sandfleet.workers.drivers.blocks import parse_block
 from sandfleet.workers.gpu.inventory import Gpu
 
@@ -95,7 +90,7 @@ class InMemoryDriver:
         sandbox = InMemorySandbox(
             sandbox_id=uuid.uuid4().hex,
             name=spec.name,
-            labels={**spec.labels, LABEL_DRIVER: self.name},
+            labels=dict(spec.labels),
             block=spec.config,
             output=spec.config.output if spec.config.output is not None else echo,
             gpu_devices=spec.gpu_devices,
