@@ -38,3 +38,18 @@ class AsyncCloseable:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+class Closeable:
+    """`with` for resources ended by an idempotent `close()`."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

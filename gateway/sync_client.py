@@ -17,12 +17,12 @@ import asyncio
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Coroutine, Iterator
 from datetime import timedelta
-from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
 from sandfleet.common.amqp import CONNECT_TIMEOUT_SECONDS
 from sandfleet.common.errors import ClientClosed
 from sandfleet.common.events import Event, Phase
+from sandfleet.common.lifecycle import Closeable
 from sandfleet.common.models import SubmitReply
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import REPLY_TIMEOUT_SECONDS, Client, Request
@@ -71,7 +71,7 @@ async def _cancel_the_rest() -> None:
     await asyncio.get_running_loop().shutdown_asyncgens()
 
 
-class SyncClient:
+class SyncClient(Closeable):
     """`Client`'s methods, blocking. Connects on `with` (or the first call); `close()`
     (or leaving the `with`) disconnects and stops the loop thread; a closed client
     raises ClientClosed."""
@@ -96,14 +96,6 @@ class SyncClient:
     def __enter__(self) -> Self:
         self.open()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def open(self) -> None:
         """Connect now (methods connect on first use otherwise)."""
@@ -185,7 +177,7 @@ class SyncClient:
         return SyncEventStream(self._call, self._call(make()))
 
 
-class SyncEventStream:
+class SyncEventStream(Closeable):
     """`EventStream`, blocking: `with client.events(...) as stream: for event in stream:`.
 
     Subscribed on `with` (or the first `next`); iteration stops at a `mark_end()`
@@ -199,14 +191,6 @@ class SyncEventStream:
     def __enter__(self) -> Self:
         self._call(self._stream.__aenter__())
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __iter__(self) -> Iterator[Event]:
         return self
