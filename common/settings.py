@@ -12,7 +12,7 @@ import socket
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sandfleet.common.models import DRIVER_NAME_PATTERN
@@ -88,18 +88,3 @@ class Settings(BaseSettings):
     @property
     def events_max_age_seconds(self) -> float:
         return max_age_seconds(self.events_max_age)
-
-
-def env_names(settings_type: type[BaseSettings]) -> set[str]:
-    """The environment variables a settings class reads (upper case)."""
-    prefix = str(settings_type.model_config.get("env_prefix", ""))
-    names: set[str] = set()
-    for name, field in settings_type.model_fields.items():
-        alias = field.validation_alias
-        if isinstance(alias, AliasChoices):
-            names.update(str(choice).upper() for choice in alias.choices)
-        elif isinstance(alias, str):
-            names.add(alias.upper())
-        else:
-            names.add(f"{prefix}{name}".upper())
-    return names

@@ -93,10 +93,6 @@ class JobRunner:
         self.started = 0
         self.finished = 0
 
-    @property
-    def jobs_in_hand(self) -> list[str]:
-        return list(self._in_hand)
-
     def working_on(self, job_id: str) -> bool:
         return self._working[job_id] > 0
 

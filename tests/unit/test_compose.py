@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
-from sandfleet.common.settings import Settings, env_names
+from sandfleet.common.settings import Settings
 from sandfleet.workers import registry
 from sandfleet.workers.drivers.docker.plugin import DockerSettings
 from sandfleet.workers.drivers.podman.plugin import PodmanSettings
@@ -32,6 +33,21 @@ def test_deploys_broker_gateway_and_docker_worker_with_health_checks() -> None:
     assert services["docker-worker"]["command"][:3] == ["worker", "--driver", "docker"]
     assert "/var/run/docker.sock:/var/run/docker.sock" in services["docker-worker"]["volumes"]
     assert (ROOT / "Dockerfile").is_file()
+
+
+def env_names(settings_type: type[BaseSettings]) -> set[str]:
+    """The environment variables a settings class reads (upper case)."""
+    prefix = str(settings_type.model_config.get("env_prefix", ""))
+    names: set[str] = set()
+    for name, field in settings_type.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice).upper() for choice in alias.choices)
+        elif isinstance(alias, str):
+            names.add(alias.upper())
+        else:
+            names.add(f"{prefix}{name}".upper())
+    return names
 
 
 def known_settings() -> set[str]:

@@ -306,7 +306,7 @@ async def test_busy_gpus_park_the_job_holding_nothing(tmp_path: Path) -> None:
     assert delivery.processed  # acked: the parked copy is the job now
     assert h.journal.read("a") is None  # not this worker's until it comes back
     assert "a" not in h.gpus_held()
-    assert h.runner.jobs_in_hand == []
+    assert not h.runner.working_on("a")
 
 
 async def test_a_parked_job_that_waited_too_long_is_unschedulable(tmp_path: Path) -> None:
@@ -377,7 +377,7 @@ async def test_a_shutdown_stop_reports_the_job_cancelled(tmp_path: Path) -> None
     h = harness(tmp_path)
 
     async def shut_down() -> None:
-        assert h.runner.jobs_in_hand == ["a"]
+        assert h.runner.working_on("a")
         stop = StopRequest(Phase.CANCELLED, "StoppedOnShutdown", "worker shut down")
         await h.runner.stop("a", stop)
 
@@ -565,7 +565,7 @@ async def test_a_job_that_cannot_be_parked_fails_and_is_not_stranded(tmp_path: P
     last = h.events.last("a")
     assert (last.phase, last.reason) == (Phase.FAILED, "WorkerError")
     assert "no broker for two minutes" in last.message
-    assert closed(h, "a") and h.runner.jobs_in_hand == []
+    assert closed(h, "a") and not h.runner.working_on("a")
 
 
 async def test_a_parked_copy_back_before_its_entry_is_dropped_runs_once(tmp_path: Path) -> None:
@@ -582,7 +582,7 @@ async def test_a_parked_copy_back_before_its_entry_is_dropped_runs_once(tmp_path
     await run(h, "a", gpus=1)
     assert h.events.phases("a") == [Phase.WAITING, Phase.CLAIMED, S, R, Phase.SUCCEEDED]
     assert closed(h, "a")  # not dropped by the first delivery's parking
-    assert h.runner.jobs_in_hand == []
+    assert not h.runner.working_on("a")
 
 
 # ---- this worker's own jobs that no task runs any more ----
