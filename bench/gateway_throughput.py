@@ -27,8 +27,9 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from sandfleet.common.amqp import broker_login
 from sandfleet.common.settings import Settings
-from sandfleet.common.topology import SUBMIT_QUEUE, declare_topology, job_queue_name
+from sandfleet.common.topology import SUBMISSIONS_EXCHANGE, declare_topology, job_queue_name
 
 
 def payloads(n: int, host: str) -> list[bytes]:
@@ -99,17 +100,20 @@ async def through_gateway(
 
         await replies.consume(on_reply, no_ack=True)
 
+        submissions = await channel.get_exchange(SUBMISSIONS_EXCHANGE)
+
         async def submit(i: int) -> None:
             future = asyncio.get_running_loop().create_future()
             pending[str(i)] = future
-            await channel.default_exchange.publish(
+            await submissions.publish(
                 aio_pika.Message(
                     bodies[i],
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     correlation_id=str(i),
                     reply_to=replies.name,
+                    user_id=broker_login(url),
                 ),
-                routing_key=SUBMIT_QUEUE,
+                routing_key="",
             )
             reply = json.loads(await future)
             if reply["status"] != "accepted" or reply.get("duplicate"):

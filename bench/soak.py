@@ -43,6 +43,7 @@ from bench.gateway_throughput import throwaway_vhost
 from sandfleet.common.amqp import connect
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings
+from sandfleet.common.signing import generate_keys
 from sandfleet.common.topology import declare_topology
 from sandfleet.gateway.client import Client
 from sandfleet.workers.gpu.claims import GpuClaimStore
@@ -139,6 +140,7 @@ async def soak(
     state = Path(tempfile.mkdtemp(prefix="sandfleet-soak-"))
     inventory = state / "gpus.json"
     inventory.write_text(json.dumps(INVENTORY))
+    keys = generate_keys(state / "keys")
     host = f"soak{uuid.uuid4().hex[:4]}"
     env = {
         **os.environ,
@@ -151,6 +153,9 @@ async def soak(
         "SANDFLEET_GPU_INVENTORY": str(inventory),
         "SANDFLEET_CDI_KIND": TEST_CDI_KIND,
         "SANDFLEET_GPU_RETRY_SECONDS": "1",
+        # A key pair of the run's own: the gateway signs, the workers verify.
+        "SANDFLEET_SIGNING_KEY": str(keys[0]),
+        "SANDFLEET_TRUSTED_KEYS": str(keys[1]),
         "SOAK_LOG_DIR": str(state / "logs"),
     }
     (state / "logs").mkdir()

@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import aio_pika
 import aiormq
 from aio_pika.abc import (
+    AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustConnection,
@@ -68,6 +69,12 @@ def redacted_url(url: str) -> str:
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user = userinfo.partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def broker_login(url: str) -> str:
+    """The login `url` connects as (AMQP's default, guest, when it names none): the
+    AMQP user_id a client sets, which the broker checks against its login."""
+    return unquote(urlsplit(url).username or "") or "guest"
 
 
 def _why_unreachable(exc: BaseException, url: str) -> str:
@@ -191,6 +198,23 @@ class EventPublisher:
             what=f"event {event.event_id}",
             retry_seconds=self._retry_seconds,
         )
+
+
+async def send_reply(
+    channel: AbstractChannel, message: AbstractIncomingMessage, reply: BaseModel
+) -> None:
+    """Answer a request on its `reply_to` (direct reply-to), if it asked for an answer."""
+    if not message.reply_to:
+        return
+    await channel.default_exchange.publish(
+        aio_pika.Message(
+            reply.model_dump_json(exclude_none=True).encode(),
+            content_type=JSON,
+            correlation_id=message.correlation_id,
+        ),
+        routing_key=message.reply_to,
+        mandatory=False,  # a requester that went away is not the job's problem
+    )
 
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]

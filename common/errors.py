@@ -126,6 +126,18 @@ class SubmissionRejected(SandfleetError):
         super().__init__(f"job {reply.job_id} rejected: {details}")
 
 
+class CancelRefused(SandfleetError):
+    """The gateway refused a cancellation: the job is unknown, or belongs to another
+    submitter (only its submitter and the fleet's admins may cancel a job)."""
+
+    def __init__(self, reply: SubmitReply) -> None:
+        self.reply = reply
+        self.job_id = reply.job_id
+        self.errors: list[FieldError] = list(reply.errors)
+        details = "; ".join(str(e) for e in self.errors) or "no reason given"
+        super().__init__(f"cancel of job {reply.job_id} refused: {details}")
+
+
 class JobNotFound(SandfleetError):
     """The event log holds no event of this job: never submitted here, or older than the
     log's retention (SANDFLEET_EVENTS_MAX_AGE)."""

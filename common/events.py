@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandfleet.common.errors import FieldError
 
@@ -70,6 +71,9 @@ class Event(BaseModel):
     driver: str | None = None
     host: str
     worker_id: str | None = None
+    # The broker login that submitted the job (None on heartbeats and on rejections of
+    # messages that named no verifiable submitter).
+    submitted_by: str | None = None
     gpus: list[str] = Field(default_factory=list)
     sandbox_id: str | None = None
     exit_code: int | None = None
@@ -82,6 +86,36 @@ class Event(BaseModel):
     def routing_key(self) -> str:
         """`<phase>.<driver>.<host>` on the events topic exchange."""
         return f"{self.phase.value}.{self.driver or 'none'}.{self.host}"
+
+
+log = logging.getLogger(__name__)
+
+
+def event_from_log(body: bytes, routing_key: str | None) -> Event | None:
+    """The event in a message read from the event log; None (logged) for anything else.
+
+    An event counts only under its own routing key: the broker lets each publisher
+    use only its own keys (workers: their host's), so an event that names another host
+    or phase than its key, or a marker dressed as an event, was forged.
+    """
+    try:
+        event = Event.model_validate_json(body)
+    except ValidationError as exc:
+        log.warning(
+            "skipped a %d-byte message in the event log that is not an event (%d errors)",
+            len(body),
+            exc.error_count(),
+        )
+        return None
+    if routing_key != event.routing_key:
+        log.warning(
+            "skipped event %s: published under routing key %r, not its own %r",
+            event.event_id,
+            routing_key,
+            event.routing_key,
+        )
+        return None
+    return event
 
 
 def bounded_output(text: str, *, limit: int = MAX_OUTPUT_CHARS) -> str:

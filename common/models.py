@@ -24,6 +24,7 @@ from pydantic import (
 from sandfleet.common.errors import FieldError
 from sandfleet.common.events import Phase
 from sandfleet.common.quantities import cpu_cores, memory_bytes
+from sandfleet.common.signing import Signature
 
 # A driver is named, not enumerated: any installed driver package may register a name
 # (entry-point group `sandfleet.drivers`). Names become routing-key words, queue-name parts
@@ -34,9 +35,13 @@ DriverName = Annotated[str, StringConstraints(pattern=DRIVER_NAME_PATTERN)]
 RESERVED_LABEL_PREFIX = "sandfleet."
 
 # job ids become container/domain names (`sandfleet-<job_id>`) and routing-key parts
-JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
 # host names become routing-key words, so no dots (topic patterns split on them)
-HostName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
+HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+HostName = Annotated[str, StringConstraints(pattern=HOST_NAME_PATTERN)]
+# A broker login (the AMQP user_id the broker checked): RabbitMQ allows almost any text.
+Submitter = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
 
 
@@ -118,6 +123,10 @@ class Job(_Strict):
     resource_requirements: ResourceRequirements = ResourceRequirements()
     template: JobTemplate
     submitted_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # The submitter's broker login, as the broker validated it (the AMQP user_id).
+    submitted_by: Submitter | None = None
+    # The gateway's signature over the rest (sandfleet.common.signing); workers verify it.
+    signature: Signature | None = None
 
 
 class ReplyStatus(StrEnum):
@@ -140,11 +149,16 @@ class SubmitReply(_Strict):
 
 
 class CancelRequest(_Strict):
-    """Published to sandfleet.control; every worker keeps the set of cancelled jobs."""
+    """Sent to the gateway, which checks that the requester owns the job (or is an
+    admin) and publishes it, signed, to sandfleet.control; every worker keeps the set of
+    cancelled jobs."""
 
     job_id: JobId
     reason: Annotated[str, StringConstraints(max_length=512)] = "cancelled by request"
     requested_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # Set by the gateway, which checked that this login may cancel the job, and signed.
+    requested_by: Submitter | None = None
+    signature: Signature | None = None
 
 
 def field_errors(exc: ValidationError, *, prefix: str = "") -> list[FieldError]:

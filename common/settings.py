@@ -80,10 +80,26 @@ class Settings(BaseSettings):
     # reported as it ended either way.
     takeover_policy: SandboxPolicy = SandboxPolicy.ADOPT
 
+    # trust (SECURITY.md)
+    # gateway: the Ed25519 private key that signs every job and cancellation it publishes
+    signing_key: Path | None = None
+    # workers: public keys whose signatures they accept: comma-separated files or
+    # directories (each `*.pub` in one); several at once while the gateway's key rotates
+    trusted_keys: str = ""
+    # workers: run jobs nobody signed (a worker with no trusted keys refuses to start
+    # without this): for a single trusted machine only
+    allow_unsigned_jobs: bool = False
+    # gateway: broker logins that may cancel any job, not only their own
+    admin_users: str = "sandfleet-admin"
+
     # topology
     job_delivery_limit: int = Field(default=5, gt=0)
     # How long the event and control logs keep history (RabbitMQ x-max-age).
     events_max_age: str = Field(default="7D", pattern=MAX_AGE_PATTERN)
+
+    @property
+    def admin_logins(self) -> frozenset[str]:
+        return frozenset(filter(None, (name.strip() for name in self.admin_users.split(","))))
 
     @property
     def events_max_age_seconds(self) -> float:

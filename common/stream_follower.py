@@ -2,7 +2,8 @@
 caught up with the present, then keep reading live.
 
 The end of the history is found by writing a marker message into the stream and
-reading until it comes back, which needs no clock and no guess.
+reading until it comes back, which needs no clock and no guess. The marker goes in
+through the exchange that feeds the log, never amq.default (see common.topology).
 """
 
 from __future__ import annotations
@@ -10,13 +11,31 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from sandfleet.common.topology import LOG_MARKER_TYPE
+from sandfleet.common.topology import (
+    CONTROL_EXCHANGE,
+    CONTROL_LOG_QUEUE,
+    EVENTS_EXCHANGE,
+    EVENTS_LOG_QUEUE,
+    LOG_MARKER_KEY_PREFIX,
+    LOG_MARKER_TYPE,
+)
 
-OnMessage = Callable[[bytes, bool], Awaitable[None]]  # (body, live)
+
+class LogMessage(Protocol):
+    """What a follower's callback reads of a message (aio-pika's message has it)."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def routing_key(self) -> str | None: ...
+
+
+OnMessage = Callable[[LogMessage, bool], Awaitable[None]]  # (message, live)
 
 
 class StreamFollower:
@@ -34,10 +53,7 @@ class StreamFollower:
         # Restored with this same dict after a reconnect: it resumes at the next offset.
         self._arguments: dict[str, object] = {"x-stream-offset": "first"}
         await stream.consume(self._deliver, arguments=self._arguments)  # type: ignore[arg-type]
-        await self._channel.default_exchange.publish(
-            aio_pika.Message(b"", type=LOG_MARKER_TYPE, message_id=self._marker),
-            routing_key=self._queue,
-        )
+        await publish_log_marker(self._channel, self._queue, self._marker)
         await self._caught_up.wait()
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
@@ -45,8 +61,27 @@ class StreamFollower:
         offset = (message.headers or {}).get("x-stream-offset")
         if isinstance(offset, int):
             self._arguments["x-stream-offset"] = offset + 1
-        if message.type == LOG_MARKER_TYPE:
+        if is_log_marker(message):
             if message.message_id == self._marker:
                 self._caught_up.set()
             return
-        await self._on_message(message.body, self._caught_up.is_set())
+        await self._on_message(message, self._caught_up.is_set())
+
+
+# The exchange that feeds each log, where its markers go in.
+_LOG_EXCHANGES = {EVENTS_LOG_QUEUE: EVENTS_EXCHANGE, CONTROL_LOG_QUEUE: CONTROL_EXCHANGE}
+
+
+async def publish_log_marker(channel: AbstractChannel, log_queue: str, marker: str) -> None:
+    """Write marker `marker` at the end of `log_queue` (a log in `_LOG_EXCHANGES`)."""
+    exchange = await channel.get_exchange(_LOG_EXCHANGES[log_queue])  # passive
+    await exchange.publish(
+        aio_pika.Message(b"", type=LOG_MARKER_TYPE, message_id=marker),
+        routing_key=LOG_MARKER_KEY_PREFIX + marker,
+    )
+
+
+def is_log_marker(message: AbstractIncomingMessage) -> bool:
+    return message.type == LOG_MARKER_TYPE and (message.routing_key or "").startswith(
+        LOG_MARKER_KEY_PREFIX
+    )

@@ -1,13 +1,20 @@
 """Every RabbitMQ exchange, queue and routing key sandfleet uses, and one idempotent declare().
 
-sandfleet.submit (quorum)  ── gateway consumes; rejects dead-letter to sandfleet.dead
+sandfleet.submissions (fanout) ─→ sandfleet.submit (quorum): submissions and cancellation
+    requests; the gateway consumes; rejects dead-letter to sandfleet.dead
 sandfleet.jobs (direct) ── <driver>         → sandfleet.jobs.<driver>         (quorum)
                         └─ <driver>.<host>  → sandfleet.jobs.<driver>.<host>  (quorum)
-sandfleet.retry.<key> (quorum): jobs waiting for GPUs; expire back to sandfleet.jobs, <key>
+sandfleet.retry (direct) ── <key> → sandfleet.retry.<key> (quorum): jobs waiting for GPUs;
+    they expire back to sandfleet.jobs, <key>
 sandfleet.dead (fanout) ─→ sandfleet.dead (quorum): nothing is ever silently lost
 sandfleet.events (topic), key <phase>.<driver>.<host> ─ # → sandfleet.events.log (stream)
+    (readers of the log also find their `log-marker.<id>` messages there)
 sandfleet.control (fanout) ─→ sandfleet.control.log (stream): cancellations, read by every
     worker from the start (so a queued job cancelled before any worker saw it never starts)
+
+Who may do what on each is sandfleet.common.broker_roles; every publish goes through a
+named exchange (never amq.default, which reaches every queue), so the broker's
+permissions and topic authorisation decide who writes where.
 """
 
 from __future__ import annotations
@@ -16,12 +23,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.exceptions import ChannelNotFoundEntity
 from aiormq.abc import FieldTable
+from aiormq.exceptions import ChannelAccessRefused
 
+from sandfleet.common.errors import SandfleetError
 from sandfleet.common.settings import Settings
 
 SUBMIT_QUEUE = "sandfleet.submit"
+SUBMISSIONS_EXCHANGE = "sandfleet.submissions"
 JOBS_EXCHANGE = "sandfleet.jobs"
 DEAD_EXCHANGE = "sandfleet.dead"
 DEAD_QUEUE = "sandfleet.dead"
@@ -30,12 +41,22 @@ EVENTS_LOG_QUEUE = "sandfleet.events.log"
 CONTROL_EXCHANGE = "sandfleet.control"
 CONTROL_LOG_QUEUE = "sandfleet.control.log"
 RETRY_PREFIX = "sandfleet.retry"
+RETRY_EXCHANGE = RETRY_PREFIX
 RETRY_WAITING_SINCE_HEADER = "x-sandfleet-waiting-since"
 
 EVENTS_MAX_LENGTH_BYTES = 1 << 30
+# Cancellations are small (a bounded CancelRequest), so this holds millions.
+CONTROL_MAX_LENGTH_BYTES = 256 << 20
 
-# Marks a message written straight into the event log (not an event) to find its end.
+# Message types on sandfleet.submissions.
+SUBMIT_TYPE = "sandfleet.submit"
+CANCEL_TYPE = "sandfleet.cancel"
+
+# Marks a message written into a log (not an event) to find the log's end. On the events
+# exchange a marker's routing key is `log-marker.<id>`: submitters and observers may
+# publish those keys and no others, and no event's key starts so (no phase is called so).
 LOG_MARKER_TYPE = "sandfleet.log-marker"
+LOG_MARKER_KEY_PREFIX = "log-marker."
 
 
 def job_routing_key(driver: str, host: str | None = None) -> str:
@@ -73,11 +94,12 @@ async def declare_topology(
     *,
     job_queues: Iterable[tuple[str, str | None]] = (),
 ) -> Topology:
-    """Declare the whole topology; safe to call from every process, any number of times.
+    """Declare the fleet's shared topology (and the `job_queues` named); idempotent.
 
-    `job_queues` names the (driver, host) job queues this process serves: workers
-    declare theirs, so a job for a driver or host that no worker ever served is
-    unroutable and the gateway rejects it instead of parking it forever.
+    The gateway and `sandfleet broker setup` declare it. `job_queues` names (driver,
+    host) job queues: workers declare theirs (see `declare_worker_queues`), so a job for
+    a driver or host that no worker ever served is unroutable and the gateway rejects
+    it instead of parking it forever.
 
     A job message delivered more than `job_delivery_limit` times is dead-lettered.
     RabbitMQ 3.10 counts every requeue, so "no capacity yet" must be a delayed
@@ -89,30 +111,46 @@ async def declare_topology(
     )
     await dead_queue.bind(dead)
     quorum = _quorum_args(settings.job_delivery_limit)
-    await channel.declare_queue(SUBMIT_QUEUE, durable=True, arguments=quorum)
+    submit = await channel.declare_queue(SUBMIT_QUEUE, durable=True, arguments=quorum)
+    submissions = await channel.declare_exchange(
+        SUBMISSIONS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    await submit.bind(submissions)
     jobs = await channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+    await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
     for driver, host in job_queues:
-        await _declare_job_queue(channel, jobs, job_routing_key(driver, host), quorum)
+        await declare_job_queue(channel, settings, driver, host)
     events = await _declare_logged_exchange(
         channel, EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, EVENTS_LOG_QUEUE,
         {"x-max-age": settings.events_max_age, "x-max-length-bytes": EVENTS_MAX_LENGTH_BYTES},
     )  # fmt: skip
     control = await _declare_logged_exchange(
         channel, CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, CONTROL_LOG_QUEUE,
-        {"x-max-age": settings.events_max_age},
+        {"x-max-age": settings.events_max_age, "x-max-length-bytes": CONTROL_MAX_LENGTH_BYTES},
     )  # fmt: skip
     return Topology(jobs=jobs, events=events, dead=dead, control=control)
 
 
-async def _declare_job_queue(
-    channel: AbstractChannel, jobs: AbstractExchange, routing_key: str, quorum: FieldTable
+async def existing_topology(channel: AbstractChannel) -> Topology:
+    """The shared exchanges, looked up (passive: needs no permission)."""
+    jobs, events, dead, control = [
+        await channel.get_exchange(name)
+        for name in (JOBS_EXCHANGE, EVENTS_EXCHANGE, DEAD_EXCHANGE, CONTROL_EXCHANGE)
+    ]
+    return Topology(jobs=jobs, events=events, dead=dead, control=control)
+
+
+async def declare_job_queue(
+    channel: AbstractChannel, settings: Settings, driver: str, host: str | None
 ) -> None:
     """A job queue and its retry queue, whose messages expire back into it."""
+    routing_key = job_routing_key(driver, host)
+    quorum = _quorum_args(settings.job_delivery_limit)
     queue = await channel.declare_queue(
-        f"{JOBS_EXCHANGE}.{routing_key}", durable=True, arguments=quorum
+        job_queue_name(driver, host), durable=True, arguments=quorum
     )
-    await queue.bind(jobs, routing_key=routing_key)
-    await channel.declare_queue(
+    await queue.bind(JOBS_EXCHANGE, routing_key=routing_key)
+    retry = await channel.declare_queue(
         retry_queue_name(routing_key),
         durable=True,
         arguments={
@@ -125,6 +163,7 @@ async def _declare_job_queue(
             "x-overflow": "reject-publish",
         },
     )
+    await retry.bind(RETRY_EXCHANGE, routing_key=routing_key)
 
 
 async def _declare_logged_exchange(
@@ -141,3 +180,43 @@ async def _declare_logged_exchange(
     )
     await log.bind(exchange, routing_key="#")
     return exchange
+
+
+class TopologyUndeclared(SandfleetError):
+    """A process's broker account may not declare a part of the topology nobody has yet."""
+
+
+async def declare_worker_queues(
+    connection: AbstractConnection, settings: Settings, *, driver: str, host: str
+) -> None:
+    """A worker's queues: its host's job queue (with its retry queue), and its driver's
+    shared queue and the shared topology when nobody has declared them yet.
+
+    A worker's own broker account (`sandfleet broker setup`) may configure only its
+    host's queues: the shared topology is the gateway's and the set-up's to declare.
+    On a broker where nothing is declared yet and the account may (a development
+    broker's guest), the worker declares it all itself, so start order does not matter.
+    """
+    async with connection.channel() as channel:
+        try:
+            if not await _exists(connection, CONTROL_LOG_QUEUE):
+                await declare_topology(channel, settings)
+            if not await _exists(connection, job_queue_name(driver)):
+                await declare_job_queue(channel, settings, driver, None)
+            await declare_job_queue(channel, settings, driver, host)
+        except ChannelAccessRefused as exc:
+            raise TopologyUndeclared(
+                f"the broker refused to let this worker declare its queues ({exc.args[-1]}); "
+                "the gateway or `sandfleet broker setup` declares the shared topology and each "
+                "driver's queue, and a worker's account may declare only its host's queues"
+            ) from None
+
+
+async def _exists(connection: AbstractConnection, queue: str) -> bool:
+    # A passive declare of a missing queue closes its channel: a throwaway one.
+    async with connection.channel() as probe:
+        try:
+            await probe.declare_queue(queue, passive=True)
+        except ChannelNotFoundEntity:
+            return False
+    return True

@@ -6,10 +6,13 @@
 
 A client declares nothing, so a submitter needs no "configure" permission at all
 (tests/integration/test_client.py proves it with such a user). It needs:
-    write  amq.default          submissions, and the marker that finds the log's end
-           sandfleet.control    cancellations
-    read   sandfleet.events.log waiting, watching, history
+    write  sandfleet.submissions  submissions and cancellation requests (to the gateway)
+           sandfleet.events       routing keys `log-marker.*` only: the marker that finds
+                                  the event log's end
+    read   sandfleet.events.log   waiting, watching, history
 Replies come back through RabbitMQ's direct reply-to, which needs no permission.
+Every request carries the AMQP user_id of the URL's login, which the broker checks:
+the gateway knows who asked, and a job id belongs to whoever submitted it first.
 `sandfleet.SyncClient` offers the same methods, blocking.
 """
 
@@ -35,16 +38,27 @@ from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 from sandfleet.common.amqp import (
     CONNECT_TIMEOUT_SECONDS,
     JSON,
+    broker_login,
     connect,
-    json_message,
     redacted_url,
 )
-from sandfleet.common.errors import ClientClosed, FleetUnreachable, JobNotFound, SubmissionRejected
+from sandfleet.common.errors import (
+    CancelRefused,
+    ClientClosed,
+    FleetUnreachable,
+    JobNotFound,
+    SubmissionRejected,
+)
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.models import CancelRequest, SandboxRequest, SubmitReply
 from sandfleet.common.settings import Settings
-from sandfleet.common.topology import CONTROL_EXCHANGE, SUBMIT_QUEUE
+from sandfleet.common.topology import (
+    CANCEL_TYPE,
+    SUBMISSIONS_EXCHANGE,
+    SUBMIT_QUEUE,
+    SUBMIT_TYPE,
+)
 from sandfleet.gateway.events_stream import EventFilter, EventStream
 
 __all__ = ["Client", "ClientClosed", "EventFilter", "EventStream", "JobRun", "Request"]
@@ -76,6 +90,8 @@ class Client(AsyncCloseable):
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._pending: dict[str, asyncio.Future[SubmitReply]] = {}
+        self._login = broker_login(self._url)
+        self._gateway_seen = False
         self._closed = False
 
     @property
@@ -136,6 +152,10 @@ class Client(AsyncCloseable):
         `request` is a SandboxRequest, a dict or the JSON bytes; the gateway validates
         it. FleetUnreachable when no gateway answers within `timeout` seconds.
         """
+        return await self._ask(_request_body(request), SUBMIT_TYPE, timeout)
+
+    async def _ask(self, body: bytes, kind: str, timeout: float) -> SubmitReply:
+        """Send `body` (a `kind` message) to the gateway; its reply."""
         channel = self._open_channel()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[SubmitReply] = asyncio.get_running_loop().create_future()
@@ -145,7 +165,7 @@ class Client(AsyncCloseable):
                 # While the robust connection reconnects, wait for the channel and its
                 # reply consumer to be back rather than fail at once.
                 await channel.ready()
-                await self._publish(channel, _request_body(request), correlation_id)
+                await self._publish(channel, body, kind, correlation_id)
                 return await future
         except TimeoutError:
             raise FleetUnreachable(self.url, f"no gateway answered within {timeout:g} s") from None
@@ -153,25 +173,42 @@ class Client(AsyncCloseable):
             self._pending.pop(correlation_id, None)
 
     async def _publish(
-        self, channel: AbstractRobustChannel, body: bytes, correlation_id: str
+        self, channel: AbstractRobustChannel, body: bytes, kind: str, correlation_id: str
     ) -> None:
+        await self._check_gateway_ran()
         message = aio_pika.Message(
             body,
             content_type=JSON,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             correlation_id=correlation_id,
             reply_to=DIRECT_REPLY_TO,
+            type=kind,
+            user_id=self._login,  # checked by the broker: the gateway learns who asks
         )
+        # An exchange object only: looking it up on this channel would close the channel
+        # (and its reply consumer) if it were missing; _check_gateway_ran has seen it.
+        submissions = await channel.get_exchange(SUBMISSIONS_EXCHANGE, ensure=False)
         try:
-            await channel.default_exchange.publish(
-                message, routing_key=SUBMIT_QUEUE, mandatory=True
-            )
+            await submissions.publish(message, routing_key="", mandatory=True)
         except PublishError:  # returned: the queue is missing
             raise FleetUnreachable(
                 self.url, f"no gateway has run here (no queue {SUBMIT_QUEUE})"
             ) from None
         except (ChannelInvalidStateError, AMQPConnectionError):  # lost since ready()
             raise FleetUnreachable(self.url, "the connection to the broker was lost") from None
+
+    async def _check_gateway_ran(self) -> None:
+        if self._gateway_seen:
+            return
+        # A channel of its own: a missing exchange closes the channel it is looked up on.
+        async with self._open_connection().channel() as channel:
+            try:
+                await channel.get_exchange(SUBMISSIONS_EXCHANGE)  # passive: no permission
+            except ChannelNotFoundEntity:
+                raise FleetUnreachable(
+                    self.url, f"no gateway has run here (no exchange {SUBMISSIONS_EXCHANGE})"
+                ) from None
+        self._gateway_seen = True
 
     async def wait(self, job_id: str, *, timeout: float | None = None) -> Event:
         """The job's terminal event (succeeded, failed, timed_out, cancelled, rejected),
@@ -213,22 +250,24 @@ class Client(AsyncCloseable):
         async with asyncio.timeout(timeout), self.start(request) as job:
             return await job.outcome()
 
-    async def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> None:
-        """Ask every worker to cancel `job_id`: running, waiting for GPUs or still queued.
+    async def cancel(
+        self,
+        job_id: str,
+        *,
+        reason: str = "cancelled by request",
+        timeout: float = REPLY_TIMEOUT_SECONDS,
+    ) -> None:
+        """Ask the gateway to cancel `job_id`: running, waiting for GPUs or still queued.
 
-        The worker that holds the job (or later receives it) emits `cancelled`; a job
-        that has ended stays as it ended. ValueError for a malformed job id.
+        Only the job's submitter (this client's login) and the fleet's admins may. Once
+        the gateway accepts, the worker that holds the job (or later receives it) emits
+        `cancelled`; a job that has ended stays as it ended. CancelRefused when the
+        gateway refuses (an unknown job, or another's); ValueError for a malformed id.
         """
-        request = CancelRequest(job_id=job_id, reason=reason)
-        # A channel of its own: a missing exchange closes the channel it is looked up on.
-        async with self._open_connection().channel(publisher_confirms=True) as channel:
-            try:
-                exchange = await channel.get_exchange(CONTROL_EXCHANGE)  # passive: no permission
-            except ChannelNotFoundEntity:
-                raise FleetUnreachable(
-                    self.url, f"no gateway has run here (no exchange {CONTROL_EXCHANGE})"
-                ) from None
-            await exchange.publish(json_message(request, type="sandfleet.cancel"), routing_key="")
+        body = CancelRequest(job_id=job_id, reason=reason).model_dump_json().encode()
+        reply = await self._ask(body, CANCEL_TYPE, timeout)
+        if not reply.accepted:
+            raise CancelRefused(reply)
 
     def events(
         self,

@@ -4,7 +4,12 @@ host and phase.
 A reader declares nothing. It finds the log with a passive declare, which RabbitMQ
 3.10 allows with no permission at all (tests/integration/test_client.py measures it),
 and needs read permission on `sandfleet.events.log` to consume it and write
-permission on `amq.default` to mark where the history ends.
+permission on `sandfleet.events` for routing keys `log-marker.*` to mark where the
+history ends.
+
+An event counts only if it came under its own routing key (`<phase>.<driver>.<host>`):
+the broker's topic authorisation lets a worker publish only its own host's keys, so an
+event that claims another host (or a submitter's marker dressed as an event) is skipped.
 """
 
 from __future__ import annotations
@@ -17,19 +22,18 @@ from collections.abc import AsyncIterator, Callable, Collection
 from datetime import datetime
 from typing import Any, Self
 
-import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelNotFoundEntity
-from pydantic import ValidationError
 
 from sandfleet.common.errors import FleetUnreachable
-from sandfleet.common.events import Event, Phase
+from sandfleet.common.events import Event, Phase, event_from_log
 from sandfleet.common.lifecycle import AsyncCloseable
-from sandfleet.common.topology import EVENTS_LOG_QUEUE, LOG_MARKER_TYPE
+from sandfleet.common.stream_follower import is_log_marker, publish_log_marker
+from sandfleet.common.topology import EVENTS_LOG_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +135,7 @@ class EventStream(AsyncCloseable):
             await self._subscribe()
         assert self._channel is not None
         self._marker = uuid.uuid4().hex
-        await self._channel.default_exchange.publish(
-            aio_pika.Message(b"", type=LOG_MARKER_TYPE, message_id=self._marker),
-            routing_key=EVENTS_LOG_QUEUE,
-        )
+        await publish_log_marker(self._channel, EVENTS_LOG_QUEUE, self._marker)
 
     async def history(self) -> AsyncIterator[Event]:
         """The matching events the log holds now, oldest first (for a stream that reads
@@ -174,7 +175,7 @@ class EventStream(AsyncCloseable):
             await self._subscribe()
         while True:
             message = await self._inbox.get()
-            if message.type == LOG_MARKER_TYPE:
+            if is_log_marker(message):
                 if message.message_id == self._marker:
                     return
                 continue
@@ -184,17 +185,7 @@ class EventStream(AsyncCloseable):
 
     @staticmethod
     def _decode(message: AbstractIncomingMessage) -> Event | None:
-        try:
-            return Event.model_validate_json(message.body)
-        except ValidationError as exc:
-            # Anyone may publish to the events exchange; a reader skips what is not
-            # an event rather than dying on it.
-            log.warning(
-                "skipped a %d-byte message in the event log that is not an event (%d errors)",
-                len(message.body),
-                exc.error_count(),
-            )
-            return None
+        return event_from_log(message.body, message.routing_key)
 
     def _first_sight(self, event: Event) -> bool:
         if event.event_id in self._seen:

@@ -16,7 +16,13 @@ from typing import ParamSpec
 import typer
 from aiormq.exceptions import AMQPError
 
-from sandfleet.common.errors import FleetUnreachable, JobNotFound, SubmissionRejected
+from sandfleet.common.errors import (
+    CancelRefused,
+    FleetUnreachable,
+    JobNotFound,
+    SandfleetError,
+    SubmissionRejected,
+)
 from sandfleet.common.events import Event, Phase
 
 P = ParamSpec("P")
@@ -28,6 +34,7 @@ class ExitCode(IntEnum):
     REJECTED = 2  # by the gateway or a worker; click's usage errors are 2 as well
     FLEET_UNREACHABLE = 3
     JOB_NOT_FOUND = 4
+    MISCONFIGURED = 78  # like sysexits' EX_CONFIG: a setting, key or account is wrong
     TIMED_OUT = 124  # like timeout(1)
     INTERRUPTED = 130  # 128 + SIGINT, like a shell
 
@@ -54,12 +61,14 @@ def exits_mapped(command: Callable[P, None]) -> Callable[P, None]:
             raise _fail(str(exc), ExitCode.FLEET_UNREACHABLE) from None
         except JobNotFound as exc:
             raise _fail(str(exc), ExitCode.JOB_NOT_FOUND) from None
-        except SubmissionRejected as exc:
+        except (SubmissionRejected, CancelRefused) as exc:
             raise _fail(str(exc), ExitCode.REJECTED) from None
         except TimeoutError as exc:
             raise _fail(str(exc) or "timed out", ExitCode.TIMED_OUT) from None
         except AMQPError as exc:  # e.g. ACCESS_REFUSED: these credentials cannot do this
             raise _fail(f"the broker refused: {exc}", ExitCode.FLEET_UNREACHABLE) from None
+        except SandfleetError as exc:  # no trusted keys, an unreadable key, set-up refused
+            raise _fail(str(exc), ExitCode.MISCONFIGURED) from None
 
     return run
 

@@ -1,19 +1,20 @@
 """The gateway: consumes `sandfleet.submit`, admits or rejects, routes jobs to driver queues.
 
 For each submission, in this order:
-    decode → admit (envelope rules) → check the route exists → `accepted` event
-    → publish the job (persistent, confirmed, mandatory) → reply.
+    identify (the broker-checked AMQP user_id) → decode → admit (envelope rules)
+    → the job id is the submitter's to use → check the route exists → `accepted` event
+    → sign and publish the job (persistent, confirmed, mandatory) → reply.
 The `accepted` event is confirmed before the job is published, so no worker event
-for a job can precede it in the event log.
+for a job can precede it in the event log. Cancellation requests arrive on the same
+queue and go to `sandfleet.gateway.cancel_desk`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Self
+from typing import Self
 
-import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -21,21 +22,26 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
 
-from sandfleet.common.amqp import EventPublisher, connect, job_message, settle
+from sandfleet.common.amqp import EventPublisher, connect, job_message, send_reply, settle
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.models import Job, ReplyStatus, SubmitReply
 from sandfleet.common.settings import Settings
+from sandfleet.common.signing import signed
 from sandfleet.common.topology import (
+    CANCEL_TYPE,
     SUBMIT_QUEUE,
     Topology,
     declare_topology,
     job_queue_name,
     job_routing_key,
 )
-from sandfleet.gateway.envelope import admit, decode, job_id_hint, new_job_id
+from sandfleet.gateway.cancel_desk import CancelDesk
+from sandfleet.gateway.envelope import admit, decode, new_job_id
 from sandfleet.gateway.job_index import JobIndex
+from sandfleet.gateway.ownership import UNIDENTIFIED, Ownership
+from sandfleet.gateway.signer import job_signer
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,9 @@ class Gateway(AsyncCloseable):
         self._events: EventPublisher | None = None
         self._routes: RouteChecker | None = None
         self._jobs: JobIndex | None = None
+        self._ownership: Ownership | None = None
+        self._cancels: CancelDesk | None = None
+        self._signer = job_signer(settings)
 
     async def __aenter__(self) -> Self:
         settings = self._settings
@@ -93,6 +102,15 @@ class Gateway(AsyncCloseable):
         self._routes = RouteChecker(self._connection)
         self._jobs = JobIndex(await self._connection.channel())
         await self._jobs.start()  # know every job id in the log before taking submissions
+        self._ownership = Ownership(self._jobs, settings.admin_logins)
+        self._cancels = CancelDesk(
+            self._channel,
+            self._topology.control,
+            self._events,
+            self._ownership,
+            signer=self._signer,
+            host=settings.host,
+        )
         await self._channel.set_qos(prefetch_count=settings.gateway_concurrency)
         submit = await self._channel.get_queue(SUBMIT_QUEUE)
         await submit.consume(self._on_submission)
@@ -112,32 +130,42 @@ class Gateway(AsyncCloseable):
         await settle(message, self._handle)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        data: Any = None
+        if message.type == CANCEL_TYPE:
+            assert self._cancels is not None
+            await self._cancels.handle(message)
+            return
+        assert self._ownership is not None
+        submitter, data = message.user_id, None
         try:
+            if not submitter:
+                raise RequestInvalid([UNIDENTIFIED])
             data = decode(message.body, max_bytes=self._settings.max_message_bytes)
             job = admit(message.body, self._settings)
         except MessageUndecodable as exc:
             error = FieldError(field="request", message=str(exc))
-            await self._reject(
-                message, job_id_hint(data) or new_job_id(), [error], "MalformedMessage"
-            )
+            rejection_id = self._ownership.rejection_id(data, submitter)
+            await self._reject(message, rejection_id, [error], "MalformedMessage")
             raise
         except RequestInvalid as exc:
-            await self._reject(
-                message, job_id_hint(data) or new_job_id(), exc.errors, "InvalidRequest"
-            )
+            rejection_id = self._ownership.rejection_id(data, submitter)
+            await self._reject(message, rejection_id, exc.errors, "InvalidRequest")
             raise
-        await self._route(message, job)
+        await self._route(message, job.model_copy(update={"submitted_by": submitter}))
 
     async def _route(self, message: AbstractIncomingMessage, job: Job) -> None:
-        assert self._topology is not None and self._routes is not None and self._jobs is not None
+        assert self._jobs is not None and self._ownership is not None
+        assert job.submitted_by is not None
+        if refusal := self._ownership.submit_refusal(job.job_id, job.submitted_by):
+            await self._reject(message, new_job_id(), [refusal], "JobIdTaken")
+            raise RequestInvalid([refusal])
         if (phase := self._jobs.existing(job.job_id)) is not None:
             reply = SubmitReply(
                 status=ReplyStatus.ACCEPTED, job_id=job.job_id, duplicate=True, phase=phase
             )
             await self._reply(message, reply)
             return
-        self._jobs.reserve(job.job_id)  # no await since the check: concurrent twins see it
+        # No await since the checks: concurrent twins see it.
+        self._jobs.reserve(job.job_id, job.submitted_by)
         try:
             await self._publish(message, job)
         except BaseException:
@@ -154,7 +182,7 @@ class Gateway(AsyncCloseable):
         await self._emit(job, Phase.ACCEPTED, "Accepted", f"queued on {queue}")
         try:
             await self._topology.jobs.publish(
-                job_message(job),
+                job_message(signed(job, self._signer)),
                 routing_key=job_routing_key(job.driver, host),
                 mandatory=True,
             )
@@ -193,6 +221,7 @@ class Gateway(AsyncCloseable):
                 message=summary,
                 driver=driver,
                 host=self._settings.host,
+                submitted_by=message.user_id,
                 errors=errors,
             )
         )
@@ -209,22 +238,13 @@ class Gateway(AsyncCloseable):
                 message=text,
                 driver=job.driver,
                 host=self._settings.host,
+                submitted_by=job.submitted_by,
             )
         )
 
     async def _reply(self, message: AbstractIncomingMessage, reply: SubmitReply) -> None:
-        if not message.reply_to:
-            return
         assert self._channel is not None
-        await self._channel.default_exchange.publish(
-            aio_pika.Message(
-                reply.model_dump_json(exclude_none=True).encode(),
-                content_type="application/json",
-                correlation_id=message.correlation_id,
-            ),
-            routing_key=message.reply_to,
-            mandatory=False,  # a submitter that went away is not the job's problem
-        )
+        await send_reply(self._channel, message, reply)
 
 
 async def run_gateway(settings: Settings) -> None:

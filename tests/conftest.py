@@ -19,6 +19,7 @@ import aiodocker
 import pytest
 
 from sandfleet.common.settings import Settings
+from sandfleet.common.signing import generate_keys
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.service import Gateway
 from tests.support.runtimes import (
@@ -78,11 +79,22 @@ def broker_url() -> AsyncIterator[str] | Any:
     _rabbitmqctl("delete_vhost", vhost)
 
 
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The test session's key pair: the gateway signs with the first, workers trust the
+    second (SANDFLEET_SIGNING_KEY, SANDFLEET_TRUSTED_KEYS)."""
+    return generate_keys(tmp_path_factory.mktemp("keys") / "fleet")
+
+
 @pytest.fixture
-def make_settings(broker_url: str, tmp_path: Path) -> Callable[..., Settings]:
+def make_settings(
+    broker_url: str, tmp_path: Path, signing_keys: tuple[Path, Path]
+) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "broker_url": broker_url,
+            "signing_key": signing_keys[0],
+            "trusted_keys": str(signing_keys[1]),
             "host": f"h{uuid.uuid4().hex[:8]}",
             "state_dir": tmp_path / "state",
             "journal_dir": tmp_path / "journal",

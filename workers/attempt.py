@@ -97,6 +97,7 @@ class Attempt:
             message=message,
             gpus=list(self.devices),
             sandbox_id=self.sandbox_id,
+            submitted_by=self.entry.job.submitted_by,
         )
 
     def terminal_event(self, outcome: Outcome) -> Event:
@@ -107,6 +108,7 @@ class Attempt:
             message=outcome.message,
             gpus=list(self.devices),
             sandbox_id=self.sandbox_id,
+            submitted_by=self.entry.job.submitted_by,
             exit_code=outcome.exit_code,
             output=None if outcome.output is None else bounded_output(outcome.output),
         )

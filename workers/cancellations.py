@@ -1,6 +1,8 @@
 """The user cancellations a worker knows of: the one place it looks them up.
 
-They come from the control log (a stream), replayed from its start before the worker
+They come from the control log (a stream), written there by the gateway (which checked
+that the requester may cancel the job, and signed it: with trusted keys set, an unsigned
+or badly signed cancellation is skipped), replayed from its start before the worker
 takes any job, so a job cancelled while it sat in a queue is recognised whichever
 worker receives it, then followed live. The table is bounded the way the log is: a
 cancellation older than the log's max age is forgotten (the log has dropped it too),
@@ -9,6 +11,7 @@ and at most `max_entries` are kept, oldest forgotten first.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -18,7 +21,8 @@ from aio_pika.abc import AbstractChannel
 from pydantic import ValidationError
 
 from sandfleet.common.models import CancelRequest
-from sandfleet.common.stream_follower import StreamFollower
+from sandfleet.common.signing import SignatureInvalid, SignatureVerifier
+from sandfleet.common.stream_follower import LogMessage, StreamFollower
 from sandfleet.common.topology import CONTROL_LOG_QUEUE
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,11 @@ class CancellationLog:
         max_age_seconds: float,
         max_entries: int = MAX_ENTRIES,
         clock: Callable[[], float] = time.time,
+        verifier: SignatureVerifier | None = None,
     ) -> None:
         self._channel = channel
+        # None: unsigned cancellations count (SANDFLEET_ALLOW_UNSIGNED_JOBS, no keys).
+        self._verifier = verifier
         self._max_age = max_age_seconds
         self._max_entries = max_entries
         self._clock = clock
@@ -81,11 +88,23 @@ class CancellationLog:
                 break
             self._requests.popitem(last=False)
 
-    async def _on_message(self, body: bytes, live: bool) -> None:
-        try:
-            request = CancelRequest.model_validate_json(body)
-        except ValidationError:
-            log.warning("skipped a %d-byte control message that is not a cancellation", len(body))
+    async def _on_message(self, message: LogMessage, live: bool) -> None:
+        request = self._accepted(message.body)
+        if request is None:
             return
         if self.record(request) and live and self._on_cancel is not None:
             await self._on_cancel(request)
+
+    def _accepted(self, body: bytes) -> CancelRequest | None:
+        """The cancellation in `body`, if it is one the gateway signed (when keys are set)."""
+        try:
+            request = CancelRequest.model_validate_json(body)
+            if self._verifier is not None:
+                self._verifier.verify(json.loads(body))
+        except ValidationError:
+            log.warning("skipped a %d-byte control message that is not a cancellation", len(body))
+            return None
+        except SignatureInvalid as exc:
+            log.warning("skipped a cancellation of job %s: %s", request.job_id, exc)
+            return None
+        return request

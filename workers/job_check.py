@@ -59,14 +59,16 @@ class JobCheck:
         try:
             return job, self.plan(job)
         except RequestInvalid as exc:
-            await self._reject(job.job_id, "InvalidDriverConfig", str(exc), exc.errors)
+            await self._reject(
+                job.job_id, "InvalidDriverConfig", str(exc), exc.errors, job.submitted_by
+            )
             raise
         except Exception as exc:
             # A block that crashes its driver's parser is poison: it would crash every
             # worker it reached. Say so once and dead-letter it.
             log.exception("job %s: validating its driver block crashed", job.job_id)
             crash = f"validating the {job.driver} block crashed: {type(exc).__name__}: {exc}"
-            await self._reject(job.job_id, "DriverConfigCrashed", crash)
+            await self._reject(job.job_id, "DriverConfigCrashed", crash, None, job.submitted_by)
             raise DeadLetter(crash) from exc
 
     async def _decode(self, message: JobMessage) -> Job:
@@ -91,9 +93,19 @@ class JobCheck:
         return JobPlan(config=config, gpus=gpus)
 
     async def _reject(
-        self, job_id: str, reason: str, message: str, errors: list[FieldError] | None = None
+        self,
+        job_id: str,
+        reason: str,
+        message: str,
+        errors: list[FieldError] | None = None,
+        submitted_by: str | None = None,
     ) -> None:
         event = self._identity.event(
-            job_id, Phase.REJECTED, reason, message=message, errors=errors or []
+            job_id,
+            Phase.REJECTED,
+            reason,
+            message=message,
+            errors=errors or [],
+            submitted_by=submitted_by,
         )
         await self._events.publish(event)

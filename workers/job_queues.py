@@ -3,8 +3,10 @@
 - bound to the host: a job taken from the driver's shared queue is republished
   (confirmed) to `sandfleet.jobs.<driver>.<host>` before the shared copy is acked, so
   from then on only workers of this host ever see it;
-- parked: a job whose GPUs are busy waits in `sandfleet.retry.<driver>.<host>`, which
-  expires it back to the host's queue after the delay, holding no slot and no GPU.
+- parked: a job whose GPUs are busy waits in `sandfleet.retry.<driver>.<host>` (through
+  the `sandfleet.retry` exchange), which expires it back to the host's queue after the
+  delay, holding no slot and no GPU.
+The job goes back as the gateway signed it: its signature travels inside it.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from aio_pika.abc import AbstractChannel, AbstractExchange, HeadersType
+from aio_pika.abc import AbstractExchange, HeadersType
 
 from sandfleet.common.amqp import job_message, publish_through_outages
 from sandfleet.common.models import Job
 from sandfleet.common.topology import (
     RETRY_WAITING_SINCE_HEADER,
     job_routing_key,
-    retry_queue_name,
 )
 
 
@@ -32,10 +33,11 @@ class HostJobQueues:
     """`JobQueues` on the broker."""
 
     def __init__(
-        self, channel: AbstractChannel, jobs: AbstractExchange, *, driver: str, host: str
+        self, jobs: AbstractExchange, retry: AbstractExchange, *, driver: str, host: str
     ) -> None:
-        self._channel = channel  # with publisher confirms, and returns raised
+        # Both on a channel with publisher confirms, and returns raised.
         self._jobs = jobs
+        self._retry = retry
         self._host_key = job_routing_key(driver, host)
 
     async def bind_to_host(self, job: Job) -> None:
@@ -46,9 +48,7 @@ class HostJobQueues:
         headers = {RETRY_WAITING_SINCE_HEADER: waiting_since.isoformat()}
         message = job_message(job, headers=headers, expiration=delay)
         await publish_through_outages(
-            lambda: self._channel.default_exchange.publish(
-                message, routing_key=retry_queue_name(self._host_key), mandatory=True
-            ),
+            lambda: self._retry.publish(message, routing_key=self._host_key, mandatory=True),
             what=f"job {job.job_id} (parked)",
         )
 

@@ -3,6 +3,10 @@
     async with Worker(settings, driver, slots=2) as worker:
         await worker.serve_forever()
 
+Making one loads the keys it trusts (SANDFLEET_TRUSTED_KEYS): every job must carry the
+gateway's signature, checked before anything else is done with it; a worker with no
+keys refuses to be made unless unsigned jobs are allowed explicitly.
+
 Entering it takes the worker's lease on this host, frees the GPUs of jobs that ended
 while no worker watched, connects, declares its job queues (the driver's shared one
 and its host's), reads every past cancellation, takes over the jobs of this host's
@@ -35,7 +39,12 @@ from sandfleet.common.amqp import EventPublisher, connect, settle
 from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, WorkerHealth
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.settings import SandboxPolicy, Settings
-from sandfleet.common.topology import declare_topology, job_queue_name
+from sandfleet.common.topology import (
+    RETRY_EXCHANGE,
+    declare_worker_queues,
+    existing_topology,
+    job_queue_name,
+)
 from sandfleet.workers.attempt import RunPolicy, StopRequest
 from sandfleet.workers.cancellations import CancellationLog
 from sandfleet.workers.drivers.base import SandboxDriver, SandboxStatus
@@ -46,6 +55,7 @@ from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.intake import JobIntake
 from sandfleet.workers.job_queues import HostJobQueues
 from sandfleet.workers.job_runner import JobRunner
+from sandfleet.workers.job_signatures import SignedJobsOnly, job_verifier
 from sandfleet.workers.journal import JobJournal, JournalEntry
 from sandfleet.workers.slots import Slots
 
@@ -79,6 +89,8 @@ class Worker(AsyncCloseable):
     ) -> None:
         self._settings = settings
         self._driver = driver
+        # First, so a worker that would run unsigned jobs by accident never starts.
+        self._verifier = job_verifier(settings)
         self.slots = Slots(slots)
         self._drain_seconds = drain_seconds
         self.identity = WorkerIdentity(
@@ -164,12 +176,13 @@ class Worker(AsyncCloseable):
         )
         # A returned job (bound to the host, parked) raises: it must not vanish unseen.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        topology = await declare_topology(
-            channel, settings, job_queues=[(name, None), (name, host)]
-        )
+        await declare_worker_queues(connection, settings, driver=name, host=host)
+        topology = await existing_topology(channel)
         events = EventPublisher(topology.events)
         cancellations = CancellationLog(
-            await connection.channel(), max_age_seconds=settings.events_max_age_seconds
+            await connection.channel(),
+            max_age_seconds=settings.events_max_age_seconds,
+            verifier=self._verifier,
         )
         runner = JobRunner(
             self._driver,
@@ -177,14 +190,20 @@ class Worker(AsyncCloseable):
             gpus=self._gpus,
             journal=self.journal,
             events=events,
-            queues=HostJobQueues(channel, topology.jobs, driver=name, host=host),
+            queues=HostJobQueues(
+                topology.jobs, await channel.get_exchange(RETRY_EXCHANGE), driver=name, host=host
+            ),
             cancellations=cancellations,
             policy=self._policy,
         )
         await cancellations.start(runner.cancel)  # know every cancellation before taking a job
 
+        signed_only = SignedJobsOnly(
+            self._verifier, runner.handle, identity=self.identity, events=events
+        )
+
         async def handle(message: AbstractIncomingMessage) -> None:
-            await settle(message, runner.handle)
+            await settle(message, signed_only)
 
         queues = [await channel.get_queue(name) for name in self._queue_names()]
         intake = JobIntake(channel, queues, self.slots, handle)

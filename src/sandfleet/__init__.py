@@ -12,6 +12,7 @@ only: no runtime libraries (Docker, libvirt) are imported.
 from importlib.metadata import PackageNotFoundError, version
 
 from sandfleet.common.errors import (
+    CancelRefused,
     ClientClosed,
     FieldError,
     FleetUnreachable,
@@ -29,6 +30,7 @@ except PackageNotFoundError:  # run from a checkout that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "CancelRefused",
     "Client",
     "ClientClosed",
     "Event",

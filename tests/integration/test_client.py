@@ -8,7 +8,6 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import aio_pika
@@ -16,13 +15,14 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
 import sandfleet
+from sandfleet.common import broker_roles as roles
 from sandfleet.common.models import SandboxRequest
 from sandfleet.common.settings import Settings
 from sandfleet.common.topology import CONTROL_EXCHANGE, EVENTS_LOG_QUEUE, SUBMIT_QUEUE
 from sandfleet.gateway.client import DIRECT_REPLY_TO
 from sandfleet.gateway.service import Gateway
 from tests.support import eventually, until_phase, until_terminal
-from tests.support.broker import rabbitmqctl, vhost_of
+from tests.support.broker import rabbitmqctl, vhost_of, vhost_user
 from tests.support.runtimes import WorkerFactory
 
 pytestmark = pytest.mark.integration
@@ -43,28 +43,12 @@ def reserved_label(image: str) -> dict[str, Any]:
     return job(image, "true", labels={"sandfleet.mine": "x"})
 
 
-# What a submitter and watcher needs, as measured here on RabbitMQ 3.10: publishing to
-# the default exchange (submissions, the log's end marker) and to the control exchange
-# (cancellations), and consuming the event log. Nothing to configure.
-SUBMITTER_PERMISSIONS = ("^$", r"^(amq\.default|sandfleet\.control)$", r"^sandfleet\.events\.log$")
-
-
-@contextmanager
-def vhost_user(broker_url: str, permissions: tuple[str, str, str]) -> Iterator[str]:
-    """The URL of a new user of the test's vhost with these (configure, write, read)
-    permissions; the user is deleted afterwards."""
-    user, password = f"sandfleet-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    rabbitmqctl("add_user", user, password)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost_of(broker_url), user, *permissions)
-        yield broker_url.replace("guest:guest@", f"{user}:{password}@")
-    finally:
-        rabbitmqctl("delete_user", user)
-
-
 @pytest.fixture
 def submitter_url(broker_url: str) -> Iterator[str]:
-    with vhost_user(broker_url, SUBMITTER_PERMISSIONS) as url:
+    # What a submitter needs, as `sandfleet broker setup` grants it: publishing to
+    # sandfleet.submissions (submissions, cancellations) and log markers to
+    # sandfleet.events, and consuming the event log. Nothing to configure.
+    with vhost_user(broker_url, roles.submitter()) as url:
         yield url
 
 
@@ -101,19 +85,19 @@ def submit_through_sync_client(url: str, image: str) -> list[sandfleet.Phase]:
         return [outcome.phase, cancelled.phase, client.history(long["job_id"])[-1].phase]
 
 
-async def test_a_watcher_needs_read_and_the_default_exchange(
+async def test_an_observer_reads_the_log_and_writes_only_markers(
     broker_url: str, client: sandfleet.Client, test_image: str
 ) -> None:
-    """Reading history also writes a marker into the log, through amq.default."""
+    """Reading history also writes a marker into the log, through sandfleet.events under
+    a `log-marker.*` key: all an observer may write."""
     rejected = reserved_label(test_image)
     assert not (await client.submit(rejected)).accepted
-    permissions = ("^$", r"^amq\.default$", r"^sandfleet\.events\.log$")
-    with vhost_user(broker_url, permissions) as url:
+    with vhost_user(broker_url, roles.observer()) as url:
         async with sandfleet.Client(url) as watcher:
             history = await watcher.history(rejected["job_id"])
             outcome = await watcher.wait(rejected["job_id"], timeout=30)
-            with pytest.raises(ChannelAccessRefused, match=r"sandfleet\.control"):
-                await watcher.cancel(rejected["job_id"])  # sandfleet.control: not its to write
+            with pytest.raises(ChannelAccessRefused, match=r"sandfleet\.submissions"):
+                await watcher.cancel(rejected["job_id"])  # only submitters ask the gateway
     assert [e.phase for e in history] == [Phase.REJECTED] and outcome == history[0]
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import aio_pika
 
-from sandfleet.common.topology import DEAD_QUEUE, SUBMIT_QUEUE
+from sandfleet.common.amqp import broker_login
+from sandfleet.common.broker_roles import Permissions
+from sandfleet.common.topology import DEAD_QUEUE, SUBMISSIONS_EXCHANGE
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -25,14 +30,18 @@ def vhost_of(broker_url: str) -> str:
 
 
 async def raw_submit(url: str, body: bytes) -> dict[str, object]:
-    """Submit as any AMQP client would: publish to sandfleet.submit, read the reply."""
+    """Submit as any AMQP client would: publish to sandfleet.submissions with its login as
+    the user_id, read the reply."""
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
         replies = await channel.declare_queue(exclusive=True)
-        await channel.default_exchange.publish(
-            aio_pika.Message(body, reply_to=replies.name, correlation_id="c1"),
-            routing_key=SUBMIT_QUEUE,
+        submissions = await channel.get_exchange(SUBMISSIONS_EXCHANGE)
+        await submissions.publish(
+            aio_pika.Message(
+                body, reply_to=replies.name, correlation_id="c1", user_id=broker_login(url)
+            ),
+            routing_key="",
         )
         async with asyncio.timeout(15), replies.iterator() as messages:
             async for message in messages:
@@ -62,3 +71,24 @@ async def ready_messages(url: str, queue_name: str) -> int:
         count = queue.declaration_result.message_count
         assert count is not None
         return count
+
+
+@contextmanager
+def vhost_user(broker_url: str, permissions: Permissions) -> Iterator[str]:
+    """The URL of a new user of the test's vhost with these permissions (and topic
+    permissions on sandfleet.events); the user is deleted afterwards."""
+    user, password = f"sandfleet-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    vhost = vhost_of(broker_url)
+    rabbitmqctl("add_user", user, password)
+    try:
+        rabbitmqctl(
+            "set_permissions", "-p", vhost, user,
+            permissions.configure, permissions.write, permissions.read,
+        )  # fmt: skip
+        rabbitmqctl(
+            "set_topic_permissions", "-p", vhost, user, permissions.exchange,
+            permissions.events_write, permissions.events_read,
+        )  # fmt: skip
+        yield broker_url.replace("guest:guest@", f"{user}:{password}@")
+    finally:
+        rabbitmqctl("delete_user", user)

@@ -33,6 +33,7 @@ async def start_worker(
         "SANDFLEET_STATE_DIR": str(settings.state_dir),
         "SANDFLEET_JOURNAL_DIR": str(settings.journal_dir),
         "SANDFLEET_STOP_GRACE_SECONDS": "1",
+        "SANDFLEET_TRUSTED_KEYS": settings.trusted_keys,
         **(env or {}),
     }
     async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:

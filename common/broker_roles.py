@@ -1,0 +1,130 @@
+"""The fleet's roles and what the broker lets each do: one RabbitMQ user per role.
+
+RabbitMQ checks three regular expressions per user and vhost (configure, write, read;
+a resource is an exchange or a queue, by name) and, on topic exchanges, two more over
+routing keys. sandfleet publishes only through named exchanges, never amq.default
+(which reaches every queue), so these decide who writes where:
+
+  gateway     declares the shared topology; consumes sandfleet.submit; publishes jobs,
+              events, cancellations and replies. Trusted: it signs the jobs.
+  worker H    declares and consumes only its host's queues (and reads its drivers'
+              shared queues); publishes jobs back to its host's queue or its retry
+              queue, and events only under routing keys `<phase>.<driver>.H`.
+  submitter   publishes submissions and cancellation requests to the gateway
+              (sandfleet.submissions) and log markers; reads the event log; nothing else.
+  observer    reads the event log (and writes the markers that find its end).
+  admin       everything in the fleet's vhost (set-up, repairs, cancelling any job).
+
+The rules for what each needs are measured against a real broker in
+tests/integration/test_broker_roles.py; SECURITY.md explains them for operators.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sandfleet.common.models import DRIVER_NAME_PATTERN, HOST_NAME_PATTERN
+from sandfleet.common.topology import EVENTS_EXCHANGE, LOG_MARKER_KEY_PREFIX
+
+GATEWAY_USER = "sandfleet-gateway"
+OBSERVER_USER = "sandfleet-observer"
+ADMIN_USER = "sandfleet-admin"
+WORKER_USER_PREFIX = "sandfleet-worker-"
+# Logins starting so belong to the roles above; a submitter may not take one.
+RESERVED_LOGIN_PREFIX = "sandfleet-"
+SUBMITTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$"
+
+NOTHING = "^$"
+EVERYTHING = ".*"
+# Markers carry a uuid4().hex (common.stream_follower).
+_MARKER_KEYS = f"^{re.escape(LOG_MARKER_KEY_PREFIX)}[0-9a-f]{{32}}$"
+_SHARED = r"submit|submissions|jobs|retry|dead|events|events\.log|control|control\.log"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """A user's permissions in the fleet's vhost; `events_*` are its topic permissions
+    on sandfleet.events (every user gets them: with none, RabbitMQ allows every key)."""
+
+    configure: str
+    write: str
+    read: str
+    events_write: str = NOTHING
+    events_read: str = NOTHING
+    exchange: str = EVENTS_EXCHANGE
+
+
+def gateway() -> Permissions:
+    return Permissions(
+        configure=rf"^sandfleet\.({_SHARED})$",
+        write=rf"^amq\.default$|^sandfleet\.({_SHARED})$",  # replies go by amq.default
+        read=rf"^sandfleet\.({_SHARED})$",
+        events_write=EVERYTHING,
+        events_read=EVERYTHING,
+    )
+
+
+def worker(host: str, drivers: Sequence[str]) -> Permissions:
+    """A worker account for host `host`, serving any of `drivers` there."""
+    if re.fullmatch(HOST_NAME_PATTERN, host) is None:
+        raise ValueError(f"{host!r} is not a host name (letters, digits, _ and -)")
+    for driver in drivers:
+        if re.fullmatch(DRIVER_NAME_PATTERN, driver) is None:
+            raise ValueError(f"{driver!r} is not a driver name")
+    if not drivers:
+        raise ValueError("a worker account needs at least one driver")
+    names = "|".join(re.escape(d) for d in drivers)
+    own = rf"^sandfleet\.(jobs|retry)\.({names})\.{re.escape(host)}$"
+    return Permissions(
+        configure=own,
+        # publish: jobs back to its host / retry queue, events, log markers; bind its
+        # queues; a queue's dead-letter exchange needs write too (sandfleet.dead, jobs)
+        write=rf"^sandfleet\.(jobs|retry|events|control|dead)$|{own}",
+        # bind to the exchanges; consume its drivers' shared queues and its own; the
+        # control log (cancellations)
+        read=rf"^sandfleet\.(jobs|retry|control\.log)$|^sandfleet\.jobs\.({names})$|{own}",
+        events_write=rf"^[a-z_]+\.({names})\.{re.escape(host)}$",
+    )
+
+
+def submitter() -> Permissions:
+    return Permissions(
+        configure=NOTHING,
+        write=r"^sandfleet\.(submissions|events)$",
+        read=r"^sandfleet\.events\.log$",
+        events_write=_MARKER_KEYS,
+    )
+
+
+def observer() -> Permissions:
+    return Permissions(
+        configure=NOTHING,
+        write=r"^sandfleet\.events$",  # log markers only (see events_write)
+        read=r"^sandfleet\.events\.log$",
+        events_write=_MARKER_KEYS,
+    )
+
+
+def admin() -> Permissions:
+    return Permissions(
+        configure=EVERYTHING,
+        write=EVERYTHING,
+        read=EVERYTHING,
+        events_write=EVERYTHING,
+        events_read=EVERYTHING,
+    )
+
+
+def worker_user(host: str) -> str:
+    return f"{WORKER_USER_PREFIX}{host}"
+
+
+def check_submitter_name(name: str) -> str:
+    """`name` as a submitter's login; ValueError if it is not one."""
+    if re.fullmatch(SUBMITTER_NAME_PATTERN, name) is None:
+        raise ValueError(f"{name!r} is not a submitter name (letters, digits, _ . @ and -)")
+    if name.startswith(RESERVED_LOGIN_PREFIX) or name == "guest":
+        raise ValueError(f"{name!r} is reserved (logins starting {RESERVED_LOGIN_PREFIX!r})")
+    return name

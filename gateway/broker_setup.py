@@ -1,0 +1,205 @@
+"""`sandfleet broker setup`: one broker user per role, least privilege, through RabbitMQ's
+management HTTP API; then the shared topology, declared as the fleet's admin.
+
+Idempotent: a user that exists keeps its password (kept in a credentials file, 0600,
+since RabbitMQ stores only hashes) unless `rotate`; new names add users. The URLs it
+returns are the fleet's broker URL with each role's login in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import aiohttp
+
+from sandfleet.common import broker_roles as roles
+from sandfleet.common.amqp import connect, redacted_url
+from sandfleet.common.errors import SandfleetError
+from sandfleet.common.settings import Settings
+from sandfleet.common.topology import declare_job_queue, declare_topology
+
+DEFAULT_ADMIN_URL = "http://guest:guest@127.0.0.1:15672/"
+HTTP_TIMEOUT_SECONDS = 30.0
+
+
+class BrokerSetupFailed(SandfleetError):
+    """The management API refused or could not be reached; the message says which."""
+
+
+@dataclass
+class FleetUsers:
+    """What `broker setup` made: each role's AMQP URL."""
+
+    gateway: str
+    observer: str
+    admin: str
+    workers: dict[str, str] = field(default_factory=dict)
+    submitters: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "gateway": self.gateway,
+            "observer": self.observer,
+            "admin": self.admin,
+            "workers": dict(self.workers),
+            "submitters": dict(self.submitters),
+        }
+
+
+class CredentialsFile:
+    """The passwords `broker setup` gave out: {login: password}, 0600 in a 0700 folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> dict[str, str]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return {}
+        with os.fdopen(fd) as file:
+            data = json.load(file)
+        return {str(k): str(v) for k, v in data.get("passwords", {}).items()}
+
+    def write(self, passwords: dict[str, str]) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as file:
+            json.dump({"passwords": passwords}, file, indent=2, sort_keys=True)
+        os.replace(temporary, self.path)
+
+
+class ManagementApi:
+    """The few calls of RabbitMQ's management HTTP API that set-up needs."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+
+    async def put(self, path: str, body: dict[str, Any]) -> None:
+        try:
+            async with self._session.put(f"{self._base}/api/{path}", json=body) as response:
+                if response.status >= 300:
+                    detail = (await response.text())[:300]
+                    raise BrokerSetupFailed(
+                        f"the management API answered {response.status} to PUT /api/{path}: "
+                        f"{detail}"
+                    )
+        except aiohttp.ClientConnectionError as exc:
+            raise BrokerSetupFailed(
+                f"no RabbitMQ management API at {redacted_url(self._base)} ({exc}); "
+                "enable it with `rabbitmq-plugins enable rabbitmq_management`"
+            ) from None
+
+
+async def set_up_broker(
+    settings: Settings,
+    *,
+    admin_url: str,
+    credentials: CredentialsFile,
+    hosts: Sequence[str] = (),
+    submitters: Sequence[str] = (),
+    drivers: Sequence[str] = (),
+    rotate: bool = False,
+) -> FleetUsers:
+    """Create (idempotently) the fleet's vhost, every role's user and its permissions,
+    then declare the shared topology and each driver's shared queue as the admin."""
+    for name in submitters:
+        roles.check_submitter_name(name)
+    vhost = _vhost_of(settings.broker_url)
+    wanted = _role_permissions(hosts, submitters, drivers)
+    passwords = credentials.read()
+    for login in wanted:
+        if rotate or login not in passwords:
+            passwords[login] = secrets.token_urlsafe(24)
+    credentials.write(passwords)  # before the broker has them: never a password lost
+    await _apply(admin_url, vhost, wanted, passwords)
+    urls = {login: _url_for(settings.broker_url, login, passwords[login]) for login in wanted}
+    await _declare(settings, urls[roles.ADMIN_USER], drivers)
+    return FleetUsers(
+        gateway=urls[roles.GATEWAY_USER],
+        observer=urls[roles.OBSERVER_USER],
+        admin=urls[roles.ADMIN_USER],
+        workers={host: urls[roles.worker_user(host)] for host in hosts},
+        submitters={name: urls[name] for name in submitters},
+    )
+
+
+def _role_permissions(
+    hosts: Sequence[str], submitters: Sequence[str], drivers: Sequence[str]
+) -> dict[str, roles.Permissions]:
+    wanted = {
+        roles.GATEWAY_USER: roles.gateway(),
+        roles.OBSERVER_USER: roles.observer(),
+        roles.ADMIN_USER: roles.admin(),
+    }
+    wanted.update({roles.worker_user(host): roles.worker(host, drivers) for host in hosts})
+    wanted.update({name: roles.submitter() for name in submitters})
+    return wanted
+
+
+async def _apply(
+    admin_url: str,
+    vhost: str,
+    wanted: dict[str, roles.Permissions],
+    passwords: dict[str, str],
+) -> None:
+    parts = urlsplit(admin_url)
+    login, password = unquote(parts.username or "guest"), unquote(parts.password or "")
+    headers = {"Authorization": aiohttp.encode_basic_auth(login, password)}
+    base = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        api = ManagementApi(session, base)
+        vh = quote(vhost, safe="")
+        await api.put(f"vhosts/{vh}", {})
+        for login, permissions in wanted.items():
+            user = quote(login, safe="")
+            await api.put(f"users/{user}", {"password": passwords[login], "tags": ""})
+            await api.put(
+                f"permissions/{vh}/{user}",
+                {
+                    "configure": permissions.configure,
+                    "write": permissions.write,
+                    "read": permissions.read,
+                },
+            )
+            await api.put(
+                f"topic-permissions/{vh}/{user}",
+                {
+                    "exchange": permissions.exchange,
+                    "write": permissions.events_write,
+                    "read": permissions.events_read,
+                },
+            )
+
+
+async def _declare(settings: Settings, admin_amqp_url: str, drivers: Sequence[str]) -> None:
+    connection = await connect(admin_amqp_url, name="sandfleet-broker-setup")
+    async with connection, connection.channel() as channel:
+        await declare_topology(channel, settings)
+        for driver in drivers:
+            await declare_job_queue(channel, settings, driver, None)
+
+
+def _vhost_of(broker_url: str) -> str:
+    path = urlsplit(broker_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def _url_for(broker_url: str, login: str, password: str) -> str:
+    parts = urlsplit(broker_url)
+    host = parts.hostname or "127.0.0.1"
+    hostport = f"[{host}]" if ":" in host else host
+    if parts.port:
+        hostport += f":{parts.port}"
+    userinfo = f"{quote(login, safe='')}:{quote(password, safe='')}"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{hostport}"))

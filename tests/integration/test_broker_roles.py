@@ -1,0 +1,251 @@
+"""A black-box run with the accounts `sandfleet broker setup` makes: each role does its
+work, and the broker itself refuses everything else it tries."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
+
+import sandfleet
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.settings import Settings
+from sandfleet.common.topology import (
+    CONTROL_EXCHANGE,
+    EVENTS_EXCHANGE,
+    EVENTS_LOG_QUEUE,
+    JOBS_EXCHANGE,
+    SUBMISSIONS_EXCHANGE,
+    SUBMIT_QUEUE,
+    declare_job_queue,
+    job_queue_name,
+)
+from sandfleet.gateway.broker_setup import (
+    DEFAULT_ADMIN_URL,
+    CredentialsFile,
+    FleetUsers,
+    set_up_broker,
+)
+from sandfleet.gateway.service import Gateway
+from tests.support import until_phase, until_terminal
+from tests.support.broker import rabbitmqctl
+from tests.support.runtimes import registered_driver, worker_factory
+
+pytestmark = pytest.mark.integration
+
+ELSEWHERE = "elsewhere"
+
+
+@dataclass
+class Fleet:
+    users: FleetUsers
+    settings: Settings  # the worker's host is settings.host
+    alice: str
+    bob: str
+
+    def request(self, *, run_seconds: float = 0, job_id: str | None = None) -> dict[str, Any]:
+        return {
+            "job_id": job_id or f"r-{uuid.uuid4().hex[:8]}",
+            "driver": "inmemory",
+            "template": {
+                "image": "none",
+                "command": ["echo", "hi"],
+                "driver_config": {"inmemory": {"run_seconds": run_seconds}},
+            },
+        }
+
+
+@pytest.fixture
+async def fleet(make_settings: Callable[..., Settings], tmp_path: Path) -> AsyncIterator[Fleet]:
+    """A gateway and an in-memory worker, each on its own role's account."""
+    settings = make_settings()
+    alice, bob = f"alice-{uuid.uuid4().hex[:6]}", f"bob-{uuid.uuid4().hex[:6]}"
+    users = await set_up_broker(
+        settings,
+        admin_url=DEFAULT_ADMIN_URL,
+        credentials=CredentialsFile(tmp_path / "broker-users.json"),
+        hosts=[settings.host, ELSEWHERE],
+        submitters=[alice, bob],
+        drivers=["inmemory"],
+    )
+    on = settings.model_copy
+    try:
+        async with Gateway(on(update={"broker_url": users.gateway})):
+            start = worker_factory(
+                on(update={"broker_url": users.workers[settings.host]}),
+                registered_driver("inmemory"),
+            )
+            async with start(slots=4):
+                yield Fleet(users=users, settings=settings, alice=alice, bob=bob)
+    finally:
+        for user in (alice, bob):
+            await asyncio.to_thread(rabbitmqctl, "delete_user", user)
+
+
+Operation = Callable[[AbstractChannel], Awaitable[object]]
+
+
+async def refused(url: str, operation: Operation) -> str:
+    """What the broker says when the account at `url` tries `operation`."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        with pytest.raises((ChannelAccessRefused, ChannelPreconditionFailed)) as caught:
+            await operation(channel)
+    return str(caught.value)
+
+
+def publish(exchange: str, key: str, body: bytes = b"{}", **properties: Any) -> Operation:
+    async def run(channel: AbstractChannel) -> None:
+        target = await channel.get_exchange(exchange) if exchange else channel.default_exchange
+        await target.publish(aio_pika.Message(body, **properties), routing_key=key)
+
+    return run
+
+
+def consume(queue: str) -> Operation:
+    async def ignore(message: AbstractIncomingMessage) -> None:
+        pass
+
+    async def run(channel: AbstractChannel) -> None:
+        await channel.set_qos(prefetch_count=1)
+        found = await channel.declare_queue(queue, passive=True)
+        await found.consume(ignore)
+
+    return run
+
+
+def declare(queue: str) -> Operation:
+    return lambda channel: channel.declare_queue(queue, durable=True)
+
+
+def delete(queue: str) -> Operation:
+    async def run(channel: AbstractChannel) -> None:
+        await (await channel.declare_queue(queue, passive=True)).delete(if_unused=False)
+
+    return run
+
+
+def purge(queue: str) -> Operation:
+    async def run(channel: AbstractChannel) -> None:
+        await (await channel.declare_queue(queue, passive=True)).purge()
+
+    return run
+
+
+async def test_submitters_own_their_job_ids_and_admins_may_cancel_anything(
+    fleet: Fleet,
+) -> None:
+    users = fleet.users
+    async with (
+        sandfleet.Client(users.submitters[fleet.alice]) as alice,
+        sandfleet.Client(users.submitters[fleet.bob]) as bob,
+        sandfleet.Client(users.admin) as admin,
+    ):
+        done = await alice.run(fleet.request(), timeout=60)
+        assert done.phase is Phase.SUCCEEDED
+        history = await alice.history(done.job_id or "")
+        assert {e.submitted_by for e in history} == {fleet.alice}
+
+        long = fleet.request(run_seconds=120)
+        async with alice.events(job_id=long["job_id"]) as stream:
+            assert (await alice.submit(long)).accepted
+            await until_phase(stream, long["job_id"], Phase.RUNNING)
+            # bob can neither cancel it, nor take its id, nor end it with a bad request
+            with pytest.raises(sandfleet.CancelRefused, match="belongs to another submitter"):
+                await bob.cancel(long["job_id"])
+            taken = await bob.submit(fleet.request(job_id=long["job_id"]))
+            broken = {**fleet.request(job_id=long["job_id"]), "template": {"image": ""}}
+            invalid = await bob.submit(broken)
+            with pytest.raises(sandfleet.CancelRefused, match="no job 'never-submitted'"):
+                await bob.cancel("never-submitted")
+            await alice.cancel(long["job_id"])
+            ended = await until_terminal(stream, long["job_id"])
+
+        other = fleet.request(run_seconds=120)
+        assert (await alice.submit(other)).accepted
+        await admin.cancel(other["job_id"])  # an admin may cancel anyone's job
+        by_admin = await alice.wait(other["job_id"], timeout=60)
+
+    assert not taken.accepted and taken.job_id != long["job_id"]
+    assert [e.field for e in taken.errors] == ["job_id"]
+    assert not invalid.accepted and invalid.job_id != long["job_id"]
+    assert [e.phase for e in ended] == [Phase.CANCELLED]  # nothing of bob's in between
+    assert (by_admin.phase, by_admin.submitted_by) == (Phase.CANCELLED, fleet.alice)
+
+
+async def test_a_submitter_account_is_refused_everything_but_submitting_and_reading(
+    fleet: Fleet,
+) -> None:
+    url, host = fleet.users.submitters[fleet.alice], fleet.settings.host
+    shared = job_queue_name("inmemory")
+    attempts = {
+        "jobs exchange": publish(JOBS_EXCHANGE, "inmemory"),
+        "job queue": consume(shared),
+        "event": publish(EVENTS_EXCHANGE, f"succeeded.inmemory.{host}"),
+        "control": publish(CONTROL_EXCHANGE, ""),
+        "default exchange": publish("", shared),
+        "declare": declare("mine"),
+        "delete": delete(shared),
+        "purge": purge(SUBMIT_QUEUE),
+        "impersonate": publish(SUBMISSIONS_EXCHANGE, "", user_id=fleet.bob),
+    }
+    said = {name: await refused(url, attempt) for name, attempt in attempts.items()}
+    assert all("ACCESS_REFUSED" in text for name, text in said.items() if name != "impersonate")
+    assert "user_id property set to" in said["impersonate"]
+    assert "topic 'succeeded.inmemory" in said["event"]
+
+
+async def test_a_worker_account_is_confined_to_its_host(fleet: Fleet) -> None:
+    url = fleet.users.workers[fleet.settings.host]
+    connection = await aio_pika.connect(fleet.users.admin)
+    async with connection, connection.channel() as channel:
+        await declare_job_queue(channel, fleet.settings, "inmemory", ELSEWHERE)
+    attempts = {
+        "another host's queue": consume(job_queue_name("inmemory", ELSEWHERE)),
+        "another host's events": publish(EVENTS_EXCHANGE, f"succeeded.inmemory.{ELSEWHERE}"),
+        "the shared queue's declaration": declare(job_queue_name("inmemory")),
+        "deleting the shared queue": delete(job_queue_name("inmemory")),
+        "submissions": publish(SUBMISSIONS_EXCHANGE, ""),
+        "the gateway's queue": consume(SUBMIT_QUEUE),
+        "the event log": consume(EVENTS_LOG_QUEUE),
+        "the default exchange": publish("", job_queue_name("inmemory", ELSEWHERE)),
+    }
+    said = {name: await refused(url, attempt) for name, attempt in attempts.items()}
+    assert all("ACCESS_REFUSED" in text for text in said.values()), said
+
+
+async def test_an_event_under_another_hosts_key_is_not_believed(fleet: Fleet) -> None:
+    """A worker may publish only its own host's keys; one that puts another host in the
+    event's body is skipped by every reader (the key and the body disagree)."""
+    host = fleet.settings.host
+    forged = Event(job_id="victim", phase=Phase.SUCCEEDED, driver="inmemory", host=ELSEWHERE)
+    connection = await aio_pika.connect(fleet.users.workers[host])
+    async with connection, connection.channel(publisher_confirms=True) as channel:
+        events = await channel.get_exchange(EVENTS_EXCHANGE)
+        body = forged.model_dump_json().encode()
+        await events.publish(aio_pika.Message(body), routing_key=f"succeeded.inmemory.{host}")
+    async with sandfleet.Client(fleet.users.observer) as observer:
+        assert await observer.history("victim") == []
+
+
+async def test_the_observer_only_reads(fleet: Fleet) -> None:
+    url = fleet.users.observer
+    async with sandfleet.Client(fleet.users.submitters[fleet.alice]) as alice:
+        done = await alice.run(fleet.request(), timeout=60)
+    async with sandfleet.Client(url) as observer:
+        assert (await observer.history(done.job_id or ""))[-1] == done
+    for attempt in (
+        publish(SUBMISSIONS_EXCHANGE, ""),
+        publish(EVENTS_EXCHANGE, f"succeeded.inmemory.{fleet.settings.host}"),
+        consume(job_queue_name("inmemory")),
+    ):
+        assert "ACCESS_REFUSED" in await refused(url, attempt)
