@@ -1,0 +1,58 @@
+"""The roles' permission patterns, as RabbitMQ will match them (PCRE, like Python's re for
+these patterns): each names exactly the resources its role needs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sandfleet.common import broker_roles as roles
+
+
+def allows(pattern: str, name: str) -> bool:
+    return re.search(pattern, name) is not None
+
+
+def test_a_worker_reaches_its_own_hosts_queues_and_its_drivers_shared_ones_only() -> None:
+    worker = roles.worker("gpu-1", ["docker", "vm"])
+    assert allows(worker.configure, "sandfleet.jobs.docker.gpu-1")
+    assert allows(worker.configure, "sandfleet.retry.vm.gpu-1")
+    for name in ("sandfleet.jobs.docker", "sandfleet.jobs.docker.gpu-10", "sandfleet.submit",
+                 "sandfleet.jobs.podman.gpu-1", "sandfleet.jobs.docker.gpu-2"):  # fmt: skip
+        assert not allows(worker.configure, name), name
+    assert allows(worker.read, "sandfleet.jobs.docker")  # the shared queue: reads, never owns
+    assert not allows(worker.read, "sandfleet.jobs.docker.gpu-2")
+    assert not allows(worker.read, "sandfleet.events.log")
+    assert not allows(worker.write, "amq.default")
+    assert allows(worker.events_write, "timed_out.docker.gpu-1")
+    for key in ("succeeded.docker.gpu-2", "succeeded.docker.gpu-1x", "log-marker.ab",
+                "succeeded.podman.gpu-1", "succeeded.docker.gpu-1.extra"):  # fmt: skip
+        assert not allows(worker.events_write, key), key
+
+
+def test_submitters_and_observers_write_only_where_they_must() -> None:
+    for role in (roles.submitter(), roles.observer()):
+        assert role.configure == "^$"
+        assert not allows(role.write, "amq.default")
+        assert not allows(role.write, "sandfleet.jobs")
+        assert not allows(role.write, "sandfleet.control")
+        assert allows(role.events_write, "log-marker." + "a" * 32)
+        assert not allows(role.events_write, "succeeded.docker.h")
+        assert not allows(role.read, "sandfleet.jobs.docker")
+    assert allows(roles.submitter().write, "sandfleet.submissions")
+    assert not allows(roles.observer().write, "sandfleet.submissions")
+
+
+def test_names_that_would_break_a_pattern_or_borrow_a_role_are_refused() -> None:
+    with pytest.raises(ValueError, match="host name"):
+        roles.worker("a.*", ["docker"])
+    with pytest.raises(ValueError, match="driver name"):
+        roles.worker("h", ["Docker|vm"])
+    with pytest.raises(ValueError, match="reserved"):
+        roles.check_submitter_name("sandfleet-admin")
+    with pytest.raises(ValueError, match="reserved"):
+        roles.check_submitter_name("guest")
+    with pytest.raises(ValueError, match="not a submitter name"):
+        roles.check_submitter_name("alice:pw@x")
+    assert roles.check_submitter_name("alice@lab.example") == "alice@lab.example"
