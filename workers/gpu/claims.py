@@ -13,6 +13,9 @@ child processes (Python opens descriptors non-inheritable).
 Each worker also holds a lease (`<state_dir>/workers/<worker_id>.lock`, flocked for
 its lifetime). A claim whose worker's lease is free belongs to a dead worker; it is
 released once its sandbox is gone (`reconcile`), and kept while the sandbox runs.
+
+Both directories are 0700 and their files 0600, opened, read and written as
+`sandfleet.workers.state_files` says: never through a link planted in their place.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from sandfleet.workers.state_files import open_private, private_dir, read_private, write_private
 
 ClaimKey = tuple[str, str]  # (driver, job id)
 
@@ -70,7 +75,7 @@ class NotEnoughGpus(Exception):
 
 def _open_locked(path: Path, *, blocking: bool = True) -> int | None:
     """An fd of `path` holding an exclusive flock, or None if not blocking and it is held."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_private(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -90,7 +95,7 @@ class WorkerLease:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self._path.parent)
         self._fd = _open_locked(self._path, blocking=False)
         if self._fd is None:
             raise RuntimeError(f"worker lease {self._path} is held by another process")
@@ -126,7 +131,7 @@ class GpuClaimStore:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[dict[ClaimKey, Claim]]:
         """The claims, read under the lock; written back if the block changed them."""
-        self._dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self._dir)
         fd = _open_locked(self._lock_path)
         assert fd is not None
         try:
@@ -140,7 +145,7 @@ class GpuClaimStore:
 
     def _read(self) -> dict[ClaimKey, Claim]:
         try:
-            raw = json.loads(self._data_path.read_text())
+            raw = json.loads(read_private(self._data_path))
         except FileNotFoundError:
             return {}
         records = raw["claims"]
@@ -151,10 +156,10 @@ class GpuClaimStore:
 
     def _write(self, claims: dict[ClaimKey, Claim]) -> None:
         # Write-then-rename: a crash leaves the old file or the new one, never half of one.
-        tmp = self._data_path.with_suffix(".tmp")
         records = [asdict(claim) for claim in claims.values()]
-        tmp.write_text(json.dumps({"version": 2, "claims": records}))
-        os.replace(tmp, self._data_path)
+        for stale in self._dir.glob(f"{self._data_path.name}.*.tmp"):  # a writer killed mid-write
+            stale.unlink(missing_ok=True)  # (writes happen under the lock: none is under way)
+        write_private(self._data_path, json.dumps({"version": 2, "claims": records}).encode())
 
     def claims(self) -> list[Claim]:
         with self._transaction() as claims:
