@@ -2,13 +2,13 @@
 
 A claim maps one job of one driver to the physical GPUs (by UUID) it holds, so a CDI
 name and a PCI address of the same GPU conflict whichever driver asked. A claim is
-known by its driver and job id together: job ids are unique per submitter, not per
-host, and a Docker and a Podman worker share this store, so a job of one driver never
-finds, takes, adopts or releases a claim of the other's job of the same id. All state
-sits in one JSON file under `<state_dir>/gpu/`; every read-modify-write happens under an
-exclusive `flock` on a lock file beside it: a kernel lock, held by an open file
-description, released by the kernel when its holder dies, and never inherited by
-child processes (Python opens descriptors non-inheritable).
+known by its driver and job id together: one id may reach both Docker and Podman on one
+host (a resubmission), whose workers share this store, and a job of one driver must
+never find, take, adopt or release the other's claim. All state sits in one JSON file
+under `<state_dir>/gpu/`; every read-modify-write happens under an exclusive `flock`
+on a lock file beside it: a kernel lock, held by an open file description, released by
+the kernel when its holder dies, and never inherited by child processes (Python opens
+descriptors non-inheritable).
 
 Each worker also holds a lease (`<state_dir>/workers/<worker_id>.lock`, flocked for
 its lifetime). A claim whose worker's lease is free belongs to a dead worker; it is
@@ -157,8 +157,9 @@ class GpuClaimStore:
     def _write(self, claims: dict[ClaimKey, Claim]) -> None:
         # Write-then-rename: a crash leaves the old file or the new one, never half of one.
         records = [asdict(claim) for claim in claims.values()]
-        for stale in self._dir.glob(f"{self._data_path.name}.*.tmp"):  # a writer killed mid-write
-            stale.unlink(missing_ok=True)  # (writes happen under the lock: none is under way)
+        # Left by a writer killed mid-write: none is under way, as writes hold the lock.
+        for stale in self._dir.glob(f"{self._data_path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         write_private(self._data_path, json.dumps({"version": 2, "claims": records}).encode())
 
     def claims(self) -> list[Claim]:
