@@ -46,7 +46,7 @@ def cycle_claims(
         except NotEnoughGpus:
             refused += 1
             continue
-        store.release(job)
+        store.release(job, driver="docker")
         done += 1
     results.put((done, refused))
 

@@ -29,6 +29,8 @@ class JobPlan:
 
 USER_CANCELLED = "Cancelled"
 
+MAX_TIMEOUT_SECONDS = 7 * 86400.0  # SANDFLEET_MAX_TIMEOUT_SECONDS' default
+
 
 @dataclass(frozen=True)
 class StopRequest:
@@ -123,3 +125,26 @@ class RunPolicy:
     gpu_retry_seconds: float = 10.0
     gpu_max_wait_seconds: float = 3600.0
     takeover: SandboxPolicy = SandboxPolicy.ADOPT
+    # The gateway bounds timeout_seconds too; a worker does not count on it.
+    max_timeout_seconds: float = MAX_TIMEOUT_SECONDS
+
+    def timeout_refusal(self, timeout_seconds: int | None) -> str | None:
+        """Why a job with this timeout must not start here; None if it may."""
+        if timeout_seconds is None or timeout_seconds <= self.max_timeout_seconds:
+            return None
+        return (
+            f"template.timeout_seconds: {_shown(timeout_seconds)} is more than this worker's "
+            f"maximum, {self.max_timeout_seconds:g} (SANDFLEET_MAX_TIMEOUT_SECONDS)"
+        )
+
+    def bounded_timeout(self, timeout_seconds: int | None) -> float | None:
+        """The timeout a sandbox is held to: the job's, at most the maximum (a sandbox
+        adopted from before the maximum was lowered is held to it as well)."""
+        if timeout_seconds is None:
+            return None
+        return min(timeout_seconds, self.max_timeout_seconds)
+
+
+def _shown(number: int) -> str:
+    # str() of an int of more than 4,300 digits raises; nobody reads one that long anyway.
+    return str(number) if number < 10**18 else "a number of more than 18 digits"

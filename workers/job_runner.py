@@ -153,8 +153,8 @@ class JobRunner:
         if attempt.sandbox_id is not None:
             try:
                 await self._supervisor.stop_sandbox(attempt.sandbox_id)
-            except SandboxError as exc:
-                log.warning("job %s: stopping its sandbox failed: %s", job_id, exc)
+            except Exception:  # of any kind: the caller (the control log, a shutdown) goes on
+                log.exception("job %s: stopping its sandbox failed; it runs on", job_id)
 
     # ---- the steps ----
 
@@ -224,16 +224,18 @@ class JobRunner:
             return Outcome.failed("SandboxLost", message)
         if attempt.stop_request is not None:
             return attempt.stop_request.before_start()
+        if refusal := self._policy.timeout_refusal(attempt.job.template.timeout_seconds):
+            return Outcome.failed("TimeoutTooLong", refusal)  # before any GPU or sandbox
         plan = attempt.plan or self._check.plan(attempt.job)
         claim = await self._claim(attempt, plan.gpus)
         return await self._create(attempt, plan, claim)
 
     async def _adopt(self, attempt: Attempt, sandbox: SandboxState) -> SandboxState:
         log.info("job %s: adopting sandbox %s", attempt.job_id, sandbox.sandbox_id)
+        await self._record_sandbox(attempt, sandbox)  # first: whatever fails next, it is removed
         claim = await self._gpus.adopt(attempt.job_id)
         attempt.devices = claim.devices if claim is not None else ()
         attempt.adopted = True
-        await self._record_sandbox(attempt, sandbox)
         return sandbox
 
     async def _claim(self, attempt: Attempt, request: GpuRequest) -> Claim | None:
@@ -280,9 +282,11 @@ class JobRunner:
         except Exception:
             await self._record_left_behind(attempt)
             raise
+        # Recorded before anything else can fail: clean-up removes a recorded sandbox
+        # before its GPUs go, and any failure from here on ends in clean-up.
+        await self._record_sandbox(attempt, sandbox)
         if claim is not None:
             await self._gpus.attach(attempt.job_id, sandbox.sandbox_id)
-        await self._record_sandbox(attempt, sandbox)
         return sandbox
 
     async def _finish(self, attempt: Attempt, outcome: Outcome) -> None:
@@ -296,11 +300,11 @@ class JobRunner:
         if attempt.sandbox_id is not None:
             try:
                 await self._driver.remove(attempt.sandbox_id)
-            except SandboxError as exc:
-                log.error(
-                    "job %s: removing sandbox %s failed (%s); its GPUs stay claimed and its "
+            except Exception:  # of any kind: the sandbox may run on, so nothing is let go
+                log.exception(
+                    "job %s: removing sandbox %s failed; its GPUs stay claimed and its "
                     "journal entry open until a worker of this host takes it over",
-                    attempt.job_id, attempt.sandbox_id, exc,
+                    attempt.job_id, attempt.sandbox_id,
                 )  # fmt: skip
                 return
         await self._gpus.release(attempt.job_id)

@@ -14,12 +14,15 @@ the open entries of dead workers (their lease is free), at start-up and periodic
 and finish them: adopt the running sandbox, or re-publish a terminal event that was
 recorded but perhaps not sent (same event_id: readers drop the repeat), then clean
 up. Writes are atomic (write, fsync, rename); taking an entry happens under a flock.
+Entries hold the job's environment: they are 0600 in 0700 directories, written and read
+as `sandfleet.workers.state_files` says (never through a link).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +33,16 @@ from pydantic import BaseModel, ValidationError
 
 from sandfleet.common.events import Event
 from sandfleet.common.models import Job
+from sandfleet.workers.state_files import (
+    UnsafeStatePath,
+    fsync_directory,
+    open_private,
+    private_dir,
+    read_private,
+    write_private,
+)
+
+log = logging.getLogger(__name__)
 
 
 class JournalEntry(BaseModel):
@@ -60,7 +73,8 @@ class JobJournal:
         self._alive = alive
         self._dir = directory / driver
         self._closed = self._dir / "closed"
-        self._closed.mkdir(parents=True, exist_ok=True)
+        private_dir(self._dir)
+        private_dir(self._closed)
 
     def _path(self, job_id: str, *, closed: bool = False) -> Path:
         return (self._closed if closed else self._dir) / f"{job_id}.json"
@@ -71,7 +85,7 @@ class JobJournal:
         for closed in (True, False):
             try:
                 return JournalEntry.model_validate_json(
-                    self._path(job_id, closed=closed).read_bytes()
+                    read_private(self._path(job_id, closed=closed))
                 )
             except FileNotFoundError:
                 continue
@@ -80,16 +94,10 @@ class JobJournal:
     def write(self, entry: JournalEntry) -> None:
         job_id = entry.job.job_id
         path = self._path(job_id, closed=entry.closed)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as out:
-            out.write(entry.model_dump_json().encode())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-        _fsync_directory(path.parent)  # the rename itself survives a power loss
+        write_private(path, entry.model_dump_json().encode(), durable=True)
         if entry.closed:
             self._path(job_id).unlink(missing_ok=True)
-            _fsync_directory(self._dir)
+            fsync_directory(self._dir)
 
     def delete(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)
@@ -105,7 +113,7 @@ class JobJournal:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self._dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_private(self._dir / ".lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -161,8 +169,11 @@ class JobJournal:
     def _open_entries(self) -> Iterator[JournalEntry]:
         for job_id in sorted(self.open_job_ids()):
             try:
-                entry = JournalEntry.model_validate_json(self._path(job_id).read_bytes())
+                entry = JournalEntry.model_validate_json(read_private(self._path(job_id)))
             except (FileNotFoundError, ValidationError):  # gone, or a half-written file
+                continue
+            except UnsafeStatePath as exc:  # one bad entry must not stop the others
+                log.error("skipping journal entry %s: %s", job_id, exc)
                 continue
             if not entry.closed:
                 yield entry
@@ -189,14 +200,6 @@ class JobJournal:
                     self.write(mine)
                     taken.append(mine)
         return taken
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_if_older(path: Path, cutoff: float) -> bool:

@@ -36,13 +36,13 @@ class SandboxSupervisor:
         started_at = await self._started(attempt, sandbox)
         if attempt.stop_request is not None:  # asked while it started
             return await self._stop_early(attempt, attempt.stop_request)
-        timeout = attempt.job.template.timeout_seconds
+        timeout = self._policy.bounded_timeout(attempt.job.template.timeout_seconds)
         try:
             async with asyncio.timeout_at(_deadline(started_at, timeout)):
                 exit_code = await self._driver.wait(sandbox.sandbox_id)
         except TimeoutError:
-            message = f"exceeded timeout_seconds={timeout}"
-            return await self._stop_early(attempt, StopRequest(Phase.TIMED_OUT, "Timeout", message))
+            request = StopRequest(Phase.TIMED_OUT, "Timeout", self._timed_out(attempt))
+            return await self._stop_early(attempt, request)
         except SandboxError:
             if attempt.stop_request is None:
                 raise
@@ -57,6 +57,15 @@ class SandboxSupervisor:
             return datetime.now(UTC)
         await self._emit(attempt, Phase.RUNNING, "Adopted", "found running after a redelivery")
         return sandbox.started_at or datetime.now(UTC)
+
+    def _timed_out(self, attempt: Attempt) -> str:
+        asked = attempt.job.template.timeout_seconds
+        if asked is not None and self._policy.timeout_refusal(asked) is None:
+            return f"exceeded timeout_seconds={asked}"
+        limit = self._policy.max_timeout_seconds
+        return (
+            f"exceeded this worker's maximum run time, {limit:g}s (SANDFLEET_MAX_TIMEOUT_SECONDS)"
+        )
 
     def must_stop_on_takeover(self, sandbox: SandboxState) -> bool:
         running = sandbox.status is not SandboxStatus.EXITED
@@ -97,7 +106,7 @@ class SandboxSupervisor:
         return await self._driver.output(sandbox_id, lines=self._policy.output_tail_lines)
 
 
-def _deadline(started_at: datetime, timeout_seconds: int | None) -> float | None:
+def _deadline(started_at: datetime, timeout_seconds: float | None) -> float | None:
     """The loop-clock time at which a sandbox started at `started_at` runs out of time."""
     if timeout_seconds is None:
         return None

@@ -152,7 +152,7 @@ async def test_busy_gpus_make_a_job_wait_then_proceed_when_freed(
             assert [c.job_id for c in store.claims()] == ["vm-job"]
             await next_phase(stream, req["job_id"], Phase.WAITING)  # retried, still busy
 
-            store.release("vm-job")  # the first job finishes
+            store.release("vm-job", driver="vm")  # the first job finishes
             claimed = await next_phase(stream, req["job_id"], Phase.CLAIMED)
             events = await until_terminal(stream, req["job_id"])
         assert claimed.gpus == ["nvidia.com/gpu=0"]

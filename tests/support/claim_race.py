@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from sandfleet.workers.gpu.claims import GpuBusy, GpuClaimStore, NotEnoughGpus
+from sandfleet.workers.gpu.claims import Claim, GpuBusy, GpuClaimStore, NotEnoughGpus
 
 Interval = tuple[str, str, int, int]  # gpu, job, start_ns, end_ns
 
@@ -26,15 +26,15 @@ def hammer(
     """Run `operations` claim-or-release operations; write held intervals and counts to `out`."""
     rng = random.Random(seed)
     store = GpuClaimStore(Path(state_dir))
-    held: dict[str, tuple[tuple[str, ...], int]] = {}
+    held: dict[str, tuple[Claim, int]] = {}
     intervals: list[Interval] = []
     conflicts = 0
     for n in range(operations):
         if held and (rng.random() < 0.5 or len(held) >= 2):
-            job, (claimed, start) = held.popitem()
+            job, (claim, start) = held.popitem()
             end = time.monotonic_ns()
-            store.release(job)
-            intervals.extend((gpu, job, start, end) for gpu in claimed)
+            store.release(job, driver=claim.driver)
+            intervals.extend((gpu, job, start, end) for gpu in claim.gpus)
             continue
         job = f"{worker}-{n}"
         try:
@@ -51,11 +51,11 @@ def hammer(
         except (GpuBusy, NotEnoughGpus):
             conflicts += 1
             continue
-        held[job] = (claim.gpus, time.monotonic_ns())
-    for job, (claimed, start) in held.items():
+        held[job] = (claim, time.monotonic_ns())
+    for job, (claim, start) in held.items():
         end = time.monotonic_ns()
-        store.release(job)
-        intervals.extend((gpu, job, start, end) for gpu in claimed)
+        store.release(job, driver=claim.driver)
+        intervals.extend((gpu, job, start, end) for gpu in claim.gpus)
     Path(out).write_text(json.dumps({"intervals": intervals, "conflicts": conflicts}))
 
 

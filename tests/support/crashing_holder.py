@@ -42,7 +42,7 @@ async def main(state_dir: Path, worker_id: str, job_id: str, gpu: str, image: st
         {"Image": image, "Cmd": ["sleep", "300"], "Labels": labels}, name=sandbox_name(job_id)
     )
     await container.start()
-    store.attach_sandbox(job_id, container.id)
+    store.attach_sandbox(job_id, container.id, driver="docker")
     print("ready", flush=True)
     await asyncio.Event().wait()
 

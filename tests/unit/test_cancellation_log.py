@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from aio_pika.abc import AbstractChannel
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sandfleet.common.models import CancelRequest
 from sandfleet.common.settings import max_age_seconds
@@ -84,3 +88,57 @@ def test_max_age_reads_rabbitmq_units() -> None:
         timedelta(seconds=max_age_seconds("1Y")).days,
         timedelta(seconds=max_age_seconds("1M")).days,
     ) == (365, 30)
+
+
+def test_a_flood_of_cancellations_for_random_ids_stays_within_the_bound() -> None:
+    """A submitter may cancel any id, even ones that never ran: memory must not follow."""
+    clock, bound = Clock(), 1000
+    table = log(clock, max_entries=bound)
+    longest = "x" * 512  # CancelRequest.reason's limit
+
+    def flood(count: int) -> None:
+        for _ in range(count):
+            job_id = secrets.token_hex(31)  # 62 characters: near the id pattern's limit
+            table.record(CancelRequest(job_id=job_id, reason=longest, requested_at=now(clock)))
+
+    tracemalloc.start()
+    try:
+        flood(2 * bound)  # the table is full: from here on each new one pushes one out
+        full = tracemalloc.take_snapshot()
+        flood(20 * bound)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(full, "filename"))
+    assert len(table) == bound
+    assert grown < 64 * 1024  # 20,000 more, of ~1 KiB each, and nothing kept of them
+
+
+NEAR_NOW = (datetime(2026, 11, 26, 23), datetime(2026, 11, 27, 1))  # around Clock's now
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text("abcdefgh", min_size=1, max_size=2),
+            st.datetimes(timezones=st.timezones() | st.just(UTC))  # any at all
+            | st.datetimes(NEAR_NOW[0], NEAR_NOW[1], timezones=st.just(UTC)),  # kept a while
+        ),
+        max_size=40,
+    )
+)
+def test_any_requests_at_any_time_keep_the_table_within_max_entries(
+    requests: list[tuple[str, datetime]],
+) -> None:
+    clock = Clock()
+    table = log(clock, max_entries=5)
+    for job_id, requested_at in requests:
+        table.record(CancelRequest(job_id=job_id, requested_at=requested_at))
+        assert len(table) <= 5
+    clock.now += 3601
+    assert all(table.get(job_id) is None for job_id, _ in requests)
+    assert len(table) == 0
+
+
+def now(clock: Clock) -> datetime:
+    return datetime.fromtimestamp(clock.now, UTC)

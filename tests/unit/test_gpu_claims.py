@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from sandfleet.common.errors import RequestInvalid
 from sandfleet.workers.gpu.allocator import GpuAllocator
 from sandfleet.workers.gpu.claims import (
+    UNKNOWN_DRIVER,
     GpuBusy,
     GpuClaimStore,
     NotEnoughGpus,
@@ -60,7 +62,7 @@ def test_claim_any_takes_free_ones_or_none(tmp_path: Path) -> None:
 def test_a_claim_records_job_driver_worker_sandbox_and_time(tmp_path: Path) -> None:
     store = GpuClaimStore(tmp_path)
     claim(store, "a", [UUIDS[0]], worker="w7")
-    store.attach_sandbox("a", "sbx-1")
+    store.attach_sandbox("a", "sbx-1", driver="docker")
     [record] = GpuClaimStore(tmp_path).claims()  # another process's view: from the file
     assert (record.job_id, record.driver, record.worker_id, record.sandbox_id) == (
         "a",
@@ -77,8 +79,8 @@ def test_a_redelivered_job_gets_its_claim_back(tmp_path: Path) -> None:
     claim(store, "a", [UUIDS[0]], worker="new")
     [record] = store.claims()
     assert record.worker_id == "new"
-    assert store.release("a") is not None
-    assert store.release("a") is None
+    assert store.release("a", driver="docker") is not None
+    assert store.release("a", driver="docker") is None
 
 
 def test_cdi_name_and_pci_address_of_one_gpu_conflict(tmp_path: Path) -> None:
@@ -182,3 +184,81 @@ def test_empty_inventory_means_nothing_to_claim(tmp_path: Path) -> None:
         device_id=str,
     )
     assert len(allocator.inventory) == 0
+
+
+# ---- claims are per (driver, job): Docker and Podman workers share this store ----
+
+
+def test_the_same_job_id_of_another_driver_never_gets_or_touches_the_claim(
+    tmp_path: Path,
+) -> None:
+    store = GpuClaimStore(tmp_path)
+    store.claim(job_id="a", gpus=[UUIDS[0]], devices=["d0"], driver="docker", worker_id="wd")
+    with pytest.raises(GpuBusy):  # not handed the Docker job's GPU: two sandboxes, one GPU
+        store.claim(job_id="a", gpus=[UUIDS[0]], devices=["p0"], driver="podman", worker_id="wp")
+    assert store.adopt("a", driver="podman", worker_id="wp") is None
+    store.attach_sandbox("a", "podman-sandbox", driver="podman")
+    assert store.release("a", driver="podman") is None
+    [docker] = store.claims()
+    assert (docker.driver, docker.worker_id, docker.sandbox_id) == ("docker", "wd", None)
+
+
+def test_two_drivers_jobs_of_one_id_hold_their_own_gpus(tmp_path: Path) -> None:
+    store = GpuClaimStore(tmp_path)
+    for n, driver in enumerate(("docker", "podman")):
+        store.claim_any(
+            job_id="a", count=1, candidates=UUIDS, device_for=str, driver=driver, worker_id=f"w{n}"
+        )
+    store.attach_sandbox("a", "docker-sandbox", driver="docker")
+    held = {claim.driver: (claim.gpus, claim.sandbox_id) for claim in store.claims()}
+    assert held == {"docker": ((UUIDS[0],), "docker-sandbox"), "podman": ((UUIDS[1],), None)}
+    assert store.reconcile(driver="podman", live_jobs=set())[0].driver == "podman"
+    assert [claim.driver for claim in store.claims()] == ["docker"]
+
+
+async def test_an_allocator_looks_up_adopts_attaches_and_releases_only_its_drivers_claims(
+    tmp_path: Path,
+) -> None:
+    inventory = from_static_file(write_inventory(tmp_path / "gpus.json"), cdi_kind="nvidia.com/gpu")
+    store = GpuClaimStore(tmp_path / "state")
+    docker, podman = (
+        GpuAllocator(inventory, store, driver=name, worker_id=name, device_id=lambda g: g.uuid)
+        for name in ("docker", "podman")
+    )
+    await docker.claim("a", docker.request(["0"], 1, path="ids", host="h1"))
+    assert await podman.adopt("a") is None
+    await podman.attach("a", "podman-sandbox")
+    await podman.release("a")
+    [held] = store.claims()
+    assert (held.driver, held.worker_id, held.sandbox_id) == ("docker", "docker", None)
+    with pytest.raises(GpuBusy):
+        await podman.claim("a", podman.request(["0"], 1, path="ids", host="h1"))
+    await docker.release("a")
+    assert store.claims() == []
+
+
+def test_a_claim_file_of_the_layout_keyed_by_job_id_is_read_by_each_records_driver(
+    tmp_path: Path,
+) -> None:
+    record = {"worker_id": "gone", "sandbox_id": None, "claimed_at": "2026-11-27T00:00:00+00:00"}
+    old = {
+        "a": {**record, "job_id": "a", "driver": "docker", "gpus": [UUIDS[0]], "devices": ["d"]},
+        # Every version wrote the driver; one without it was edited by hand.
+        "b": {**record, "job_id": "b", "gpus": [UUIDS[1]], "devices": ["d"]},
+    }
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "claims.json").write_text(json.dumps({"claims": old}))
+    store = GpuClaimStore(tmp_path)
+    assert {(c.driver, c.job_id) for c in store.claims()} == {
+        ("docker", "a"),
+        (UNKNOWN_DRIVER, "b"),
+    }
+    with pytest.raises(NotEnoughGpus):  # the driverless record's GPU stays held too
+        store.claim_any(
+            job_id="b", count=3, candidates=UUIDS, device_for=str, driver="podman", worker_id="w"
+        )
+    for driver in ("docker", "podman", "vm"):
+        store.reconcile(driver=driver, live_jobs=set())
+    assert [(c.driver, c.job_id) for c in store.claims()] == [(UNKNOWN_DRIVER, "b")]
+    written = json.loads((tmp_path / "gpu" / "claims.json").read_text())
+    assert written["version"] == 2 and [c["job_id"] for c in written["claims"]] == ["b"]

@@ -575,7 +575,7 @@ async def test_a_parked_copy_back_before_its_entry_is_dropped_runs_once(tmp_path
 
     async def back_at_once(job: Job, *, delay: float, waiting_since: datetime) -> None:
         await parked(job, delay=delay, waiting_since=waiting_since)
-        h.claims.release("other")  # the GPUs are free by the time it is back
+        h.claims.release("other", driver="x")  # the GPUs are free by the time it is back
         await h.runner.handle(h.delivery(job))
 
     h.queues.park = back_at_once  # type: ignore[method-assign]

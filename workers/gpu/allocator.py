@@ -1,4 +1,5 @@
 """A worker's view of its host's GPUs: resolve requested IDs, claim, release, reconcile.
+Every claim it looks up, adopts, attaches or releases is its own driver's.
 
 The claim store is synchronous (flock); its calls run in a thread so a contended
 lock never stalls the worker's event loop.
@@ -82,14 +83,16 @@ class GpuAllocator:
         )
 
     async def attach(self, job_id: str, sandbox_id: str) -> None:
-        await asyncio.to_thread(self._store.attach_sandbox, job_id, sandbox_id)
+        await asyncio.to_thread(self._store.attach_sandbox, job_id, sandbox_id, driver=self._driver)
 
     async def adopt(self, job_id: str) -> Claim | None:
         """Take over the claim of a job whose sandbox this worker adopts."""
-        return await asyncio.to_thread(self._store.adopt, job_id, self._worker_id)
+        return await asyncio.to_thread(
+            self._store.adopt, job_id, driver=self._driver, worker_id=self._worker_id
+        )
 
     async def release(self, job_id: str) -> None:
-        await asyncio.to_thread(self._store.release, job_id)
+        await asyncio.to_thread(self._store.release, job_id, driver=self._driver)
 
     async def free_count(self) -> int:
         free = await asyncio.to_thread(self._store.free, [gpu.uuid for gpu in self.inventory])

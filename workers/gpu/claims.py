@@ -1,15 +1,21 @@
 """Host-local GPU claims, shared by every sandfleet worker process on the host.
 
-A claim maps one job to the physical GPUs (by UUID) it holds, so a CDI name and a
-PCI address of the same GPU conflict whichever driver asked. All state sits in one
-JSON file under `<state_dir>/gpu/`; every read-modify-write happens under an
-exclusive `flock` on a lock file beside it: a kernel lock, held by an open file
-description, released by the kernel when its holder dies, and never inherited by
-child processes (Python opens descriptors non-inheritable).
+A claim maps one job of one driver to the physical GPUs (by UUID) it holds, so a CDI
+name and a PCI address of the same GPU conflict whichever driver asked. A claim is
+known by its driver and job id together: one id may reach both Docker and Podman on one
+host (a resubmission), whose workers share this store, and a job of one driver must
+never find, take, adopt or release the other's claim. All state sits in one JSON file
+under `<state_dir>/gpu/`; every read-modify-write happens under an exclusive `flock`
+on a lock file beside it: a kernel lock, held by an open file description, released by
+the kernel when its holder dies, and never inherited by child processes (Python opens
+descriptors non-inheritable).
 
 Each worker also holds a lease (`<state_dir>/workers/<worker_id>.lock`, flocked for
 its lifetime). A claim whose worker's lease is free belongs to a dead worker; it is
 released once its sandbox is gone (`reconcile`), and kept while the sandbox runs.
+
+Both directories are 0700 and their files 0600, opened, read and written as
+`sandfleet.workers.state_files` says: never through a link planted in their place.
 """
 
 from __future__ import annotations
@@ -24,6 +30,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sandfleet.workers.state_files import open_private, private_dir, read_private, write_private
+
+ClaimKey = tuple[str, str]  # (driver, job id)
+
+# The driver of a record that names none. Every version has written the driver into
+# each record; one without it was edited by hand: its GPUs stay held, and no driver's
+# job finds, adopts or releases it (remove it by hand).
+UNKNOWN_DRIVER = "?"
+
 
 @dataclass(frozen=True, kw_only=True)
 class Claim:
@@ -35,9 +50,14 @@ class Claim:
     sandbox_id: str | None
     claimed_at: str  # ISO 8601, UTC
 
+    @property
+    def key(self) -> ClaimKey:
+        return (self.driver, self.job_id)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Claim:
-        return cls(**{**data, "gpus": tuple(data["gpus"]), "devices": tuple(data["devices"])})
+        fields = {"driver": UNKNOWN_DRIVER, **data}
+        return cls(**{**fields, "gpus": tuple(data["gpus"]), "devices": tuple(data["devices"])})
 
 
 class GpuBusy(Exception):
@@ -55,7 +75,7 @@ class NotEnoughGpus(Exception):
 
 def _open_locked(path: Path, *, blocking: bool = True) -> int | None:
     """An fd of `path` holding an exclusive flock, or None if not blocking and it is held."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_private(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -75,7 +95,7 @@ class WorkerLease:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self._path.parent)
         self._fd = _open_locked(self._path, blocking=False)
         if self._fd is None:
             raise RuntimeError(f"worker lease {self._path} is held by another process")
@@ -109,9 +129,9 @@ class GpuClaimStore:
         self._data_path = self._dir / "claims.json"
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[dict[str, Claim]]:
+    def _transaction(self) -> Iterator[dict[ClaimKey, Claim]]:
         """The claims, read under the lock; written back if the block changed them."""
-        self._dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self._dir)
         fd = _open_locked(self._lock_path)
         assert fd is not None
         try:
@@ -123,18 +143,24 @@ class GpuClaimStore:
         finally:
             os.close(fd)  # closing the last fd of the open file description unlocks
 
-    def _read(self) -> dict[str, Claim]:
+    def _read(self) -> dict[ClaimKey, Claim]:
         try:
-            raw = json.loads(self._data_path.read_text())
+            raw = json.loads(read_private(self._data_path))
         except FileNotFoundError:
             return {}
-        return {job_id: Claim.from_dict(data) for job_id, data in raw["claims"].items()}
+        records = raw["claims"]
+        if isinstance(records, dict):  # the layout before version 2: keyed by job id
+            records = [{"job_id": job_id, **data} for job_id, data in records.items()]
+        claims = (Claim.from_dict(data) for data in records)
+        return {claim.key: claim for claim in claims}
 
-    def _write(self, claims: dict[str, Claim]) -> None:
+    def _write(self, claims: dict[ClaimKey, Claim]) -> None:
         # Write-then-rename: a crash leaves the old file or the new one, never half of one.
-        tmp = self._data_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"claims": {j: asdict(c) for j, c in claims.items()}}))
-        os.replace(tmp, self._data_path)
+        records = [asdict(claim) for claim in claims.values()]
+        # Left by a writer killed mid-write: none is under way, as writes hold the lock.
+        for stale in self._dir.glob(f"{self._data_path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        write_private(self._data_path, json.dumps({"version": 2, "claims": records}).encode())
 
     def claims(self) -> list[Claim]:
         with self._transaction() as claims:
@@ -192,13 +218,14 @@ class GpuClaimStore:
         A job that already holds a claim (a redelivery) gets it back, now owned by
         `worker_id`.
         """
+        key = (driver, job_id)
         with self._transaction() as claims:
-            existing = claims.get(job_id)
+            existing = claims.get(key)
             if existing is not None:
-                claims[job_id] = replace(existing, worker_id=worker_id)
-                return claims[job_id]
+                claims[key] = replace(existing, worker_id=worker_id)
+                return claims[key]
             chosen = choose(_holders(claims.values()))
-            claims[job_id] = Claim(
+            claims[key] = Claim(
                 job_id=job_id,
                 driver=driver,
                 worker_id=worker_id,
@@ -207,23 +234,26 @@ class GpuClaimStore:
                 sandbox_id=None,
                 claimed_at=datetime.now(UTC).isoformat(),
             )
-            return claims[job_id]
+            return claims[key]
 
-    def adopt(self, job_id: str, worker_id: str) -> Claim | None:
+    def adopt(self, job_id: str, *, driver: str, worker_id: str) -> Claim | None:
+        """`driver`'s claim for `job_id`, now owned by `worker_id`; None if it has none."""
         with self._transaction() as claims:
-            if job_id not in claims:
+            key = (driver, job_id)
+            if key not in claims:
                 return None
-            claims[job_id] = replace(claims[job_id], worker_id=worker_id)
-            return claims[job_id]
+            claims[key] = replace(claims[key], worker_id=worker_id)
+            return claims[key]
 
-    def attach_sandbox(self, job_id: str, sandbox_id: str) -> None:
+    def attach_sandbox(self, job_id: str, sandbox_id: str, *, driver: str) -> None:
         with self._transaction() as claims:
-            if job_id in claims:
-                claims[job_id] = replace(claims[job_id], sandbox_id=sandbox_id)
+            key = (driver, job_id)
+            if key in claims:
+                claims[key] = replace(claims[key], sandbox_id=sandbox_id)
 
-    def release(self, job_id: str) -> Claim | None:
+    def release(self, job_id: str, *, driver: str) -> Claim | None:
         with self._transaction() as claims:
-            return claims.pop(job_id, None)
+            return claims.pop((driver, job_id), None)
 
     def free(self, candidates: Collection[str]) -> list[str]:
         with self._transaction() as claims:
@@ -246,7 +276,7 @@ class GpuClaimStore:
                 and not worker_alive(self.state_dir, claim.worker_id)
             ]
             for claim in released:
-                del claims[claim.job_id]
+                del claims[claim.key]
             return released
 
 
