@@ -11,8 +11,9 @@ import re
 import socket
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sandfleet.common.models import DRIVER_NAME_PATTERN
@@ -46,6 +47,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SANDFLEET_", frozen=True, extra="ignore")
 
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # A file holding the broker URL instead (its password stays out of the environment,
+    # as with Docker secrets); read once, at start.
+    broker_url_file: Path | None = None
     host: str = Field(default_factory=_short_hostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
     default_driver: str = Field(default="docker", pattern=DRIVER_NAME_PATTERN)
     log_level: str = "INFO"
@@ -96,6 +100,17 @@ class Settings(BaseSettings):
     job_delivery_limit: int = Field(default=5, gt=0)
     # How long the event and control logs keep history (RabbitMQ x-max-age).
     events_max_age: str = Field(default="7D", pattern=MAX_AGE_PATTERN)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _broker_url_from_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("broker_url_file"):
+            path = Path(data["broker_url_file"])
+            try:
+                data = {**data, "broker_url": path.read_text(encoding="utf-8").strip()}
+            except OSError as exc:
+                raise ValueError(f"SANDFLEET_BROKER_URL_FILE {path}: {exc.strerror}") from None
+        return data
 
     @property
     def admin_logins(self) -> frozenset[str]:
