@@ -34,7 +34,7 @@ from sandfleet.common.topology import (
     job_queue_name,
     job_routing_key,
 )
-from sandfleet.gateway.envelope import admit, decode, job_id_hint, new_job_id
+from sandfleet.gateway.envelope import admit, bounded_errors, decode, job_id_hint, new_job_id
 from sandfleet.gateway.job_index import JobIndex
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,9 @@ class Gateway(AsyncCloseable):
         self._topology = await declare_topology(self._channel, settings)
         self._events = EventPublisher(self._topology.events)
         self._routes = RouteChecker(self._connection)
-        self._jobs = JobIndex(await self._connection.channel())
+        self._jobs = JobIndex(
+            await self._connection.channel(), max_age_seconds=settings.events_max_age_seconds
+        )
         await self._jobs.start()  # know every job id in the log before taking submissions
         await self._channel.set_qos(prefetch_count=settings.gateway_concurrency)
         submit = await self._channel.get_queue(SUBMIT_QUEUE)
@@ -184,6 +186,7 @@ class Gateway(AsyncCloseable):
         driver: str | None = None,
     ) -> None:
         assert self._events is not None
+        errors = bounded_errors(errors)  # a huge request must not make a huge event
         summary = "; ".join(str(e) for e in errors)
         await self._events.publish(
             Event(
