@@ -127,3 +127,15 @@ def submission(rng: random.Random) -> bytes:
     data = mutated_request(rng, request)
     body = json.dumps(data, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
     return mutated_bytes(rng, body) if roll > 0.6 else body
+
+
+def hostile_request(size: int = 1 << 20, *, job_id: str = "hostile") -> bytes:
+    """A request of `size` bytes breaking some 200,000 rules: each ~10-byte environment
+    entry `"123": 0` breaks two (its name and its value), each error some 60 bytes."""
+    environment: dict[str, int] = {}
+    raw = b""
+    while len(raw) < size - 100_000:
+        environment |= {str(i): 0 for i in range(len(environment), len(environment) + 10_000)}
+        request = {"job_id": job_id, "template": {"image": "x", "environment": environment}}
+        raw = json.dumps(request).encode()
+    return raw + b" " * (size - len(raw))

@@ -18,6 +18,7 @@ from sandfleet.gateway.envelope import (
     decode,
     job_id_hint,
 )
+from tests.support.fuzz_inputs import hostile_request
 
 SETTINGS = Settings(host="gw", max_driver_config_bytes=256)
 
@@ -249,17 +250,6 @@ def test_the_bounds_themselves_are_accepted() -> None:
         job = admit(body(resource_requirements={"cpu": cpu, "memory": memory}), SETTINGS)
         assert job.resource_requirements.cpu in {0.01, 1024}
         assert job.resource_requirements.memory in {6 * 2**20, 16 * 2**40}
-
-
-def hostile_request(size: int = 1 << 20) -> bytes:
-    """A request of `size` bytes breaking some 200,000 rules: each ~10-byte environment
-    entry `"123": 0` breaks two (name and value), each error ~60 bytes."""
-    environment: dict[str, int] = {}
-    raw = body()
-    while len(raw) < size - 100_000:
-        environment |= {str(i): 0 for i in range(len(environment), len(environment) + 10_000)}
-        raw = body(template_environment=environment)
-    return raw + b" " * (size - len(raw))
 
 
 def test_a_huge_invalid_request_gets_a_small_rejection() -> None:

@@ -3,7 +3,7 @@ oracle keep working (the bench runs 100,000)."""
 
 from __future__ import annotations
 
-from typing import cast
+import pytest
 
 from sandfleet.common.settings import Settings
 from tests.support.fuzzing import FuzzReport, check_submission, fuzz_round, violations
@@ -34,8 +34,11 @@ def test_the_oracle_knows_the_rules() -> None:
     ]
 
 
-def test_an_uncaught_exception_is_reported() -> None:
+def test_an_uncaught_exception_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    def overflowing_admit(body: bytes, settings: Settings) -> None:
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr("tests.support.fuzzing.admit", overflowing_admit)
     report = FuzzReport()
-    not_bytes = cast(bytes, None)  # what no broker delivers: decode's len() raises
-    check_submission(not_bytes, Settings(host="fuzz"), report)
-    assert len(report.uncaught) == 1 and "TypeError" in report.uncaught[0]
+    check_submission(b'{"template": {"image": "x"}}', Settings(host="fuzz"), report)
+    assert len(report.uncaught) == 1 and "OverflowError" in report.uncaught[0]
