@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -51,7 +51,7 @@ def decode(body: bytes, *, max_bytes: int) -> Any:
         raise MessageUndecodable(f"message is {len(body)} bytes; the limit is {max_bytes}")
     try:
         return json.loads(body, parse_int=_bounded_int, parse_constant=_no_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and int()'s own limit
         raise MessageUndecodable(f"message body is not JSON: {exc}") from exc
     except RecursionError as exc:
         raise MessageUndecodable("message body nests JSON too deeply to read") from exc
@@ -63,7 +63,7 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def _no_constant(name: str) -> Any:
+def _no_constant(name: str) -> NoReturn:
     raise MessageUndecodable(f"message body is not JSON: {name} is not a JSON number")
 
 
