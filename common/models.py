@@ -71,8 +71,18 @@ class GpuRequirement(_Strict):
 
 
 # Quantities within what the runtimes honour; a request may spell them "500m", "4Gi", …
-CpuCores = Annotated[float, BeforeValidator(cpu_cores), AfterValidator(cpu_in_range)]
-MemoryBytes = Annotated[int, BeforeValidator(memory_bytes), AfterValidator(memory_in_range)]
+CpuCores = Annotated[
+    float,
+    BeforeValidator(cpu_cores),
+    AfterValidator(cpu_in_range),
+    Field(description="cores, 0.01 to 1024; the request may say 500m"),
+]
+MemoryBytes = Annotated[
+    int,
+    BeforeValidator(memory_bytes),
+    AfterValidator(memory_in_range),
+    Field(description="bytes, 6Mi to 16Ti; the request may say 512Mi, 4Gi, …"),
+]
 
 
 class ResourceRequirements(_Strict):
