@@ -19,11 +19,13 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
 
 from sandfleet.common.errors import FieldError
 from sandfleet.common.events import Phase
-from sandfleet.common.quantities import cpu_cores, memory_bytes
+from sandfleet.common.quantities import cpu_cores, cpu_in_range, memory_bytes, memory_in_range
 from sandfleet.common.signing import Signature
 
 # A driver is named, not enumerated: any installed driver package may register a name
@@ -33,6 +35,10 @@ DRIVER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 DriverName = Annotated[str, StringConstraints(pattern=DRIVER_NAME_PATTERN)]
 
 RESERVED_LABEL_PREFIX = "sandfleet."
+
+# The validation-context key under which the gateway passes its SANDFLEET_MAX_TIMEOUT_SECONDS:
+# the limit is a setting, so a static Field bound cannot hold it.
+MAX_TIMEOUT_CONTEXT = "max_timeout_seconds"
 
 # job ids become container/domain names (`sandfleet-<job_id>`) and routing-key parts
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -68,11 +74,24 @@ class GpuRequirement(_Strict):
     count: Annotated[int, Field(gt=0, le=64)] | None = None
 
 
+# Quantities within what the runtimes honour; a request may spell them "500m", "4Gi", …
+CpuCores = Annotated[
+    float,
+    BeforeValidator(cpu_cores),
+    AfterValidator(cpu_in_range),
+    Field(description="cores, 0.01 to 1024; the request may say 500m"),
+]
+MemoryBytes = Annotated[
+    int,
+    BeforeValidator(memory_bytes),
+    AfterValidator(memory_in_range),
+    Field(description="bytes, 6Mi to 16Ti; the request may say 512Mi, 4Gi, …"),
+]
+
+
 class ResourceRequirements(_Strict):
-    cpu: Annotated[float, BeforeValidator(cpu_cores), Field(gt=0, le=1024)] | None = None
-    memory: Annotated[int, BeforeValidator(memory_bytes), Field(gt=0)] | None = Field(
-        default=None, description="bytes; the request may say 512Mi, 4Gi, …"
-    )
+    cpu: CpuCores | None = None
+    memory: MemoryBytes | None = None
     gpu: GpuRequirement = GpuRequirement()
 
     @property
@@ -90,6 +109,14 @@ class _TemplateBase(_Strict):
     environment: dict[EnvName, str] = Field(default_factory=dict)
     labels: Labels = Field(default_factory=dict)
     timeout_seconds: Annotated[int, Field(gt=0)] | None = None
+
+    @field_validator("timeout_seconds")
+    @classmethod
+    def _within_the_fleet_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = (info.context or {}).get(MAX_TIMEOUT_CONTEXT)
+        if value is not None and limit is not None and value > limit:
+            raise ValueError(f"must be at most {limit} seconds (SANDFLEET_MAX_TIMEOUT_SECONDS)")
+        return value
 
 
 class Template(_TemplateBase):
@@ -161,10 +188,14 @@ class CancelRequest(_Strict):
     signature: Signature | None = None
 
 
-def field_errors(exc: ValidationError, *, prefix: str = "") -> list[FieldError]:
-    """Flatten pydantic's errors into FieldErrors named by their full dotted path."""
+def field_errors(
+    exc: ValidationError, *, prefix: str = "", limit: int | None = None
+) -> list[FieldError]:
+    """Flatten pydantic's errors into FieldErrors named by their full dotted path; the
+    first `limit` of them when given (a 1 MiB request can break 100,000 rules)."""
     errors = []
-    for err in exc.errors(include_url=False):
+    details = exc.errors(include_url=False, include_context=False, include_input=False)
+    for err in details[:limit]:
         parts = [str(p) for p in err["loc"]]
         path = ".".join(p for p in (prefix, *parts) if p) or "request"
         message = err["msg"].removeprefix("Value error, ")
@@ -173,6 +204,7 @@ def field_errors(exc: ValidationError, *, prefix: str = "") -> list[FieldError]:
 
 
 __all__ = [
+    "MAX_TIMEOUT_CONTEXT",
     "CancelRequest",
     "DriverName",
     "GpuRequirement",

@@ -31,6 +31,9 @@ class SandboxPolicy(StrEnum):
     STOP = "stop"
 
 
+# Ten years: far past any job, far short of what datetime and the runtimes' clocks can hold.
+MAX_TIMEOUT_CEILING_SECONDS = 10 * 365 * 86400
+
 # RabbitMQ's x-max-age units (Y, M, D, h, m, s), as seconds.
 _AGE_UNITS = {"Y": 365 * 86400, "M": 30 * 86400, "D": 86400, "h": 3600, "m": 60, "s": 1}
 MAX_AGE_PATTERN = r"^[0-9]{1,9}[YMDhms]$"
@@ -58,6 +61,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=1 << 20, gt=0)
     max_driver_config_bytes: int = Field(default=64 << 10, gt=0)
     gateway_concurrency: int = Field(default=64, gt=0)
+    # The longest `template.timeout_seconds` a request may ask for; a job with no timeout
+    # still runs unbounded. Capped itself so that no deadline overflows clock arithmetic.
+    max_timeout_seconds: int = Field(default=7 * 86400, gt=0, le=MAX_TIMEOUT_CEILING_SECONDS)
 
     # workers
     gpu_inventory: Path | None = None

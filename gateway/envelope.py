@@ -1,16 +1,44 @@
-"""The gateway's rules for the portable envelope; it never reads inside a driver block."""
+"""The gateway's rules for the portable envelope; it never reads inside a driver block.
+
+Whatever bytes arrive, `decode` and `admit` either return or raise MessageUndecodable or
+RequestInvalid: a submission the gateway cannot take is answered and dead-lettered,
+never requeued to poison the queue. `bounded_errors` keeps that answer small whatever
+the submission's size.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid
-from sandfleet.common.models import Job, JobTemplate, SandboxRequest, field_errors
+from sandfleet.common.models import (
+    JOB_ID_PATTERN,
+    MAX_TIMEOUT_CONTEXT,
+    Job,
+    JobTemplate,
+    SandboxRequest,
+    field_errors,
+)
 from sandfleet.common.settings import Settings
+
+# Python's own limit on int() from text (sys.int_info.default_max_str_digits), which
+# pydantic's JSON parser keeps too; stated here so a process setting cannot move it.
+MAX_INTEGER_DIGITS = 4300
+
+# What a rejection (its event and its reply) may carry, whatever the request held: a
+# 1 MiB request can break thousands of rules, each message quoting its input.
+MAX_REPORTED_ERRORS = 20
+MAX_ERROR_FIELD_CHARS = 160
+MAX_ERROR_MESSAGE_CHARS = 240
+# Room for the longest single error even were every character escaped (6 bytes each), so
+# at least one error is always shown.
+MAX_ERRORS_JSON_BYTES = 3072
+_SUMMARY_JSON_BYTES = 80  # `{"field": "request", "message": "N more errors not shown"}`
 
 
 def new_job_id() -> str:
@@ -22,32 +50,90 @@ def decode(body: bytes, *, max_bytes: int) -> Any:
     if len(body) > max_bytes:
         raise MessageUndecodable(f"message is {len(body)} bytes; the limit is {max_bytes}")
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json.loads(body, parse_int=_bounded_int, parse_constant=_no_constant)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and int()'s own limit
         raise MessageUndecodable(f"message body is not JSON: {exc}") from exc
     except RecursionError as exc:
         raise MessageUndecodable("message body nests JSON too deeply to read") from exc
 
 
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise MessageUndecodable(f"a number has more than {MAX_INTEGER_DIGITS} digits")
+    return int(text)
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise MessageUndecodable(f"message body is not JSON: {name} is not a JSON number")
+
+
 def job_id_hint(data: Any) -> str | None:
-    """The client's job_id, if it sent a usable one, to label a rejection with."""
+    """The client's job_id, if it sent a well-formed one, to label a rejection with."""
     if isinstance(data, dict):
         job_id = data.get("job_id")
-        if isinstance(job_id, str) and 0 < len(job_id) <= 63:
+        # Only the pattern's ids: anything else (a lone surrogate, say) could not even
+        # be written into the rejected event.
+        if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id):
             return job_id
     return None
 
 
+def bounded_errors(errors: list[FieldError], *, total: int | None = None) -> list[FieldError]:
+    """At most MAX_REPORTED_ERRORS errors, each cut short, in MAX_ERRORS_JSON_BYTES; when
+    some must go, the last says how many: what a rejection's event and reply carry.
+
+    `total`: how many errors `errors` (then only the first of them) stands for.
+    Bounding a bounded list changes nothing, so every step on the way may apply it.
+    """
+    total = len(errors) if total is None else total
+    cut = [_cut_error(error) for error in errors[:MAX_REPORTED_ERRORS]]
+    if total <= MAX_REPORTED_ERRORS and _json_size(cut) <= MAX_ERRORS_JSON_BYTES:
+        return cut
+    kept: list[FieldError] = []
+    budget = MAX_ERRORS_JSON_BYTES - _SUMMARY_JSON_BYTES
+    for error in cut[: MAX_REPORTED_ERRORS - 1]:
+        budget -= _json_size([error])
+        if budget < 0:
+            break
+        kept.append(error)
+    more = total - len(kept)
+    return [*kept, FieldError(field="request", message=f"{more} more errors not shown")]
+
+
+def _cut_error(error: FieldError) -> FieldError:
+    return FieldError(
+        field=_cut(error.field, MAX_ERROR_FIELD_CHARS),
+        message=_cut(error.message, MAX_ERROR_MESSAGE_CHARS),
+    )
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def _json_size(errors: list[FieldError]) -> int:
+    """The errors' size in UTF-8 JSON: at most 6 bytes a character (`\\u0000`)."""
+    return sum(_json_bytes(e.field) + _json_bytes(e.message) + 24 for e in errors)
+
+
+def _json_bytes(text: str) -> int:
+    # surrogatepass: a lone surrogate is counted (3 bytes), not an error here.
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+
 def admit(body: bytes, settings: Settings) -> Job:
-    """Validate a request (already known to be JSON) and bind it to its driver.
+    """Validate a request and bind it to its driver.
 
     Validation runs on the JSON text, in strict JSON mode: "2" is not a count.
-    RequestInvalid lists every error, each named by its full field path.
+    RequestInvalid lists every error (bounded_errors' share of them), each named by
+    its full field path.
     """
+    context = {MAX_TIMEOUT_CONTEXT: settings.max_timeout_seconds}
     try:
-        request = SandboxRequest.model_validate_json(body)
+        request = SandboxRequest.model_validate_json(body, context=context)
     except ValidationError as exc:
-        raise RequestInvalid(field_errors(exc)) from exc
+        first = field_errors(exc, limit=MAX_REPORTED_ERRORS)
+        raise RequestInvalid(bounded_errors(first, total=exc.error_count())) from exc
 
     driver = request.driver or settings.default_driver
     block, errors = _active_block(request, driver, settings.max_driver_config_bytes)
@@ -77,7 +163,13 @@ def _active_block(
 ) -> tuple[dict[str, Any], list[FieldError]]:
     """The active driver's inner object; other drivers' blocks are dropped unread."""
     envelope = request.template.driver_config
-    size = len(json.dumps(envelope, separators=(",", ":")).encode())
+    try:
+        # allow_nan=False: pydantic's parser reads NaN, Infinity and 1e400 into Python
+        # floats that JSON cannot carry; forwarded, they would arrive as null.
+        size = len(json.dumps(envelope, separators=(",", ":"), allow_nan=False).encode())
+    except ValueError:
+        message = "holds a number JSON cannot carry (NaN, Infinity, or beyond a float's range)"
+        return {}, [FieldError(field="template.driver_config", message=message)]
     if size > max_bytes:
         message = f"serialized size is {size} bytes; the limit is {max_bytes}"
         return {}, [FieldError(field="template.driver_config", message=message)]

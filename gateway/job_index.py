@@ -4,11 +4,20 @@ The gateway replays the event log before it takes submissions and follows it liv
 a job_id it (or another gateway) accepted earlier is answered with that job's current
 phase instead of being run again. A job whose last word was `rejected` never ran; its
 id may be submitted again.
+
+The index is bounded like the log it mirrors: a finished job is forgotten once its last
+event is older than the log keeps (`SANDFLEET_EVENTS_MAX_AGE`), and past `max_entries`
+the oldest finished jobs go first. A live job is never forgotten while a finished one
+is left to forget: its id, reused, would start a second sandbox beside the first.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aio_pika.abc import AbstractChannel
 
@@ -18,11 +27,72 @@ from sandfleet.common.topology import EVENTS_LOG_QUEUE
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_AGE_SECONDS = 7 * 86400.0  # SANDFLEET_EVENTS_MAX_AGE's default, 7D
+# About 250 bytes each (id, record, two dict slots): some 50 MB at the bound.
+DEFAULT_MAX_ENTRIES = 200_000
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """What the gateway knows of one job id."""
+
+    phase: Phase
+    seen_at: float  # wall-clock seconds of the job's latest event, or of its reservation
+    owner: str | None = None  # who submitted it, once submissions carry an identity
+
+
+class JobRecords:
+    """Job records by id, bounded by age and count; finished ones are forgotten first.
+
+    Each table is kept in the order records were last written, so the oldest is first.
+    """
+
+    def __init__(
+        self, *, max_age_seconds: float, max_entries: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._max_age_seconds = max_age_seconds
+        self._max_entries = max_entries
+        self._clock = clock
+        self._live: OrderedDict[str, JobRecord] = OrderedDict()
+        self._ended: OrderedDict[str, JobRecord] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._live) + len(self._ended)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self._live.get(job_id) or self._ended.get(job_id)
+
+    def put(self, job_id: str, record: JobRecord) -> None:
+        """Record `job_id` as newest in its table, then forget what is over the bounds."""
+        self.pop(job_id)
+        table = self._ended if record.phase.is_terminal else self._live
+        table[job_id] = record
+        self._forget_expired()
+        self._forget_over_count()
+
+    def pop(self, job_id: str) -> None:
+        self._live.pop(job_id, None)
+        self._ended.pop(job_id, None)
+
+    def _forget_expired(self) -> None:
+        horizon = self._clock() - self._max_age_seconds
+        while self._ended and next(iter(self._ended.values())).seen_at < horizon:
+            self._ended.popitem(last=False)
+
+    def _forget_over_count(self) -> None:
+        while len(self) > self._max_entries:
+            (self._ended or self._live).popitem(last=False)
+
 
 class JobIndex:
-    def __init__(self, channel: AbstractChannel) -> None:
-        self._phases: dict[str, Phase] = {}
-        self._owners: dict[str, str | None] = {}
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        *,
+        max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
+        self._records = JobRecords(max_age_seconds=max_age_seconds, max_entries=max_entries)
         self._follower = StreamFollower(channel, EVENTS_LOG_QUEUE, self._on_message)
 
     async def start(self) -> None:
@@ -30,32 +100,34 @@ class JobIndex:
 
     def existing(self, job_id: str) -> Phase | None:
         """The phase of a job already in the fleet under this id, if any."""
-        phase = self._phases.get(job_id)
-        return None if phase is Phase.REJECTED else phase
+        record = self._records.get(job_id)
+        if record is None or record.phase is Phase.REJECTED:
+            return None
+        return record.phase
 
     def known(self, job_id: str) -> bool:
-        return job_id in self._phases
+        return self._records.get(job_id) is not None
 
     def owner(self, job_id: str) -> str | None:
         """Who first submitted `job_id` (None: unknown, or logged before identities)."""
-        return self._owners.get(job_id)
+        record = self._records.get(job_id)
+        return None if record is None else record.owner
 
     def reserve(self, job_id: str, owner: str) -> None:
         """Mark `job_id` taken now, before its `accepted` event comes back."""
-        self._phases[job_id] = Phase.ACCEPTED
-        self._owners.setdefault(job_id, owner)
+        self._records.put(job_id, JobRecord(phase=Phase.ACCEPTED, seen_at=time.time(), owner=owner))
 
     def forget(self, job_id: str) -> None:
-        self._phases.pop(job_id, None)
-        self._owners.pop(job_id, None)
+        self._records.pop(job_id)
 
     async def _on_message(self, message: LogMessage, live: bool) -> None:
         event = event_from_log(message.body, message.routing_key)
         if event is None or event.job_id is None or event.phase is Phase.HEARTBEAT:
             return
-        if event.submitted_by is not None:
-            self._owners.setdefault(event.job_id, event.submitted_by)
-        current = self._phases.get(event.job_id)
-        if current is not None and current.is_terminal and event.phase is Phase.ACCEPTED:
+        current = self._records.get(event.job_id)
+        if current is not None and current.phase.is_terminal and event.phase is Phase.ACCEPTED:
             return  # a terminal phase is final; a late `accepted` does not reopen it
-        self._phases[event.job_id] = event.phase
+        # The first submitter seen owns the id; later events only repeat it.
+        owner = current.owner if current is not None and current.owner else event.submitted_by
+        record = JobRecord(phase=event.phase, seen_at=event.timestamp.timestamp(), owner=owner)
+        self._records.put(event.job_id, record)

@@ -38,7 +38,7 @@ from sandfleet.common.topology import (
     job_routing_key,
 )
 from sandfleet.gateway.cancel_desk import CancelDesk
-from sandfleet.gateway.envelope import admit, decode, new_job_id
+from sandfleet.gateway.envelope import admit, bounded_errors, decode, new_job_id
 from sandfleet.gateway.job_index import JobIndex
 from sandfleet.gateway.ownership import UNIDENTIFIED, Ownership
 from sandfleet.gateway.signer import job_signer
@@ -100,7 +100,9 @@ class Gateway(AsyncCloseable):
         self._topology = await declare_topology(self._channel, settings)
         self._events = EventPublisher(self._topology.events)
         self._routes = RouteChecker(self._connection)
-        self._jobs = JobIndex(await self._connection.channel())
+        self._jobs = JobIndex(
+            await self._connection.channel(), max_age_seconds=settings.events_max_age_seconds
+        )
         await self._jobs.start()  # know every job id in the log before taking submissions
         self._ownership = Ownership(self._jobs, settings.admin_logins)
         self._cancels = CancelDesk(
@@ -212,6 +214,7 @@ class Gateway(AsyncCloseable):
         driver: str | None = None,
     ) -> None:
         assert self._events is not None
+        errors = bounded_errors(errors)  # a huge request must not make a huge event
         summary = "; ".join(str(e) for e in errors)
         await self._events.publish(
             Event(

@@ -17,6 +17,8 @@ from typing import Any
 
 import aiodocker
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from sandfleet.common.settings import Settings
 from sandfleet.common.signing import generate_keys
@@ -32,6 +34,11 @@ from tests.support.runtimes import (
     registered_driver,
     worker_factory,
 )
+
+hypothesis_settings.register_profile(
+    "ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _rabbitmqctl(*args: str) -> None:

@@ -5,7 +5,9 @@ Here: waiting on conditions and events, never sleeping blindly. Beside it: `brok
 (AMQP as any client or operator), `cli` (the `sandfleet` command as a subprocess),
 `runtimes` (real dockerd/podman/libvirt, workers on them), `processes` (worker processes
 to signal), `gpus` (inventories, double-hold checks), `fakes` (the job runner on the
-in-memory driver), `claim_race` and `crashing_holder` (processes for claim tests).
+in-memory driver), `claim_race` and `crashing_holder` (processes for claim tests),
+`fuzz_inputs` and `fuzzing` (hostile submissions, and the gateway's answers to them
+judged against an oracle of the rules; bench/fuzz.py runs them by the 100,000).
 """
 
 from __future__ import annotations

@@ -7,9 +7,18 @@ from typing import Any
 
 import pytest
 
-from sandfleet.common.errors import MessageUndecodable, RequestInvalid
+from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.models import ReplyStatus, SubmitReply
 from sandfleet.common.settings import Settings
-from sandfleet.gateway.envelope import admit, decode, job_id_hint
+from sandfleet.gateway.envelope import (
+    MAX_REPORTED_ERRORS,
+    admit,
+    bounded_errors,
+    decode,
+    job_id_hint,
+)
+from tests.support.fuzz_inputs import hostile_request
 
 SETTINGS = Settings(host="gw", max_driver_config_bytes=256)
 
@@ -140,3 +149,137 @@ def test_job_id_hint_only_trusts_plausible_ids() -> None:
     assert job_id_hint({"job_id": 5}) is None
     assert job_id_hint({"job_id": "x" * 64}) is None
     assert job_id_hint([]) is None
+
+
+@pytest.mark.parametrize("job_id", ["\ud800", "has space", "-lead", "a\n", ""])
+def test_job_id_hint_refuses_ids_off_the_pattern(job_id: str) -> None:
+    # A lone surrogate (json.loads reads one, pydantic's parser does not) cannot be
+    # written into the rejected event: the gateway requeued such a message forever.
+    assert job_id_hint(decode(json.dumps({"job_id": job_id}).encode(), max_bytes=100)) is None
+
+
+def test_timeout_is_bounded_by_the_setting() -> None:
+    week = SETTINGS.max_timeout_seconds
+    assert week == 7 * 86400
+    assert admit(body(template_timeout_seconds=week), SETTINGS).template.timeout_seconds == week
+    assert errors_of(body(template_timeout_seconds=week + 1)) == [
+        (
+            "template.timeout_seconds",
+            "must be at most 604800 seconds (SANDFLEET_MAX_TIMEOUT_SECONDS)",
+        )
+    ]
+    hour = SETTINGS.model_copy(update={"max_timeout_seconds": 3600})
+    [(field, message)] = errors_of(body(template_timeout_seconds=3601), hour)
+    assert field == "template.timeout_seconds" and "at most 3600 seconds" in message
+
+
+def test_a_timeout_over_the_limit_is_reported_with_the_other_errors() -> None:
+    fields = {f for f, _ in errors_of(body(template_timeout_seconds=10**30, job_id="a b"))}
+    assert fields == {"template.timeout_seconds", "job_id"}
+
+
+GIANT = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        f'{{"template": {{"image": "x"}}, "x": {GIANT}}}',
+        f'{{"template": {{"image": "x"}}, "resource_requirements": {{"memory": {GIANT}}}}}',
+        f'{{"template": {{"image": "x", "timeout_seconds": -{GIANT}}}}}',
+        f'{{"template": {{"image": "x", "driver_config": {{"docker": {{"n": [{GIANT}]}}}}}}}}',
+    ],
+)
+def test_giant_integers_anywhere_are_refused_cleanly(raw: str) -> None:
+    # Before: json.loads raised a bare ValueError (the int-from-text limit), which
+    # escaped decode: the message was redelivered, with no reply and no event.
+    with pytest.raises(MessageUndecodable, match=r"^a number has more than 4300 digits$"):
+        decode(raw.encode(), max_bytes=1 << 20)
+    [(field, message)] = errors_of(raw.encode())
+    assert field == "request" and "number out of range" in message
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(constant: str) -> None:
+    raw = f'{{"template": {{"image": "x", "driver_config": {{"docker": {{"f": {constant}}}}}}}}}'
+    with pytest.raises(MessageUndecodable, match=f"{constant} is not a JSON number"):
+        decode(raw.encode(), max_bytes=1 << 20)
+    # admit on its own (pydantic reads NaN) refuses it too, rather than forward a null.
+    [(field, message)] = errors_of(raw.encode())
+    assert field == "template.driver_config" and "NaN, Infinity" in message
+
+
+def test_a_number_beyond_a_float_in_a_driver_block_is_refused() -> None:
+    [(field, _)] = errors_of(
+        body(template_driver_config={"vm": {"x": 1}}).replace(b"1}", b"1e400}")
+    )
+    assert field == "template.driver_config"
+
+
+@pytest.mark.parametrize(
+    ("memory", "fragment"),
+    [
+        ("1e400Gi", "not a memory quantity"),
+        ("9" * 400 + "Gi", "out of range"),
+        ("1" + "0" * 100_000, "out of range"),
+        (1e308, "valid integer"),
+        (1024, "between 6Mi and 16Ti"),
+        ("1Mi", "out of range"),
+        ("17Ti", "out of range"),
+        (16 * 2**40 + 1, "between 6Mi and 16Ti"),
+    ],
+)
+def test_memory_is_bounded(memory: object, fragment: str) -> None:
+    # Before: "9"*400 + "Gi" raised OverflowError from int(inf) out of admit.
+    [(field, message)] = errors_of(body(resource_requirements={"memory": memory}))
+    assert field == "resource_requirements.memory"
+    assert fragment in message
+    assert len(message) < 300
+
+
+@pytest.mark.parametrize("cpu", [1e-10, 0.001, 0, 1024.5, 1e308, "5m", "1025", "1e-10"])
+def test_cpu_is_bounded(cpu: object) -> None:
+    # Before: 1e-10 was accepted, and a runtime reads a quota that rounds to 0 as unlimited.
+    [(field, message)] = errors_of(body(resource_requirements={"cpu": cpu}))
+    assert field == "resource_requirements.cpu"
+    assert "between 0.01 (10m) and 1024 cores" in message or "not a CPU quantity" in message
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    for cpu, memory in [(0.01, "6Mi"), ("10m", 6 * 2**20), (1024, "16Ti"), ("1024", 16 * 2**40)]:
+        job = admit(body(resource_requirements={"cpu": cpu, "memory": memory}), SETTINGS)
+        assert job.resource_requirements.cpu in {0.01, 1024}
+        assert job.resource_requirements.memory in {6 * 2**20, 16 * 2**40}
+
+
+def test_a_huge_invalid_request_gets_a_small_rejection() -> None:
+    raw = hostile_request()
+    assert len(raw) == 1 << 20
+    with pytest.raises(RequestInvalid) as caught:
+        admit(raw, SETTINGS)
+    errors = caught.value.errors
+    assert 1 < len(errors) <= MAX_REPORTED_ERRORS
+    assert errors[-1].field == "request"
+    assert errors[-1].message.endswith("more errors not shown")
+    assert len(str(caught.value)) < 4096  # the log line of a dead-lettered message too
+    # What the gateway's _reject sends, built the same way (the broker test sends it).
+    summary = "; ".join(str(e) for e in errors)
+    event = Event(job_id="j", phase=Phase.REJECTED, message=summary, host="h", errors=errors)
+    reply = SubmitReply(status=ReplyStatus.REJECTED, job_id="j", errors=errors)
+    assert len(event.model_dump_json()) < 8192
+    assert len(reply.model_dump_json()) < 4096
+
+
+def test_bounded_errors_cuts_fields_and_messages_and_keeps_short_lists_whole() -> None:
+    short = [FieldError(field="a", message="b")] * 3
+    assert bounded_errors(short) == short
+    long = [FieldError(field="f" * 10_000, message="\x00" * 10_000)] * 50
+    bounded = bounded_errors(long)
+    assert 1 < len(bounded) <= MAX_REPORTED_ERRORS
+    assert all(len(e.field) <= 160 and len(e.message) <= 240 for e in bounded)
+    assert bounded[-1] == FieldError(
+        field="request", message=f"{50 - len(bounded) + 1} more errors not shown"
+    )
+    reply = SubmitReply(status=ReplyStatus.REJECTED, job_id="j", errors=bounded)
+    assert len(reply.model_dump_json()) < 4096
+    assert bounded_errors(bounded) == bounded  # every step on the way may apply it
