@@ -116,6 +116,7 @@ class Worker(AsyncCloseable):
             gpu_retry_seconds=settings.gpu_retry_seconds,
             gpu_max_wait_seconds=settings.gpu_max_wait_seconds,
             takeover=settings.takeover_policy,
+            max_timeout_seconds=settings.max_timeout_seconds,
         )
         self._connected: _Connected | None = None
         self._heartbeats: asyncio.Task[None] | None = None
