@@ -11,6 +11,7 @@ from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
 from sandfleet.common.settings import Settings
+from sandfleet.gateway.operator_cli import BrokerAdminSettings
 from sandfleet.workers import registry
 from sandfleet.workers.drivers.docker.plugin import DockerSettings
 from sandfleet.workers.drivers.podman.plugin import PodmanSettings
@@ -51,8 +52,9 @@ def env_names(settings_type: type[BaseSettings]) -> set[str]:
 
 
 def known_settings() -> set[str]:
-    """Every SANDFLEET_* variable of the runtime and of each registered driver."""
-    kinds: list[type[BaseSettings]] = [Settings]
+    """Every SANDFLEET_* variable of the runtime, of `broker setup` and of each registered
+    driver."""
+    kinds: list[type[BaseSettings]] = [Settings, BrokerAdminSettings]
     kinds += [registry.load(name).settings for name in registry.installed()]
     return {name for kind in kinds for name in env_names(kind)}
 
@@ -91,3 +93,23 @@ def test_driver_settings_keep_their_design_names(monkeypatch: pytest.MonkeyPatch
     assert VmSettings().libvirt_uri == "test:///default"
     expected = {"SANDFLEET_DOCKER_URL", "SANDFLEET_LIBVIRT_URI", "SANDFLEET_VM_WORK_DIR"}
     assert expected <= known_settings()
+
+
+def test_each_role_has_its_own_account_and_only_the_gateway_holds_the_signing_key() -> None:
+    services = load()["services"]
+    url_files = {
+        name: services[name]["environment"]["SANDFLEET_BROKER_URL_FILE"]
+        for name in ("gateway", "docker-worker", "submit")
+    }
+    assert len(set(url_files.values())) == 3, url_files
+    assert all(
+        "SANDFLEET_BROKER_URL" not in (service.get("environment") or {})
+        for name, service in services.items()
+        if name != "init"
+    )
+    assert services["gateway"]["environment"]["SANDFLEET_SIGNING_KEY"].startswith("/keys/")
+    assert "signing-key:/keys:ro" in services["gateway"]["volumes"]
+    worker = services["docker-worker"]
+    assert worker["environment"]["SANDFLEET_TRUSTED_KEYS"] == "/trusted"
+    assert not any(volume.startswith("signing-key:") for volume in worker["volumes"])
+    assert "broker setup" in services["init"]["command"][0]
