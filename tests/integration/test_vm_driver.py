@@ -31,7 +31,7 @@ from sandfleet.workers.drivers.vm.config import VmBlock
 from sandfleet.workers.drivers.vm.domain_xml import METADATA_NS
 from sandfleet.workers.drivers.vm.driver import STOPPED_EXIT_CODE, VmDriver
 from sandfleet.workers.gpu.claims import GpuClaimStore
-from tests.support import submit_and_wait
+from tests.support import eventually, submit_and_wait, until_phase, until_terminal
 from tests.support.gpus import write_inventory
 from tests.support.runtimes import WorkerFactory
 
@@ -202,6 +202,14 @@ def vm_request(guest: dict[str, str], script: str, **extra: Any) -> dict[str, An
     }
 
 
+async def guest_printed(console: Path, line: str) -> bool:
+    """Whether the guest's job has printed `line` (its console log is the driver's file)."""
+    try:
+        return f"\n{line}\r\n" in console.read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+
+
 def domain_exists(name: str) -> bool:
     conn = libvirt.open("qemu:///system")
     try:
@@ -266,3 +274,20 @@ async def test_gpu_vm_job_fails_with_the_passthrough_reason_and_frees_its_claim(
     assert "host doesn't support passthrough of host PCI devices" in events[-1].message
     assert GpuClaimStore(settings.state_dir).claims() == []
     assert not domain_exists(f"sandfleet-{req['job_id']}")
+
+
+async def test_cancelling_a_running_vm_job_ends_it_cancelled(
+    client: Client, vm_worker: WorkerFactory, vm_guest: dict[str, str], vm_work_dir: Path
+) -> None:
+    req = vm_request(vm_guest, "echo up; sleep 600")
+    job_id = req["job_id"]
+    async with vm_worker(), client.events(job_id=job_id) as stream:
+        assert (await client.submit(req)).accepted
+        await until_phase(stream, job_id, Phase.RUNNING, timeout=120)
+        console = vm_work_dir / f"sandfleet-{job_id}" / "console.log"
+        await eventually(lambda: guest_printed(console, "up"), timeout=120)
+        await client.cancel(job_id)
+        events = await until_terminal(stream, job_id, timeout=120)
+    assert (events[-1].phase, events[-1].reason) == (Phase.CANCELLED, "Cancelled")
+    assert not domain_exists(f"sandfleet-{job_id}")
+    assert not (vm_work_dir / f"sandfleet-{job_id}").exists()
