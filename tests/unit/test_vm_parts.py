@@ -33,9 +33,7 @@ IMAGES = ImagePolicy(
 OUTSIDE = "must be a file inside SANDFLEET_VM_IMAGE_DIRS (/images:/srv/guests)"
 
 
-def job(
-    block: dict[str, Any], *, gpus: int | None = None, image: str = "/images/vmlinuz"
-) -> Job:
+def job(block: dict[str, Any], *, gpus: int | None = None, image: str = "/images/vmlinuz") -> Job:
     return Job(
         job_id="j1",
         driver="vm",

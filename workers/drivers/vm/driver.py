@@ -15,6 +15,7 @@ import logging
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import NamedTuple
 
 import libvirt
 
@@ -66,6 +67,12 @@ NAME_PREFIX = "sandfleet-"
 STOPPED_EXIT_CODE = 137
 
 log = logging.getLogger(__name__)
+
+
+class _BootFiles(NamedTuple):
+    kernel: Path  # the checked files' real paths
+    initrd: Path  # the job's own initramfs
+    disk: Path | None
 
 
 _translated = error_translator(
@@ -149,10 +156,10 @@ class VmDriver:
         work = self._dir(spec.name)
         conn = await self._connection()
         try:
-            kernel, initrd = await asyncio.to_thread(self._prepare_files, spec, work)
+            boot = await asyncio.to_thread(self._prepare_files, spec, work)
         except OSError as exc:
             raise SandboxError(f"preparing the guest's files in {work}: {exc}") from exc
-        disk = await self._overlay(work, block) if block.disk else None
+        disk = await self._overlay(work, boot.disk, block.disk_format) if boot.disk else None
         plan = DomainPlan(
             name=spec.name,
             domain_type=self._domain_type,
@@ -162,8 +169,8 @@ class VmDriver:
             pci_devices=spec.gpu_devices,
             cpu=spec.cpu,
             memory_bytes=spec.memory_bytes,
-            kernel=str(kernel),
-            initrd=initrd,
+            kernel=str(boot.kernel),
+            initrd=boot.initrd,
             cmdline=block.cmdline,
             console_log=work / CONSOLE_LOG,
             disk=disk,
@@ -173,31 +180,30 @@ class VmDriver:
             domain = await self._libvirt.call(conn.defineXML, domain_xml(plan))
         return await self._state(domain)
 
-    def _prepare_files(self, spec: SandboxSpec[VmBlock], work: Path) -> tuple[Path, Path]:
-        """Check the boot files; write the job's initramfs in a fresh private directory.
-        The kernel's real path and the initramfs's path (ImageRefused naming a field)."""
+    def _prepare_files(self, spec: SandboxSpec[VmBlock], work: Path) -> _BootFiles:
+        """Check every boot file (ImageRefused naming its field), then write the job's
+        initramfs in a fresh private directory."""
         block = spec.config
         kernel = check_image(self._images, KERNEL_FIELD, spec.image)
+        disk = check_image(self._images, DISK_FIELD, block.disk) if block.disk else None
         base_initrd = read_image(self._images, INITRD_FIELD, block.initrd)
         job = job_archive(spec.command, spec.environment) if spec.command else b""
         make_private_dir(work, hypervisor_group=self._hypervisor_group)
         write_private(work / INITRD, base_initrd + job)
-        return kernel, work / INITRD
+        return _BootFiles(kernel=kernel, initrd=work / INITRD, disk=disk)
 
-    async def _overlay(self, work: Path, block: VmBlock) -> Path:
+    async def _overlay(self, work: Path, base: Path, base_format: str) -> Path:
         """A copy-on-write overlay of the checked base, so the base is never written."""
-        assert block.disk is not None
-        base = await asyncio.to_thread(check_image, self._images, DISK_FIELD, block.disk)
         overlay = work / DISK_OVERLAY
         process = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-F", block.disk_format,
+            "qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format,
             "-b", str(base), str(overlay),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             umask=0o077,  # the overlay holds what the guest writes: 0600, as the job's own
         )  # fmt: skip
         out, _ = await process.communicate()
         if process.returncode != 0:
-            raise SandboxError(f"qemu-img create overlay of {block.disk}: {out.decode().strip()}")
+            raise SandboxError(f"qemu-img create overlay of {base}: {out.decode().strip()}")
         return overlay
 
     async def _domain(self, sandbox_id: str) -> libvirt.virDomain:

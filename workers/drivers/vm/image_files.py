@@ -101,7 +101,6 @@ def check_image(policy: ImagePolicy, field: str, path: str) -> Path:
 
 def read_image(policy: ImagePolicy, field: str, path: str) -> bytes:
     """The whole of a file the worker reads (the base initrd), within its cap."""
-    cap = policy.caps()[field]
     with open_image(policy, field, path) as image, open(image.fd, "rb", closefd=False) as file:
         data = file.read(image.size + 1)
     if len(data) != image.size:  # a file that changed under us, or a pseudo-file
