@@ -81,8 +81,8 @@ def test_proc_files_are_refused_even_inside_an_image_dir() -> None:
     assert "is not a regular file" in refusal(proc, INITRD_FIELD, "/proc/self")
 
 
-def test_devices_fifos_and_dirs_are_refused_unopened(images: Path) -> None:
-    os.mkfifo(images / "fifo")  # opened, it would block the worker
+def test_devices_fifos_and_dirs_are_refused(images: Path) -> None:
+    os.mkfifo(images / "fifo")  # opened (without O_NONBLOCK), it would block the worker
     (images / "dir").mkdir()
     for name in ("fifo", "dir"):
         assert refusal(images, DISK_FIELD, images / name).endswith("is not a regular file")
