@@ -22,6 +22,7 @@ from sandfleet.workers.drivers.vm.domain_xml import (
 )
 from sandfleet.workers.drivers.vm.guest import exit_code, job_archive, job_output, job_script
 from sandfleet.workers.drivers.vm.image_files import ImagePolicy
+from sandfleet.workers.drivers.vm.plugin import VmSettings
 
 BLOCK = "template.driver_config.vm"
 IMAGES = ImagePolicy(
@@ -119,6 +120,16 @@ def test_ids_need_a_matching_count() -> None:
     assert errors({"initrd": "/images/i", "gpu_device_ids": ["0000:2d:00.0"]}) == [
         (f"{BLOCK}.gpu_device_ids", "GPU IDs require resource_requirements.gpu.count")
     ]
+
+
+def test_image_dirs_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Path("/var/lib/sandfleet/guest") in VmSettings().image_dirs  # the dev guest's
+    monkeypatch.setenv("SANDFLEET_VM_IMAGE_DIRS", "/srv/kernels:/srv/disks:")
+    assert VmSettings().image_policy().dirs == (Path("/srv/kernels"), Path("/srv/disks"))
+    for wrong in ("kernels", "/srv:/"):
+        monkeypatch.setenv("SANDFLEET_VM_IMAGE_DIRS", wrong)
+        with pytest.raises(ValueError, match="must be absolute paths, not /"):
+            VmSettings()
 
 
 def plan(**overrides: Any) -> DomainPlan:

@@ -52,9 +52,9 @@ class VmSettings(BaseSettings):
     @field_validator("image_dirs")
     @classmethod
     def _absolute_dirs(cls, dirs: tuple[Path, ...]) -> tuple[Path, ...]:
-        relative = [str(d) for d in dirs if not d.is_absolute()]
-        if relative:
-            raise ValueError(f"image directories must be absolute paths: {relative}")
+        wrong = [str(d) for d in dirs if not d.is_absolute() or d == Path("/")]
+        if wrong:
+            raise ValueError(f"image directories must be absolute paths, not /: {wrong}")
         return dirs
 
     def image_policy(self) -> ImagePolicy:
