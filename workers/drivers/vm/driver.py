@@ -3,8 +3,9 @@
 A job's domain is `sandfleet-<job_id>`, defined persistently with the job id, its
 worker and its GPUs in `<metadata>` (so a restarted worker can adopt or clean it up),
 booted directly from a kernel and an initramfs that carries the job (see guest.py),
-and destroyed when the guest powers off. Its files (the job's initramfs, the disk
-overlay, the serial console log) live in `<vm_work_dir>/<domain name>/`.
+and destroyed when the guest powers off. Its boot files come only from the image
+directories (image_files.py); its own files (the job's initramfs, the disk overlay, the
+serial console log) live, private, in `<vm_work_dir>/<domain name>/` (job_files.py).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class VmDriver:
             raise SandboxNameTaken(f"libvirt define {spec.name}: a domain of that name exists")
         block = spec.config
         work = self._dir(spec.name)
-        conn = await self._connection()
+        conn = await self._connection()  # first: it knows the hypervisor's group
         try:
             boot = await asyncio.to_thread(self._prepare_files, spec, work)
         except OSError as exc:
