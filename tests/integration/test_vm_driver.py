@@ -181,6 +181,24 @@ async def test_a_guest_that_ends_without_an_exit_code_fails(
     await test_driver.remove(state.sandbox_id)
 
 
+async def test_a_failed_guests_console_in_the_message_is_bounded(
+    test_driver: VmDriver, vm_guest: dict[str, str]
+) -> None:
+    state = await test_driver.create(spec := spec_for(test_driver, vm_guest))
+    await test_driver.start(state.sandbox_id)
+    (test_driver._dir(spec.name) / "console.log").write_bytes(b"x" * 50_000 + b"\r\n")
+    waiter = asyncio.create_task(test_driver.wait(state.sandbox_id))
+    conn = libvirt.open("test:///default")
+    try:
+        conn.lookupByUUIDString(state.sandbox_id).destroy()
+    finally:
+        conn.close()
+    with pytest.raises(SandboxError, match="without reporting an exit code") as failed:
+        await asyncio.wait_for(waiter, 10)
+    assert len(str(failed.value)) < 9000
+    await test_driver.remove(state.sandbox_id)
+
+
 async def test_disk_is_used_through_an_overlay(
     test_driver: VmDriver, vm_guest: dict[str, str], vm_work_dir: Path, images_dir: Path
 ) -> None:

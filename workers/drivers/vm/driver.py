@@ -21,6 +21,7 @@ from typing import NamedTuple
 import libvirt
 
 from sandfleet.common.errors import SandboxError, SandboxNameTaken
+from sandfleet.common.events import bounded_output
 from sandfleet.common.models import Job
 from sandfleet.workers.drivers.base import (
     LABEL_DRIVER,
@@ -232,7 +233,8 @@ class VmDriver:
         if code is None and sandbox_id in self._stopped:
             return STOPPED_EXIT_CODE
         if code is None:
-            tail = job_output(console, lines=20).strip() or "(no console output)"
+            # The guest wrote it: as much of it as any job's output, and no more.
+            tail = bounded_output(job_output(console, lines=20).strip()) or "(no console output)"
             raise SandboxError(
                 f"the guest stopped without reporting an exit code; console: {tail}",
                 reason="GuestFailed",
