@@ -16,15 +16,25 @@ from sandfleet.workers.drivers.vm.config import parse_vm_block
 from sandfleet.workers.drivers.vm.domain_xml import (
     METADATA_NS,
     DomainPlan,
+    dac_group,
     domain_xml,
     parse_metadata,
 )
 from sandfleet.workers.drivers.vm.guest import exit_code, job_archive, job_output, job_script
+from sandfleet.workers.drivers.vm.image_files import ImagePolicy
+from sandfleet.workers.drivers.vm.plugin import VmSettings
 
 BLOCK = "template.driver_config.vm"
+IMAGES = ImagePolicy(
+    dirs=(Path("/images"), Path("/srv/guests")),
+    kernel_max_bytes=2**20,
+    initrd_max_bytes=2**20,
+    disk_max_bytes=2**30,
+)
+OUTSIDE = "must be a file inside SANDFLEET_VM_IMAGE_DIRS (/images:/srv/guests)"
 
 
-def job(block: dict[str, Any], *, gpus: int | None = None, image: str = "/boot/vmlinuz") -> Job:
+def job(block: dict[str, Any], *, gpus: int | None = None, image: str = "/images/vmlinuz") -> Job:
     return Job(
         job_id="j1",
         driver="vm",
@@ -35,20 +45,24 @@ def job(block: dict[str, Any], *, gpus: int | None = None, image: str = "/boot/v
 
 def errors(block: dict[str, Any], **kwargs: Any) -> list[tuple[str, str]]:
     with pytest.raises(RequestInvalid) as caught:
-        parse_vm_block(job(block, **kwargs))
+        parse_vm_block(job(block, **kwargs), IMAGES)
     return [(e.field, e.message) for e in caught.value.errors]
 
 
 def test_valid_block_normalises_pci_addresses() -> None:
     block = parse_vm_block(
-        job({"initrd": "/i.img", "gpu_device_ids": ["00000000:2D:00.0", "0000:2e:00.0"]}, gpus=2)
+        job(
+            {"initrd": "/images/i.img", "gpu_device_ids": ["00000000:2D:00.0", "0000:2e:00.0"]},
+            gpus=2,
+        ),
+        IMAGES,
     )
     assert block.gpu_device_ids == ["0000:2d:00.0", "0000:2e:00.0"]
 
 
 def test_two_spellings_of_one_pci_address_are_duplicates() -> None:
     assert errors(
-        {"initrd": "/i", "gpu_device_ids": ["00000000:2d:00.0", "0000:2d:00.0"]}, gpus=2
+        {"initrd": "/images/i", "gpu_device_ids": ["00000000:2d:00.0", "0000:2d:00.0"]}, gpus=2
     ) == [(f"{BLOCK}.gpu_device_ids", "duplicate IDs: ['0000:2d:00.0']")]
 
 
@@ -70,10 +84,52 @@ def test_block_rules_with_paths() -> None:
     assert ("template.driver_config.vm.nic", "Extra inputs are not permitted") in found
 
 
+@pytest.mark.parametrize(
+    "image, block",
+    [
+        ("/boot/vmlinuz", {"initrd": "/images/i"}),
+        ("/images/vmlinuz", {"initrd": "/proc/self/environ"}),
+        ("/images/vmlinuz", {"initrd": "/images/i", "disk": "/etc/shadow", "disk_format": "raw"}),
+        ("/images/vmlinuz", {"initrd": "/images", "disk": "/srv/guests-evil/d.raw"}),
+    ],
+)
+def test_paths_outside_the_image_dirs_are_refused_by_field(
+    image: str, block: dict[str, Any]
+) -> None:
+    paths = [
+        ("template.image", image),
+        (f"{BLOCK}.initrd", block["initrd"]),
+        (f"{BLOCK}.disk", block.get("disk")),
+    ]
+    inside = ("/images/", "/srv/guests/")
+    outside = [field for field, path in paths if path and not path.startswith(inside)]
+    assert errors(block, image=image) == [(field, OUTSIDE) for field in outside]
+
+
+def test_path_errors_come_with_the_blocks_own() -> None:
+    found = errors({"initrd": "/etc/passwd", "cmdline": "a\nb"}, image="/etc/kernel")
+    # The block's paths are checked once it parses; the kernel's always.
+    assert {field for field, _ in found} == {"template.image", f"{BLOCK}.cmdline"}
+    assert errors({"initrd": "/etc/passwd"}, image="/etc/kernel") == [
+        ("template.image", OUTSIDE),
+        (f"{BLOCK}.initrd", OUTSIDE),
+    ]
+
+
 def test_ids_need_a_matching_count() -> None:
-    assert errors({"initrd": "/i", "gpu_device_ids": ["0000:2d:00.0"]}) == [
+    assert errors({"initrd": "/images/i", "gpu_device_ids": ["0000:2d:00.0"]}) == [
         (f"{BLOCK}.gpu_device_ids", "GPU IDs require resource_requirements.gpu.count")
     ]
+
+
+def test_image_dirs_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Path("/var/lib/sandfleet/guest") in VmSettings().image_dirs  # the dev guest's
+    monkeypatch.setenv("SANDFLEET_VM_IMAGE_DIRS", "/srv/kernels:/srv/disks:")
+    assert VmSettings().image_policy().dirs == (Path("/srv/kernels"), Path("/srv/disks"))
+    for wrong in ("kernels", "/srv:/"):
+        monkeypatch.setenv("SANDFLEET_VM_IMAGE_DIRS", wrong)
+        with pytest.raises(ValueError, match="must be absolute paths, not /"):
+            VmSettings()
 
 
 def plan(**overrides: Any) -> DomainPlan:
@@ -157,3 +213,43 @@ def test_console_parsing() -> None:
     assert job_output(console, lines=1) == "there\n"
     assert exit_code("kernel panic") is None
     assert job_output("a\nb\nc\n", lines=2) == "b\nc\n"
+
+
+def test_a_huge_exit_marker_is_no_exit_code_and_never_raises() -> None:
+    """A guest printing an exit marker of thousands of digits once made the parse
+    raise (int() refuses > 4300 digits), and with it every listing of the host's domains."""
+    console = "SANDFLEET_BEGIN\nhi\nSANDFLEET_EXIT=" + "9" * 100_000 + "\n"
+    assert exit_code(console) is None
+    assert job_output(console, lines=5).startswith("hi\n")
+
+
+@pytest.mark.parametrize(
+    "marker, code",
+    [("0", 0), ("007", 7), ("255", 255), ("256", None), ("1000", None), ("-1", None), ("", None)],
+)
+def test_exit_codes_are_in_range(marker: str, code: int | None) -> None:
+    assert exit_code(f"SANDFLEET_EXIT={marker}\r\n") == code
+
+
+def test_job_output_without_the_begin_marker_stops_at_the_exit_marker() -> None:
+    """The console is read from its tail: the begin marker may be cut off."""
+    console = "out 1\nout 2\nSANDFLEET_EXIT=0\nreboot: Power down\n"
+    assert job_output(console, lines=9) == "out 1\nout 2\n"
+    assert job_output(console, lines=0) == ""
+
+
+CAPABILITIES = """<capabilities><host>
+  <secmodel><model>none</model><doi>0</doi></secmodel>
+  <secmodel><model>dac</model><doi>0</doi>
+    <baselabel type='kvm'>+64055:+109</baselabel>
+    <baselabel type='qemu'>libvirt-qemu:kvm</baselabel>
+  </secmodel>
+</host></capabilities>"""
+
+
+def test_the_hypervisors_group_comes_from_libvirts_dac_label() -> None:
+    assert dac_group(CAPABILITIES, "kvm") == "+109"
+    assert dac_group(CAPABILITIES, "qemu") == "kvm"
+    assert dac_group(CAPABILITIES, "test") is None
+    assert dac_group("<capabilities><host/></capabilities>", "kvm") is None
+    assert dac_group(CAPABILITIES.replace("+64055:+109", "+0:+0"), "kvm") is None

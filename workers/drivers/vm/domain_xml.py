@@ -110,3 +110,18 @@ def parse_metadata(xml_text: str) -> dict[str, str]:
     """The job metadata of a domain (`virDomainGetMetadata` element) as sandbox labels."""
     element = ET.fromstring(xml_text)
     return {key: value for key, value in element.attrib.items()}
+
+
+def dac_group(capabilities_xml: str, domain_type: str) -> str | None:
+    """The group QEMU runs as for `domain_type` guests (`+64055`, or a name), from
+    libvirt's host capabilities; None where no DAC label is set (root, the test driver)."""
+    host = ET.fromstring(capabilities_xml).find("host")
+    models = host.findall("secmodel") if host is not None else []
+    for model in models:
+        if model.findtext("model") != "dac":
+            continue
+        for label in model.findall("baselabel"):
+            if label.get("type") == domain_type and label.text and ":" in label.text:
+                group = label.text.split(":", 1)[1]
+                return None if group in ("+0", "root") else group
+    return None

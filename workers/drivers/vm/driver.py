@@ -3,21 +3,25 @@
 A job's domain is `sandfleet-<job_id>`, defined persistently with the job id, its
 worker and its GPUs in `<metadata>` (so a restarted worker can adopt or clean it up),
 booted directly from a kernel and an initramfs that carries the job (see guest.py),
-and destroyed when the guest powers off. Its files (the job's initramfs, the disk
-overlay, the serial console log) live in `<vm_work_dir>/<domain name>/`.
+and destroyed when the guest powers off. Its boot files come only from the image
+directories (image_files.py); its own files (the job's initramfs, the disk overlay, the
+serial console log) live, private, in `<vm_work_dir>/<domain name>/` (job_files.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
-from datetime import UTC, datetime
+import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import NamedTuple
 
 import libvirt
 
-from sandfleet.common.errors import ImageUnavailable, SandboxError, SandboxNameTaken
+from sandfleet.common.errors import SandboxError, SandboxNameTaken
+from sandfleet.common.events import bounded_output
 from sandfleet.common.models import Job
 from sandfleet.workers.drivers.base import (
     LABEL_DRIVER,
@@ -33,10 +37,29 @@ from sandfleet.workers.drivers.vm.config import VmBlock, parse_vm_block
 from sandfleet.workers.drivers.vm.domain_xml import (
     METADATA_NS,
     DomainPlan,
+    dac_group,
     domain_xml,
     parse_metadata,
 )
 from sandfleet.workers.drivers.vm.guest import exit_code, job_archive, job_output
+from sandfleet.workers.drivers.vm.image_files import (
+    DISK_FIELD,
+    INITRD_FIELD,
+    KERNEL_FIELD,
+    ImagePolicy,
+    check_image,
+    read_image,
+)
+from sandfleet.workers.drivers.vm.job_files import (
+    CONSOLE_LOG,
+    DISK_OVERLAY,
+    INITRD,
+    console_tail,
+    make_private_dir,
+    record_started,
+    started_at,
+    write_private,
+)
 from sandfleet.workers.drivers.vm.libvirt_loop import StopWatcher, libvirt_loop
 from sandfleet.workers.gpu.inventory import Gpu
 
@@ -44,6 +67,14 @@ NAME_PREFIX = "sandfleet-"
 # What `wait` returns for a guest that `stop` ended before it reported its own exit
 # code: as for a container killed after its grace time (128 + SIGKILL).
 STOPPED_EXIT_CODE = 137
+
+log = logging.getLogger(__name__)
+
+
+class _BootFiles(NamedTuple):
+    kernel: Path  # the checked files' real paths
+    initrd: Path  # the job's own initramfs
+    disk: Path | None
 
 
 _translated = error_translator(
@@ -63,10 +94,21 @@ class VmDriver:
 
     name = "vm"
 
-    def __init__(self, *, uri: str, domain_type: str, work_dir: Path) -> None:
+    def __init__(
+        self,
+        *,
+        uri: str,
+        domain_type: str,
+        work_dir: Path,
+        images: ImagePolicy,
+        console_tail_bytes: int,
+    ) -> None:
         self._uri = uri
         self._domain_type = domain_type
         self._work_dir = work_dir
+        self._images = images
+        self._console_tail_bytes = console_tail_bytes
+        self._hypervisor_group: str | None = None  # read from libvirt with the connection
         self._libvirt = libvirt_loop()
         self._watcher = StopWatcher()
         self._conn: libvirt.virConnect | None = None
@@ -86,6 +128,8 @@ class VmDriver:
                         self._watcher.on_event,
                         None,
                     )
+                    capabilities = await self._libvirt.call(conn.getCapabilities)
+                self._hypervisor_group = dac_group(capabilities, self._domain_type)
                 self._conn = conn
             return self._conn
 
@@ -98,7 +142,7 @@ class VmDriver:
                 await self._libvirt.call(conn.close)
 
     def parse_config(self, job: Job) -> VmBlock:
-        return parse_vm_block(job)
+        return parse_vm_block(job, self._images)
 
     def device_id(self, gpu: Gpu) -> str:
         return gpu.pci_bus_id
@@ -112,8 +156,12 @@ class VmDriver:
             raise SandboxNameTaken(f"libvirt define {spec.name}: a domain of that name exists")
         block = spec.config
         work = self._dir(spec.name)
-        initrd = await asyncio.to_thread(self._prepare_files, spec, work)
-        disk = await self._overlay(work, block) if block.disk else None
+        conn = await self._connection()  # first: it knows the hypervisor's group
+        try:
+            boot = await asyncio.to_thread(self._prepare_files, spec, work)
+        except OSError as exc:
+            raise SandboxError(f"preparing the guest's files in {work}: {exc}") from exc
+        disk = await self._overlay(work, boot.disk, block.disk_format) if boot.disk else None
         plan = DomainPlan(
             name=spec.name,
             domain_type=self._domain_type,
@@ -123,45 +171,41 @@ class VmDriver:
             pci_devices=spec.gpu_devices,
             cpu=spec.cpu,
             memory_bytes=spec.memory_bytes,
-            kernel=spec.image,
-            initrd=initrd,
+            kernel=str(boot.kernel),
+            initrd=boot.initrd,
             cmdline=block.cmdline,
-            console_log=work / "console.log",
+            console_log=work / CONSOLE_LOG,
             disk=disk,
             disk_format=block.disk_format,
         )
-        conn = await self._connection()
         async with _translated("define", spec.name):
             domain = await self._libvirt.call(conn.defineXML, domain_xml(plan))
         return await self._state(domain)
 
-    @staticmethod
-    def _prepare_files(spec: SandboxSpec[VmBlock], work: Path) -> Path:
-        """Check the boot files exist; write the job's initramfs. Returns its path."""
+    def _prepare_files(self, spec: SandboxSpec[VmBlock], work: Path) -> _BootFiles:
+        """Check every boot file (ImageRefused naming its field), then write the job's
+        initramfs in a fresh private directory."""
         block = spec.config
-        for what, path in (("kernel", spec.image), ("initrd", block.initrd), ("disk", block.disk)):
-            if path is not None and not Path(path).is_file():
-                raise ImageUnavailable(f"the guest {what} {path} is not a file on this host")
-        shutil.rmtree(work, ignore_errors=True)  # nothing of an earlier domain of this name
-        work.mkdir(parents=True)
-        work.chmod(0o755)  # the hypervisor runs as its own user and writes the console log here
-        initrd = work / "initrd.img"
+        kernel = check_image(self._images, KERNEL_FIELD, spec.image)
+        disk = check_image(self._images, DISK_FIELD, block.disk) if block.disk else None
+        base_initrd = read_image(self._images, INITRD_FIELD, block.initrd)
         job = job_archive(spec.command, spec.environment) if spec.command else b""
-        initrd.write_bytes(Path(block.initrd).read_bytes() + job)
-        initrd.chmod(0o644)
-        return initrd
+        make_private_dir(work, hypervisor_group=self._hypervisor_group)
+        write_private(work / INITRD, base_initrd + job)
+        return _BootFiles(kernel=kernel, initrd=work / INITRD, disk=disk)
 
-    async def _overlay(self, work: Path, block: VmBlock) -> Path:
-        """A copy-on-write overlay, so the base image is never written."""
-        overlay = work / "disk.qcow2"
+    async def _overlay(self, work: Path, base: Path, base_format: str) -> Path:
+        """A copy-on-write overlay of the checked base, so the base is never written."""
+        overlay = work / DISK_OVERLAY
         process = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-F", block.disk_format,
-            "-b", str(block.disk), str(overlay),
+            "qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format,
+            "-b", str(base), str(overlay),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            umask=0o077,  # the overlay holds what the guest writes: 0600, as the job's own
         )  # fmt: skip
         out, _ = await process.communicate()
         if process.returncode != 0:
-            raise SandboxError(f"qemu-img create overlay of {block.disk}: {out.decode().strip()}")
+            raise SandboxError(f"qemu-img create overlay of {base}: {out.decode().strip()}")
         return overlay
 
     async def _domain(self, sandbox_id: str) -> libvirt.virDomain:
@@ -171,7 +215,7 @@ class VmDriver:
 
     async def start(self, sandbox_id: str) -> None:
         domain = await self._domain(sandbox_id)
-        (self._dir(domain.name()) / "started_at").write_text(datetime.now(UTC).isoformat())
+        await asyncio.to_thread(record_started, self._dir(domain.name()))
         async with _translated("start", domain.name()):
             await self._libvirt.call(domain.create)
 
@@ -184,12 +228,13 @@ class VmDriver:
                 await stopped
         finally:
             self._watcher.forget(sandbox_id, stopped)
-        console = self._console(domain.name())
+        console = await self._console(domain.name())
         code = exit_code(console)
         if code is None and sandbox_id in self._stopped:
             return STOPPED_EXIT_CODE
         if code is None:
-            tail = job_output(console, lines=20).strip() or "(no console output)"
+            # The guest wrote it: as much of it as any job's output, and no more.
+            tail = bounded_output(job_output(console, lines=20).strip()) or "(no console output)"
             raise SandboxError(
                 f"the guest stopped without reporting an exit code; console: {tail}",
                 reason="GuestFailed",
@@ -243,10 +288,26 @@ class VmDriver:
         conn = await self._connection()
         async with _translated("list", "domains"):
             domains = await self._libvirt.call(conn.listAllDomains, 0)
-        states = [
-            await self._state_unless_gone(d) for d in domains if d.name().startswith(NAME_PREFIX)
-        ]
+        states = [await self._listed_state(d) for d in domains if d.name().startswith(NAME_PREFIX)]
         return [s for s in states if s is not None and s.job_id]
+
+    async def _listed_state(self, domain: libvirt.virDomain) -> SandboxState | None:
+        """A listed domain's state. One that cannot be read (whatever its guest did to
+        its files, whatever libvirt says of it) is logged and counted as running under
+        the job its name gives: its GPUs stay claimed, and the rest are still listed."""
+        name = domain.name()
+        try:
+            return await self._state_unless_gone(domain)
+        except Exception as exc:
+            log.warning("domain %s: its state cannot be read (%r); counted as running", name, exc)
+            return SandboxState(
+                sandbox_id=domain.UUIDString(),
+                name=name,
+                status=SandboxStatus.RUNNING,
+                exit_code=None,
+                started_at=None,
+                labels={LABEL_DRIVER: self.name, LABEL_JOB_ID: name.removeprefix(NAME_PREFIX)},
+            )
 
     async def _state_unless_gone(self, domain: libvirt.virDomain) -> SandboxState | None:
         """The domain's state, or None if it was undefined since it was looked up
@@ -261,47 +322,45 @@ class VmDriver:
 
     async def output(self, sandbox_id: str, *, lines: int) -> str:
         domain = await self._domain(sandbox_id)
-        return job_output(self._console(domain.name()), lines=lines)
+        return job_output(await self._console(domain.name()), lines=lines)
 
-    def _console(self, name: str) -> str:
-        try:
-            return (self._dir(name) / "console.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    async def _console(self, name: str) -> str:
+        return await asyncio.to_thread(console_tail, self._dir(name), self._console_tail_bytes)
 
     async def _state(self, domain: libvirt.virDomain) -> SandboxState:
         name = domain.name()
         async with _translated("inspect", name):
             active = await self._libvirt.call(domain.isActive)
-            try:
-                metadata = await self._libvirt.call(
-                    domain.metadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS
-                )
-            except libvirt.libvirtError:
-                metadata = None  # not ours
-        labels = {LABEL_DRIVER: self.name}
-        if metadata:
-            meta = parse_metadata(metadata)
-            labels |= {
-                LABEL_JOB_ID: meta.get("id", ""),
-                LABEL_WORKER_ID: meta.get("worker", ""),
-                LABEL_GPUS: meta.get("gpus", ""),
-            }
-        started_file = self._dir(name) / "started_at"
-        started_at = (
-            datetime.fromisoformat(started_file.read_text()) if started_file.exists() else None
-        )
+            labels = await self._labels(domain)
+        was_started, started = await asyncio.to_thread(started_at, self._dir(name))
         if active:
             status = SandboxStatus.RUNNING
-        elif started_at is not None:
+        elif was_started:
             status = SandboxStatus.EXITED
         else:
             status = SandboxStatus.CREATED
+        code = exit_code(await self._console(name)) if status is SandboxStatus.EXITED else None
         return SandboxState(
             sandbox_id=domain.UUIDString(),
             name=name,
             status=status,
-            exit_code=exit_code(self._console(name)) if status is SandboxStatus.EXITED else None,
-            started_at=started_at,
+            exit_code=code,
+            started_at=started,
             labels=labels,
         )
+
+    async def _labels(self, domain: libvirt.virDomain) -> dict[str, str]:
+        """The job's labels from the domain's metadata; only the driver's if it has none."""
+        labels = {LABEL_DRIVER: self.name}
+        try:
+            metadata = await self._libvirt.call(
+                domain.metadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS
+            )
+            meta = parse_metadata(metadata)
+        except (libvirt.libvirtError, ET.ParseError):
+            return labels  # not ours
+        return labels | {
+            LABEL_JOB_ID: meta.get("id", ""),
+            LABEL_WORKER_ID: meta.get("worker", ""),
+            LABEL_GPUS: meta.get("gpus", ""),
+        }

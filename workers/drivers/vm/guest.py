@@ -16,7 +16,10 @@ import shlex
 from collections.abc import Mapping, Sequence
 
 BEGIN_MARKER = "SANDFLEET_BEGIN"
-_EXIT = re.compile(r"^SANDFLEET_EXIT=(\d+)\s*$", re.MULTILINE)
+# The guest is the job's to run as it likes, so its console is hostile input: an exit
+# marker is at most three digits on a line of its own, and counts only as an exit code.
+_EXIT = re.compile(r"^SANDFLEET_EXIT=(\d{1,3})[ \t]*$", re.MULTILINE)
+MAX_EXIT_CODE = 255
 
 
 def job_script(command: Sequence[str], environment: Mapping[str, str]) -> str:
@@ -47,19 +50,33 @@ def job_archive(command: Sequence[str], environment: Mapping[str, str]) -> bytes
 
 
 def exit_code(console: str) -> int | None:
-    """The guest's exit code from its console log, or None when it never reported one."""
-    matches = _EXIT.findall(console.replace("\r", ""))
-    return int(matches[-1]) if matches else None
+    """The guest's exit code (0-255) from the last exit marker on its console, or None
+    when it reported none. Never raises, whatever the console holds."""
+    last = _last_exit_marker(_lines(console))
+    if last is None:
+        return None
+    code = int(last.group(1))
+    return code if code <= MAX_EXIT_CODE else None
 
 
 def job_output(console: str, *, lines: int) -> str:
-    """The last `lines` lines the job printed (between the markers), else the console's tail."""
-    text = console.replace("\r\n", "\n").replace("\r", "\n")
+    """The last `lines` lines the job printed (after the last begin marker, before the
+    last exit marker); without markers, the console's last lines."""
+    text = _lines(console)
     start = text.rfind(BEGIN_MARKER + "\n")
     if start >= 0:
         text = text[start + len(BEGIN_MARKER) + 1 :]
-        exit_at = _EXIT.search(text)
-        if exit_at:
-            text = text[: exit_at.start()]
-    kept = text.splitlines(keepends=True)[-lines:]
+    exit_at = _last_exit_marker(text)
+    if exit_at is not None:
+        text = text[: exit_at.start()]
+    kept = text.splitlines(keepends=True)[-lines:] if lines > 0 else []
     return "".join(kept)
+
+
+def _lines(console: str) -> str:
+    return console.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _last_exit_marker(text: str) -> re.Match[str] | None:
+    markers = list(_EXIT.finditer(text))
+    return markers[-1] if markers else None
