@@ -2,6 +2,9 @@
 
 Only the libpod endpoints: Podman 4.3's Docker-compatible API accepts GPU
 `DeviceRequests` and silently runs the container without them.
+
+Callers name an endpoint by its path segments (`"images", image, "exists"`); the client
+encodes each one, so no name (an image reference, a container's) can change the path.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import aiohttp
+
+from sandfleet.common.image_ref import url_path_segment
 
 API = "/v4.0.0/libpod"
 
@@ -57,21 +62,22 @@ class LibpodClient:
     async def request(
         self,
         method: str,
-        path: str,
-        *,
+        *segments: str,
         params: dict[str, str] | None = None,
         body: Any = None,
     ) -> bytes:
+        """`segments` name the endpoint below the libpod API root, each one encoded."""
+        path = "/".join(url_path_segment(segment) for segment in segments)
         async with self._session.request(
-            method, f"{self._base}{API}{path}", params=params, json=body
+            method, f"{self._base}{API}/{path}", params=params, json=body
         ) as response:
             data = await response.read()
             if response.status >= 400:
                 raise PodmanApiError(response.status, _error_message(data))
             return data
 
-    async def json(self, method: str, path: str, **kwargs: Any) -> Any:
-        data = await self.request(method, path, **kwargs)
+    async def json(self, method: str, *segments: str, **kwargs: Any) -> Any:
+        data = await self.request(method, *segments, **kwargs)
         return json.loads(data) if data else None
 
 
