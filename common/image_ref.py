@@ -14,8 +14,9 @@ As `docker pull` reads a name, its first component is the domain only when it ha
 
 An image name reaches runtime APIs as a URL path segment (`/images/<name>/json`):
 unchecked, `x/../../events?` becomes a request for the runtime's endless event stream.
-So workers accept only references this grammar allows, and encode every job-derived
-segment (`url_path_segment`) all the same.
+So workers accept only references this grammar allows (a driver checks again before it
+calls its runtime), and encode every job-derived segment (`url_path_segment`) all the
+same.
 """
 
 from __future__ import annotations
@@ -81,12 +82,13 @@ def parse_image_reference(text: str) -> ImageReference:
 def url_path_segment(text: str) -> str:
     """`text` as one URL path segment, every reserved character percent-encoded.
 
-    For image references, container names and ids. A segment "." or ".." is refused:
-    URL libraries (yarl) decode "%2E" and resolve dot segments, so no encoding of
-    those stays one segment.
+    For image references, container names and ids. Refused: a value with an empty,
+    "." or ".." part between its slashes. Encoding cannot make those safe: URL
+    libraries (yarl) decode "%2E", and runtimes' routers (Go's gorilla/mux) decode
+    "%2F" before they resolve dot segments, and redirect to the path that results.
     """
-    if text in {"", ".", ".."}:
-        raise ValueError(f"{text!r} cannot be a URL path segment")
+    if {"", ".", ".."} & set(text.split("/")):
+        raise ValueError(f"{text!r} cannot be a URL path segment: it has an empty or dot part")
     return quote(text, safe="")
 
 

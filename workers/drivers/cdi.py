@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from sandfleet.common.errors import FieldError
+from sandfleet.common.errors import FieldError, ImageUnavailable
 from sandfleet.common.image_ref import parse_image_reference
 from sandfleet.common.models import Job
 from sandfleet.workers.drivers.blocks import parse_block
@@ -61,3 +61,13 @@ def image_errors(job: Job) -> list[FieldError]:
     except ValueError as exc:
         return [FieldError(field="template.image", message=str(exc))]
     return []
+
+
+def checked_image(image: str) -> str:
+    """`image`, if it is a reference. A driver asks before its runtime sees the name:
+    a job must not reach a runtime's API with any other, checked by the worker or not."""
+    try:
+        parse_image_reference(image)
+    except ValueError as exc:
+        raise ImageUnavailable(f"image {image!r} is no image reference: {exc}") from exc
+    return image

@@ -19,7 +19,7 @@ from sandfleet.common.errors import (
 from sandfleet.common.image_ref import url_path_segment
 from sandfleet.common.models import Job
 from sandfleet.workers.drivers.base import LABEL_DRIVER, SandboxSpec, SandboxState
-from sandfleet.workers.drivers.cdi import ContainerBlock, parse_container_block
+from sandfleet.workers.drivers.cdi import ContainerBlock, checked_image, parse_container_block
 from sandfleet.workers.drivers.container_settings import ContainerLimits
 from sandfleet.workers.drivers.container_state import state_from_inspect
 from sandfleet.workers.drivers.docker.spec import container_config
@@ -147,7 +147,7 @@ class DockerDriver:
             support = await self._gpus_supported()
             if not support.available:
                 raise CapabilityMissing(support.detail)
-        await self._ensure_image(spec.image)
+        await self._ensure_image(checked_image(spec.image))
         try:
             async with asyncio.timeout(self._create_timeout):
                 container = await self._docker.containers.create(

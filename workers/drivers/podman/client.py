@@ -19,6 +19,7 @@ import aiohttp
 from sandfleet.common.image_ref import url_path_segment
 
 API = "/v4.0.0/libpod"
+_REDIRECTS = {301, 302, 303, 307, 308}  # 304 "not modified" is podman's "already so"
 
 
 class PodmanApiError(Exception):
@@ -68,11 +69,13 @@ class LibpodClient:
     ) -> bytes:
         """`segments` name the endpoint below the libpod API root, each one encoded."""
         path = "/".join(url_path_segment(segment) for segment in segments)
+        # No redirects: the service answers each endpoint itself, and a redirect (its
+        # router's, to a path it resolved) would lead to an endpoint not asked for.
         async with self._session.request(
-            method, f"{self._base}{API}/{path}", params=params, json=body
+            method, f"{self._base}{API}/{path}", params=params, json=body, allow_redirects=False
         ) as response:
             data = await response.read()
-            if response.status >= 400:
+            if response.status >= 400 or response.status in _REDIRECTS:
                 raise PodmanApiError(response.status, _error_message(data))
             return data
 

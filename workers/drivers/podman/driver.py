@@ -8,7 +8,7 @@ import json
 from sandfleet.common.errors import ImageUnavailable, SandboxError, SandboxNameTaken
 from sandfleet.common.models import Job
 from sandfleet.workers.drivers.base import LABEL_DRIVER, SandboxSpec, SandboxState
-from sandfleet.workers.drivers.cdi import ContainerBlock, parse_container_block
+from sandfleet.workers.drivers.cdi import ContainerBlock, checked_image, parse_container_block
 from sandfleet.workers.drivers.container_settings import ContainerLimits
 from sandfleet.workers.drivers.container_state import state_from_inspect
 from sandfleet.workers.drivers.errors import error_translator
@@ -92,7 +92,7 @@ class PodmanDriver:
         return True
 
     async def create(self, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
-        await self._ensure_image(spec.image)
+        await self._ensure_image(checked_image(spec.image))
         try:
             async with asyncio.timeout(self._create_timeout):
                 created = await self._api.json(
