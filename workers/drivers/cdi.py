@@ -56,6 +56,7 @@ def parse_container_block(job: Job, limits: ContainerLimits) -> ContainerBlock:
 
 
 def image_errors(job: Job) -> list[FieldError]:
+    """`template.image` and why, if the image is no OCI reference (common/image_ref.py)."""
     try:
         parse_image_reference(job.template.image)
     except ValueError as exc:
