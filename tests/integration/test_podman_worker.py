@@ -36,7 +36,7 @@ async def libpod(settings: Settings) -> AsyncIterator[LibpodClient]:
 async def containers_of(libpod: LibpodClient, job_id: str) -> list[dict[str, Any]]:
     filters = json.dumps({"label": [f"sandfleet.job_id={job_id}"]})
     listed = await libpod.json(
-        "GET", "/containers/json", params={"all": "true", "filters": filters}
+        "GET", "containers", "json", params={"all": "true", "filters": filters}
     )
     return list(listed or [])
 

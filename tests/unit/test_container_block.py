@@ -1,4 +1,5 @@
-"""The Docker/Podman block rules, enforced by the worker, with full field paths."""
+"""The Docker/Podman job rules (block, image, resources), enforced by the worker, with
+full field paths."""
 
 from __future__ import annotations
 
@@ -9,20 +10,36 @@ import pytest
 from sandfleet.common.errors import RequestInvalid
 from sandfleet.common.models import Job, JobTemplate, ResourceRequirements
 from sandfleet.workers.drivers.cdi import parse_container_block
+from sandfleet.workers.drivers.container_settings import ContainerLimits
+
+LIMITS = ContainerLimits(max_cpu=4, max_memory=8 * 2**30)
 
 
-def job(block: dict[str, Any], *, gpus: int | None = None, driver: str = "docker") -> Job:
+def job(
+    block: dict[str, Any],
+    *,
+    gpus: int | None = None,
+    driver: str = "docker",
+    image: str = "busybox",
+    **resources: Any,
+) -> Job:
     return Job(
         job_id="j1",
         driver=driver,
-        resource_requirements=ResourceRequirements.model_validate({"gpu": {"count": gpus}}),
-        template=JobTemplate(image="busybox", driver_config=block),
+        resource_requirements=ResourceRequirements.model_validate(
+            {"gpu": {"count": gpus}, **resources}
+        ),
+        template=JobTemplate(image=image, driver_config=block),
     )
+
+
+def parse(block: dict[str, Any], **kwargs: Any) -> Any:
+    return parse_container_block(job(block, **kwargs), LIMITS)
 
 
 def errors(block: dict[str, Any], **kwargs: Any) -> list[tuple[str, str]]:
     with pytest.raises(RequestInvalid) as caught:
-        parse_container_block(job(block, **kwargs))
+        parse(block, **kwargs)
     return [(e.field, e.message) for e in caught.value.errors]
 
 
@@ -30,12 +47,12 @@ IDS = "template.driver_config.docker.gpu_device_ids"
 
 
 def test_empty_block_is_valid() -> None:
-    assert parse_container_block(job({})).gpu_device_ids == []
+    assert parse({}).gpu_device_ids == []
 
 
 def test_cdi_names_by_index_and_uuid_are_valid() -> None:
     ids = ["nvidia.com/gpu=0", "nvidia.com/gpu=GPU-49431ef3-0f4f-2e8f-6567-eca72c1acedc"]
-    assert parse_container_block(job({"gpu_device_ids": ids}, gpus=2)).gpu_device_ids == ids
+    assert parse({"gpu_device_ids": ids}, gpus=2).gpu_device_ids == ids
 
 
 def test_unknown_keys_are_rejected() -> None:
@@ -84,3 +101,43 @@ def test_ids_must_be_a_list_of_strings() -> None:
 def test_podman_paths_name_the_podman_block() -> None:
     [(field, _)] = errors({"x": 1}, driver="podman")
     assert field == "template.driver_config.podman.x"
+
+
+def test_an_image_that_is_no_reference_is_refused_before_any_runtime_call() -> None:
+    # It would have made the worker GET the runtime's endless event stream.
+    [(field, message)] = errors({}, image="x/../../events?")
+    assert field == "template.image"
+    assert "repository path component '..'" in message
+
+
+@pytest.mark.parametrize(
+    ("resources", "field", "reason"),
+    [
+        ({"cpu": 1e-10}, "cpu", "1e-10 CPUs is below the smallest share a container can have"),
+        ({"cpu": "5"}, "cpu", "5 CPUs asked; containers on this host get at most 4"),
+        ({"memory": "1Mi"}, "memory", "1048576 bytes is below the 6291456 bytes (6Mi)"),
+        ({"memory": "9Gi"}, "memory", "9663676416 bytes asked; containers on this host get at"),
+        ({"memory": 10**5000}, "memory", "a 16610-bit number of bytes asked"),
+    ],
+)
+def test_resources_beyond_the_hosts_limits_are_refused(
+    resources: dict[str, Any], field: str, reason: str
+) -> None:
+    [(path, message)] = errors({}, **resources)
+    assert path == f"resource_requirements.{field}"
+    assert reason in message
+
+
+def test_every_error_is_named_at_once() -> None:
+    found = errors({"x": 1}, image="A", cpu=100, memory=1)
+    assert [field for field, _ in found] == [
+        "template.image",
+        "resource_requirements.cpu",
+        "resource_requirements.memory",
+        "template.driver_config.docker.x",
+    ]
+
+
+def test_resources_within_the_limits_are_accepted() -> None:
+    assert parse({}, cpu=0.01, memory="6Mi").gpu_device_ids == []
+    assert parse({}, cpu=4, memory="8Gi").gpu_device_ids == []

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import aiodocker
+from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 
 from sandfleet.common.errors import (
@@ -16,10 +16,13 @@ from sandfleet.common.errors import (
     SandboxError,
     SandboxNameTaken,
 )
+from sandfleet.common.image_ref import url_path_segment
 from sandfleet.common.models import Job
 from sandfleet.workers.drivers.base import LABEL_DRIVER, SandboxSpec, SandboxState
-from sandfleet.workers.drivers.cdi import ContainerBlock, parse_container_block
+from sandfleet.workers.drivers.cdi import ContainerBlock, checked_image, parse_container_block
+from sandfleet.workers.drivers.container_settings import ContainerLimits
 from sandfleet.workers.drivers.container_state import state_from_inspect
+from sandfleet.workers.drivers.docker.spec import container_config
 from sandfleet.workers.drivers.errors import error_translator
 from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
 
@@ -55,18 +58,26 @@ class DockerDriver:
     name = "docker"
 
     def __init__(
-        self, *, url: str, cdi_kind: str = DEFAULT_CDI_KIND, pull_timeout_seconds: float = 300.0
+        self,
+        *,
+        url: str,
+        cdi_kind: str = DEFAULT_CDI_KIND,
+        pull_timeout_seconds: float = 300.0,
+        create_timeout_seconds: float = 60.0,
+        limits: ContainerLimits | None = None,
     ) -> None:
         self._docker = aiodocker.Docker(url=url)
         self._cdi_kind = cdi_kind
         self._pull_timeout = pull_timeout_seconds
+        self._create_timeout = create_timeout_seconds
+        self._limits = limits or ContainerLimits()
         self._gpu_support: _GpuSupport | None = None
 
     async def aclose(self) -> None:
         await self._docker.close()
 
     def parse_config(self, job: Job) -> ContainerBlock:
-        return parse_container_block(job)
+        return parse_container_block(job, self._limits)
 
     def device_id(self, gpu: Gpu) -> str:
         return f"{self._cdi_kind}={gpu.index}"
@@ -100,17 +111,15 @@ class DockerDriver:
         return _GpuSupport(available=True)
 
     async def _ensure_image(self, image: str) -> None:
-        try:
-            await self._docker.images.inspect(image)
-            return
-        except DockerError as exc:
-            if exc.status != 404:
-                raise SandboxError(f"docker image inspect {image}: {exc.message}") from exc
+        """The image, pulled if missing, within the pull timeout: the look-up too, so
+        no answer of the engine's can hold a job (and its GPUs) beyond it."""
         try:
             async with asyncio.timeout(self._pull_timeout):
+                if await self._has_image(image):
+                    return
                 progress = await self._docker.images.pull(image)
         except (DockerError, TimeoutError) as exc:
-            detail = exc.message if isinstance(exc, DockerError) else "timed out"
+            detail = exc.message if isinstance(exc, DockerError) else self._pull_timed_out
             raise ImageUnavailable(
                 f"image {image!r} is not on this host and pulling it failed: {detail}"
             ) from exc
@@ -120,32 +129,39 @@ class DockerDriver:
                 f"image {image!r} is not on this host and pulling it failed: {errors[-1]}"
             )
 
+    @property
+    def _pull_timed_out(self) -> str:
+        return f"timed out after {self._pull_timeout:g}s (SANDFLEET_IMAGE_PULL_TIMEOUT_SECONDS)"
+
+    async def _has_image(self, image: str) -> bool:
+        try:
+            await self._docker.images.inspect(url_path_segment(image))
+        except DockerError as exc:
+            if exc.status == 404:
+                return False
+            raise SandboxError(f"docker image inspect {image}: {exc.message}") from exc
+        return True
+
     async def create(self, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
         if spec.gpus:
             support = await self._gpus_supported()
             if not support.available:
                 raise CapabilityMissing(support.detail)
-        await self._ensure_image(spec.image)
-        host_config: dict[str, Any] = {}
-        if spec.cpu is not None:
-            host_config["NanoCpus"] = int(spec.cpu * 1e9)
-        if spec.memory_bytes is not None:
-            host_config["Memory"] = spec.memory_bytes
-        if spec.gpu_devices:
-            host_config["DeviceRequests"] = [{"Driver": "cdi", "DeviceIDs": list(spec.gpu_devices)}]
-        config: dict[str, Any] = {
-            "Image": spec.image,
-            "Env": [f"{k}={v}" for k, v in spec.environment.items()],
-            "Labels": dict(spec.labels),
-            "HostConfig": host_config,
-        }
-        if spec.command:
-            config["Cmd"] = list(spec.command)
+        await self._ensure_image(checked_image(spec.image))
         try:
-            container = await self._docker.containers.create(config, name=spec.name)
+            async with asyncio.timeout(self._create_timeout):
+                container = await self._docker.containers.create(
+                    container_config(spec, self._limits), name=spec.name
+                )
         except DockerError as exc:
             error = SandboxNameTaken if exc.status == 409 else SandboxError
             raise error(f"docker create {spec.name}: {exc.message}") from exc
+        except TimeoutError as exc:
+            message = (
+                f"docker create {spec.name}: no answer in {self._create_timeout:g}s "
+                "(SANDFLEET_CONTAINER_CREATE_TIMEOUT_SECONDS)"
+            )
+            raise SandboxError(message) from exc
         state = await self._state(container.id)
         if state is None:
             raise SandboxError(f"docker create {spec.name}: the container vanished after creation")
@@ -153,20 +169,20 @@ class DockerDriver:
 
     async def start(self, sandbox_id: str) -> None:
         async with _translated("start", sandbox_id):
-            await self._docker.containers.container(sandbox_id).start()
+            await self._container(sandbox_id).start()
 
     async def wait(self, sandbox_id: str) -> int:
         async with _translated("wait", sandbox_id):
-            result = await self._docker.containers.container(sandbox_id).wait()
+            result = await self._container(sandbox_id).wait()
         return int(result["StatusCode"])
 
     async def stop(self, sandbox_id: str, *, grace_seconds: float) -> None:
         async with _translated("stop", sandbox_id):
-            await self._docker.containers.container(sandbox_id).stop(t=int(grace_seconds))
+            await self._container(sandbox_id).stop(t=int(grace_seconds))
 
     async def remove(self, sandbox_id: str) -> None:
         try:
-            await self._docker.containers.container(sandbox_id).delete(force=True)
+            await self._container(sandbox_id).delete(force=True)
         except DockerError as exc:
             if exc.status != 404:
                 raise SandboxError(f"docker rm {sandbox_id}: {exc.message}") from exc
@@ -183,14 +199,16 @@ class DockerDriver:
 
     async def output(self, sandbox_id: str, *, lines: int) -> str:
         async with _translated("logs", sandbox_id):
-            chunks = await self._docker.containers.container(sandbox_id).log(
-                stdout=True, stderr=True, tail=lines
-            )
+            chunks = await self._container(sandbox_id).log(stdout=True, stderr=True, tail=lines)
         return "".join(chunks)
+
+    def _container(self, name_or_id: str) -> DockerContainer:
+        # aiodocker puts the id into the URL path as it is.
+        return self._docker.containers.container(url_path_segment(name_or_id))
 
     async def _state(self, name_or_id: str) -> SandboxState | None:
         try:
-            info = await self._docker.containers.container(name_or_id).show()
+            info = await self._container(name_or_id).show()
         except DockerError as exc:
             if exc.status == 404:
                 return None

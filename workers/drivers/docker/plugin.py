@@ -19,7 +19,11 @@ def make_docker_driver(settings: DockerSettings, host: DriverHost) -> SandboxDri
     from sandfleet.workers.drivers.docker.driver import DockerDriver  # noqa: PLC0415
 
     return DockerDriver(
-        url=settings.url, cdi_kind=host.cdi_kind, pull_timeout_seconds=settings.pull_timeout_seconds
+        url=settings.url,
+        cdi_kind=host.cdi_kind,
+        pull_timeout_seconds=settings.pull_timeout_seconds,
+        create_timeout_seconds=settings.create_timeout_seconds,
+        limits=settings.limits,
     )
 
 

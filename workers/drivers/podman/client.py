@@ -2,6 +2,9 @@
 
 Only the libpod endpoints: Podman 4.3's Docker-compatible API accepts GPU
 `DeviceRequests` and silently runs the container without them.
+
+Callers name an endpoint by its path segments (`"images", image, "exists"`); the client
+encodes each one, so no name (an image reference, a container's) can change the path.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from urllib.parse import urlparse
 
 import aiohttp
 
+from sandfleet.common.image_ref import url_path_segment
+
 API = "/v4.0.0/libpod"
+_REDIRECTS = {301, 302, 303, 307, 308}  # 304 "not modified" is podman's "already so"
 
 
 class PodmanApiError(Exception):
@@ -57,21 +63,24 @@ class LibpodClient:
     async def request(
         self,
         method: str,
-        path: str,
-        *,
+        *segments: str,
         params: dict[str, str] | None = None,
         body: Any = None,
     ) -> bytes:
+        """`segments` name the endpoint below the libpod API root, each one encoded."""
+        path = "/".join(url_path_segment(segment) for segment in segments)
+        # No redirects: the service answers each endpoint itself, and a redirect (its
+        # router's, to a path it resolved) would lead to an endpoint not asked for.
         async with self._session.request(
-            method, f"{self._base}{API}{path}", params=params, json=body
+            method, f"{self._base}{API}/{path}", params=params, json=body, allow_redirects=False
         ) as response:
             data = await response.read()
-            if response.status >= 400:
+            if response.status >= 400 or response.status in _REDIRECTS:
                 raise PodmanApiError(response.status, _error_message(data))
             return data
 
-    async def json(self, method: str, path: str, **kwargs: Any) -> Any:
-        data = await self.request(method, path, **kwargs)
+    async def json(self, method: str, *segments: str, **kwargs: Any) -> Any:
+        data = await self.request(method, *segments, **kwargs)
         return json.loads(data) if data else None
 
 

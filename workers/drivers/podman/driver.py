@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
 from sandfleet.common.errors import ImageUnavailable, SandboxError, SandboxNameTaken
 from sandfleet.common.models import Job
 from sandfleet.workers.drivers.base import LABEL_DRIVER, SandboxSpec, SandboxState
-from sandfleet.workers.drivers.cdi import ContainerBlock, parse_container_block
+from sandfleet.workers.drivers.cdi import ContainerBlock, checked_image, parse_container_block
+from sandfleet.workers.drivers.container_settings import ContainerLimits
 from sandfleet.workers.drivers.container_state import state_from_inspect
 from sandfleet.workers.drivers.errors import error_translator
 from sandfleet.workers.drivers.podman.client import LibpodClient, PodmanApiError, demultiplex
+from sandfleet.workers.drivers.podman.spec import spec_generator
 from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
-
-_CPU_PERIOD_US = 100_000
-
 
 _translated = error_translator(
     "podman",
@@ -32,35 +30,41 @@ class PodmanDriver:
     name = "podman"
 
     def __init__(
-        self, *, url: str, cdi_kind: str = DEFAULT_CDI_KIND, pull_timeout_seconds: float = 300.0
+        self,
+        *,
+        url: str,
+        cdi_kind: str = DEFAULT_CDI_KIND,
+        pull_timeout_seconds: float = 300.0,
+        create_timeout_seconds: float = 60.0,
+        limits: ContainerLimits | None = None,
     ) -> None:
         self._api = LibpodClient(url)
         self._cdi_kind = cdi_kind
         self._pull_timeout = pull_timeout_seconds
+        self._create_timeout = create_timeout_seconds
+        self._limits = limits or ContainerLimits()
 
     async def aclose(self) -> None:
         await self._api.aclose()
 
     def parse_config(self, job: Job) -> ContainerBlock:
-        return parse_container_block(job)
+        return parse_container_block(job, self._limits)
 
     def device_id(self, gpu: Gpu) -> str:
         return f"{self._cdi_kind}={gpu.index}"
 
     async def _ensure_image(self, image: str) -> None:
-        try:
-            await self._api.request("GET", f"/images/{image}/exists")
-            return
-        except PodmanApiError as exc:
-            if exc.status != 404:
-                raise SandboxError(f"podman image exists {image}: {exc.message}") from exc
+        """The image, pulled if missing, within the pull timeout: the look-up too, so
+        no answer of the service's can hold a job (and its GPUs) beyond it."""
         try:
             async with asyncio.timeout(self._pull_timeout):
+                if await self._has_image(image):
+                    return
                 body = await self._api.request(
-                    "POST", "/images/pull", params={"reference": image, "quiet": "true"}
+                    "POST", "images", "pull", params={"reference": image, "quiet": "true"}
                 )
         except (PodmanApiError, TimeoutError) as exc:
-            detail = exc.message if isinstance(exc, PodmanApiError) else "timed out"
+            detail = exc.message if isinstance(exc, PodmanApiError) else self._pull_timed_out
             raise ImageUnavailable(
                 f"image {image!r} is not on this host and pulling it failed: {detail}"
             ) from exc
@@ -74,29 +78,35 @@ class PodmanDriver:
                 f"image {image!r} is not on this host and pulling it failed: {errors[-1]}"
             )
 
-    async def create(self, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
-        await self._ensure_image(spec.image)
-        body: dict[str, Any] = {
-            "name": spec.name,
-            "image": spec.image,
-            "env": dict(spec.environment),
-            "labels": dict(spec.labels),
-            "devices": [{"path": device} for device in spec.gpu_devices],
-        }
-        if spec.command:
-            body["command"] = list(spec.command)
-        limits: dict[str, Any] = {}
-        if spec.cpu is not None:
-            limits["cpu"] = {"quota": int(spec.cpu * _CPU_PERIOD_US), "period": _CPU_PERIOD_US}
-        if spec.memory_bytes is not None:
-            limits["memory"] = {"limit": spec.memory_bytes}
-        if limits:
-            body["resource_limits"] = limits
+    @property
+    def _pull_timed_out(self) -> str:
+        return f"timed out after {self._pull_timeout:g}s (SANDFLEET_IMAGE_PULL_TIMEOUT_SECONDS)"
+
+    async def _has_image(self, image: str) -> bool:
         try:
-            created = await self._api.json("POST", "/containers/create", body=body)
+            await self._api.request("GET", "images", image, "exists")
+        except PodmanApiError as exc:
+            if exc.status == 404:
+                return False
+            raise SandboxError(f"podman image exists {image}: {exc.message}") from exc
+        return True
+
+    async def create(self, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
+        await self._ensure_image(checked_image(spec.image))
+        try:
+            async with asyncio.timeout(self._create_timeout):
+                created = await self._api.json(
+                    "POST", "containers", "create", body=spec_generator(spec, self._limits)
+                )
         except PodmanApiError as exc:
             error = SandboxNameTaken if exc.name_in_use else SandboxError
             raise error(f"podman create {spec.name}: {exc.message}") from exc
+        except TimeoutError as exc:
+            message = (
+                f"podman create {spec.name}: no answer in {self._create_timeout:g}s "
+                "(SANDFLEET_CONTAINER_CREATE_TIMEOUT_SECONDS)"
+            )
+            raise SandboxError(message) from exc
         state = await self.find(created["Id"])
         if state is None:
             raise SandboxError(f"podman create {spec.name}: the container vanished after creation")
@@ -104,12 +114,12 @@ class PodmanDriver:
 
     async def start(self, sandbox_id: str) -> None:
         async with _translated("start", sandbox_id):
-            await self._api.request("POST", f"/containers/{sandbox_id}/start")
+            await self._api.request("POST", "containers", sandbox_id, "start")
 
     async def wait(self, sandbox_id: str) -> int:
         async with _translated("wait", sandbox_id):
             code = await self._api.json(
-                "POST", f"/containers/{sandbox_id}/wait", params={"condition": "exited"}
+                "POST", "containers", sandbox_id, "wait", params={"condition": "exited"}
             )
         return int(code)
 
@@ -117,14 +127,16 @@ class PodmanDriver:
         async with _translated("stop", sandbox_id):
             await self._api.request(
                 "POST",
-                f"/containers/{sandbox_id}/stop",
+                "containers",
+                sandbox_id,
+                "stop",
                 params={"timeout": str(int(grace_seconds))},
             )
 
     async def remove(self, sandbox_id: str) -> None:
         try:
             await self._api.request(
-                "DELETE", f"/containers/{sandbox_id}", params={"force": "true", "v": "true"}
+                "DELETE", "containers", sandbox_id, params={"force": "true", "v": "true"}
             )
         except PodmanApiError as exc:
             if not exc.no_such_container:
@@ -132,7 +144,7 @@ class PodmanDriver:
 
     async def find(self, name: str) -> SandboxState | None:
         try:
-            info = await self._api.json("GET", f"/containers/{name}/json")
+            info = await self._api.json("GET", "containers", name, "json")
         except PodmanApiError as exc:
             if exc.no_such_container:
                 return None
@@ -143,7 +155,7 @@ class PodmanDriver:
         filters = json.dumps({"label": [f"{LABEL_DRIVER}={self.name}"]})
         async with _translated("ps", "sandfleet containers"):
             listed = await self._api.json(
-                "GET", "/containers/json", params={"all": "true", "filters": filters}
+                "GET", "containers", "json", params={"all": "true", "filters": filters}
             )
         states = [await self.find(item["Id"]) for item in listed or []]
         return [s for s in states if s is not None]
@@ -152,7 +164,9 @@ class PodmanDriver:
         async with _translated("logs", sandbox_id):
             raw = await self._api.request(
                 "GET",
-                f"/containers/{sandbox_id}/logs",
+                "containers",
+                sandbox_id,
+                "logs",
                 params={"stdout": "true", "stderr": "true", "tail": str(lines)},
             )
         return demultiplex(raw)

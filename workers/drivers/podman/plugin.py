@@ -19,7 +19,11 @@ def make_podman_driver(settings: PodmanSettings, host: DriverHost) -> SandboxDri
     from sandfleet.workers.drivers.podman.driver import PodmanDriver  # noqa: PLC0415
 
     return PodmanDriver(
-        url=settings.url, cdi_kind=host.cdi_kind, pull_timeout_seconds=settings.pull_timeout_seconds
+        url=settings.url,
+        cdi_kind=host.cdi_kind,
+        pull_timeout_seconds=settings.pull_timeout_seconds,
+        create_timeout_seconds=settings.create_timeout_seconds,
+        limits=settings.limits,
     )
 
 

@@ -1,0 +1,46 @@
+"""A job's sandbox as Docker's container-create body (Engine API `ContainerConfig`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sandfleet.workers.drivers.base import SandboxSpec
+from sandfleet.workers.drivers.cdi import ContainerBlock
+from sandfleet.workers.drivers.container_settings import ContainerLimits
+
+
+def container_config(spec: SandboxSpec[ContainerBlock], limits: ContainerLimits) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "Image": spec.image,
+        "Env": [f"{k}={v}" for k, v in spec.environment.items()],
+        "Labels": dict(spec.labels),
+        "HostConfig": host_config(spec, limits),
+    }
+    if spec.command:
+        config["Cmd"] = list(spec.command)
+    return config
+
+
+def host_config(spec: SandboxSpec[ContainerBlock], limits: ContainerLimits) -> dict[str, Any]:
+    """Every container is bounded: cpu, memory, processes and log size; it holds only
+    the host's capability set and can never gain privileges (setuid binaries)."""
+    host: dict[str, Any] = {
+        "NanoCpus": round(limits.cpu(spec.cpu) * 1e9),
+        "Memory": limits.memory(spec.memory_bytes),
+        "PidsLimit": limits.pids_limit,
+        "CapDrop": ["ALL"],
+        "CapAdd": [f"CAP_{name}" for name in limits.capabilities],
+        "SecurityOpt": ["no-new-privileges"],
+        # json-file whatever the daemon's default driver: it is the one with a size cap
+        # that `docker logs` (the job's output) still reads.
+        "LogConfig": {
+            "Type": "json-file",
+            "Config": {
+                "max-size": str(limits.log_max_bytes),
+                "max-file": str(limits.log_max_files),
+            },
+        },
+    }
+    if spec.gpu_devices:
+        host["DeviceRequests"] = [{"Driver": "cdi", "DeviceIDs": list(spec.gpu_devices)}]
+    return host
