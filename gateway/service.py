@@ -41,7 +41,7 @@ from sandfleet.gateway.cancel_desk import CancelDesk
 from sandfleet.gateway.envelope import admit, bounded_errors, decode, new_job_id
 from sandfleet.gateway.job_index import JobIndex
 from sandfleet.gateway.ownership import UNIDENTIFIED, Ownership
-from sandfleet.gateway.signer import job_signer
+from sandfleet.gateway.signer import job_signer, say_how_signed
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Gateway(AsyncCloseable):
         self._connection = await connect(
             settings.broker_url, name=f"sandfleet-gateway@{settings.host}"
         )
+        say_how_signed(self._signer)
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )

@@ -37,8 +37,7 @@ def job_verifier(settings: Settings) -> SignatureVerifier | None:
     files = trusted_key_files(settings.trusted_keys)
     if not files:
         if settings.allow_unsigned_jobs:
-            log.warning("SANDFLEET_ALLOW_UNSIGNED_JOBS: this worker runs jobs nobody signed")
-            return None
+            return None  # said once connected: SignedJobsOnly.say_what_runs
         raise UnsignedJobsRefused(
             "no trusted keys: set SANDFLEET_TRUSTED_KEYS to the gateway's public key "
             "(`sandfleet keys generate DIR` makes a pair; DIR/signing.pub), or set "
@@ -68,6 +67,12 @@ class SignedJobsOnly:
         self._handler = handler
         self._identity = identity
         self._events = events
+
+    def say_what_runs(self) -> None:
+        if self._verifier is None:
+            log.warning("SANDFLEET_ALLOW_UNSIGNED_JOBS: this worker runs jobs nobody signed")
+        else:
+            log.info("running jobs signed by key(s) %s", ", ".join(self._verifier.key_ids))
 
     async def __call__(self, message: JobMessage) -> None:
         if self._verifier is not None:

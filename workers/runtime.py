@@ -202,6 +202,7 @@ class Worker(AsyncCloseable):
         signed_only = SignedJobsOnly(
             self._verifier, runner.handle, identity=self.identity, events=events
         )
+        signed_only.say_what_runs()
 
         async def handle(message: AbstractIncomingMessage) -> None:
             await settle(message, signed_only)

@@ -138,12 +138,21 @@ DEAD_BROKER = "amqp://guest:s3cr3t-pw@127.0.0.1:1/"
     ],
 )
 async def test_an_unreachable_broker_is_one_line_and_exit_3(args: tuple[str, ...]) -> None:
-    ran = await run_sandfleet({**os.environ, "SANDFLEET_BROKER_URL": DEAD_BROKER}, *args)
+    env = {**os.environ, "SANDFLEET_BROKER_URL": DEAD_BROKER, "SANDFLEET_ALLOW_UNSIGNED_JOBS": "1"}
+    ran = await run_sandfleet(env, *args)
     assert ran.returncode == 3, ran
     assert ran.stdout == ""
     assert ran.stderr == (
         "sandfleet: cannot reach the fleet at amqp://guest:***@127.0.0.1:1/: Connection refused\n"
     )
+
+
+async def test_a_worker_with_no_trusted_keys_is_one_line_and_exit_78() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDFLEET_")}
+    ran = await run_sandfleet({**env, "SANDFLEET_BROKER_URL": DEAD_BROKER}, "worker")
+    assert ran.returncode == 78, ran
+    assert ran.stderr.startswith("sandfleet: no trusted keys: set SANDFLEET_TRUSTED_KEYS")
+    assert ran.stderr.count("\n") == 1
 
 
 async def test_refused_credentials_are_one_line_and_exit_3(settings: Settings) -> None:
