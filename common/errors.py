@@ -23,6 +23,7 @@ into SandboxError once, inside the driver that talks to the backend, with
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -149,3 +150,57 @@ class JobNotFound(SandfleetError):
 
 class ClientClosed(SandfleetError, RuntimeError):
     """A client was used outside its `with` block, or after it was closed."""
+
+
+# What a rejection (its event and its reply) may carry, whatever the request held: a
+# 1 MiB request can break thousands of rules, each message quoting its input.
+MAX_REPORTED_ERRORS = 20
+MAX_ERROR_FIELD_CHARS = 160
+MAX_ERROR_MESSAGE_CHARS = 240
+# Room for the longest single error even were every character escaped (6 bytes each), so
+# at least one error is always shown.
+MAX_ERRORS_JSON_BYTES = 3072
+_SUMMARY_JSON_BYTES = 80  # `{"field": "request", "message": "N more errors not shown"}`
+
+
+def bounded_errors(errors: list[FieldError], *, total: int | None = None) -> list[FieldError]:
+    """At most MAX_REPORTED_ERRORS errors, each cut short, in MAX_ERRORS_JSON_BYTES; when
+    some must go, the last says how many: what a rejection's event and reply carry.
+
+    `total`: how many errors `errors` (then only the first of them) stands for.
+    Bounding a bounded list changes nothing, so every step on the way may apply it.
+    """
+    total = len(errors) if total is None else total
+    cut = [_cut_error(error) for error in errors[:MAX_REPORTED_ERRORS]]
+    if total <= MAX_REPORTED_ERRORS and _json_size(cut) <= MAX_ERRORS_JSON_BYTES:
+        return cut
+    kept: list[FieldError] = []
+    budget = MAX_ERRORS_JSON_BYTES - _SUMMARY_JSON_BYTES
+    for error in cut[: MAX_REPORTED_ERRORS - 1]:
+        budget -= _json_size([error])
+        if budget < 0:
+            break
+        kept.append(error)
+    more = total - len(kept)
+    return [*kept, FieldError(field="request", message=f"{more} more errors not shown")]
+
+
+def _cut_error(error: FieldError) -> FieldError:
+    return FieldError(
+        field=_cut(error.field, MAX_ERROR_FIELD_CHARS),
+        message=_cut(error.message, MAX_ERROR_MESSAGE_CHARS),
+    )
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def _json_size(errors: list[FieldError]) -> int:
+    """The errors' size in UTF-8 JSON: at most 6 bytes a character (`\\u0000`)."""
+    return sum(_json_bytes(e.field) + _json_bytes(e.message) + 24 for e in errors)
+
+
+def _json_bytes(text: str) -> int:
+    # surrogatepass: a lone surrogate is counted (3 bytes), not an error here.
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass"))

@@ -15,7 +15,13 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid
+from sandfleet.common.errors import (
+    MAX_REPORTED_ERRORS,
+    FieldError,
+    MessageUndecodable,
+    RequestInvalid,
+    bounded_errors,
+)
 from sandfleet.common.models import (
     JOB_ID_PATTERN,
     MAX_TIMEOUT_CONTEXT,
@@ -29,16 +35,6 @@ from sandfleet.common.settings import Settings
 # Python's own limit on int() from text (sys.int_info.default_max_str_digits), which
 # pydantic's JSON parser keeps too; stated here so a process setting cannot move it.
 MAX_INTEGER_DIGITS = 4300
-
-# What a rejection (its event and its reply) may carry, whatever the request held: a
-# 1 MiB request can break thousands of rules, each message quoting its input.
-MAX_REPORTED_ERRORS = 20
-MAX_ERROR_FIELD_CHARS = 160
-MAX_ERROR_MESSAGE_CHARS = 240
-# Room for the longest single error even were every character escaped (6 bytes each), so
-# at least one error is always shown.
-MAX_ERRORS_JSON_BYTES = 3072
-_SUMMARY_JSON_BYTES = 80  # `{"field": "request", "message": "N more errors not shown"}`
 
 
 def new_job_id() -> str:
@@ -76,49 +72,6 @@ def job_id_hint(data: Any) -> str | None:
         if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id):
             return job_id
     return None
-
-
-def bounded_errors(errors: list[FieldError], *, total: int | None = None) -> list[FieldError]:
-    """At most MAX_REPORTED_ERRORS errors, each cut short, in MAX_ERRORS_JSON_BYTES; when
-    some must go, the last says how many: what a rejection's event and reply carry.
-
-    `total`: how many errors `errors` (then only the first of them) stands for.
-    Bounding a bounded list changes nothing, so every step on the way may apply it.
-    """
-    total = len(errors) if total is None else total
-    cut = [_cut_error(error) for error in errors[:MAX_REPORTED_ERRORS]]
-    if total <= MAX_REPORTED_ERRORS and _json_size(cut) <= MAX_ERRORS_JSON_BYTES:
-        return cut
-    kept: list[FieldError] = []
-    budget = MAX_ERRORS_JSON_BYTES - _SUMMARY_JSON_BYTES
-    for error in cut[: MAX_REPORTED_ERRORS - 1]:
-        budget -= _json_size([error])
-        if budget < 0:
-            break
-        kept.append(error)
-    more = total - len(kept)
-    return [*kept, FieldError(field="request", message=f"{more} more errors not shown")]
-
-
-def _cut_error(error: FieldError) -> FieldError:
-    return FieldError(
-        field=_cut(error.field, MAX_ERROR_FIELD_CHARS),
-        message=_cut(error.message, MAX_ERROR_MESSAGE_CHARS),
-    )
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[: limit - 1]}…"
-
-
-def _json_size(errors: list[FieldError]) -> int:
-    """The errors' size in UTF-8 JSON: at most 6 bytes a character (`\\u0000`)."""
-    return sum(_json_bytes(e.field) + _json_bytes(e.message) + 24 for e in errors)
-
-
-def _json_bytes(text: str) -> int:
-    # surrogatepass: a lone surrogate is counted (3 bytes), not an error here.
-    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass"))
 
 
 def admit(body: bytes, settings: Settings) -> Job:

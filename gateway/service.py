@@ -23,7 +23,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
 
 from sandfleet.common.amqp import EventPublisher, connect, job_message, send_reply, settle
-from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid
+from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.models import Job, ReplyStatus, SubmitReply
@@ -38,7 +38,7 @@ from sandfleet.common.topology import (
     job_routing_key,
 )
 from sandfleet.gateway.cancel_desk import CancelDesk
-from sandfleet.gateway.envelope import admit, bounded_errors, decode, new_job_id
+from sandfleet.gateway.envelope import admit, decode, new_job_id
 from sandfleet.gateway.job_index import JobIndex
 from sandfleet.gateway.ownership import UNIDENTIFIED, Ownership
 from sandfleet.gateway.signer import job_signer, say_how_signed

@@ -14,8 +14,14 @@ from aio_pika.abc import HeadersType
 from pydantic import ValidationError
 
 from sandfleet.common.amqp import EventSink
-from sandfleet.common.errors import DeadLetter, FieldError, RequestInvalid
-from sandfleet.common.events import Phase
+from sandfleet.common.errors import (
+    MAX_REPORTED_ERRORS,
+    DeadLetter,
+    FieldError,
+    RequestInvalid,
+    bounded_errors,
+)
+from sandfleet.common.events import Phase, bounded_output
 from sandfleet.common.models import Job, field_errors
 from sandfleet.workers.attempt import JobPlan
 from sandfleet.workers.drivers.base import SandboxDriver
@@ -75,9 +81,11 @@ class JobCheck:
         try:
             return Job.model_validate_json(message.body)
         except ValidationError as exc:
-            errors = field_errors(exc, prefix="job")
-            job_id = message.message_id or "unknown"
-            await self._reject(job_id, "MalformedJob", "; ".join(map(str, errors)))
+            errors = field_errors(exc, prefix="job", limit=MAX_REPORTED_ERRORS)
+            # Not a job, so its claimed id is not to be spoken for: no job_id.
+            claimed = (message.message_id or "")[:64]
+            summary = "; ".join(map(str, bounded_errors(errors)))
+            await self._reject(None, "MalformedJob", f"(claims id {claimed!r}) {summary}")
             raise RequestInvalid(errors) from exc
 
     def plan(self, job: Job) -> JobPlan:
@@ -94,18 +102,19 @@ class JobCheck:
 
     async def _reject(
         self,
-        job_id: str,
+        job_id: str | None,
         reason: str,
         message: str,
         errors: list[FieldError] | None = None,
         submitted_by: str | None = None,
     ) -> None:
+        bounded = bounded_errors(errors or [])  # a driver may list many, each quoting input
         event = self._identity.event(
             job_id,
             Phase.REJECTED,
             reason,
-            message=message,
-            errors=errors or [],
+            message="; ".join(map(str, bounded)) if errors else bounded_output(message),
+            errors=bounded,
             submitted_by=submitted_by,
         )
         await self._events.publish(event)

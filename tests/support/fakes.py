@@ -36,7 +36,7 @@ class RecordedEvents:
     async def publish(self, event: Event) -> None:
         self.events.append(event)
 
-    def of(self, job_id: str) -> list[Event]:
+    def of(self, job_id: str | None) -> list[Event]:
         return [e for e in self.events if e.job_id == job_id]
 
     def phases(self, job_id: str) -> list[Phase]:

@@ -25,11 +25,11 @@ from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
 from typing import Any
 
 from sandfleet.common.amqp import job_message
-from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid
+from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.models import Job, ReplyStatus, SubmitReply
 from sandfleet.common.settings import Settings
-from sandfleet.gateway.envelope import admit, bounded_errors, decode, job_id_hint, new_job_id
+from sandfleet.gateway.envelope import admit, decode, job_id_hint, new_job_id
 from tests.support.fuzz_inputs import submission
 
 # What a rejected event and its reply may weigh, whatever the submission.

@@ -7,17 +7,17 @@ from typing import Any
 
 import pytest
 
-from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid
+from sandfleet.common.errors import (
+    MAX_REPORTED_ERRORS,
+    FieldError,
+    MessageUndecodable,
+    RequestInvalid,
+    bounded_errors,
+)
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.models import ReplyStatus, SubmitReply
 from sandfleet.common.settings import Settings
-from sandfleet.gateway.envelope import (
-    MAX_REPORTED_ERRORS,
-    admit,
-    bounded_errors,
-    decode,
-    job_id_hint,
-)
+from sandfleet.gateway.envelope import admit, decode, job_id_hint
 from tests.support.fuzz_inputs import hostile_request
 
 SETTINGS = Settings(host="gw", max_driver_config_bytes=256)

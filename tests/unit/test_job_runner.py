@@ -204,8 +204,10 @@ async def test_a_message_that_is_no_job_is_rejected(tmp_path: Path) -> None:
     delivery.body = b'{"job_id": "a"}'
     with pytest.raises(RequestInvalid):
         await within(h.runner.handle(delivery))
-    [event] = h.events.of("a")
+    assert h.events.of("a") == []  # not a job: its claimed id is not spoken for
+    [event] = h.events.of(None)
     assert (event.phase, event.reason) == (Phase.REJECTED, "MalformedJob")
+    assert "claims id 'a'" in event.message
 
 
 async def test_a_job_cancelled_before_it_arrives_never_starts(tmp_path: Path) -> None:
