@@ -20,6 +20,7 @@ from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings
 from sandfleet.common.topology import (
     CONTROL_EXCHANGE,
+    CONTROL_LOG_QUEUE,
     EVENTS_EXCHANGE,
     EVENTS_LOG_QUEUE,
     JOBS_EXCHANGE,
@@ -36,7 +37,7 @@ from sandfleet.gateway.broker_setup import (
 )
 from sandfleet.gateway.service import Gateway
 from tests.support import until_phase, until_terminal
-from tests.support.broker import rabbitmqctl
+from tests.support.broker import rabbitmqctl, vhost_of
 from tests.support.runtimes import registered_driver, worker_factory
 
 pytestmark = pytest.mark.integration
@@ -249,3 +250,16 @@ async def test_the_observer_only_reads(fleet: Fleet) -> None:
         consume(job_queue_name("inmemory")),
     ):
         assert "ACCESS_REFUSED" in await refused(url, attempt)
+
+
+async def test_every_log_the_fleet_keeps_is_bounded(fleet: Fleet) -> None:
+    """The event and control logs (streams) have a size cap and an age; the submit and
+    job queues a delivery limit: no submitter can grow the broker's disk without end."""
+    vhost = vhost_of(fleet.settings.broker_url)
+    listed = await asyncio.to_thread(rabbitmqctl, "list_queues", "-p", vhost, "name", "arguments")
+    arguments = dict(line.split("\t", 1) for line in listed.strip().splitlines()[1:])
+    for log_queue in (EVENTS_LOG_QUEUE, CONTROL_LOG_QUEUE):
+        assert "x-max-length-bytes" in arguments[log_queue], arguments[log_queue]
+        assert "x-max-age" in arguments[log_queue]
+    for queue in (SUBMIT_QUEUE, job_queue_name("inmemory")):
+        assert "x-delivery-limit" in arguments[queue]
