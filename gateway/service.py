@@ -83,7 +83,7 @@ class Gateway(AsyncCloseable):
     async def __aenter__(self) -> Self:
         settings = self._settings
         self._connection = await connect(
-            settings.broker_url, name=f"sandfleet-gateway@{settings.host}"
+            settings.broker_url, name=f"sandfleet-gateway@{settings.host}", settings=settings
         )
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
