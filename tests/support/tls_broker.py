@@ -41,13 +41,15 @@ class Credential:
 
 
 @dataclass(frozen=True)
-class TestPKI:
-    """The certificates a test needs: its CA, the broker's, a client's, and a CA that
-    signed none of them."""
+class PKI:
+    """The certificates a test needs: its CA; the broker's (for 127.0.0.1 and
+    localhost), a client's, and a server's for another host, all signed by it; and a
+    CA that signed none of them."""
 
     ca: Path
     server: Credential
     client: Credential
+    elsewhere: Credential
     stranger_ca: Path
 
 
@@ -57,7 +59,7 @@ class TLSNode:
 
     name: str
     port: int
-    pki: TestPKI
+    pki: PKI
 
     def url(self, host: str = "127.0.0.1", vhost: str = "") -> str:
         return f"amqps://guest:guest@{host}:{self.port}/{vhost}"
@@ -108,19 +110,21 @@ def _issue(
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     common_name: str,
     *,
-    server: bool,
+    server_names: list[x509.GeneralName] | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate `ca` signs: a server's for `server_names`, else a client's."""
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
+    server = server_names is not None
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         _builder(common_name, ca_cert.subject, key)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
-    if server:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if server_names is not None:
+        names = x509.SubjectAlternativeName(server_names)
+        builder = builder.add_extension(names, critical=False)
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
@@ -141,17 +145,24 @@ def _write(
     return credential
 
 
-def make_pki(directory: Path) -> TestPKI:
-    """A fresh CA, the broker's and a client's certificates signed by it, and a second
-    CA (the "stranger") that signed nothing here; PEM files in `directory`."""
+LOOPBACK_NAMES: list[x509.GeneralName] = [
+    x509.DNSName("localhost"),
+    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+]
+ELSEWHERE = "broker.elsewhere.invalid"
+
+
+def make_pki(directory: Path) -> PKI:
+    """A fresh `PKI`, as PEM files in `directory` (keys 0600)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca = _make_ca("sandfleet test CA")
-    stranger = _make_ca("sandfleet stranger CA")
-    return TestPKI(
+    elsewhere = _issue(ca, ELSEWHERE, server_names=[x509.DNSName(ELSEWHERE)])
+    return PKI(
         ca=_write(directory, "ca", ca).cert,
-        server=_write(directory, "server", _issue(ca, "localhost", server=True)),
-        client=_write(directory, "client", _issue(ca, "sandfleet-client", server=False)),
-        stranger_ca=_write(directory, "stranger-ca", stranger).cert,
+        server=_write(directory, "server", _issue(ca, "localhost", server_names=LOOPBACK_NAMES)),
+        client=_write(directory, "client", _issue(ca, "sandfleet-client")),
+        elsewhere=_write(directory, "elsewhere", elsewhere),
+        stranger_ca=_write(directory, "stranger-ca", _make_ca("sandfleet stranger CA")).cert,
     )
 
 
@@ -165,7 +176,7 @@ def _free_port() -> int:
         return port
 
 
-def _config(pki: TestPKI, port: int, *, require_client_cert: bool) -> str:
+def _config(pki: PKI, port: int, *, require_client_cert: bool) -> str:
     fail_if_no_peer_cert = "true" if require_client_cert else "false"
     return "\n".join(
         [
@@ -233,7 +244,7 @@ class _Launched:
         return self.directory / "node.pid"
 
 
-def _prepare(directory: Path, pki: TestPKI, *, require_client_cert: bool) -> TLSNode:
+def _prepare(directory: Path, pki: PKI, *, require_client_cert: bool) -> TLSNode:
     """A node's name, port and files, in `directory`."""
     directory.mkdir()
     node = TLSNode(f"sandfleet-tls-{os.getpid()}-{directory.name}@localhost", _free_port(), pki)
