@@ -199,7 +199,7 @@ def _why_tls_failed(exc: BaseException, url: str) -> str | None:
     causes = list(_causes(exc))
     ssl_error = next((e for e in causes if isinstance(e, ssl.SSLError)), None)
     if ssl_error is not None:
-        hint = _TLS_HINTS.get(str(ssl_error.reason), "")
+        hint = _TLS_HINTS.get(getattr(ssl_error, "reason", None) or "", "")
         return f"TLS: {_ssl_reason(ssl_error)}{hint}"
     if urlsplit(url).scheme == "amqps" and any(isinstance(e, _CUT_OFF) for e in causes):
         # TLS 1.3 refuses a client certificate after the handshake: the broker's alert
@@ -213,7 +213,10 @@ def _why_tls_failed(exc: BaseException, url: str) -> str | None:
 
 
 _CUT_OFF = (ConnectionResetError, EOFError)
-_TLS_HINTS = {"WRONG_VERSION_NUMBER": " (does this port speak TLS?)"}
+_TLS_HINTS = {
+    "WRONG_VERSION_NUMBER": " (does this port speak TLS?)",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": " (SANDFLEET_BROKER_CERT, SANDFLEET_BROKER_KEY)",
+}
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:

@@ -14,7 +14,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
+from aiormq.exceptions import AMQPConnectionError
 
 from sandfleet.common.amqp import TLSSettingsInvalid, connect, redacted_url, tls_context
 from sandfleet.common.errors import FleetUnreachable
@@ -256,6 +258,31 @@ async def test_a_broker_that_hangs_up_after_the_handshake_points_at_client_certi
         reason = await unreachable_reason(f"amqps://127.0.0.1:{port}/", tls_settings(ca=pki.ca))
     assert reason.startswith("TLS: the broker closed the connection unanswered"), reason
     assert "SANDFLEET_BROKER_CERT" in reason
+
+
+async def test_a_client_without_the_certificate_a_broker_requires_is_told_which_setting(
+    pki: PKI,
+) -> None:
+    async with tls_server(server_context(pki.server, client_ca=pki.ca)) as (port, _):
+        reason = await unreachable_reason(f"amqps://127.0.0.1:{port}/", tls_settings(ca=pki.ca))
+    # The broker's alert, or (TLS 1.3 sends it after the handshake) the hang-up it ends with.
+    assert reason.startswith("TLS: "), reason
+    assert reason.endswith(" (SANDFLEET_BROKER_CERT, SANDFLEET_BROKER_KEY)"), reason
+
+
+async def test_the_alert_that_a_client_certificate_is_required_points_at_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What a client sees when the broker's alert wins the race with its hang-up (above).
+    alert = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert (_ssl.c:2580)")
+    alert.reason = "TLSV13_ALERT_CERTIFICATE_REQUIRED"  # as OpenSSL's own errors carry it
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise AMQPConnectionError(f"Server communication error: {alert!r}") from alert
+
+    monkeypatch.setattr(aio_pika, "connect_robust", refused)
+    reason = await unreachable_reason("amqps://127.0.0.1:5671/", tls_settings())
+    assert reason == "TLS: tlsv13 alert (SANDFLEET_BROKER_CERT, SANDFLEET_BROKER_KEY)"
 
 
 async def test_a_client_takes_its_tls_settings_from_the_environment(
