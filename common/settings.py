@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SANDFLEET_", frozen=True, extra="ignore")
 
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    # TLS to the broker (amqps:// URLs only; see sandfleet.common.amqp.tls_context): the
+    # TLS to the broker (amqps:// URLs only; see sandfleet.common.tls): the
     # CA certificates that sign the broker's (default: the system's), and a client
     # certificate with its key (default: in the certificate's file) for a broker that
     # asks for one.

@@ -7,20 +7,21 @@ RabbitMQ TLS listener in tests/integration/test_tls.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
-from aiormq.exceptions import AMQPConnectionError
 
-from sandfleet.common.amqp import TLSSettingsInvalid, connect, redacted_url, tls_context
+from sandfleet.common.amqp import connect, redacted_url
 from sandfleet.common.errors import FleetUnreachable
 from sandfleet.common.settings import Settings
+from sandfleet.common.tls import TLSSettingsInvalid, tls_context
 from sandfleet.gateway.client import Client
 from tests.support.tls_broker import PKI, Credential, make_pki
 
@@ -270,19 +271,38 @@ async def test_a_client_without_the_certificate_a_broker_requires_is_told_which_
     assert reason.endswith(" (SANDFLEET_BROKER_CERT, SANDFLEET_BROKER_KEY)"), reason
 
 
+def refuse_without_a_certificate(listener: socket.socket, context: ssl.SSLContext) -> None:
+    """Accept one client and fail its handshake for want of a certificate, as a broker
+    does; then read what it sends until it hangs up, so that closing resets nothing and
+    the alert reaches it."""
+    listener.settimeout(10)
+    raw, _ = listener.accept()
+    raw.settimeout(10)
+    with (
+        raw,
+        context.wrap_socket(raw.dup(), server_side=True, do_handshake_on_connect=False) as tls,
+    ):
+        with contextlib.suppress(ssl.SSLError):
+            tls.do_handshake()
+        while raw.recv(4096):
+            pass
+
+
 async def test_the_alert_that_a_client_certificate_is_required_points_at_the_setting(
-    monkeypatch: pytest.MonkeyPatch,
+    pki: PKI,
 ) -> None:
-    # What a client sees when the broker's alert wins the race with its hang-up (above).
-    alert = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert (_ssl.c:2580)")
-    alert.reason = "TLSV13_ALERT_CERTIFICATE_REQUIRED"  # as OpenSSL's own errors carry it
-
-    async def refused(*args: object, **kwargs: object) -> None:
-        raise AMQPConnectionError(f"Server communication error: {alert!r}") from alert
-
-    monkeypatch.setattr(aio_pika, "connect_robust", refused)
-    reason = await unreachable_reason("amqps://127.0.0.1:5671/", tls_settings())
-    assert reason == "TLS: tlsv13 alert (SANDFLEET_BROKER_CERT, SANDFLEET_BROKER_KEY)"
+    context = server_context(pki.server, client_ca=pki.ca)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        # A future, not a task: connect() leaves no task behind, and the test checks it.
+        server = asyncio.get_running_loop().run_in_executor(
+            None, refuse_without_a_certificate, listener, context
+        )
+        url = f"amqps://127.0.0.1:{listener.getsockname()[1]}/"
+        reason = await unreachable_reason(url, tls_settings(ca=pki.ca))
+        await server
+    assert reason == (
+        "TLS: tlsv13 alert certificate required (SANDFLEET_BROKER_CERT, SANDFLEET_BROKER_KEY)"
+    )
 
 
 async def test_a_client_takes_its_tls_settings_from_the_environment(
