@@ -14,9 +14,11 @@ import ipaddress
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # The node starts in a few seconds alone; the shared CI machine can make it much slower.
 START_TIMEOUT_SECONDS = 120
+WAIT_ROUND_SECONDS = 10
+PID_FILE = "node.pid"  # in the node's directory; `rabbitmqctl wait` and `stop` read it
 LOG_TAIL_LINES = 40
 
 
@@ -206,7 +210,7 @@ def _environment(directory: Path, node: str) -> dict[str, str]:
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
         "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
         "RABBITMQ_LOG_BASE": str(directory / "log"),
-        "RABBITMQ_PID_FILE": str(directory / "node.pid"),
+        "RABBITMQ_PID_FILE": str(directory / PID_FILE),
     }
 
 
@@ -241,7 +245,7 @@ class _Launched:
 
     @property
     def pid_file(self) -> Path:
-        return self.directory / "node.pid"
+        return self.directory / PID_FILE
 
 
 def _prepare(directory: Path, pki: PKI, *, require_client_cert: bool) -> TLSNode:
@@ -271,27 +275,22 @@ def _start(node: TLSNode, directory: Path) -> _Launched:
 
 def _await_startup(launched: _Launched) -> TLSNode:
     """The node, once it serves; a clear error with its log's tail if it never does."""
-    waiter = subprocess.Popen(
-        ["rabbitmqctl", "-q", "-n", launched.node.name, "wait", str(launched.pid_file),
-         "--timeout", str(START_TIMEOUT_SECONDS)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    # `rabbitmqctl wait` would wait out its whole timeout for a node that died before
-    # writing its pid file: watch the node's process as well.
-    while waiter.poll() is None and launched.process.poll() is None:
-        try:
-            waiter.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            continue
-    if waiter.poll() == 0:
-        return launched.node
-    waiter.kill()
-    said = (waiter.communicate()[0] or "").strip()
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    # In rounds: one long `rabbitmqctl wait` would wait out its whole timeout for a node
+    # that died before writing its pid file (and, run through su, cannot be cut short).
+    while True:
+        waited = _rabbitmqctl(
+            launched.node.name, "wait", str(launched.pid_file),
+            "--timeout", str(WAIT_ROUND_SECONDS), timeout=WAIT_ROUND_SECONDS + 60,
+        )  # fmt: skip
+        if waited.returncode == 0:
+            return launched.node
+        if launched.process.poll() is not None or time.monotonic() > deadline:
+            break
+    said = (waited.stdout + waited.stderr).strip() or "nothing"
     raise RuntimeError(
-        f"the TLS test node {launched.node.name} did not start "
-        f"(node exit status {launched.process.poll()}; rabbitmqctl wait: {said or 'nothing'})"
+        f"the TLS test node {launched.node.name} did not start (node exit status"
+        f" {launched.process.poll()}; rabbitmqctl wait said: {said})"
         f"\n{_log_tail(launched.directory)}"
     )
 
@@ -320,7 +319,7 @@ def _stop(launched: _Launched) -> None:
 def _kill_node(launched: _Launched) -> None:
     # The node runs under su, in a session of its own: its own pid, not ours, is killed.
     try:
-        os.kill(int(launched.pid_file.read_text().strip()), 9)
+        os.kill(int(launched.pid_file.read_text().strip()), signal.SIGKILL)
     except (OSError, ValueError):
         launched.process.kill()
 
