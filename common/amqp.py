@@ -24,6 +24,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from sandfleet.common.errors import DeadLetter, FleetUnreachable
 from sandfleet.common.events import Event
 from sandfleet.common.models import Job
+from sandfleet.common.settings import Settings
+from sandfleet.common.tls import TLSSettingsInvalid, tls_context_for, why_tls_failed
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +40,32 @@ _CONNECTION_LOGGERS = ("aiormq.connection", "aio_pika.robust_connection")
 
 
 async def connect(
-    url: str, *, name: str, timeout: float = CONNECT_TIMEOUT_SECONDS
+    url: str,
+    *,
+    name: str,
+    settings: Settings | None = None,
+    timeout: float = CONNECT_TIMEOUT_SECONDS,
 ) -> AbstractRobustConnection:
     """A robust connection: aio-pika reconnects and restores channels, queues and consumers.
 
-    Only the first attempt can fail: within `timeout` seconds it is made or it raises
-    FleetUnreachable, naming the URL with its password hidden and why. Later outages are
-    the robust connection's to ride out.
+    An amqps:// URL is TLS as `settings` say (see `sandfleet.common.tls`; no settings: the
+    system's CAs, no client certificate). Only the first attempt can fail: within
+    `timeout` seconds it is made or it raises FleetUnreachable, naming the URL with its
+    password hidden and why. Later outages are the robust connection's to ride out.
     """
+    try:
+        context = tls_context_for(url, settings)
+    except TLSSettingsInvalid as exc:
+        raise FleetUnreachable(redacted_url(url), f"TLS: {exc}") from None
     try:
         with _quiet(_CONNECTION_LOGGERS):
             # aio-pika bounds the attempt itself and then stops trying; an outer timeout
             # would leave its reconnect loop running behind a connection nobody holds.
             return await aio_pika.connect_robust(
-                url, timeout=timeout, client_properties={"connection_name": name}
+                url,
+                timeout=timeout,
+                ssl_context=context,
+                client_properties={"connection_name": name},
             )
     except (aiormq.exceptions.AMQPError, OSError) as exc:  # TimeoutError is an OSError
         raise FleetUnreachable(redacted_url(url), _why_unreachable(exc, url)) from None
@@ -78,6 +92,9 @@ def broker_login(url: str) -> str:
 
 
 def _why_unreachable(exc: BaseException, url: str) -> str:
+    tls_reason = why_tls_failed(exc, url)
+    if tls_reason is not None:
+        return tls_reason
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return "the broker refused the login (user name or password)"
     if isinstance(exc, TimeoutError):

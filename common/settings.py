@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     # A file holding the broker URL instead (its password stays out of the environment,
     # as with Docker secrets); read once, at start.
     broker_url_file: Path | None = None
+    # TLS to the broker (amqps:// URLs only; see sandfleet.common.tls): the
+    # CA certificates that sign the broker's (default: the system's), and a client
+    # certificate with its key (default: in the certificate's file) for a broker that
+    # asks for one.
+    broker_ca: Path | None = None
+    broker_cert: Path | None = None
+    broker_key: Path | None = None
     host: str = Field(default_factory=_short_hostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
     default_driver: str = Field(default="docker", pattern=DRIVER_NAME_PATTERN)
     log_level: str = "INFO"

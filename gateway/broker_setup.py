@@ -183,7 +183,7 @@ async def _apply(
 
 
 async def _declare(settings: Settings, admin_amqp_url: str, drivers: Sequence[str]) -> None:
-    connection = await connect(admin_amqp_url, name="sandfleet-broker-setup")
+    connection = await connect(admin_amqp_url, name="sandfleet-broker-setup", settings=settings)
     async with connection, connection.channel() as channel:
         await declare_topology(channel, settings)
         for driver in drivers:

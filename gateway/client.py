@@ -74,8 +74,10 @@ Request = SandboxRequest | dict[str, Any] | bytes
 class Client(AsyncCloseable):
     """A connection to a sandfleet broker for submitters and watchers.
 
-    `url` defaults to SANDFLEET_BROKER_URL. Connecting raises FleetUnreachable when no
-    broker answers within `connect_timeout` seconds or it refuses the login.
+    `url` defaults to SANDFLEET_BROKER_URL, and an amqps:// URL's TLS settings
+    (SANDFLEET_BROKER_CA, _CERT, _KEY) come from `settings`, or else the environment.
+    Connecting raises FleetUnreachable when no broker answers within `connect_timeout`
+    seconds, TLS fails, or the broker refuses the login.
     """
 
     def __init__(
@@ -85,7 +87,8 @@ class Client(AsyncCloseable):
         settings: Settings | None = None,
         connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     ) -> None:
-        self._url = url or (settings or Settings()).broker_url
+        self._settings = settings or Settings()
+        self._url = url or self._settings.broker_url
         self._connect_timeout = connect_timeout
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -103,7 +106,10 @@ class Client(AsyncCloseable):
         if self._closed:
             raise ClientClosed("this Client was closed; make a new one")
         connection = await connect(
-            self._url, name="sandfleet-client", timeout=self._connect_timeout
+            self._url,
+            name="sandfleet-client",
+            settings=self._settings,
+            timeout=self._connect_timeout,
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

@@ -92,7 +92,7 @@ class Gateway(AsyncCloseable):
     async def __aenter__(self) -> Self:
         settings = self._settings
         self._connection = await connect(
-            settings.broker_url, name=f"sandfleet-gateway@{settings.host}"
+            settings.broker_url, name=f"sandfleet-gateway@{settings.host}", settings=settings
         )
         say_how_signed(self._signer)
         self._channel = await self._connection.channel(

@@ -173,7 +173,9 @@ class Worker(AsyncCloseable):
     async def _connect(self) -> _Connected:
         settings, name, host = self._settings, self._driver.name, self._settings.host
         connection = await connect(
-            settings.broker_url, name=f"sandfleet-worker {self.identity.worker_id}"
+            settings.broker_url,
+            name=f"sandfleet-worker {self.identity.worker_id}",
+            settings=settings,
         )
         # A returned job (bound to the host, parked) raises: it must not vanish unseen.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
