@@ -23,6 +23,7 @@ from sandfleet.common import broker_roles as roles
 from sandfleet.common.amqp import connect, redacted_url
 from sandfleet.common.errors import SandfleetError
 from sandfleet.common.settings import Settings
+from sandfleet.common.tls import tls_context
 from sandfleet.common.topology import declare_job_queue, declare_topology
 
 DEFAULT_ADMIN_URL = "http://guest:guest@127.0.0.1:15672/"
@@ -121,7 +122,7 @@ async def set_up_broker(
         if rotate or login not in passwords:
             passwords[login] = secrets.token_urlsafe(24)
     credentials.write(passwords)  # before the broker has them: never a password lost
-    await _apply(admin_url, vhost, wanted, passwords)
+    await _apply(admin_url, vhost, wanted, passwords, settings)
     urls = {login: _url_for(settings.broker_url, login, passwords[login]) for login in wanted}
     await _declare(settings, urls[roles.ADMIN_USER], drivers)
     return FleetUsers(
@@ -151,13 +152,19 @@ async def _apply(
     vhost: str,
     wanted: dict[str, roles.Permissions],
     passwords: dict[str, str],
+    settings: Settings,
 ) -> None:
     parts = urlsplit(admin_url)
+    # An https:// management API is checked as the broker is (SANDFLEET_BROKER_CA).
+    tls = tls_context(settings) if parts.scheme == "https" else None
     login, password = unquote(parts.username or "guest"), unquote(parts.password or "")
     headers = {"Authorization": aiohttp.encode_basic_auth(login, password)}
     base = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+    connector = aiohttp.TCPConnector(ssl=tls) if tls is not None else None
+    async with aiohttp.ClientSession(
+        headers=headers, timeout=timeout, connector=connector
+    ) as session:
         api = ManagementApi(session, base)
         vh = quote(vhost, safe="")
         await api.put(f"vhosts/{vh}", {})
