@@ -135,28 +135,29 @@ def runtime_url(runtime: str) -> str:
     return str(plugin.settings().url)
 
 
-async def test_a_pull_that_never_answers_ends_at_the_pull_timeout(
-    runtime: str, make_driver: Made, proxy_socket: Path
+@pytest.mark.parametrize(
+    ("stalled", "timeout", "error", "says"),
+    [
+        # The image is there; its look-up hangs (any /images/ request): the pull timeout
+        # bounds the look-up too, not only the pull.
+        (b"/images/", "pull_timeout_seconds", ImageUnavailable, r"timed out after 1s"),
+        (b"/containers/create", "create_timeout_seconds", SandboxError, r"no answer in 1s"),
+    ],
+    ids=["pull", "create"],
+)
+async def test_a_runtime_call_that_never_answers_ends_at_its_timeout(
+    runtime: str,
+    make_driver: Made,
+    proxy_socket: Path,
+    stalled: bytes,
+    timeout: str,
+    error: type[SandboxError],
+    says: str,
 ) -> None:
-    # The image is there; its look-up hangs (any /images/ request): the pull timeout
-    # bounds the look-up too, not only the pull.
-    async with StallingProxy(runtime_url(runtime), proxy_socket, b"/images/") as proxy:
-        driver = await make_driver(url=proxy.url, pull_timeout_seconds=1)
+    async with StallingProxy(runtime_url(runtime), proxy_socket, stalled) as proxy:
+        driver = await make_driver(url=proxy.url, **{timeout: 1})
         spec = spec_of(driver, job(runtime, "true"))
-        with pytest.raises(ImageUnavailable, match=r"timed out after 1s"):
-            async with asyncio.timeout(20):
-                await driver.create(spec)
-        assert proxy.stalled.is_set()
-    assert await (await make_driver()).find(spec.name) is None
-
-
-async def test_a_create_that_never_answers_ends_at_the_create_timeout(
-    runtime: str, make_driver: Made, proxy_socket: Path
-) -> None:
-    async with StallingProxy(runtime_url(runtime), proxy_socket, b"/containers/create") as proxy:
-        driver = await make_driver(url=proxy.url, create_timeout_seconds=1)
-        spec = spec_of(driver, job(runtime, "true"))
-        with pytest.raises(SandboxError, match=r"no answer in 1s"):
+        with pytest.raises(error, match=says):
             async with asyncio.timeout(20):
                 await driver.create(spec)
         assert proxy.stalled.is_set()
