@@ -2,18 +2,22 @@
 
 An `Attempt` owns the state of that one job on this worker: its journal entry, its
 sandbox, the GPUs it holds, and why it must stop early (if it must). It builds the
-job's events; it publishes nothing and writes nothing itself.
+job's events; it publishes nothing and writes nothing itself. It runs the driver's
+create as a task of its own, so that a stop request need not wait for an image pull.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from sandfleet.common.errors import SandboxError
 from sandfleet.common.events import Event, Phase, bounded_output
 from sandfleet.common.models import Job
 from sandfleet.common.settings import SandboxPolicy
-from sandfleet.workers.drivers.base import DriverConfig, sandbox_name
+from sandfleet.workers.drivers.base import DriverConfig, SandboxState, sandbox_name
 from sandfleet.workers.gpu.allocator import GpuRequest
 from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.journal import JournalEntry
@@ -77,7 +81,34 @@ class Attempt:
         self.devices: tuple[str, ...] = ()  # the claimed GPUs, as the driver names them
         self.adopted = False  # its sandbox existed already (made by a worker now gone)
         self.stop_request: StopRequest | None = None
+        self._creating: asyncio.Task[SandboxState] | None = None  # its driver's, under way
         self._identity = identity
+
+    def request_stop(self, request: StopRequest) -> None:
+        """End the job early: a create under way (an image pull may take minutes) is
+        cancelled, and the job ends before it started."""
+        self.stop_request = request
+        if self._creating is not None:
+            self._creating.cancel()
+
+    async def create_unless_stopped(
+        self, create: Callable[[], Coroutine[Any, Any, SandboxState]]
+    ) -> SandboxState | StopRequest:
+        """The sandbox `create` makes, run as a task that `request_stop` cancels; the
+        stop request if it did (or if the create, cut short, failed instead)."""
+        if self.stop_request is not None:  # asked before the create began
+            return self.stop_request
+        self._creating = asyncio.create_task(create())
+        try:
+            return await self._creating
+        except (asyncio.CancelledError, SandboxError):
+            # This run itself cancelled (a worker shutting down) is no stop: the job is
+            # left to the next worker, as a shutdown leaves every job without a sandbox.
+            if self.stop_request is None or _being_cancelled():
+                raise
+            return self.stop_request
+        finally:
+            self._creating = None
 
     @property
     def job(self) -> Job:
@@ -143,6 +174,12 @@ class RunPolicy:
         if timeout_seconds is None:
             return None
         return min(timeout_seconds, self.max_timeout_seconds)
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled, not only a task it awaits."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _shown(number: int) -> str:

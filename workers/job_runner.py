@@ -145,11 +145,12 @@ class JobRunner:
                 await self.stop(job_id, request)
 
     async def stop(self, job_id: str, request: StopRequest) -> None:
-        """End a job in hand early: its terminal event says `request`."""
+        """End a job in hand early: its terminal event says `request`. A sandbox being
+        created is not waited for: its create is cancelled, and the job ends before start."""
         attempt = self._in_hand.get(job_id)
         if attempt is None or attempt.stop_request is not None:
             return
-        attempt.stop_request = request
+        attempt.request_stop(request)
         if attempt.sandbox_id is not None:
             try:
                 await self._supervisor.stop_sandbox(attempt.sandbox_id)
@@ -267,10 +268,13 @@ class JobRunner:
         await self._emit(attempt, Phase.WAITING, "GpusBusy", str(busy))
         return RetryLater(str(busy), delay=self._policy.gpu_retry_seconds, waiting_since=since)
 
-    async def _create(self, attempt: Attempt, plan: JobPlan, claim: Claim | None) -> SandboxState:
+    async def _create(
+        self, attempt: Attempt, plan: JobPlan, claim: Claim | None
+    ) -> SandboxState | Outcome:
         await self._emit(attempt, Phase.STARTING, "Creating", f"creating {attempt.sandbox_name}")
         try:
-            sandbox = await self._driver.create(self._spec(attempt, plan, claim))
+            spec = self._spec(attempt, plan, claim)
+            created = await attempt.create_unless_stopped(lambda: self._driver.create(spec))
         except SandboxNameTaken:
             # A dead worker's create of this job landed after we looked: that sandbox
             # is the job's one sandbox (its GPUs are this claim's).
@@ -278,16 +282,19 @@ class JobRunner:
             if late is None:
                 raise
             log.info("job %s: adopting %s, created late", attempt.job_id, late.sandbox_id)
-            sandbox = late
+            created = late
         except Exception:
             await self._record_left_behind(attempt)
             raise
+        if isinstance(created, StopRequest):
+            await self._record_left_behind(attempt)  # a create that landed as it was cut short
+            return created.before_start()
         # Recorded before anything else can fail: clean-up removes a recorded sandbox
         # before its GPUs go, and any failure from here on ends in clean-up.
-        await self._record_sandbox(attempt, sandbox)
+        await self._record_sandbox(attempt, created)
         if claim is not None:
-            await self._gpus.attach(attempt.job_id, sandbox.sandbox_id)
-        return sandbox
+            await self._gpus.attach(attempt.job_id, created.sandbox_id)
+        return created
 
     async def _finish(self, attempt: Attempt, outcome: Outcome) -> None:
         """Record the terminal event, then publish it: a successor re-publishes a recorded one."""

@@ -18,13 +18,20 @@ import pytest
 from sandfleet.common.errors import ImageUnavailable, SandboxError
 from sandfleet.common.events import Phase
 from sandfleet.common.models import Job
+from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
 from sandfleet.workers import registry
 from sandfleet.workers.drivers.base import DriverHost, SandboxDriver, SandboxSpec
 from sandfleet.workers.drivers.podman.client import LibpodClient
 from sandfleet.workers.drivers.podman.plugin import PodmanSettings
-from tests.support import submit_and_wait
-from tests.support.runtimes import TEST_IMAGE, WorkerFactory
+from tests.support import submit_and_wait, until_terminal
+from tests.support.runtimes import (
+    TEST_IMAGE,
+    WorkerFactory,
+    no_containers,
+    registered_driver,
+    worker_factory,
+)
 from tests.support.stalling_proxy import StallingProxy
 
 pytestmark = pytest.mark.integration
@@ -178,6 +185,29 @@ async def test_a_create_cancelled_while_it_pulls_ends_at_once(
             async with asyncio.timeout(5):
                 await creating
     assert await (await make_driver()).find(spec.name) is None
+
+
+async def test_a_job_cancelled_while_its_image_is_pulled_ends_cancelled_at_once(
+    settings: Settings, client: Client, test_image: str, proxy_socket: Path
+) -> None:
+    # Docker only: the worker's part is the same for Podman, whose driver is checked
+    # above to end a cancelled pull at once.
+    job_id = f"h-{uuid.uuid4().hex[:10]}"
+    request = {"job_id": job_id, "driver": "docker", "template": {"image": test_image}}
+    async with StallingProxy(runtime_url("docker"), proxy_socket, b"/images/") as proxy:
+        stalled_docker = registered_driver("docker", url=proxy.url, pull_timeout_seconds=300)
+        async with (
+            worker_factory(settings, stalled_docker)(),
+            client.events(job_id=job_id) as stream,
+        ):
+            assert (await client.submit(request)).accepted
+            async with asyncio.timeout(30):
+                await proxy.stalled.wait()
+            await client.cancel(job_id)
+            events = await until_terminal(stream, job_id, timeout=20)  # not the 300s pull timeout
+    assert (events[-1].phase, events[-1].reason) == (Phase.CANCELLED, "CancelledBeforeStart")
+    async with aiodocker.Docker() as docker:
+        assert await no_containers(docker, job_id)
 
 
 @pytest.fixture
