@@ -38,17 +38,26 @@ _CPU_RANGE = f"between {MIN_CPU_CORES} (10m) and {MAX_CPU_CORES:g} cores"
 def memory_bytes(value: object) -> object:
     """Turn "4Gi" / "512M" / "8388608" into bytes, refusing any outside the bounds (so no
     spelling builds a giant number); leave other types for the schema to refuse."""
+    return _bytes(value, MIN_MEMORY_BYTES, MAX_MEMORY_BYTES, "memory", _MEMORY_RANGE)
+
+
+def size_bytes(value: object) -> object:
+    """A size that is not memory (a log cap): "10Mi" / "1M" / "4096", 1 byte to 16 TiB."""
+    return _bytes(value, 1, MAX_MEMORY_BYTES, "size", "between 1 byte and 16Ti")
+
+
+def _bytes(value: object, low: int, high: int, what: str, range_text: str) -> object:
     if not isinstance(value, str):
         return value
     match = _MEMORY.fullmatch(value)
     if match is None:
         raise ValueError(
-            f"{_shown(value)} is not a memory quantity (examples: 512Mi, 4Gi, 1G, 8388608)"
+            f"{_shown(value)} is not a {what} quantity (examples: 512Mi, 4Gi, 1G, 8388608)"
         )
     number, unit = match.groups()
     amount = _EXACT.multiply(Decimal(number), _MEMORY_UNITS[unit])
-    if not MIN_MEMORY_BYTES <= amount <= MAX_MEMORY_BYTES:
-        raise ValueError(f"{_shown(value)} is out of range: memory must be {_MEMORY_RANGE}")
+    if not low <= amount <= high:
+        raise ValueError(f"{_shown(value)} is out of range: {what} must be {range_text}")
     return int(amount)
 
 

@@ -222,7 +222,7 @@ async def test_a_worker_refuses_a_hostile_image_and_resources_by_field(
     request = {
         "job_id": f"h-{uuid.uuid4().hex[:10]}",
         "driver": runtime,
-        "resource_requirements": {"cpu": 1e-10, "memory": "1Ti"},
+        "resource_requirements": {"cpu": 1000, "memory": "1Ti"},
         "template": {"image": "x/../../events?", "command": ["true"]},
     }
     async with worker():

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sandfleet.common.errors import FieldError
 from sandfleet.common.models import ResourceRequirements
-from sandfleet.common.quantities import cpu_cores, memory_bytes
+from sandfleet.common.quantities import cpu_cores, memory_bytes, size_bytes
 
 # The smallest shares the runtimes take: Docker refuses NanoCpus under 0.01 CPU and
 # memory under 6 MiB; a CFS quota under 1 ms per 100 ms period is refused by the kernel.
@@ -158,7 +158,7 @@ class ContainerRuntimeSettings(BaseSettings):
     pids_limit: int = Field(
         default=DEFAULT_PIDS_LIMIT, gt=0, validation_alias=_container("PIDS_LIMIT")
     )
-    log_max_bytes: Annotated[int, BeforeValidator(memory_bytes)] = Field(
+    log_max_bytes: Annotated[int, BeforeValidator(size_bytes)] = Field(
         default=DEFAULT_LOG_MAX_BYTES, ge=2**10, validation_alias=_container("LOG_MAX_BYTES")
     )
     log_max_files: int = Field(
