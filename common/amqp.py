@@ -217,11 +217,20 @@ class EventPublisher:
         )
 
 
+# Names only the broker gives out: a client may not declare a queue whose name starts "amq.".
+REPLY_QUEUE_PREFIXES = ("amq.rabbitmq.reply-to", "amq.gen-")
+
+
 async def send_reply(
     channel: AbstractChannel, message: AbstractIncomingMessage, reply: BaseModel
 ) -> None:
-    """Answer a request on its `reply_to` (direct reply-to), if it asked for an answer."""
-    if not message.reply_to:
+    """Answer a request on its `reply_to`, if it asked for an answer and names a reply
+    queue: RabbitMQ's direct reply-to or a server-named (`amq.gen-`) queue. Replies go
+    by amq.default, which reaches every queue: a `reply_to` naming a job queue or a log
+    must not make the gateway write there for a stranger."""
+    if not message.reply_to or not message.reply_to.startswith(REPLY_QUEUE_PREFIXES):
+        if message.reply_to:
+            log.warning("not replying to reply_to %r: not a reply queue", message.reply_to[:80])
         return
     await channel.default_exchange.publish(
         aio_pika.Message(

@@ -7,9 +7,9 @@ routing keys. sandfleet publishes only through named exchanges, never amq.defaul
 
   gateway     declares the shared topology; consumes sandfleet.submit; publishes jobs,
               events, cancellations and replies. Trusted: it signs the jobs.
-  worker H    declares and consumes only its host's queues (and reads its drivers'
-              shared queues); publishes jobs back to its host's queue or its retry
-              queue, and events only under routing keys `<phase>.<driver>.H`.
+  worker H    consumes its drivers' shared queues and its host's queues (declares and
+              binds nothing); publishes jobs back to sandfleet.jobs / sandfleet.retry,
+              and events only under routing keys `<phase>.<driver>.H` (never accepted).
   submitter   publishes submissions and cancellation requests to the gateway
               (sandfleet.submissions) and log markers; reads the event log; nothing else.
   observer    reads the event log (and writes the markers that find its end).
@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sandfleet.common.events import Phase
 from sandfleet.common.models import DRIVER_NAME_PATTERN, HOST_NAME_PATTERN
 from sandfleet.common.topology import EVENTS_EXCHANGE, LOG_MARKER_KEY_PREFIX
 
@@ -41,6 +42,7 @@ EVERYTHING = ".*"
 # Markers carry a uuid4().hex (common.stream_follower).
 _MARKER_KEYS = f"^{re.escape(LOG_MARKER_KEY_PREFIX)}[0-9a-f]{{32}}$"
 _SHARED = r"submit|submissions|jobs|retry|dead|events|events\.log|control|control\.log"
+WORKER_PHASES = "|".join(phase.value for phase in Phase if phase not in (Phase.ACCEPTED,))
 
 
 @dataclass(frozen=True)
@@ -76,16 +78,19 @@ def worker(host: str, drivers: Sequence[str]) -> Permissions:
     if not drivers:
         raise ValueError("a worker account needs at least one driver")
     names = "|".join(re.escape(d) for d in drivers)
-    own = rf"^sandfleet\.(jobs|retry)\.({names})\.{re.escape(host)}$"
     return Permissions(
-        configure=own,
-        # publish: jobs back to its host / retry queue, events, log markers; bind its
-        # queues; a queue's dead-letter exchange needs write too (sandfleet.dead, jobs)
-        write=rf"^sandfleet\.(jobs|retry|events|control|dead)$|{own}",
-        # bind to the exchanges; consume its drivers' shared queues and its own; the
-        # control log (cancellations)
-        read=rf"^sandfleet\.(jobs|retry|control\.log)$|^sandfleet\.jobs\.({names})$|{own}",
-        events_write=rf"^[a-z_]+\.({names})\.{re.escape(host)}$",
+        # Nothing: its queues are declared and bound by `broker setup`. Binding needs
+        # only write on the queue and read on the exchange, so a worker that could bind
+        # its own queue could bind it to another host's routing key and read its jobs.
+        configure=NOTHING,
+        # publish: jobs back to its host's queue (sandfleet.jobs) or its retry queue
+        # (sandfleet.retry), events, the control log's markers
+        write=r"^sandfleet\.(jobs|retry|events|control)$",
+        # consume: its drivers' shared queues and its own; the control log
+        read=rf"^sandfleet\.jobs\.({names})(\.{re.escape(host)})?$|^sandfleet\.control\.log$",
+        # the phases a worker reports (never `accepted`: the gateway's word, which the
+        # job index takes a job id's owner from), for its own host only
+        events_write=rf"^({WORKER_PHASES})\.({names})\.{re.escape(host)}$",
     )
 
 

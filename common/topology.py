@@ -189,26 +189,26 @@ class TopologyUndeclared(SandfleetError):
 async def declare_worker_queues(
     connection: AbstractConnection, settings: Settings, *, driver: str, host: str
 ) -> None:
-    """A worker's queues: its host's job queue (with its retry queue), and its driver's
-    shared queue and the shared topology when nobody has declared them yet.
+    """Whatever of a worker's topology nobody has declared yet: the shared topology, its
+    driver's shared queue, its host's job queue (with its retry queue).
 
-    A worker's own broker account (`sandfleet broker setup`) may configure only its
-    host's queues: the shared topology is the gateway's and the set-up's to declare.
-    On a broker where nothing is declared yet and the account may (a development
-    broker's guest), the worker declares it all itself, so start order does not matter.
+    `sandfleet broker setup` declares all of them, and a worker's own broker account may
+    declare none (declaring means binding, and a worker allowed to bind could bind its
+    queue to another host's jobs). On a broker where nothing is declared yet and the
+    account may (a development broker's guest), the worker declares them itself, so start
+    order does not matter.
     """
     async with connection.channel() as channel:
         try:
             if not await _exists(connection, CONTROL_LOG_QUEUE):
                 await declare_topology(channel, settings)
-            if not await _exists(connection, job_queue_name(driver)):
-                await declare_job_queue(channel, settings, driver, None)
-            await declare_job_queue(channel, settings, driver, host)
+            for queue_host in (None, host):
+                if not await _exists(connection, job_queue_name(driver, queue_host)):
+                    await declare_job_queue(channel, settings, driver, queue_host)
         except ChannelAccessRefused as exc:
             raise TopologyUndeclared(
                 f"the broker refused to let this worker declare its queues ({exc.args[-1]}); "
-                "the gateway or `sandfleet broker setup` declares the shared topology and each "
-                "driver's queue, and a worker's account may declare only its host's queues"
+                f"`sandfleet broker setup --host {host} --driver {driver}` declares them"
             ) from None
 
 

@@ -112,7 +112,8 @@ async def set_up_broker(
     rotate: bool = False,
 ) -> FleetUsers:
     """Create (idempotently) the fleet's vhost, every role's user and its permissions,
-    then declare the shared topology and each driver's shared queue as the admin."""
+    then declare the shared topology, each driver's shared queue and each host's queues
+    as the admin."""
     for name in submitters:
         roles.check_submitter_name(name)
     vhost = _vhost_of(settings.broker_url)
@@ -124,7 +125,7 @@ async def set_up_broker(
     credentials.write(passwords)  # before the broker has them: never a password lost
     await _apply(admin_url, vhost, wanted, passwords, settings)
     urls = {login: _url_for(settings.broker_url, login, passwords[login]) for login in wanted}
-    await _declare(settings, urls[roles.ADMIN_USER], drivers)
+    await _declare(settings, urls[roles.ADMIN_USER], drivers, hosts)
     return FleetUsers(
         gateway=urls[roles.GATEWAY_USER],
         observer=urls[roles.OBSERVER_USER],
@@ -189,12 +190,17 @@ async def _apply(
             )
 
 
-async def _declare(settings: Settings, admin_amqp_url: str, drivers: Sequence[str]) -> None:
+async def _declare(
+    settings: Settings, admin_amqp_url: str, drivers: Sequence[str], hosts: Sequence[str]
+) -> None:
+    """The shared topology, each driver's shared queue and each host's queues: a worker's
+    account may declare (and so bind) nothing."""
     connection = await connect(admin_amqp_url, name="sandfleet-broker-setup", settings=settings)
     async with connection, connection.channel() as channel:
         await declare_topology(channel, settings)
         for driver in drivers:
-            await declare_job_queue(channel, settings, driver, None)
+            for host in (None, *hosts):
+                await declare_job_queue(channel, settings, driver, host)
 
 
 def _vhost_of(broker_url: str) -> str:

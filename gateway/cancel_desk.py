@@ -4,8 +4,9 @@ A submitter never writes to `sandfleet.control` (the broker does not let it): it
 a CancelRequest to the gateway, like a submission, with its broker-checked AMQP
 user_id. Only the job's submitter and the fleet's admins (SANDFLEET_ADMIN_USERS) may
 cancel it, and only a job the gateway knows. The answer is a SubmitReply: `accepted`
-(the cancellation is on its way to every worker) or `rejected` naming why. A refusal
-is also an event, under no job id: it must not touch the job it names.
+(the cancellation is on its way to every worker; or, with `phase`, the job had already
+ended and nothing was sent) or `rejected` naming why. A refusal is also an event,
+under no job id: it must not touch the job it names.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class CancelDesk:
             refusal = self._ownership.cancel_refusal(request.job_id, requester)
         if refusal is not None:
             await self._refuse(message, request.job_id, refusal)
+            return
+        if (ended := self._ownership.ended(request.job_id)) is not None:
+            # Nothing to stop; and no cancellation for workers to keep (a flood of them for
+            # one's own finished jobs must not push others' out of the workers' tables).
+            reply = SubmitReply(status=ReplyStatus.ACCEPTED, job_id=request.job_id, phase=ended)
+            await send_reply(self._channel, message, reply)
             return
         approved = CancelRequest(
             job_id=request.job_id,

@@ -125,9 +125,15 @@ class JobIndex:
         if event is None or event.job_id is None or event.phase is Phase.HEARTBEAT:
             return
         current = self._records.get(event.job_id)
+        if current is None and event.phase is not Phase.ACCEPTED:
+            # An id is the fleet's once the gateway accepted it. A rejection alone takes no
+            # id (a flood of bad requests must not fill the index), and a worker's word
+            # about an id the gateway never accepted counts for nothing here.
+            return
         if current is not None and current.phase.is_terminal and event.phase is Phase.ACCEPTED:
             return  # a terminal phase is final; a late `accepted` does not reopen it
-        # The first submitter seen owns the id; later events only repeat it.
-        owner = current.owner if current is not None and current.owner else event.submitted_by
+        # The submitter the gateway accepted it for owns the id (workers may not publish
+        # `accepted`: common.broker_roles); later events only repeat it.
+        owner = current.owner if current is not None else event.submitted_by
         record = JobRecord(phase=event.phase, seen_at=event.timestamp.timestamp(), owner=owner)
         self._records.put(event.job_id, record)

@@ -60,6 +60,13 @@ class Ownership:
             )
         return None
 
+    def ended(self, job_id: str) -> Phase | None:
+        """The phase `job_id` ended in, if the gateway knows it ended."""
+        phase = self._jobs.existing(job_id)
+        if phase is None and self._jobs.known(job_id):
+            return Phase.REJECTED  # known, and its last word was a rejection
+        return phase if phase is not None and phase.is_terminal else None
+
     def rejection_id(self, request: Any, submitter: str | None) -> str:
         """The id a rejection of `request` (decoded JSON, or None) goes out under: the id
         it names when that id is well formed and the submitter may speak for it, else a

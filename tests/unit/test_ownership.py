@@ -68,3 +68,11 @@ def test_a_rejection_speaks_only_for_an_id_its_submitter_may_reset() -> None:
     ]:
         chosen = own.rejection_id(request, who)
         assert chosen.startswith("job-") and chosen != (request or {}).get("job_id")
+
+
+def test_a_job_that_ended_is_known_to_have_ended() -> None:
+    own = rules()
+    assert own.ended("old") is Phase.SUCCEEDED
+    assert own.ended("refused") is Phase.REJECTED
+    assert own.ended("running") is None
+    assert own.ended("never-seen") is None
