@@ -1,10 +1,10 @@
 """The first thing a worker does with a delivered job: check that the gateway signed it.
 
-A job that is not signed by a key this worker trusts never reaches the runner: no
-GPU is claimed, no journal entry written, no image pulled. It is answered with a
-`rejected` event (reason `BadSignature`) that names no job (its job_id is exactly
-what cannot be trusted, and a `rejected` under a real job's id would end that job in
-its watchers' eyes), and dead-lettered.
+A job that is not signed by a key this worker trusts, or is signed for another host,
+never reaches the runner: no GPU is claimed, no journal entry written, no image
+pulled. It is answered with a `rejected` event (reason `BadSignature`, or `WrongHost`)
+that names no job (its job_id is exactly what cannot be trusted, and a `rejected`
+under a real job's id would end that job in its watchers' eyes), and dead-lettered.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sandfleet.workers.job_check import JobMessage
 log = logging.getLogger(__name__)
 
 BAD_SIGNATURE = "BadSignature"
+WRONG_HOST = "WrongHost"
 
 
 class UnsignedJobsRefused(SandfleetError):
@@ -89,11 +90,18 @@ class SignedJobsOnly:
             why = str(exc) if isinstance(exc, SignatureInvalid) else "the message is not JSON"
             await self._refuse(message, why)
             raise DeadLetter(f"job message refused: {why}") from None
+        placed = data.get("placement")
+        host = placed.get("host") if isinstance(placed, dict) else None
+        if host is not None and host != self._identity.host:
+            # Signed, but for another host: a copy someone re-published into this host's
+            # queue. The job runs where the gateway placed it, and this copy says nothing
+            # under its id.
+            why = f"the job is placed on host {str(host)[:64]!r}, not this one"
+            await self._refuse(message, why, reason=WRONG_HOST)
+            raise DeadLetter(f"job message refused: {why}")
 
-    async def _refuse(self, message: JobMessage, why: str) -> None:
+    async def _refuse(self, message: JobMessage, why: str, *, reason: str = BAD_SIGNATURE) -> None:
         claimed = (message.message_id or "")[:64]
         log.warning("refused a job message (claims id %r): %s", claimed, why)
         text = f"a job message (claiming id {claimed!r}) was refused: {why}"
-        await self._events.publish(
-            self._identity.event(None, Phase.REJECTED, BAD_SIGNATURE, message=text)
-        )
+        await self._events.publish(self._identity.event(None, Phase.REJECTED, reason, message=text))

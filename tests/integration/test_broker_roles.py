@@ -4,6 +4,7 @@ work, and the broker itself refuses everything else it tries."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,12 +22,12 @@ from sandfleet.common.settings import Settings
 from sandfleet.common.topology import (
     CONTROL_EXCHANGE,
     CONTROL_LOG_QUEUE,
+    DEAD_QUEUE,
     EVENTS_EXCHANGE,
     EVENTS_LOG_QUEUE,
     JOBS_EXCHANGE,
     SUBMISSIONS_EXCHANGE,
     SUBMIT_QUEUE,
-    declare_job_queue,
     job_queue_name,
 )
 from sandfleet.gateway.broker_setup import (
@@ -37,7 +38,7 @@ from sandfleet.gateway.broker_setup import (
 )
 from sandfleet.gateway.service import Gateway
 from tests.support import until_phase, until_terminal
-from tests.support.broker import rabbitmqctl, vhost_of
+from tests.support.broker import dead_letters, rabbitmqctl, vhost_of
 from tests.support.runtimes import registered_driver, worker_factory
 
 pytestmark = pytest.mark.integration
@@ -205,12 +206,21 @@ async def test_a_submitter_account_is_refused_everything_but_submitting_and_read
     assert "topic 'succeeded.inmemory" in said["event"]
 
 
+def bind(queue: str, exchange: str, key: str) -> Operation:
+    async def run(channel: AbstractChannel) -> None:
+        await (await channel.declare_queue(queue, passive=True)).bind(exchange, routing_key=key)
+
+    return run
+
+
 async def test_a_worker_account_is_confined_to_its_host(fleet: Fleet) -> None:
-    url = fleet.users.workers[fleet.settings.host]
-    connection = await aio_pika.connect(fleet.users.admin)
-    async with connection, connection.channel() as channel:
-        await declare_job_queue(channel, fleet.settings, "inmemory", ELSEWHERE)
+    url, host = fleet.users.workers[fleet.settings.host], fleet.settings.host
+    own = job_queue_name("inmemory", host)
     attempts = {
+        # bound to another host's key, its own queue would receive that host's jobs
+        "binding its queue to another host": bind(own, JOBS_EXCHANGE, f"inmemory.{ELSEWHERE}"),
+        "declaring even its own queue": declare(own),
+        "publishing accepted": publish(EVENTS_EXCHANGE, f"accepted.inmemory.{host}"),
         "another host's queue": consume(job_queue_name("inmemory", ELSEWHERE)),
         "another host's events": publish(EVENTS_EXCHANGE, f"succeeded.inmemory.{ELSEWHERE}"),
         "the shared queue's declaration": declare(job_queue_name("inmemory")),
@@ -222,6 +232,26 @@ async def test_a_worker_account_is_confined_to_its_host(fleet: Fleet) -> None:
     }
     said = {name: await refused(url, attempt) for name, attempt in attempts.items()}
     assert all("ACCESS_REFUSED" in text for text in said.values()), said
+
+
+async def test_the_gateway_replies_only_to_reply_queues(fleet: Fleet) -> None:
+    """A reply_to naming a queue (here the dead-letter queue) would have the gateway
+    write there by amq.default for the submitter; it answers only reply queues."""
+    request = fleet.request()
+    url = fleet.users.submitters[fleet.alice]
+    body = json.dumps(request).encode()
+    send = publish(SUBMISSIONS_EXCHANGE, "", body, user_id=fleet.alice, reply_to=DEAD_QUEUE)
+    async with sandfleet.Client(url) as alice, alice.events(job_id=request["job_id"]) as stream:
+        await refused_or_sent(url, send)
+        [*_, done] = await until_terminal(stream, request["job_id"])
+    assert done.phase is Phase.SUCCEEDED
+    assert await dead_letters(fleet.users.admin) == []
+
+
+async def refused_or_sent(url: str, operation: Operation) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection, connection.channel(publisher_confirms=True) as channel:
+        await operation(channel)
 
 
 async def test_an_event_under_another_hosts_key_is_not_believed(fleet: Fleet) -> None:

@@ -16,14 +16,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sandfleet_inmemory.driver import InMemoryDriver
 
 from sandfleet.common.events import Event, Phase
-from sandfleet.common.models import CancelRequest, Job, JobTemplate
+from sandfleet.common.models import CancelRequest, Job, JobTemplate, Placement
 from sandfleet.common.settings import Settings
 from sandfleet.common.signing import JobSigner, signed
 from sandfleet.common.topology import CONTROL_EXCHANGE, JOBS_EXCHANGE
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.events_stream import EventStream
 from sandfleet.gateway.service import Gateway
-from sandfleet.workers.job_signatures import BAD_SIGNATURE, UnsignedJobsRefused
+from sandfleet.workers.job_signatures import BAD_SIGNATURE, WRONG_HOST, UnsignedJobsRefused
 from sandfleet.workers.runtime import Worker
 from tests.support import until_phase, until_terminal
 from tests.support.broker import dead_letters
@@ -150,3 +150,22 @@ async def test_with_unsigned_jobs_allowed_an_unsigning_gateway_still_works(
             {"driver": "inmemory", "template": {"image": "none", "command": ["true"]}}, timeout=60
         )
     assert outcome.phase is Phase.SUCCEEDED
+
+
+async def test_a_signed_job_placed_on_another_host_never_runs_here(
+    settings: Settings, client: Client
+) -> None:
+    """A copy of a real job re-published into this host's queue (by a compromised peer)
+    is refused without a word under the job's id: the job runs where it was placed."""
+    assert settings.signing_key is not None
+    driver = InMemoryDriver()
+    job = a_job(f"p-{uuid.uuid4().hex[:6]}").model_copy(
+        update={"placement": Placement(host="elsewhere")}
+    )
+    copy = signed(job, JobSigner.from_file(settings.signing_key))
+    async with worker_factory(settings, lambda s: driver)(), client.events() as stream:
+        await publish_job(settings.broker_url, copy)
+        refusal = await next_refusal(stream)
+    assert refusal.reason == WRONG_HOST and "elsewhere" in refusal.message
+    assert not any(operation == "create" for operation, _ in driver.calls)
+    assert await client.history(job.job_id) == []

@@ -43,9 +43,13 @@ def mtls_broker(tls_nodes: tuple[TLSNode, TLSNode]) -> TLSNode:
     return tls_nodes[1]
 
 
-def tls_settings(node: TLSNode, tmp_path: Path, **overrides: Path) -> Settings:
+def tls_settings(
+    node: TLSNode, tmp_path: Path, keys: tuple[Path, Path] | None = None, **overrides: Path
+) -> Settings:
     return Settings(
         broker_url=node.url(),
+        signing_key=keys[0] if keys else None,
+        trusted_keys=str(keys[1]) if keys else "",
         broker_ca=overrides.get("broker_ca", node.pki.ca),
         broker_cert=overrides.get("broker_cert"),
         broker_key=overrides.get("broker_key"),
@@ -63,10 +67,10 @@ def job(job_id: str) -> dict[str, object]:
 
 
 async def test_a_job_runs_with_gateway_worker_and_client_over_tls(
-    tls_broker: TLSNode, tmp_path: Path
+    tls_broker: TLSNode, tmp_path: Path, signing_keys: tuple[Path, Path]
 ) -> None:
     # The node has no plain listener: every connection below is TLS, verified by the CA.
-    settings = tls_settings(tls_broker, tmp_path)
+    settings = tls_settings(tls_broker, tmp_path, signing_keys)
     tls_env = {"SANDFLEET_BROKER_CA": str(tls_broker.pki.ca)}
     async with Gateway(settings), Client(settings=settings) as client:
         worker, _ = await start_worker(settings, client, driver="inmemory", env=tls_env)

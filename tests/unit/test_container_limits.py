@@ -90,7 +90,7 @@ def test_no_capabilities_at_all_is_a_setting(monkeypatch: pytest.MonkeyPatch) ->
         ({"default_cpu": 3, "max_cpu": 2}, "default_cpu 3 is above max_cpu 2"),
         ({"default_memory": 2**30, "max_memory": 2**29}, "default_memory 1073741824 is above"),
         ({"max_cpu": 0.001}, "greater than or equal to 0.01"),
-        ({"max_memory": "1Mi"}, "greater than or equal to 6291456"),
+        ({"max_memory": "1Mi"}, "memory must be between 6Mi and 16Ti"),
         ({"capabilities": "ALL"}, "'ALL' is not one capability name"),
         ({"capabilities": "CHOWN;KILL"}, "'CHOWN;KILL' is not one capability name"),
         ({"pids_limit": 0}, "greater than 0"),
