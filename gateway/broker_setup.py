@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,28 @@ class ManagementApi:
         self._base = base_url.rstrip("/")
 
     async def put(self, path: str, body: dict[str, Any]) -> None:
+        await self._call("PUT", path, body)
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        """The object at `path`; None if there is none."""
+        return await self._call("GET", path, None, missing_ok=True)
+
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None, *, missing_ok: bool = False
+    ) -> dict[str, Any] | None:
+        url = f"{self._base}/api/{path}"
         try:
-            async with self._session.put(f"{self._base}/api/{path}", json=body) as response:
+            async with self._session.request(method, url, json=body) as response:
+                if response.status == 404 and missing_ok:
+                    return None
                 if response.status >= 300:
                     detail = (await response.text())[:300]
                     raise BrokerSetupFailed(
-                        f"the management API answered {response.status} to PUT /api/{path}: "
+                        f"the management API answered {response.status} to {method} /api/{path}: "
                         f"{detail}"
                     )
+                found = await response.json() if method == "GET" else {}
+                return found if isinstance(found, dict) else {}
         except aiohttp.ClientConnectionError as exc:
             raise BrokerSetupFailed(
                 f"no RabbitMQ management API at {redacted_url(self._base)} ({exc}); "
@@ -119,11 +134,13 @@ async def set_up_broker(
     vhost = _vhost_of(settings.broker_url)
     wanted = _role_permissions(hosts, submitters, drivers)
     passwords = credentials.read()
-    for login in wanted:
-        if rotate or login not in passwords:
-            passwords[login] = secrets.token_urlsafe(24)
-    credentials.write(passwords)  # before the broker has them: never a password lost
-    await _apply(admin_url, vhost, wanted, passwords, settings)
+    async with _management(admin_url, settings) as api:
+        await _refuse_foreign_users(api, wanted, known=passwords)
+        for login in wanted:
+            if rotate or login not in passwords:
+                passwords[login] = secrets.token_urlsafe(24)
+        credentials.write(passwords)  # before the broker has them: never a password lost
+        await _apply(api, vhost, wanted, passwords)
     urls = {login: _url_for(settings.broker_url, login, passwords[login]) for login in wanted}
     await _declare(settings, urls[roles.ADMIN_USER], drivers, hosts)
     return FleetUsers(
@@ -148,13 +165,8 @@ def _role_permissions(
     return wanted
 
 
-async def _apply(
-    admin_url: str,
-    vhost: str,
-    wanted: dict[str, roles.Permissions],
-    passwords: dict[str, str],
-    settings: Settings,
-) -> None:
+@asynccontextmanager
+async def _management(admin_url: str, settings: Settings) -> AsyncIterator[ManagementApi]:
     parts = urlsplit(admin_url)
     # An https:// management API is checked as the broker is (SANDFLEET_BROKER_CA).
     tls = tls_context(settings) if parts.scheme == "https" else None
@@ -166,28 +178,56 @@ async def _apply(
     async with aiohttp.ClientSession(
         headers=headers, timeout=timeout, connector=connector
     ) as session:
-        api = ManagementApi(session, base)
-        vh = quote(vhost, safe="")
-        await api.put(f"vhosts/{vh}", {})
-        for login, permissions in wanted.items():
-            user = quote(login, safe="")
-            await api.put(f"users/{user}", {"password": passwords[login], "tags": ""})
-            await api.put(
-                f"permissions/{vh}/{user}",
-                {
-                    "configure": permissions.configure,
-                    "write": permissions.write,
-                    "read": permissions.read,
-                },
+        yield ManagementApi(session, base)
+
+
+async def _refuse_foreign_users(
+    api: ManagementApi, logins: Iterable[str], *, known: Mapping[str, str]
+) -> None:
+    """Never take over a user this set-up did not make: its password and tags would be
+    overwritten (`--submitter admin` on a broker whose administrator is `admin`). A user
+    with tags (a broker administrator) is never one of sandfleet's; nor is a submitter's
+    name on the broker that this credentials file does not know. (The role logins,
+    `sandfleet-*`, are sandfleet's own: a set-up from another credentials file resets
+    their passwords, so keep one file per broker.)"""
+    for login in logins:
+        user = await api.get(f"users/{quote(login, safe='')}")
+        if user is None:
+            continue
+        tags = user.get("tags") or []
+        foreign = login not in known and not login.startswith(roles.RESERVED_LOGIN_PREFIX)
+        if tags or foreign:
+            why = f"it has tags {tags}" if tags else "it is not in SANDFLEET_BROKER_CREDENTIALS"
+            raise BrokerSetupFailed(
+                f"broker user {login!r} exists and is not one this set-up made ({why}): "
+                "choose another name, or remove the user first"
             )
-            await api.put(
-                f"topic-permissions/{vh}/{user}",
-                {
-                    "exchange": permissions.exchange,
-                    "write": permissions.events_write,
-                    "read": permissions.events_read,
-                },
-            )
+
+
+async def _apply(
+    api: ManagementApi, vhost: str, wanted: dict[str, roles.Permissions], passwords: dict[str, str]
+) -> None:
+    vh = quote(vhost, safe="")
+    await api.put(f"vhosts/{vh}", {})
+    for login, permissions in wanted.items():
+        user = quote(login, safe="")
+        await api.put(f"users/{user}", {"password": passwords[login], "tags": ""})
+        await api.put(
+            f"permissions/{vh}/{user}",
+            {
+                "configure": permissions.configure,
+                "write": permissions.write,
+                "read": permissions.read,
+            },
+        )
+        await api.put(
+            f"topic-permissions/{vh}/{user}",
+            {
+                "exchange": permissions.exchange,
+                "write": permissions.events_write,
+                "read": permissions.events_read,
+            },
+        )
 
 
 async def _declare(

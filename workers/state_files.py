@@ -49,7 +49,21 @@ def _tighten_files(directory: Path) -> None:
             with contextlib.suppress(FileNotFoundError):  # pruned meanwhile
                 loose = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode) & 0o077
                 if loose and entry.is_file(follow_symlinks=False):
-                    os.chmod(entry.path, PRIVATE_FILE_MODE)
+                    _chmod_nofollow(entry.path)
+
+
+def _chmod_nofollow(path: str) -> None:
+    # Through a descriptor opened without following links: a file swapped for a link
+    # since it was looked at is refused (ELOOP), never its target changed.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return  # gone, or now a link: nothing of ours to tighten
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+    finally:
+        os.close(fd)
 
 
 def open_private(path: Path) -> int:

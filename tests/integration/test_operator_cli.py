@@ -73,3 +73,20 @@ async def test_keys_generate_writes_a_private_pair_once(settings: Settings, tmp_
     assert made.returncode == 0 and "key id" in made.stdout
     assert (tmp_path / "k" / "signing.key").stat().st_mode & 0o777 == 0o600
     assert again.returncode == 2 and "never overwritten" in again.stderr
+
+
+async def test_broker_setup_never_takes_over_a_user_it_did_not_make(
+    settings: Settings, tmp_path: Path
+) -> None:
+    foreign = f"ops-{uuid.uuid4().hex[:6]}"
+    rabbitmqctl("add_user", foreign, "their-own-password")
+    rabbitmqctl("set_permissions", "-p", vhost_of(settings.broker_url), foreign, "", "", "")
+    try:
+        ran = await setup(settings, tmp_path / "u.json", "--submitter", foreign)
+        url = settings.broker_url.replace("guest:guest@", f"{foreign}:their-own-password@")
+        connection = await aio_pika.connect(url)  # its password is untouched
+        await connection.close()
+    finally:
+        rabbitmqctl("delete_user", foreign)
+    assert ran.returncode == 78, ran
+    assert f"broker user '{foreign}' exists and is not one this set-up made" in ran.stderr
