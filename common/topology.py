@@ -45,6 +45,7 @@ RETRY_EXCHANGE = RETRY_PREFIX
 RETRY_WAITING_SINCE_HEADER = "x-sandfleet-waiting-since"
 
 EVENTS_MAX_LENGTH_BYTES = 1 << 30
+DEAD_MAX_LENGTH_BYTES = 1 << 30
 # Cancellations are small (a bounded CancelRequest), so this holds millions.
 CONTROL_MAX_LENGTH_BYTES = 256 << 20
 
@@ -107,7 +108,15 @@ async def declare_topology(
     """
     dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
     dead_queue = await channel.declare_queue(
-        DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        DEAD_QUEUE,
+        durable=True,
+        # Anyone may send what ends here (a bad submission is dead-lettered whole): a cap,
+        # the oldest dead letters going first, keeps a flood from filling the disk.
+        arguments={
+            "x-queue-type": "quorum",
+            "x-max-length-bytes": DEAD_MAX_LENGTH_BYTES,
+            "x-overflow": "drop-head",
+        },
     )
     await dead_queue.bind(dead)
     quorum = _quorum_args(settings.job_delivery_limit)

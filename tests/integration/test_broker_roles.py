@@ -293,3 +293,4 @@ async def test_every_log_the_fleet_keeps_is_bounded(fleet: Fleet) -> None:
         assert "x-max-age" in arguments[log_queue]
     for queue in (SUBMIT_QUEUE, job_queue_name("inmemory")):
         assert "x-delivery-limit" in arguments[queue]
+    assert "x-max-length-bytes" in arguments[DEAD_QUEUE]
