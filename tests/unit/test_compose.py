@@ -97,11 +97,15 @@ def test_driver_settings_keep_their_design_names(monkeypatch: pytest.MonkeyPatch
 
 def test_each_role_has_its_own_account_and_only_the_gateway_holds_the_signing_key() -> None:
     services = load()["services"]
-    url_files = {
-        name: services[name]["environment"]["SANDFLEET_BROKER_URL_FILE"]
+    credentials = {
+        name: [v for v in services[name]["volumes"] if v.endswith("credentials:/credentials:ro")]
         for name in ("gateway", "docker-worker", "submit")
     }
-    assert len(set(url_files.values())) == 3, url_files
+    # each reads its own URL, from a volume only it mounts
+    assert [len(found) for found in credentials.values()] == [1, 1, 1], credentials
+    assert len({found[0] for found in credentials.values()}) == 3, credentials
+    for name in credentials:
+        assert services[name]["environment"]["SANDFLEET_BROKER_URL_FILE"] == "/credentials/url"
     assert all(
         "SANDFLEET_BROKER_URL" not in (service.get("environment") or {})
         for name, service in services.items()
