@@ -16,7 +16,7 @@ import pytest
 
 from sandfleet.common.events import Phase
 from sandfleet.common.settings import Settings
-from sandfleet.gateway.client import Client
+from sandfleet.gateway.client import Client, EventStream
 from tests.support import until_phase, until_terminal
 from tests.support.cli import run_sandfleet, sandfleet, sandfleet_env, spawn_sandfleet
 from tests.support.runtimes import WorkerFactory
@@ -325,6 +325,17 @@ async def test_a_bad_job_file_is_a_usage_error(settings: Settings, tmp_path: Pat
     assert "anchors and aliases are not allowed" in ran.stderr
 
 
+async def until_all_running(stream: EventStream, job_ids: set[str]) -> None:
+    """Until every one of `job_ids` runs, in whatever order they start."""
+    running: set[str] = set()
+    async with asyncio.timeout(60):
+        async for event in stream:
+            if event.phase is Phase.RUNNING and event.job_id in job_ids:
+                running.add(event.job_id)
+            if running == job_ids:
+                return
+
+
 async def test_cancel_prints_one_json_document(
     settings: Settings, client: Client, docker_worker: WorkerFactory, test_image: str
 ) -> None:
@@ -333,8 +344,7 @@ async def test_cancel_prints_one_json_document(
     async with docker_worker(slots=2), client.events() as stream:
         for request in (long, other):
             assert (await client.submit(request)).accepted
-        for request in (long, other):
-            await until_phase(stream, request["job_id"], Phase.RUNNING)
+        await until_all_running(stream, {long["job_id"], other["job_id"]})
         sent = await run_sandfleet(env, "cancel", long["job_id"], "--json")
         waited = await run_sandfleet(env, "cancel", other["job_id"], "--json", "--wait")
         await until_terminal(stream, long["job_id"])

@@ -26,18 +26,20 @@ def logged(event: Event, routing_key: str | None = None) -> LogMessage:
     return LogMessage(event.model_dump_json().encode(), routing_key or event.routing_key)
 
 
-async def test_the_first_submitter_seen_owns_an_id_and_forged_keys_count_for_nothing() -> None:
+async def test_an_id_is_owned_by_whom_the_gateway_accepted_it_for() -> None:
     index = JobIndex(cast(AbstractChannel, None))
-    for who in ("alice", "mallory"):
-        event = Event(job_id="j", phase=Phase.RUNNING, host="h", submitted_by=who)
-        await index._on_message(
-            LogMessage(event.model_dump_json().encode(), event.routing_key), True
-        )
-    forged = Event(job_id="k", phase=Phase.RUNNING, host="h", submitted_by="mallory")
-    await index._on_message(
-        LogMessage(forged.model_dump_json().encode(), "running.none.other"), True
-    )
-    assert (index.owner("j"), index.known("k")) == ("alice", False)
+    for phase, who in [(Phase.ACCEPTED, "alice"), (Phase.RUNNING, "mallory")]:
+        event = Event(job_id="j", phase=phase, host="h", submitted_by=who)
+        await index._on_message(logged(event), True)
+    # no `accepted` (a rejection, a worker's word), or under another key: no record
+    for event, key in [
+        (Event(job_id="k", phase=Phase.REJECTED, host="h", submitted_by="mallory"), None),
+        (Event(job_id="m", phase=Phase.RUNNING, host="h", submitted_by="mallory"), None),
+        (Event(job_id="n", phase=Phase.ACCEPTED, host="h"), "accepted.none.other"),
+    ]:
+        await index._on_message(logged(event, key), True)
+    assert index.owner("j") == "alice"
+    assert not any(index.known(job_id) for job_id in "kmn")
 
 
 class Clock:
@@ -107,14 +109,9 @@ async def test_events_replayed_from_the_log_are_bounded_by_their_own_age() -> No
     index = JobIndex(cast(AbstractChannel, None), max_age_seconds=DAY)
     now = datetime.now(UTC).timestamp()
     for job_id, phase, age in [("old", Phase.SUCCEEDED, 2 * DAY), ("recent", Phase.FAILED, 0)]:
-        event = Event(
-            job_id=job_id,
-            phase=phase,
-            host="h",
-            timestamp=datetime.fromtimestamp(now - age, UTC),
-        )
-        await index._on_message(
-            LogMessage(event.model_dump_json().encode(), event.routing_key), False
-        )
+        for step in (Phase.ACCEPTED, phase):
+            at = datetime.fromtimestamp(now - age, UTC)
+            event = Event(job_id=job_id, phase=step, host="h", timestamp=at)
+            await index._on_message(logged(event), False)
     assert index.existing("old") is None
     assert index.existing("recent") is Phase.FAILED
