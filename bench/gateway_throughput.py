@@ -20,15 +20,18 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from sandfleet.common.amqp import broker_login
 from sandfleet.common.settings import Settings
+from sandfleet.common.signing import generate_keys
 from sandfleet.common.topology import SUBMISSIONS_EXCHANGE, declare_topology, job_queue_name
 
 
@@ -180,11 +183,14 @@ def main() -> None:
     args = parser.parse_args()
 
     url, cleanup = throwaway_vhost(Settings().broker_url)
+    # The gateway signs every job, as in a real fleet (Ed25519: tens of microseconds).
+    signing_key, _ = generate_keys(Path(tempfile.mkdtemp(prefix="sandfleet-bench-")) / "keys")
     env = {
         **os.environ,
         "SANDFLEET_BROKER_URL": url,
         "SANDFLEET_HOST": "benchgw",
         "SANDFLEET_LOG_LEVEL": "WARNING",
+        "SANDFLEET_SIGNING_KEY": str(signing_key),
     }
     gateway = subprocess.Popen([sys.executable, "-m", "sandfleet", "gateway"], env=env)
     try:
