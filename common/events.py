@@ -35,6 +35,11 @@ TERMINAL_PHASES = frozenset(
     {Phase.REJECTED, Phase.SUCCEEDED, Phase.FAILED, Phase.TIMED_OUT, Phase.CANCELLED}
 )
 
+# The stages of a job's life whose durations a terminal event's `timings` carries:
+# accepted → taken by a worker (queued), waiting for GPUs, creating the sandbox (with the
+# image pull), starting it, and running it to its end.
+STAGES = ("queued", "gpu_wait", "creating", "starting", "running")
+
 HEARTBEAT_ALIVE = "Alive"
 HEARTBEAT_STOPPED = "Stopped"  # the worker's last heartbeat, sent as it shuts down
 # A worker silent for this many heartbeat periods is presumed lost.
@@ -80,6 +85,9 @@ class Event(BaseModel):
     output: str | None = Field(default=None, max_length=MAX_OUTPUT_CHARS)
     errors: list[FieldError] = Field(default_factory=list)
     health: WorkerHealth | None = None
+    # Terminal events: seconds spent in each stage of the job's life (STAGES); a stage
+    # the job never reached is left out.
+    timings: dict[str, float] | None = None
     timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property
