@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sandfleet.common.errors import SandboxError
@@ -21,6 +22,7 @@ from sandfleet.workers.drivers.base import DriverConfig, SandboxState, sandbox_n
 from sandfleet.workers.gpu.allocator import GpuRequest
 from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.journal import JournalEntry
+from sandfleet.workers.stage_timings import stage_timings
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,14 @@ class Attempt:
         self._creating: asyncio.Task[SandboxState] | None = None  # its driver's, under way
         self._identity = identity
 
+    def mark(self, stage: str, at: datetime | None = None) -> None:
+        """Note when the job passed `stage` (a stage_timings mark), unless noted already:
+        kept with the entry, and written with its next write."""
+        if stage in self.entry.stage_marks:
+            return
+        marks = {**self.entry.stage_marks, stage: at or datetime.now(UTC)}
+        self.entry = self.entry.model_copy(update={"stage_marks": marks})
+
     def request_stop(self, request: StopRequest) -> None:
         """End the job early: a create under way (an image pull may take minutes) is
         cancelled, and the job ends before it started."""
@@ -144,6 +154,12 @@ class Attempt:
             submitted_by=self.entry.job.submitted_by,
             exit_code=outcome.exit_code,
             output=None if outcome.output is None else bounded_output(outcome.output),
+            timings=stage_timings(
+                self.entry.stage_marks,
+                submitted_at=self.job.submitted_at,
+                waiting_since=self.entry.waiting_since,
+                ended_at=datetime.now(UTC),
+            ),
         )
 
 

@@ -54,6 +54,7 @@ from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.job_check import JobCheck, JobMessage
 from sandfleet.workers.job_queues import JobQueues, waiting_since
 from sandfleet.workers.journal import AlreadyFinished, JobJournal, JournalEntry, OwnedByLiveWorker
+from sandfleet.workers.stage_timings import CLAIMED, CREATED, CREATING
 from sandfleet.workers.supervision import SandboxSupervisor
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ class JobRunner:
         except (GpuBusy, NotEnoughGpus) as exc:
             raise await self._gpus_busy(attempt, exc) from exc
         attempt.devices = claim.devices
+        attempt.mark(CLAIMED)
         message = "physical GPUs " + ", ".join(claim.gpus)
         await self._emit(attempt, Phase.CLAIMED, "GpusClaimed", message)
         return claim
@@ -271,6 +273,7 @@ class JobRunner:
     async def _create(
         self, attempt: Attempt, plan: JobPlan, claim: Claim | None
     ) -> SandboxState | Outcome:
+        attempt.mark(CREATING)
         await self._emit(attempt, Phase.STARTING, "Creating", f"creating {attempt.sandbox_name}")
         try:
             spec = self._spec(attempt, plan, claim)
@@ -289,6 +292,7 @@ class JobRunner:
         if isinstance(created, StopRequest):
             await self._record_left_behind(attempt)  # a create that landed as it was cut short
             return created.before_start()
+        attempt.mark(CREATED)
         # Recorded before anything else can fail: clean-up removes a recorded sandbox
         # before its GPUs go, and any failure from here on ends in clean-up.
         await self._record_sandbox(attempt, created)

@@ -26,13 +26,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from sandfleet.common.events import Event
 from sandfleet.common.models import Job
+from sandfleet.workers.stage_timings import TAKEN
 from sandfleet.workers.state_files import (
     UnsafeStatePath,
     fsync_directory,
@@ -56,6 +57,8 @@ class JournalEntry(BaseModel):
     # Being put back in its retry queue (GPUs busy): the copy there may take the entry
     # whoever owns it, even before the owner has dropped it.
     parked: bool = False
+    # When the job passed each stage on this host (sandfleet.workers.stage_timings).
+    stage_marks: dict[str, datetime] = Field(default_factory=dict)
 
 
 class OwnedByLiveWorker(Exception):
@@ -129,7 +132,12 @@ class JobJournal:
         with self._locked():
             entry = self.read(job.job_id)
             if entry is None:
-                entry = JournalEntry(job=job, owner=owner, waiting_since=waiting_since)
+                entry = JournalEntry(
+                    job=job,
+                    owner=owner,
+                    waiting_since=waiting_since,
+                    stage_marks={TAKEN: datetime.now(UTC)},
+                )
             elif entry.closed:
                 raise AlreadyFinished(job.job_id)
             elif not entry.parked and (entry.owner == owner or self._alive(entry.owner)):

@@ -15,6 +15,7 @@ from sandfleet.common.events import Phase
 from sandfleet.common.settings import SandboxPolicy
 from sandfleet.workers.attempt import Attempt, Outcome, RunPolicy, StopRequest
 from sandfleet.workers.drivers.base import SandboxDriver, SandboxState, SandboxStatus
+from sandfleet.workers.stage_timings import STARTED
 
 Emit = Callable[[Attempt, Phase, str, str], Awaitable[None]]
 
@@ -53,10 +54,14 @@ class SandboxSupervisor:
         """Start a new sandbox (or take an adopted one as it runs); when it started."""
         if sandbox.status is SandboxStatus.CREATED:
             await self._driver.start(sandbox.sandbox_id)
+            started_at = datetime.now(UTC)
+            attempt.mark(STARTED, started_at)
             await self._emit(attempt, Phase.RUNNING, "Started", "")
-            return datetime.now(UTC)
+            return started_at
         await self._emit(attempt, Phase.RUNNING, "Adopted", "found running after a redelivery")
-        return sandbox.started_at or datetime.now(UTC)
+        started_at = sandbox.started_at or datetime.now(UTC)
+        attempt.mark(STARTED, started_at)  # its first worker's mark, if it was written
+        return started_at
 
     def _timed_out(self, attempt: Attempt) -> str:
         asked = attempt.job.template.timeout_seconds
