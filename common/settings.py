@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     # gateway: broker logins that may cancel any job, not only their own
     admin_users: str = "sandfleet-admin"
 
+    # metrics (gateway and workers): /metrics and /healthz over HTTP on this port (none:
+    # off), bound to this address; loopback by default, since metrics name jobs.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_address: str = "127.0.0.1"
+
     # topology
     job_delivery_limit: int = Field(default=5, gt=0)
     # How long the event and control logs keep history (RabbitMQ x-max-age).

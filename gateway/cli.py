@@ -17,6 +17,7 @@ from sandfleet.common.errors import JobNotFound, SubmissionRejected
 from sandfleet.common.events import Event, Phase, worker_state
 from sandfleet.common.lifecycle import until_signalled
 from sandfleet.common.logs import setup_logging
+from sandfleet.common.metrics import MetricsPort
 from sandfleet.common.models import CancelRequest
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
@@ -49,9 +50,11 @@ def _exit_with(body: Coroutine[Any, Any, int]) -> NoReturn:
     raise typer.Exit(asyncio.run(body))
 
 
-def gateway() -> None:
+def gateway(metrics_port: MetricsPort = None) -> None:
     """Run the gateway: validate submissions and route them to driver queues."""
     settings = Settings()
+    if metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": metrics_port})
     setup_logging(settings.log_level)
     asyncio.run(until_signalled(run_gateway(settings)))
 

@@ -26,6 +26,7 @@ from sandfleet.common.amqp import EventPublisher, connect, job_message, send_rep
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
+from sandfleet.common.metrics import connection_up, metrics_served
 from sandfleet.common.models import Job, ReplyStatus, SubmitReply
 from sandfleet.common.settings import Settings
 from sandfleet.common.signing import signed
@@ -40,6 +41,7 @@ from sandfleet.common.topology import (
 from sandfleet.gateway.cancel_desk import CancelDesk
 from sandfleet.gateway.envelope import admit, decode, new_job_id
 from sandfleet.gateway.job_index import JobIndex
+from sandfleet.gateway.metrics import GatewayMetrics
 from sandfleet.gateway.ownership import UNIDENTIFIED, Ownership
 from sandfleet.gateway.signer import job_signer, say_how_signed
 
@@ -58,20 +60,31 @@ class RouteChecker:
         self._channel: AbstractChannel | None = None
         self._known: set[str] = set()
 
+    @property
+    def known(self) -> frozenset[str]:
+        """The job queues found to exist so far."""
+        return frozenset(self._known)
+
     async def exists(self, queue_name: str) -> bool:
         if queue_name in self._known:
             return True
+        if await self.message_count(queue_name) is None:
+            return False
+        self._known.add(queue_name)
+        return True
+
+    async def message_count(self, queue_name: str) -> int | None:
+        """The messages ready in the queue (a passive declare); None if there is no such queue."""
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel()
         try:
-            await self._channel.declare_queue(queue_name, passive=True)
+            queue = await self._channel.declare_queue(queue_name, passive=True)
         except ChannelNotFoundEntity:
             # A failed passive declare closes the channel; open a fresh one next time.
             await self._channel.close()
             self._channel = None
-            return False
-        self._known.add(queue_name)
-        return True
+            return None
+        return queue.declaration_result.message_count or 0
 
 
 class Gateway(AsyncCloseable):
@@ -88,6 +101,8 @@ class Gateway(AsyncCloseable):
         self._ownership: Ownership | None = None
         self._cancels: CancelDesk | None = None
         self._signer = job_signer(settings)
+        self.metrics = GatewayMetrics()
+        self._consuming = False
 
     async def __aenter__(self) -> Self:
         settings = self._settings
@@ -117,10 +132,23 @@ class Gateway(AsyncCloseable):
         await self._channel.set_qos(prefetch_count=settings.gateway_concurrency)
         submit = await self._channel.get_queue(SUBMIT_QUEUE)
         await submit.consume(self._on_submission)
+        self._consuming = True
         log.info("gateway on %s consuming %s", settings.host, SUBMIT_QUEUE)
         return self
 
+    @property
+    def healthy(self) -> bool:
+        """Consuming submissions: connected, not reconnecting (`/healthz`)."""
+        return self._consuming and connection_up(self._connection)
+
+    async def refresh_metrics(self) -> None:
+        """The depths of the submission queue and of the job queues routed to so far."""
+        if self._routes is not None and connection_up(self._connection):
+            queues = {SUBMIT_QUEUE, *self._routes.known}
+            await self.metrics.refresh_depths(self._routes.message_count, queues)
+
     async def aclose(self) -> None:
+        self._consuming = False
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -249,8 +277,17 @@ class Gateway(AsyncCloseable):
     async def _reply(self, message: AbstractIncomingMessage, reply: SubmitReply) -> None:
         assert self._channel is not None
         await send_reply(self._channel, message, reply)
+        self.metrics.answered(reply)
 
 
 async def run_gateway(settings: Settings) -> None:
-    async with Gateway(settings) as gateway:
+    """The gateway, with /metrics and /healthz served from before it connects (503 then)."""
+    gateway = Gateway(settings)
+    served = metrics_served(
+        gateway.metrics.registry,
+        settings,
+        healthy=lambda: gateway.healthy,
+        before_scrape=gateway.refresh_metrics,
+    )
+    async with served, gateway:
         await gateway.serve_forever()

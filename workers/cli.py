@@ -13,6 +13,7 @@ from rich.text import Text
 
 from sandfleet.common.lifecycle import until_signalled
 from sandfleet.common.logs import setup_logging
+from sandfleet.common.metrics import MetricsPort, metrics_served
 from sandfleet.common.settings import SandboxPolicy, Settings
 from sandfleet.workers import registry
 from sandfleet.workers.drivers.base import DriverHost, DriverPlugin, SandboxDriver
@@ -66,9 +67,14 @@ def worker(
             help="On SIGTERM, seconds running jobs may finish before they are left to be adopted."
         ),
     ] = 30.0,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run a worker: take jobs for DRIVER on this host, run them, report events."""
-    policies = {"shutdown_policy": on_shutdown, "takeover_policy": on_takeover}
+    policies = {
+        "shutdown_policy": on_shutdown,
+        "takeover_policy": on_takeover,
+        "metrics_port": metrics_port,
+    }
     settings = Settings().model_copy(update={k: v for k, v in policies.items() if v is not None})
     setup_logging(settings.log_level)
     plugin = load_plugin(driver)
@@ -76,9 +82,10 @@ def worker(
     async def serve() -> None:
         sandbox_driver = make_driver(plugin, settings)
         try:
-            async with Worker(
-                settings, sandbox_driver, slots=slots, drain_seconds=drain_seconds
-            ) as w:
+            w = Worker(settings, sandbox_driver, slots=slots, drain_seconds=drain_seconds)
+            # Served from before the worker connects: /healthz says 503 until it consumes.
+            served = metrics_served(w.metrics.registry, settings, healthy=lambda: w.healthy)
+            async with served, w:
                 await w.serve_forever()
         finally:
             await sandbox_driver.aclose()

@@ -35,9 +35,10 @@ from typing import Any, Self
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from sandfleet.common.amqp import EventPublisher, connect, settle
+from sandfleet.common.amqp import EventPublisher, EventSink, connect, settle
 from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, WorkerHealth
 from sandfleet.common.lifecycle import AsyncCloseable
+from sandfleet.common.metrics import connection_up
 from sandfleet.common.settings import SandboxPolicy, Settings
 from sandfleet.common.topology import (
     RETRY_EXCHANGE,
@@ -57,6 +58,7 @@ from sandfleet.workers.job_queues import HostJobQueues
 from sandfleet.workers.job_runner import JobRunner
 from sandfleet.workers.job_signatures import SignedJobsOnly, job_verifier
 from sandfleet.workers.journal import JobJournal, JournalEntry
+from sandfleet.workers.metrics import CountedEvents, WorkerMetrics
 from sandfleet.workers.slots import Slots
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class _Connected:
     """What a worker holds while it is connected to the broker."""
 
     connection: AbstractRobustConnection
-    events: EventPublisher
+    events: EventSink
     runner: JobRunner
     intake: JobIntake
 
@@ -118,7 +120,9 @@ class Worker(AsyncCloseable):
             takeover=settings.takeover_policy,
             max_timeout_seconds=settings.max_timeout_seconds,
         )
+        self.metrics = WorkerMetrics(self.slots, self.inventory, self.claims)
         self._connected: _Connected | None = None
+        self._consuming = False
         self._heartbeats: asyncio.Task[None] | None = None
         self._reconciler: asyncio.Task[None] | None = None
         self._free_gpus = len(self.inventory)
@@ -133,6 +137,7 @@ class Worker(AsyncCloseable):
         connected = self._connected = await self._connect()
         await self._take_over_unwatched()
         await connected.intake.start()
+        self._consuming = True
         settings = self._settings
         self._heartbeats = asyncio.create_task(_every(settings.heartbeat_seconds, self._beat))
         self._reconciler = asyncio.create_task(
@@ -146,6 +151,7 @@ class Worker(AsyncCloseable):
         if self._closed:
             return
         self._closed = True
+        self._consuming = False
         # Reconciliation stops first, so no take-over starts a job behind the drain's
         # back; heartbeats go on through the drain.
         await _cancel(self._reconciler)
@@ -157,6 +163,13 @@ class Worker(AsyncCloseable):
                 await self._heartbeat(HEARTBEAT_STOPPED)  # listed as stopped, not lost
             await self._connected.connection.close()
         self._lease.release()
+
+    @property
+    def healthy(self) -> bool:
+        """Taking jobs: connected, not reconnecting, not draining (`/healthz`)."""
+        return self._consuming and connection_up(
+            None if self._connected is None else self._connected.connection
+        )
 
     async def serve_forever(self) -> None:
         await asyncio.Event().wait()
@@ -181,7 +194,7 @@ class Worker(AsyncCloseable):
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare_worker_queues(connection, settings, driver=name, host=host)
         topology = await existing_topology(channel)
-        events = EventPublisher(topology.events)
+        events = CountedEvents(EventPublisher(topology.events), self.metrics.jobs)
         cancellations = CancellationLog(
             await connection.channel(),
             max_age_seconds=settings.events_max_age_seconds,

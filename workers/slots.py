@@ -26,6 +26,11 @@ class Slots:
         return self._running
 
     @property
+    def queued(self) -> int:
+        """Jobs delivered and waiting for a slot."""
+        return self._queued
+
+    @property
     def free(self) -> int:
         return max(0, self.capacity - self._running - self._queued)
 

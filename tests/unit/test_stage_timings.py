@@ -3,9 +3,12 @@ marks the job runner leaves on the way, with the in-memory driver (no broker).""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,8 +22,15 @@ from sandfleet.workers.stage_timings import (
     TAKEN,
     stage_timings,
 )
-from tests.support.fakes import Harness, harness, job
-from tests.unit.test_job_runner import dead_workers_job, take_over_all, within
+from tests.support.fakes import WORKER, Harness, harness, job
+
+T = TypeVar("T")
+
+
+async def within(step: Awaitable[T], seconds: float = 5) -> T:
+    async with asyncio.timeout(seconds):
+        return await step
+
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -109,19 +119,20 @@ async def test_a_job_without_gpus_reports_no_gpu_wait(tmp_path: Path) -> None:
     assert set(timings) == set(STAGES) - {"gpu_wait"}
 
 
-async def test_a_taken_over_job_reports_the_stages_its_first_worker_marked(
+async def test_a_taken_over_job_keeps_the_marks_its_first_worker_wrote(
     tmp_path: Path,
 ) -> None:
     h = harness(tmp_path)
-    await dead_workers_job(h, "a", run_seconds=0.1)
-    entry = h.journal.read("a")
-    assert entry is not None
-    # The dead worker's marks, as it wrote them with the sandbox's id.
-    earlier = datetime.now(UTC) - timedelta(seconds=40)
-    marks = {**entry.stage_marks, CREATING: earlier, CREATED: earlier + timedelta(seconds=8)}
-    h.journal.write(entry.model_copy(update={"stage_marks": marks}))
-    await take_over_all(h)
+    now = datetime.now(UTC)
+    queued = job("a").model_copy(update={"submitted_at": now - timedelta(seconds=100)})
+    h.alive.add("dead")
+    entry = h.journal.take(queued, "dead")
+    h.alive.discard("dead")
+    # The dead worker took it 90 s ago, then died before it made a sandbox.
+    h.journal.write(entry.model_copy(update={"stage_marks": {TAKEN: now - timedelta(seconds=90)}}))
+    for taken_over in h.journal.take_over_dead(WORKER):
+        await within(h.runner.take_over(taken_over))
     last = terminal(h, "a")
     assert last.phase is Phase.SUCCEEDED and last.timings is not None
-    assert last.timings["creating"] == 8.0
-    assert {"queued", "creating", "starting", "running"} <= set(last.timings)
+    assert 9 <= last.timings["queued"] <= 11  # not 100: marked by the first worker
+    assert set(last.timings) == set(STAGES) - {"gpu_wait"}

@@ -1,0 +1,114 @@
+"""The metrics server and the worker's metrics, without a broker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sandfleet.common.events import Phase
+from sandfleet.common.metrics import MetricsServer
+from sandfleet.workers.gpu.claims import GpuClaimStore
+from sandfleet.workers.gpu.inventory import GpuInventory, from_records
+from sandfleet.workers.identity import WorkerIdentity
+from sandfleet.workers.metrics import JobMetrics, WorkerMetrics
+from sandfleet.workers.slots import Slots
+from tests.support.gpus import FOUR_GPUS, FOUR_UUIDS
+
+
+class Health:
+    def __init__(self) -> None:
+        self.ok = False
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[str, Health, CollectorRegistry]]:
+    registry, health = CollectorRegistry(), Health()
+    Counter("sandfleet_things", "things", registry=registry).inc(2)
+    server = MetricsServer(registry, healthy=lambda: health.ok)
+    await server.start("127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.port}", health, registry
+    finally:
+        await server.stop()
+
+
+async def get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        return response.status, await response.text()
+
+
+async def test_healthz_follows_the_process_health(
+    served: tuple[str, Health, CollectorRegistry],
+) -> None:
+    url, health, _ = served
+    assert (await get(f"{url}/healthz"))[0] == 503
+    health.ok = True
+    assert (await get(f"{url}/healthz"))[0] == 200
+
+
+async def test_metrics_serve_the_registry_given_not_the_global_one(
+    served: tuple[str, Health, CollectorRegistry],
+) -> None:
+    url, _, _ = served
+    status, text = await get(f"{url}/metrics")
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert status == 200
+    assert names <= {"sandfleet_things", "sandfleet_things_created"}
+    assert "sandfleet_things" in names  # and no process_* or python_* of the global registry
+
+
+def scraped(registry: CollectorRegistry) -> dict[tuple[str, tuple[str, ...]], float]:
+    families = text_string_to_metric_families(generate_latest(registry).decode())
+    return {
+        (sample.name, tuple(f"{k}={v}" for k, v in sorted(sample.labels.items()))): sample.value
+        for family in families
+        for sample in family.samples
+    }
+
+
+def test_gpus_by_state_and_who_holds_them(tmp_path: Path) -> None:
+    claims = GpuClaimStore(tmp_path)
+    inventory = GpuInventory(from_records(FOUR_GPUS["gpus"]), source="test")
+    claims.claim(
+        job_id="j1", gpus=FOUR_UUIDS[:2], devices=FOUR_UUIDS[:2], driver="d", worker_id="w"
+    )
+    slots = Slots(3)
+    slots.start_now()
+    samples = scraped(WorkerMetrics(slots, inventory, claims).registry)
+    assert samples[("sandfleet_gpus", ("state=free",))] == 2
+    assert samples[("sandfleet_gpus", ("state=held",))] == 2
+    assert samples[("sandfleet_gpus", ("state=unhealthy",))] == 0
+    holders = {labels for name, labels in samples if name == "sandfleet_gpu_holder_info"}
+    assert holders == {(f"gpu={uuid}", "job=j1") for uuid in FOUR_UUIDS[:2]}
+    assert samples[("sandfleet_worker_slots", ("state=running",))] == 1
+    assert samples[("sandfleet_worker_slots", ("state=free",))] == 2
+
+
+def test_only_terminal_events_are_counted_and_timed() -> None:
+    registry = CollectorRegistry()
+    metrics = JobMetrics(registry)
+    identity = WorkerIdentity(worker_id="w", driver="inmemory", host="h1")
+    metrics.observe(identity.event("a", Phase.RUNNING, "Started"))
+    ended = identity.event("a", Phase.SUCCEEDED, "Completed").model_copy(
+        update={"timings": {"queued": 0.2, "running": 42.0}}
+    )
+    metrics.observe(ended)
+    samples = scraped(registry)
+    jobs = [
+        (labels, value)
+        for (name, labels), value in samples.items()
+        if name == "sandfleet_jobs_total"
+    ]
+    assert jobs == [(("driver=inmemory", "host=h1", "phase=succeeded"), 1.0)]
+    running = ("driver=inmemory", "stage=running")
+    assert samples[("sandfleet_job_stage_seconds_count", running)] == 1
+    assert samples[("sandfleet_job_stage_seconds_sum", running)] == 42.0
+    assert (
+        "sandfleet_job_stage_seconds_count",
+        ("driver=inmemory", "stage=gpu_wait"),
+    ) not in samples
