@@ -36,6 +36,17 @@ def test_deploys_broker_gateway_and_docker_worker_with_health_checks() -> None:
     assert (ROOT / "Dockerfile").is_file()
 
 
+@pytest.mark.parametrize("name", ["gateway", "docker-worker"])
+def test_sandfleet_services_check_their_own_healthz(name: str) -> None:
+    """Not a socket to the broker: /healthz says 503 while the process is not consuming."""
+    service = load()["services"][name]
+    port = service["environment"]["SANDFLEET_METRICS_PORT"]
+    command = service["healthcheck"]["test"]
+    assert command[:3] == ["CMD", "python", "-c"]
+    assert f"urlopen('http://127.0.0.1:{port}/healthz'" in command[3]
+    assert "socket" not in command[3]
+
+
 def env_names(settings_type: type[BaseSettings]) -> set[str]:
     """The environment variables a settings class reads (upper case)."""
     prefix = str(settings_type.model_config.get("env_prefix", ""))
