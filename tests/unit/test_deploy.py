@@ -36,7 +36,7 @@ def test_the_dashboard_asks_only_for_exported_metrics(tmp_path: Path) -> None:
         for target in panel["targets"]
         for name in re.findall(r"\bsandfleet_[a-z_]+", target["expr"])
     }
-    worker = WorkerMetrics(Slots(1), GpuInventory([], source="test"), GpuClaimStore(tmp_path))
+    worker = WorkerMetrics(Slots(1), GpuInventory((), source="test"), GpuClaimStore(tmp_path))
     known = exported(GatewayMetrics().registry) | exported(worker.registry)
     assert asked, "the dashboard has no sandfleet panels"
     assert asked <= known, f"not exported: {sorted(asked - known)}"
