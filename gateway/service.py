@@ -18,6 +18,7 @@ from typing import Self
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
@@ -57,7 +58,7 @@ class RouteChecker:
 
     def __init__(self, connection: AbstractRobustConnection) -> None:
         self._connection = connection
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._known: set[str] = set()
 
     @property
@@ -78,7 +79,9 @@ class RouteChecker:
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel()
         try:
-            queue = await self._channel.declare_queue(queue_name, passive=True)
+            # Not robust: a robust channel answers a passive declare of a queue it knows
+            # from its cache, with the message count of the first answer.
+            queue = await self._channel.declare_queue(queue_name, passive=True, robust=False)
         except ChannelNotFoundEntity:
             # A failed passive declare closes the channel; open a fresh one next time.
             await self._channel.close()

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,7 @@ from sandfleet.common.events import Phase
 from sandfleet.common.metrics import metrics_served
 from sandfleet.common.settings import Settings
 from sandfleet.common.topology import SUBMIT_QUEUE, job_queue_name
+from sandfleet.gateway.broker_setup import DEFAULT_ADMIN_URL, CredentialsFile, set_up_broker
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.service import Gateway
 from sandfleet.workers.runtime import Worker
@@ -179,3 +181,32 @@ async def test_healthz_says_503_while_the_broker_connection_is_down(
 
     await eventually(lambda: says(503), timeout=10, interval=0.02)
     await eventually(lambda: says(200), timeout=30)
+
+
+async def test_the_gateway_reads_queue_depths_under_its_own_role(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """With `broker setup`'s accounts: a job for a host with no worker running waits in
+    that host's queue, and the gateway, as its role, counts it."""
+    settings = make_settings()
+    alice = f"alice-{uuid.uuid4().hex[:6]}"
+    users = await set_up_broker(
+        settings,
+        admin_url=DEFAULT_ADMIN_URL,
+        credentials=CredentialsFile(tmp_path / "broker-users.json"),
+        hosts=[settings.host],
+        submitters=[alice],
+        drivers=["inmemory"],
+    )
+    try:
+        async with Gateway(settings.model_copy(update={"broker_url": users.gateway})) as gateway:
+            async with Client(users.submitters[alice]) as client:
+                job = {**request(), "placement": {"host": settings.host}}
+                assert (await client.submit(job)).accepted
+            await gateway.refresh_metrics()
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_user", alice)
+    depth = gateway.metrics.registry.get_sample_value
+    host_queue = job_queue_name("inmemory", settings.host)
+    assert depth("sandfleet_queue_messages", {"queue": host_queue}) == 1
+    assert depth("sandfleet_queue_messages", {"queue": SUBMIT_QUEUE}) == 0
