@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -25,6 +26,7 @@ from sandfleet.gateway.service import Gateway
 from sandfleet.workers.runtime import Worker
 from tests.support import eventually
 from tests.support.broker import rabbitmqctl, vhost_of
+from tests.support.cli import sandfleet_env, spawn_sandfleet
 from tests.support.runtimes import registered_driver, worker_factory
 
 pytestmark = pytest.mark.integration
@@ -210,3 +212,51 @@ async def test_the_gateway_reads_queue_depths_under_its_own_role(
     host_queue = job_queue_name("inmemory", settings.host)
     assert depth("sandfleet_queue_messages", {"queue": host_queue}) == 1
     assert depth("sandfleet_queue_messages", {"queue": SUBMIT_QUEUE}) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize(
+    ("command", "setting"),
+    [(["gateway"], "--metrics-port"), (["worker", "--driver", "inmemory"], "env")],
+)
+async def test_the_commands_serve_metrics_and_health_on_the_port_asked(
+    settings: Settings, command: list[str], setting: str
+) -> None:
+    """`--metrics-port` or SANDFLEET_METRICS_PORT, on a real `sandfleet` process."""
+    port = free_port()
+    env = sandfleet_env(
+        settings,
+        SANDFLEET_STATE_DIR=str(settings.state_dir),
+        SANDFLEET_JOURNAL_DIR=str(settings.journal_dir),
+    )
+    args = [*command]
+    if setting == "env":
+        env["SANDFLEET_METRICS_PORT"] = str(port)
+    else:
+        args += ["--metrics-port", str(port)]
+    process = await spawn_sandfleet(env, *args)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def healthy() -> bool:
+                try:
+                    async with http.get(f"{url}/healthz") as response:
+                        return response.status == 200
+                except aiohttp.ClientConnectionError:  # not listening yet
+                    return False
+
+            await eventually(healthy, timeout=30)
+            async with http.get(f"{url}/metrics") as response:
+                text = await response.text()
+        names = {family.name for family in text_string_to_metric_families(text)}
+        assert names & {"sandfleet_submissions", "sandfleet_worker_slots"}
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.communicate(), 40)
