@@ -26,6 +26,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from sandfleet.common.errors import SandfleetError
 from sandfleet.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ MetricsPort = Annotated[
 # How long a scrape waits for `before_scrape` (a broker round trip) before it answers
 # with the values it has.
 REFRESH_TIMEOUT_SECONDS = 5.0
+
+
+class MetricsUnavailable(SandfleetError):
+    """The metrics server cannot listen where it was told to (exit 78: misconfigured)."""
 
 
 def connection_up(connection: AbstractRobustConnection | None) -> bool:
@@ -71,7 +76,14 @@ class MetricsServer:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, address, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # the port taken, an address not this machine's
+            await self.stop()
+            raise MetricsUnavailable(
+                f"SANDFLEET_METRICS_ADDRESS/SANDFLEET_METRICS_PORT (--metrics-port): cannot "
+                f"listen on {address}:{port}: {exc.strerror or exc}"
+            ) from None
         self.port = self._runner.addresses[0][1]
         log.info("metrics on http://%s:%d/metrics, health on /healthz", address, self.port)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandfleet.common.events import Phase
-from sandfleet.common.metrics import MetricsServer
+from sandfleet.common.metrics import MetricsServer, MetricsUnavailable
 from sandfleet.workers.gpu.claims import GpuClaimStore
 from sandfleet.workers.gpu.inventory import GpuInventory, from_records
 from sandfleet.workers.identity import WorkerIdentity
@@ -60,6 +64,45 @@ async def test_metrics_serve_the_registry_given_not_the_global_one(
     assert status == 200
     assert names <= {"sandfleet_things", "sandfleet_things_created"}
     assert "sandfleet_things" in names  # and no process_* or python_* of the global registry
+
+
+async def test_a_port_in_use_is_a_misconfiguration_naming_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = MetricsServer(CollectorRegistry(), healthy=lambda: True)
+        with pytest.raises(MetricsUnavailable) as caught:
+            await server.start("127.0.0.1", port)
+    assert str(caught.value).startswith("SANDFLEET_METRICS_ADDRESS/SANDFLEET_METRICS_PORT")
+    assert f"cannot listen on 127.0.0.1:{port}: " in str(caught.value)
+
+
+@pytest.mark.parametrize("command", [["gateway"], ["worker", "--driver", "inmemory"]])
+def test_the_commands_exit_78_in_one_line_when_the_port_is_taken(
+    command: list[str], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = {
+            **os.environ,
+            "SANDFLEET_ALLOW_UNSIGNED_JOBS": "1",
+            "SANDFLEET_STATE_DIR": str(tmp_path / "state"),
+            "SANDFLEET_JOURNAL_DIR": str(tmp_path / "journal"),
+        }
+        ran = subprocess.run(
+            [sys.executable, "-m", "sandfleet", *command, "--metrics-port", port],
+            env=env,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert ran.returncode == 78, ran.stderr
+    assert ran.stderr.count("\n") == 1
+    assert ran.stderr.startswith("sandfleet: SANDFLEET_METRICS_ADDRESS/SANDFLEET_METRICS_PORT")
 
 
 def scraped(registry: CollectorRegistry) -> dict[tuple[str, tuple[str, ...]], float]:
