@@ -11,9 +11,10 @@ Pure: no I/O, no clock. `top_cli` feeds it from the event log and draws its snap
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sandfleet.common.events import Event, Phase, worker_state
@@ -76,6 +77,11 @@ class FleetSnapshot:
         return document
 
 
+# Ended job ids remembered, as the event stream remembers event ids: far more than
+# the events of ended jobs still arriving late.
+_ENDED_REMEMBERED = 100_000
+
+
 @dataclass
 class _Job:
     first: Event
@@ -85,13 +91,16 @@ class _Job:
 class FleetView:
     """Heartbeats and job events in; a snapshot of the fleet out."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, window: timedelta = timedelta(minutes=10)) -> None:
+        # A worker last heard of longer ago than `window` drops out of the snapshot, as
+        # it would from a fresh `top --since`: a view left open for days stays current.
+        self._window = window
         self._beats: dict[str, Event] = {}  # worker id → its latest heartbeat
         self._jobs: dict[str, _Job] = {}
         # Jobs seen to end: an event of theirs read later (a taken-over job's repeated
         # `running`) must not bring them back. Only a new `accepted` does (an id
-        # rejected, then submitted again).
-        self._ended: set[str] = set()
+        # rejected, then submitted again). The oldest are forgotten past a bound.
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     def add(self, event: Event) -> None:
         if event.phase is Phase.HEARTBEAT:
@@ -108,27 +117,34 @@ class FleetView:
     def _add_job_event(self, job_id: str, event: Event) -> None:
         if event.phase.is_terminal:
             self._jobs.pop(job_id, None)
-            self._ended.add(job_id)
+            self._remember_ended(job_id)
             return
         if event.phase is Phase.ACCEPTED:
-            self._ended.discard(job_id)
+            self._ended.pop(job_id, None)
             self._jobs[job_id] = _Job(first=event, latest=event)
         elif job_id not in self._ended:
             job = self._jobs.setdefault(job_id, _Job(first=event, latest=event))
             job.latest = event
 
+    def _remember_ended(self, job_id: str) -> None:
+        self._ended[job_id] = None
+        self._ended.move_to_end(job_id)
+        if len(self._ended) > _ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
+
     def snapshot(self, now: datetime) -> FleetSnapshot:
+        beats = [beat for beat in self._beats.values() if beat.timestamp >= now - self._window]
         jobs = sorted(
             (_job_row(job_id, job, now) for job_id, job in self._jobs.items()),
             key=lambda row: (row.since, row.job_id),
         )
         workers = sorted(
-            (_worker_row(beat, jobs, now) for beat in self._beats.values()),
+            (_worker_row(beat, jobs, now) for beat in beats),
             key=lambda row: (row.host, row.driver or "", row.worker_id),
         )
         return FleetSnapshot(
             at=now,
-            hosts=_host_rows(self._beats.values(), workers, jobs),
+            hosts=_host_rows(beats, workers, jobs),
             workers=workers,
             jobs=jobs,
         )

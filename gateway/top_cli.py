@@ -59,7 +59,7 @@ def _print(out: Output, snapshot: FleetSnapshot) -> None:
 
 
 async def _top(history: timedelta, refresh: float, once: bool, draw: Draw) -> None:
-    view = FleetView()
+    view = FleetView(window=history)
     async with Client() as client, client.events(since=datetime.now(UTC) - history) as stream:
         async for event in stream.history():
             view.add(event)

@@ -6,11 +6,13 @@ import io
 import json
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
 from sandfleet.common.events import HEARTBEAT_STOPPED, Event, Phase, WorkerHealth
+from sandfleet.gateway import top
 from sandfleet.gateway.top import FleetView
 from sandfleet.gateway.top_render import duration, top_frame
 
@@ -207,3 +209,21 @@ def test_used_slots_never_exceed_the_workers_slots() -> None:
     events += [on_worker(f"j{i}", Phase.RUNNING, 1) for i in range(3)]
     [worker] = view_of(*events).snapshot(at(2)).workers
     assert (worker.slots_used, worker.slots_free, worker.jobs) == (1, 0, 3)
+
+
+def test_workers_silent_for_longer_than_the_window_drop_out() -> None:
+    view = FleetView(window=timedelta(minutes=10))
+    for event in (beat("old", "h1", 0), beat("new", "h2", 500)):
+        view.add(event)
+    shot = view.snapshot(at(601))
+    assert [w.worker_id for w in shot.workers] == ["new"]
+    assert [h.host for h in shot.hosts] == ["h2"]
+
+
+def test_only_the_latest_ended_jobs_are_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(top, "_ENDED_REMEMBERED", 2)
+    view = view_of(*(on_worker(job, Phase.SUCCEEDED, 0) for job in ("a", "b", "c")))
+    for job in ("a", "b", "c"):
+        view.add(on_worker(job, Phase.RUNNING, 1))
+    # "a" was forgotten, so its late event shows it again: the bound is a trade-off.
+    assert [row.job_id for row in view.snapshot(at(2)).jobs] == ["a"]
