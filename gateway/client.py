@@ -283,9 +283,13 @@ class Client(AsyncCloseable):
         host: str | None = None,
         phases: Collection[Phase] = (),
         from_start: bool = False,
+        since: datetime | None = None,
     ) -> EventStream:
-        """Live events matching the filter; `from_start` replays the log's history first."""
+        """Live events matching the filter; `from_start` replays the log's history first,
+        `since` only the history written from that time on."""
         match = EventFilter(job_id=job_id, driver=driver, host=host, phases=phases)
+        if since is not None:
+            return self._stream(match, since)
         return self._stream(match, "first" if from_start else "next")
 
     def _stream(self, match: EventFilter, offset: str | datetime) -> EventStream:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Coroutine, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol, Self, TypeVar
 
 from sandfleet.common.amqp import CONNECT_TIMEOUT_SECONDS
@@ -166,12 +166,18 @@ class SyncClient(Closeable):
         host: str | None = None,
         phases: Collection[Phase] = (),
         from_start: bool = False,
+        since: datetime | None = None,
     ) -> SyncEventStream:
         """See `Client.events`: a blocking iterator, best used as a context manager."""
 
         async def make() -> EventStream:
             return self._client.events(
-                job_id=job_id, driver=driver, host=host, phases=phases, from_start=from_start
+                job_id=job_id,
+                driver=driver,
+                host=host,
+                phases=phases,
+                from_start=from_start,
+                since=since,
             )
 
         return SyncEventStream(self._call, self._call(make()))

@@ -39,6 +39,7 @@ from sandfleet.gateway.broker_setup import (
 from sandfleet.gateway.service import Gateway
 from tests.support import until_phase, until_terminal
 from tests.support.broker import dead_letters, rabbitmqctl, vhost_of
+from tests.support.cli import run_sandfleet, sandfleet_env
 from tests.support.runtimes import registered_driver, worker_factory
 
 pytestmark = pytest.mark.integration
@@ -280,6 +281,22 @@ async def test_the_observer_only_reads(fleet: Fleet) -> None:
         consume(job_queue_name("inmemory")),
     ):
         assert "ACCESS_REFUSED" in await refused(url, attempt)
+
+
+async def test_top_needs_only_the_observer_account(fleet: Fleet) -> None:
+    async with (
+        sandfleet.Client(fleet.users.submitters[fleet.alice]) as alice,
+        alice.events() as stream,
+    ):
+        job_id = (await alice.submit(fleet.request(run_seconds=60))).job_id
+        await until_phase(stream, job_id, Phase.RUNNING)
+        env = sandfleet_env(fleet.settings, SANDFLEET_BROKER_URL=fleet.users.observer)
+        ran = await run_sandfleet(env, "top", "--once", "--json")
+        await alice.cancel(job_id)
+    assert ran.returncode == 0, ran.stderr
+    [snapshot] = ran.json_lines
+    assert [(j["job_id"], j["phase"]) for j in snapshot["jobs"]] == [(job_id, "running")]
+    assert [h["host"] for h in snapshot["hosts"]] == [fleet.settings.host]
 
 
 async def test_every_log_the_fleet_keeps_is_bounded(fleet: Fleet) -> None:
