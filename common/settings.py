@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     # gateway: broker logins that may cancel any job, not only their own
     admin_users: str = "sandfleet-admin"
 
+    # gateway: its job view (SQLite), kept from the event log; each gateway its own file
+    view_path: Path = Path("/var/lib/sandfleet/gateway/view.sqlite3")
+
     # topology
     job_delivery_limit: int = Field(default=5, gt=0)
     # How long the event and control logs keep history (RabbitMQ x-max-age).

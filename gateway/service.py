@@ -22,7 +22,14 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
 
-from sandfleet.common.amqp import EventPublisher, connect, job_message, send_reply, settle
+from sandfleet.common.amqp import (
+    EventPublisher,
+    connect,
+    job_message,
+    redacted_url,
+    send_reply,
+    settle,
+)
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
@@ -31,6 +38,7 @@ from sandfleet.common.settings import Settings
 from sandfleet.common.signing import signed
 from sandfleet.common.topology import (
     CANCEL_TYPE,
+    EVENTS_LOG_QUEUE,
     SUBMIT_QUEUE,
     Topology,
     declare_topology,
@@ -40,8 +48,10 @@ from sandfleet.common.topology import (
 from sandfleet.gateway.cancel_desk import CancelDesk
 from sandfleet.gateway.envelope import admit, decode, new_job_id
 from sandfleet.gateway.job_index import JobIndex
+from sandfleet.gateway.job_view import JobView
 from sandfleet.gateway.ownership import UNIDENTIFIED, Ownership
 from sandfleet.gateway.signer import job_signer, say_how_signed
+from sandfleet.gateway.view_desk import ViewDesk
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +95,12 @@ class Gateway(AsyncCloseable):
         self._events: EventPublisher | None = None
         self._routes: RouteChecker | None = None
         self._jobs: JobIndex | None = None
+        self.view = JobView(
+            settings.view_path,
+            log=f"{redacted_url(settings.broker_url)} {EVENTS_LOG_QUEUE}",
+            max_age_seconds=settings.events_max_age_seconds,
+            host=settings.host,
+        )
         self._ownership: Ownership | None = None
         self._cancels: CancelDesk | None = None
         self._signer = job_signer(settings)
@@ -101,10 +117,14 @@ class Gateway(AsyncCloseable):
         self._topology = await declare_topology(self._channel, settings)
         self._events = EventPublisher(self._topology.events)
         self._routes = RouteChecker(self._connection)
+        await self.view.open()
         self._jobs = JobIndex(
-            await self._connection.channel(), max_age_seconds=settings.events_max_age_seconds
+            await self._connection.channel(),
+            self.view,
+            max_age_seconds=settings.events_max_age_seconds,
         )
         await self._jobs.start()  # know every job id in the log before taking submissions
+        await ViewDesk(await self._connection.channel(), self.view, host=settings.host).start()
         self._ownership = Ownership(self._jobs, settings.admin_logins)
         self._cancels = CancelDesk(
             self._channel,
@@ -124,6 +144,7 @@ class Gateway(AsyncCloseable):
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+        await self.view.aclose()
 
     async def serve_forever(self) -> None:
         """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
@@ -243,6 +264,7 @@ class Gateway(AsyncCloseable):
                 driver=job.driver,
                 host=self._settings.host,
                 submitted_by=job.submitted_by,
+                labels=job.labels or None,
             )
         )
 
