@@ -72,7 +72,8 @@ class JobSummary(BaseModel):
 
 
 class JobDetail(JobSummary):
-    history: list[HistoryEntry] = Field(default_factory=list)  # oldest first
+    # the job's events, oldest first (as `sandfleet status --json` showed them from the log)
+    events: list[HistoryEntry] = Field(default_factory=list)
 
 
 class StageStats(BaseModel):

@@ -133,4 +133,4 @@ def _detail(row: dict[str, Any], history: list[dict[str, Any]]) -> JobDetail:
         )
         for entry in history
     ]
-    return JobDetail.model_validate({**_summary_fields(row), "history": entries})
+    return JobDetail.model_validate({**_summary_fields(row), "events": entries})

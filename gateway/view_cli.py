@@ -36,6 +36,10 @@ Since = Annotated[
 ]
 
 
+# A gateway answers from its view in milliseconds; past this, the log is the quicker way.
+VIEW_TIMEOUT_SECONDS = 5.0
+
+
 class QueryRefused(SandfleetError):
     """The gateway refused a query (its errors name the fields)."""
 
@@ -46,18 +50,29 @@ def status(
 ) -> None:
     """A job's phase, host, worker, GPUs, exit code, timings and history, from a gateway's
     job view; from the event log if no gateway answers (exit 4 if it has none)."""
-    try:
-        reply = asyncio.run(_ask(lambda client: client.status(job_id)))
-    except FleetUnreachable as exc:
-        make_console(stderr=True).print(f"sandfleet: {exc}; reading the event log instead")
-        _status_from_log(job_id, as_json)
+    found = asyncio.run(_look_up(job_id))
+    if isinstance(found, JobDetail):
+        if as_json:
+            Output(as_json).json_line(found.model_dump(mode="json"))
+        else:
+            _print_job(found)
         return
-    if reply.job is None:
-        raise JobNotFound(job_id)
-    if as_json:
-        Output(as_json).json_line(reply.job.model_dump(mode="json"))
-    else:
-        _print_job(reply.job)
+    _print_history(job_id, found, as_json)
+
+
+async def _look_up(job_id: str) -> JobDetail | list[Event]:
+    """The job from a gateway's view, or else its events in the log."""
+    async with Client() as client:
+        try:
+            reply = await client.status(job_id, timeout=VIEW_TIMEOUT_SECONDS)
+        except FleetUnreachable as exc:
+            make_console(stderr=True).print(f"sandfleet: {exc}; reading the event log instead")
+        else:
+            if reply.job is not None:
+                return reply.job
+            # The view holds accepted jobs only: an id that was only ever rejected is in
+            # the log alone.
+        return await client.history(job_id)
 
 
 def jobs(
@@ -128,12 +143,7 @@ def _labels(pairs: list[str]) -> dict[str, str]:
         raise typer.BadParameter(str(exc), param_hint="--label") from None
 
 
-def _status_from_log(job_id: str, as_json: bool) -> None:
-    async def lookup() -> list[Event]:
-        async with Client() as client:
-            return await client.history(job_id)
-
-    events = asyncio.run(lookup())
+def _print_history(job_id: str, events: list[Event], as_json: bool) -> None:
     current = events[-1].phase if events else None
     if as_json:
         Output(as_json).json_line({
@@ -165,7 +175,7 @@ def _print_job(job: JobDetail) -> None:
     table = Table(title=Text(f"job {job.job_id}"), title_justify="left")
     for column in ("time", "phase", "where", "reason", "message"):
         table.add_column(column, overflow="fold")
-    for entry in job.history:
+    for entry in job.events:
         where = entry.host + (f"/{entry.worker_id}" if entry.worker_id else "")
         when = entry.timestamp.isoformat(timespec="milliseconds")
         table.add_row(when, entry.phase.value, where, entry.reason, entry.message)

@@ -3,6 +3,7 @@ from it, filtered; and a restarted gateway resumes its view instead of replaying
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from sandfleet.common.view_queries import ViewQuery, ViewStatus
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.service import Gateway
 from tests.support import eventually
+from tests.support.cli import run_sandfleet, sandfleet_env
 from tests.support.runtimes import registered_driver, worker_factory
 
 pytestmark = pytest.mark.integration
@@ -59,7 +61,7 @@ async def test_status_answers_from_the_view(fleet: Client, settings: Settings) -
     assert (job.driver, job.host, job.exit_code) == ("inmemory", settings.host, done.exit_code)
     assert job.worker_id == done.worker_id and job.labels == {"team": "a"}
     assert job.submitted_by == "guest"
-    assert (job.history[0].phase, job.history[-1].phase) == (Phase.ACCEPTED, Phase.SUCCEEDED)
+    assert (job.events[0].phase, job.events[-1].phase) == (Phase.ACCEPTED, Phase.SUCCEEDED)
     missing = await fleet.status("never-submitted")
     assert (missing.status, missing.job) == (ViewStatus.NOT_FOUND, None)
 
@@ -151,3 +153,30 @@ async def test_a_restarted_gateway_resumes_its_view_without_replaying_the_log(
         settings.view_path.stat().st_mode & 0o777,
         settings.view_path.parent.stat().st_mode & 0o777,
     ) == (0o600, 0o700)
+
+
+async def test_the_commands_answer_from_the_view_and_status_falls_back_to_the_log(
+    settings: Settings,
+) -> None:
+    team = uuid.uuid4().hex[:6]
+    env = sandfleet_env(settings, COLUMNS="300")
+    start_worker = worker_factory(settings, registered_driver("inmemory"))
+    async with start_worker(slots=2), Client(settings=settings) as client:
+        async with Gateway(settings):
+            done = await client.run(request(labels={"team": team}), timeout=60)
+            job_id = done.job_id or ""
+            await view_has(client, job_id, Phase.SUCCEEDED)
+            listed = await run_sandfleet(env, "jobs", "--label", f"team={team}", "--json")
+            text = await run_sandfleet(env, "jobs", "--phase", "succeeded", "--since", "1h")
+            stats = await run_sandfleet(env, "stats", "--since", "1h", "--json")
+            status = await run_sandfleet(env, "status", job_id)
+            bad = await run_sandfleet(env, "jobs", "--since", "1y")
+        fallback = await run_sandfleet(env, "status", job_id, "--json")
+    assert [job["job_id"] for job in json.loads(listed.stdout)] == [job_id]
+    assert job_id in text.stdout and text.returncode == 0
+    # 1 once workers report timings (issue 11's metrics part), 0 before
+    assert stats.returncode == 0 and json.loads(stats.stdout)["jobs"] in (0, 1)
+    assert "worker: " + (done.worker_id or "") in status.stdout
+    assert bad.returncode == 2 and "--since" in bad.stderr
+    assert "no gateway answered" in fallback.stderr and "reading the event log" in fallback.stderr
+    assert json.loads(fallback.stdout)["phase"] == "succeeded" and fallback.returncode == 0
