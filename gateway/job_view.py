@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,7 @@ from sandfleet.gateway.view_stats import fleet_stats
 from sandfleet.gateway.view_store import Ownership, ViewStore, open_view_file
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class JobView:
@@ -80,7 +83,16 @@ class JobView:
             self._pending, self._pending_offset = [], None
             horizon = time.time() - self._max_age_seconds
             apply = functools.partial(self._open_store().apply, events, offset, horizon=horizon)
-            self.applied += await self._run(apply)
+            try:
+                self.applied += await self._run(apply)
+            except sqlite3.Error:
+                # The batch rolled back: keep it, ahead of what came since, for the next
+                # pass (the next event read), rather than skip it for good.
+                log.exception("job view: %d events not written; kept to retry", len(events))
+                self._pending = events + self._pending
+                if self._pending_offset is None:
+                    self._pending_offset = offset
+                return
 
     async def answer(self, query: ViewQuery) -> ViewReply:
         store, now = self._open_store(), time.time()
