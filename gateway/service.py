@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Self
+from urllib.parse import unquote, urlsplit
 
 from aio_pika.abc import (
     AbstractChannel,
@@ -26,7 +27,6 @@ from sandfleet.common.amqp import (
     EventPublisher,
     connect,
     job_message,
-    redacted_url,
     send_reply,
     settle,
 )
@@ -97,7 +97,7 @@ class Gateway(AsyncCloseable):
         self._jobs: JobIndex | None = None
         self.view = JobView(
             settings.view_path,
-            log=f"{redacted_url(settings.broker_url)} {EVENTS_LOG_QUEUE}",
+            log=mirrored_log(settings.broker_url),
             max_age_seconds=settings.events_max_age_seconds,
             host=settings.host,
         )
@@ -271,6 +271,15 @@ class Gateway(AsyncCloseable):
     async def _reply(self, message: AbstractIncomingMessage, reply: SubmitReply) -> None:
         assert self._channel is not None
         await send_reply(self._channel, message, reply)
+
+
+def mirrored_log(broker_url: str) -> str:
+    """Which event log a view mirrors: broker address and vhost (not the login, which a
+    password rotation may change), and the log's name."""
+    parts = urlsplit(broker_url)
+    vhost = unquote(parts.path[1:]) or "/"
+    address = parts.netloc.rpartition("@")[2]
+    return f"{address} {vhost} {EVENTS_LOG_QUEUE}"
 
 
 async def run_gateway(settings: Settings) -> None:
