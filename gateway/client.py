@@ -240,10 +240,10 @@ class Client(AsyncCloseable):
         """A job as a gateway's view has it: phase, host, worker, GPUs, timings, history."""
         return await self.query(ViewQuery(kind="status", job_id=job_id), timeout=timeout)
 
-    async def jobs(self, query: ViewQuery | None = None, **filters: Any) -> ViewReply:
+    async def jobs(self, **filters: Any) -> ViewReply:
         """Jobs newest first, filtered (ViewQuery's fields: phase, driver, host, labels,
         submitted_by, since_seconds, limit)."""
-        return await self.query(query or ViewQuery(kind="jobs", **filters))
+        return await self.query(ViewQuery(kind="jobs", **filters))
 
     async def stats(self, *, since_seconds: float | None = None) -> ViewReply:
         """p50/p95/p99 of each stage of ended jobs' lives, overall, per driver and host."""

@@ -23,6 +23,7 @@ from sandfleet.common.view_queries import (
     parse_query,
     since_seconds,
 )
+from sandfleet.gateway.service import mirrored_log
 from sandfleet.gateway.view_desk import bounded_reply
 from sandfleet.gateway.view_stats import fleet_stats, percentile
 from sandfleet.gateway.view_store import ViewStore, open_view_file
@@ -182,3 +183,10 @@ def test_a_reply_too_big_keeps_the_newest_jobs_and_says_so() -> None:
 def test_sqlite_has_json_each() -> None:
     # The label filter needs SQLite's JSON functions (built in since 3.38, usual before).
     assert sqlite3.connect(":memory:").execute("SELECT count(*) FROM json_each('[1]')").fetchone()
+
+
+def test_a_view_mirrors_a_broker_address_and_vhost_whoever_logs_in() -> None:
+    mine = mirrored_log("amqp://gw:old-pw@rabbit:5672/fleet")
+    assert mirrored_log("amqp://gw2:new-pw@rabbit:5672/fleet") == mine
+    assert mirrored_log("amqp://gw:old-pw@rabbit:5672/other") != mine
+    assert "old-pw" not in mine
