@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs (submitted_at);
 CREATE INDEX IF NOT EXISTS jobs_by_updated ON jobs (updated_at);
 CREATE TABLE IF NOT EXISTS history (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, phase TEXT NOT NULL,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL, phase TEXT NOT NULL,
     reason TEXT NOT NULL, message TEXT NOT NULL, host TEXT NOT NULL, worker_id TEXT,
     at REAL NOT NULL
 );
@@ -114,6 +115,9 @@ class ViewStore:
 
     def _apply_one(self, event: Event) -> int:
         assert event.job_id is not None
+        if self._seen(event.event_id):
+            # A publisher that met a broker outage sends the same event again (same id).
+            return 0
         row = self._db.execute(
             "SELECT phase FROM jobs WHERE job_id = ?", (event.job_id,)
         ).fetchone()
@@ -126,12 +130,16 @@ class ViewStore:
         else:
             self._update(event, at)
         self._db.execute(
-            "INSERT INTO history (job_id, phase, reason, message, host, worker_id, at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (event.job_id, event.phase.value, event.reason, event.message[:MAX_HISTORY_TEXT],
-             event.host, event.worker_id, at),
+            "INSERT INTO history (event_id, job_id, phase, reason, message, host, worker_id,"
+            " at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (event.event_id, event.job_id, event.phase.value, event.reason,
+             event.message[:MAX_HISTORY_TEXT], event.host, event.worker_id, at),
         )  # fmt: skip
         return 1
+
+    def _seen(self, event_id: str) -> bool:
+        found = self._db.execute("SELECT 1 FROM history WHERE event_id = ?", (event_id,))
+        return found.fetchone() is not None
 
     def _insert(self, event: Event, at: float) -> None:
         # Only an `accepted` event makes a row (job_rules.counts): it names the owner.

@@ -190,3 +190,11 @@ def test_a_view_mirrors_a_broker_address_and_vhost_whoever_logs_in() -> None:
     assert mirrored_log("amqp://gw2:new-pw@rabbit:5672/fleet") == mine
     assert mirrored_log("amqp://gw:old-pw@rabbit:5672/other") != mine
     assert "old-pw" not in mine
+
+
+def test_an_event_published_twice_counts_once(store: ViewStore) -> None:
+    running = event(Phase.RUNNING, host="w1", worker_id="w1-1")
+    applied = store.apply([event(Phase.ACCEPTED), running, running], 3, horizon=0)
+    found = store.job("j1")
+    assert applied == 2 and found is not None
+    assert [entry["phase"] for entry in found[1]] == ["accepted", "running"]
