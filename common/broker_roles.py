@@ -11,8 +11,10 @@ routing keys. sandfleet publishes only through named exchanges, never amq.defaul
               binds nothing); publishes jobs back to sandfleet.jobs / sandfleet.retry,
               and events only under routing keys `<phase>.<driver>.H` (never accepted).
   submitter   publishes submissions and cancellation requests to the gateway
-              (sandfleet.submissions) and log markers; reads the event log; nothing else.
-  observer    reads the event log (and writes the markers that find its end).
+              (sandfleet.submissions), questions to the job views (sandfleet.queries)
+              and log markers; reads the event log; nothing else.
+  observer    reads the event log (and writes the markers that find its end); asks the
+              job views (sandfleet.queries).
   admin       everything in the fleet's vhost (set-up, repairs, cancelling any job).
 
 The rules for what each needs are measured against a real broker in
@@ -41,7 +43,7 @@ NOTHING = "^$"
 EVERYTHING = ".*"
 # Markers carry a uuid4().hex (common.stream_follower).
 _MARKER_KEYS = f"^{re.escape(LOG_MARKER_KEY_PREFIX)}[0-9a-f]{{32}}$"
-_SHARED = r"submit|submissions|jobs|retry|dead|events|events\.log|control|control\.log"
+_SHARED = r"submit|submissions|jobs|retry|dead|events|events\.log|control|control\.log|queries|view"
 WORKER_PHASES = "|".join(phase.value for phase in Phase if phase not in (Phase.ACCEPTED,))
 
 
@@ -97,7 +99,9 @@ def worker(host: str, drivers: Sequence[str]) -> Permissions:
 def submitter() -> Permissions:
     return Permissions(
         configure=NOTHING,
-        write=r"^sandfleet\.(submissions|events)$",
+        # sandfleet.queries only: the gateways alone consume sandfleet.view, so nobody
+        # reads another's questions or answers in their place
+        write=r"^sandfleet\.(submissions|events|queries)$",
         read=r"^sandfleet\.events\.log$",
         events_write=_MARKER_KEYS,
     )
@@ -106,7 +110,7 @@ def submitter() -> Permissions:
 def observer() -> Permissions:
     return Permissions(
         configure=NOTHING,
-        write=r"^sandfleet\.events$",  # log markers only (see events_write)
+        write=r"^sandfleet\.(events|queries)$",  # events: log markers only (events_write)
         read=r"^sandfleet\.events\.log$",
         events_write=_MARKER_KEYS,
     )

@@ -88,6 +88,8 @@ class Event(BaseModel):
     # Terminal events: seconds spent in each stage of the job's life (STAGES); a stage
     # the job never reached is left out.
     timings: dict[str, float] | None = None
+    # The gateway's `accepted` event: the job's labels, for the job view's filters.
+    labels: dict[str, str] | None = None
     timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property

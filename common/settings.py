@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     # off), bound to this address; loopback by default, since metrics name jobs.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_address: str = "127.0.0.1"
+    # gateway: its job view (SQLite), kept from the event log; each gateway its own file
+    view_path: Path = Path("/var/lib/sandfleet/gateway/view.sqlite3")
 
     # topology
     job_delivery_limit: int = Field(default=5, gt=0)

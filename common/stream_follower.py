@@ -39,19 +39,35 @@ OnMessage = Callable[[LogMessage, bool], Awaitable[None]]  # (message, live)
 
 
 class StreamFollower:
-    def __init__(self, channel: AbstractChannel, queue: str, on_message: OnMessage) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        queue: str,
+        on_message: OnMessage,
+        *,
+        start_at: int | None = None,
+    ) -> None:
+        """`start_at`: the stream offset to start reading at (None: the first message)."""
         self._channel = channel
         self._queue = queue
         self._on_message = on_message
         self._caught_up = asyncio.Event()
         self._marker = uuid.uuid4().hex
+        # Restored with this same dict after a reconnect: it resumes at the next offset.
+        self._arguments: dict[str, object] = {
+            "x-stream-offset": "first" if start_at is None else start_at
+        }
+
+    @property
+    def next_offset(self) -> int | None:
+        """The offset after the latest message delivered (None before the first)."""
+        offset = self._arguments["x-stream-offset"]
+        return offset if isinstance(offset, int) else None
 
     async def start(self) -> None:
-        """Start reading from the stream's first message; return once caught up."""
+        """Start reading at the chosen offset; return once caught up with the present."""
         await self._channel.set_qos(prefetch_count=1000)  # streams require a prefetch
         stream = await self._channel.declare_queue(self._queue, passive=True)
-        # Restored with this same dict after a reconnect: it resumes at the next offset.
-        self._arguments: dict[str, object] = {"x-stream-offset": "first"}
         await stream.consume(self._deliver, arguments=self._arguments)  # type: ignore[arg-type]
         await publish_log_marker(self._channel, self._queue, self._marker)
         await self._caught_up.wait()

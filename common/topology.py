@@ -11,6 +11,8 @@ sandfleet.events (topic), key <phase>.<driver>.<host> ─ # → sandfleet.events
     (readers of the log also find their `log-marker.<id>` messages there)
 sandfleet.control (fanout) ─→ sandfleet.control.log (stream): cancellations, read by every
     worker from the start (so a queued job cancelled before any worker saw it never starts)
+sandfleet.queries (fanout) ─→ sandfleet.view (classic): questions to the gateways' job
+    views (status, jobs, stats); any gateway answers, through direct reply-to
 
 Who may do what on each is sandfleet.common.broker_roles; every publish goes through a
 named exchange (never amq.default, which reaches every queue), so the broker's
@@ -43,6 +45,12 @@ CONTROL_LOG_QUEUE = "sandfleet.control.log"
 RETRY_PREFIX = "sandfleet.retry"
 RETRY_EXCHANGE = RETRY_PREFIX
 RETRY_WAITING_SINCE_HEADER = "x-sandfleet-waiting-since"
+QUERIES_EXCHANGE = "sandfleet.queries"
+VIEW_QUEUE = "sandfleet.view"
+# A question nobody answered within a client's wait is worth nothing: it expires, and
+# a flood of them is refused at the door rather than queued.
+VIEW_QUERY_TTL_MS = 30_000
+VIEW_MAX_LENGTH = 10_000
 
 EVENTS_MAX_LENGTH_BYTES = 1 << 30
 DEAD_MAX_LENGTH_BYTES = 1 << 30
@@ -137,7 +145,27 @@ async def declare_topology(
         channel, CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, CONTROL_LOG_QUEUE,
         {"x-max-age": settings.events_max_age, "x-max-length-bytes": CONTROL_MAX_LENGTH_BYTES},
     )  # fmt: skip
+    await declare_view_queue(channel)
     return Topology(jobs=jobs, events=events, dead=dead, control=control)
+
+
+async def declare_view_queue(channel: AbstractChannel) -> None:
+    """sandfleet.queries and the queue the gateways answer it from. Classic, not quorum:
+    a query is worth nothing after its asker's timeout, so losing one to a broker
+    restart costs a retry, and classic queues expire messages cheaply."""
+    queries = await channel.declare_exchange(
+        QUERIES_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    view = await channel.declare_queue(
+        VIEW_QUEUE,
+        durable=True,
+        arguments={
+            "x-message-ttl": VIEW_QUERY_TTL_MS,
+            "x-max-length": VIEW_MAX_LENGTH,
+            "x-overflow": "reject-publish",
+        },
+    )
+    await view.bind(queries)
 
 
 async def existing_topology(channel: AbstractChannel) -> Topology:

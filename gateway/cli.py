@@ -1,4 +1,4 @@
-"""`sandfleet gateway | submit | wait | watch | status | workers | cancel`: the gateway and
+"""`sandfleet gateway | submit | wait | watch | workers | cancel`: the gateway and
 the submitter's side. Exit codes: `sandfleet.gateway.exits`; output: `render.Output`."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.text import Text
 
-from sandfleet.common.errors import JobNotFound, SubmissionRejected
+from sandfleet.common.errors import SubmissionRejected
 from sandfleet.common.events import Event, Phase, worker_state
 from sandfleet.common.lifecycle import until_signalled
 from sandfleet.common.logs import setup_logging
@@ -26,9 +26,7 @@ from sandfleet.gateway.exits import ExitCode, exit_code_of
 from sandfleet.gateway.job_file import JobFileInvalid, load_job_file
 from sandfleet.gateway.render import (
     Output,
-    history_table,
     make_console,
-    status_line,
     workers_table,
 )
 from sandfleet.gateway.request_flags import build_request
@@ -225,32 +223,6 @@ async def _watch_one_job(
     outcome = await stream.job_outcome(seen=seen)
     assert outcome is not None
     return exit_code_of(outcome)
-
-
-def status(
-    job_id: Annotated[str, typer.Argument(help="The job to look up.")],
-    as_json: DocumentJson = False,
-) -> None:
-    """A job's current phase and its history, from the event log (exit 4 if it has none)."""
-
-    async def lookup() -> list[Event]:
-        async with Client() as client:
-            return await client.history(job_id)
-
-    events = asyncio.run(lookup())
-    current = events[-1].phase if events else None
-    if as_json:
-        Output(as_json).json_line({
-            "job_id": job_id,
-            "phase": current,
-            "events": [e.model_dump(mode="json") for e in events],
-        })  # fmt: skip
-    elif current is not None:
-        console = make_console()
-        console.print(status_line(job_id, current))
-        console.print(history_table(job_id, events))
-    if current is None:
-        raise JobNotFound(job_id)
 
 
 def workers(

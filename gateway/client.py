@@ -9,6 +9,7 @@ A client declares nothing, so a submitter needs no "configure" permission at all
     write  sandfleet.submissions  submissions and cancellation requests (to the gateway)
            sandfleet.events       routing keys `log-marker.*` only: the marker that finds
                                   the event log's end
+           sandfleet.queries      questions to the gateways' job views (status, jobs, stats)
     read   sandfleet.events.log   waiting, watching, history
 Replies come back through RabbitMQ's direct reply-to, which needs no permission.
 Every request carries the AMQP user_id of the URL's login, which the broker checks:
@@ -55,10 +56,11 @@ from sandfleet.common.models import CancelRequest, SandboxRequest, SubmitReply
 from sandfleet.common.settings import Settings
 from sandfleet.common.topology import (
     CANCEL_TYPE,
+    QUERIES_EXCHANGE,
     SUBMISSIONS_EXCHANGE,
-    SUBMIT_QUEUE,
     SUBMIT_TYPE,
 )
+from sandfleet.common.view_queries import ViewQuery, ViewReply
 from sandfleet.gateway.events_stream import EventFilter, EventStream
 
 __all__ = ["Client", "ClientClosed", "EventFilter", "EventStream", "JobRun", "Request"]
@@ -67,6 +69,7 @@ __all__ = ["Client", "ClientClosed", "EventFilter", "EventStream", "JobRun", "Re
 # the reply comes back on the channel that published the request.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 REPLY_TIMEOUT_SECONDS = 30.0
+VIEW_QUERY_TYPE = "sandfleet.view-query"
 
 Request = SandboxRequest | dict[str, Any] | bytes
 
@@ -92,9 +95,9 @@ class Client(AsyncCloseable):
         self._connect_timeout = connect_timeout
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
-        self._pending: dict[str, asyncio.Future[SubmitReply]] = {}
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._login = broker_login(self._url)
-        self._gateway_seen = False
+        self._exchanges_seen: set[str] = set()
         self._closed = False
 
     @property
@@ -148,7 +151,7 @@ class Client(AsyncCloseable):
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._pending.pop(message.correlation_id or "", None)
         if future is not None and not future.done():
-            future.set_result(SubmitReply.model_validate_json(message.body))
+            future.set_result(message.body)
 
     async def submit(
         self, request: Request, *, timeout: float = REPLY_TIMEOUT_SECONDS
@@ -162,16 +165,21 @@ class Client(AsyncCloseable):
 
     async def _ask(self, body: bytes, kind: str, timeout: float) -> SubmitReply:
         """Send `body` (a `kind` message) to the gateway; its reply."""
+        reply = await self._request(body, kind, timeout, SUBMISSIONS_EXCHANGE)
+        return SubmitReply.model_validate_json(reply)
+
+    async def _request(self, body: bytes, kind: str, timeout: float, exchange: str) -> bytes:
+        """Send `body` (a `kind` message) to the gateways through `exchange`; the reply."""
         channel = self._open_channel()
         correlation_id = uuid.uuid4().hex
-        future: asyncio.Future[SubmitReply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         try:
             async with asyncio.timeout(timeout):
                 # While the robust connection reconnects, wait for the channel and its
                 # reply consumer to be back rather than fail at once.
                 await channel.ready()
-                await self._publish(channel, body, kind, correlation_id)
+                await self._publish(channel, body, kind, correlation_id, exchange)
                 return await future
         except TimeoutError:
             raise FleetUnreachable(self.url, f"no gateway answered within {timeout:g} s") from None
@@ -179,9 +187,14 @@ class Client(AsyncCloseable):
             self._pending.pop(correlation_id, None)
 
     async def _publish(
-        self, channel: AbstractRobustChannel, body: bytes, kind: str, correlation_id: str
+        self,
+        channel: AbstractRobustChannel,
+        body: bytes,
+        kind: str,
+        correlation_id: str,
+        exchange_name: str,
     ) -> None:
-        await self._check_gateway_ran()
+        await self._check_gateway_ran(exchange_name)
         message = aio_pika.Message(
             body,
             content_type=JSON,
@@ -193,28 +206,48 @@ class Client(AsyncCloseable):
         )
         # An exchange object only: looking it up on this channel would close the channel
         # (and its reply consumer) if it were missing; _check_gateway_ran has seen it.
-        submissions = await channel.get_exchange(SUBMISSIONS_EXCHANGE, ensure=False)
+        exchange = await channel.get_exchange(exchange_name, ensure=False)
         try:
-            await submissions.publish(message, routing_key="", mandatory=True)
+            await exchange.publish(message, routing_key="", mandatory=True)
         except PublishError:  # returned: the queue is missing
             raise FleetUnreachable(
-                self.url, f"no gateway has run here (no queue {SUBMIT_QUEUE})"
+                self.url, f"no gateway has run here (no queue behind {exchange_name})"
             ) from None
         except (ChannelInvalidStateError, AMQPConnectionError):  # lost since ready()
             raise FleetUnreachable(self.url, "the connection to the broker was lost") from None
 
-    async def _check_gateway_ran(self) -> None:
-        if self._gateway_seen:
+    async def _check_gateway_ran(self, exchange: str) -> None:
+        if exchange in self._exchanges_seen:
             return
         # A channel of its own: a missing exchange closes the channel it is looked up on.
         async with self._open_connection().channel() as channel:
             try:
-                await channel.get_exchange(SUBMISSIONS_EXCHANGE)  # passive: no permission
+                await channel.get_exchange(exchange)  # passive: no permission
             except ChannelNotFoundEntity:
                 raise FleetUnreachable(
-                    self.url, f"no gateway has run here (no exchange {SUBMISSIONS_EXCHANGE})"
+                    self.url, f"no gateway has run here (no exchange {exchange})"
                 ) from None
-        self._gateway_seen = True
+        self._exchanges_seen.add(exchange)
+
+    async def query(self, query: ViewQuery, *, timeout: float = REPLY_TIMEOUT_SECONDS) -> ViewReply:
+        """Ask a gateway's job view (`sandfleet status/jobs/stats`): FleetUnreachable when
+        no gateway with a view answers within `timeout` seconds."""
+        body = query.model_dump_json(exclude_defaults=True).encode()
+        reply = await self._request(body, VIEW_QUERY_TYPE, timeout, QUERIES_EXCHANGE)
+        return ViewReply.model_validate_json(reply)
+
+    async def status(self, job_id: str, *, timeout: float = REPLY_TIMEOUT_SECONDS) -> ViewReply:
+        """A job as a gateway's view has it: phase, host, worker, GPUs, timings, history."""
+        return await self.query(ViewQuery(kind="status", job_id=job_id), timeout=timeout)
+
+    async def jobs(self, **filters: Any) -> ViewReply:
+        """Jobs newest first, filtered (ViewQuery's fields: phase, driver, host, labels,
+        submitted_by, since_seconds, limit)."""
+        return await self.query(ViewQuery(kind="jobs", **filters))
+
+    async def stats(self, *, since_seconds: float | None = None) -> ViewReply:
+        """p50/p95/p99 of each stage of ended jobs' lives, overall, per driver and host."""
+        return await self.query(ViewQuery(kind="stats", since_seconds=since_seconds))
 
     async def wait(self, job_id: str, *, timeout: float | None = None) -> Event:
         """The job's terminal event (succeeded, failed, timed_out, cancelled, rejected),

@@ -1,9 +1,10 @@
 """Which job ids the fleet already has, from the event log: submissions are idempotent.
 
-The gateway replays the event log before it takes submissions and follows it live, so
+The gateway reads the event log before it takes submissions and follows it live, so
 a job_id it (or another gateway) accepted earlier is answered with that job's current
-phase instead of being run again. A job whose last word was `rejected` never ran; its
-id may be submitted again.
+phase instead of being run again. It starts from its job view (sandfleet.gateway.job_view):
+the ids the view holds, then the log from the view's offset on, not the whole history.
+A job whose last word was `rejected` never ran; its id may be submitted again.
 
 The index is bounded like the log it mirrors: a finished job is forgotten once its last
 event is older than the log keeps (`SANDFLEET_EVENTS_MAX_AGE`), and past `max_entries`
@@ -24,6 +25,8 @@ from aio_pika.abc import AbstractChannel
 from sandfleet.common.events import Phase, event_from_log
 from sandfleet.common.stream_follower import LogMessage, StreamFollower
 from sandfleet.common.topology import EVENTS_LOG_QUEUE
+from sandfleet.gateway.job_rules import counts
+from sandfleet.gateway.job_view import JobView
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +91,28 @@ class JobIndex:
     def __init__(
         self,
         channel: AbstractChannel,
+        view: JobView | None = None,
         *,
         max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
         max_entries: int = DEFAULT_MAX_ENTRIES,
     ) -> None:
         self._records = JobRecords(max_age_seconds=max_age_seconds, max_entries=max_entries)
-        self._follower = StreamFollower(channel, EVENTS_LOG_QUEUE, self._on_message)
+        self._channel = channel
+        self._view = view
+        self._follower: StreamFollower | None = None
 
     async def start(self) -> None:
+        """Load the view's jobs, then read the log from the view's offset (with no view:
+        from its beginning); return once caught up with the present."""
+        start_at = None
+        if self._view is not None:
+            for job in await self._view.ownerships():
+                record = JobRecord(phase=job.phase, seen_at=job.updated_at, owner=job.owner)
+                self._records.put(job.job_id, record)
+            start_at = await self._view.next_offset()
+        self._follower = StreamFollower(
+            self._channel, EVENTS_LOG_QUEUE, self._on_message, start_at=start_at
+        )
         await self._follower.start()
 
     def existing(self, job_id: str) -> Phase | None:
@@ -122,16 +139,15 @@ class JobIndex:
 
     async def _on_message(self, message: LogMessage, live: bool) -> None:
         event = event_from_log(message.body, message.routing_key)
-        if event is None or event.job_id is None or event.phase is Phase.HEARTBEAT:
+        if self._view is not None and self._follower is not None:
+            offset = self._follower.next_offset
+            if offset is not None:
+                self._view.record(event, offset)
+        if event is None or event.job_id is None:
             return
         current = self._records.get(event.job_id)
-        if current is None and event.phase is not Phase.ACCEPTED:
-            # An id is the fleet's once the gateway accepted it. A rejection alone takes no
-            # id (a flood of bad requests must not fill the index), and a worker's word
-            # about an id the gateway never accepted counts for nothing here.
+        if not counts(None if current is None else current.phase, event):
             return
-        if current is not None and current.phase.is_terminal and event.phase is Phase.ACCEPTED:
-            return  # a terminal phase is final; a late `accepted` does not reopen it
         # The submitter the gateway accepted it for owns the id (workers may not publish
         # `accepted`: common.broker_roles); later events only repeat it.
         owner = current.owner if current is not None else event.submitted_by

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Self
+from urllib.parse import unquote, urlsplit
 
 from aio_pika.abc import (
     AbstractChannel,
@@ -23,7 +24,13 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
 
-from sandfleet.common.amqp import EventPublisher, connect, job_message, send_reply, settle
+from sandfleet.common.amqp import (
+    EventPublisher,
+    connect,
+    job_message,
+    send_reply,
+    settle,
+)
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
@@ -33,6 +40,7 @@ from sandfleet.common.settings import Settings
 from sandfleet.common.signing import signed
 from sandfleet.common.topology import (
     CANCEL_TYPE,
+    EVENTS_LOG_QUEUE,
     SUBMIT_QUEUE,
     Topology,
     declare_topology,
@@ -42,9 +50,11 @@ from sandfleet.common.topology import (
 from sandfleet.gateway.cancel_desk import CancelDesk
 from sandfleet.gateway.envelope import admit, decode, new_job_id
 from sandfleet.gateway.job_index import JobIndex
+from sandfleet.gateway.job_view import JobView
 from sandfleet.gateway.metrics import GatewayMetrics
 from sandfleet.gateway.ownership import UNIDENTIFIED, Ownership
 from sandfleet.gateway.signer import job_signer, say_how_signed
+from sandfleet.gateway.view_desk import ViewDesk
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +111,12 @@ class Gateway(AsyncCloseable):
         self._events: EventPublisher | None = None
         self._routes: RouteChecker | None = None
         self._jobs: JobIndex | None = None
+        self.view = JobView(
+            settings.view_path,
+            log=mirrored_log(settings.broker_url),
+            max_age_seconds=settings.events_max_age_seconds,
+            host=settings.host,
+        )
         self._ownership: Ownership | None = None
         self._cancels: CancelDesk | None = None
         self._signer = job_signer(settings)
@@ -119,10 +135,14 @@ class Gateway(AsyncCloseable):
         self._topology = await declare_topology(self._channel, settings)
         self._events = EventPublisher(self._topology.events)
         self._routes = RouteChecker(self._connection)
+        await self.view.open()
         self._jobs = JobIndex(
-            await self._connection.channel(), max_age_seconds=settings.events_max_age_seconds
+            await self._connection.channel(),
+            self.view,
+            max_age_seconds=settings.events_max_age_seconds,
         )
         await self._jobs.start()  # know every job id in the log before taking submissions
+        await ViewDesk(await self._connection.channel(), self.view, host=settings.host).start()
         self._ownership = Ownership(self._jobs, settings.admin_logins)
         self._cancels = CancelDesk(
             self._channel,
@@ -155,6 +175,7 @@ class Gateway(AsyncCloseable):
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+        await self.view.aclose()
 
     async def serve_forever(self) -> None:
         """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
@@ -274,6 +295,7 @@ class Gateway(AsyncCloseable):
                 driver=job.driver,
                 host=self._settings.host,
                 submitted_by=job.submitted_by,
+                labels=job.labels or None,
             )
         )
 
@@ -281,6 +303,15 @@ class Gateway(AsyncCloseable):
         assert self._channel is not None
         await send_reply(self._channel, message, reply)
         self.metrics.answered(reply)
+
+
+def mirrored_log(broker_url: str) -> str:
+    """Which event log a view mirrors: broker address and vhost (not the login, which a
+    password rotation may change), and the log's name."""
+    parts = urlsplit(broker_url)
+    vhost = unquote(parts.path[1:]) or "/"
+    address = parts.netloc.rpartition("@")[2]
+    return f"{address} {vhost} {EVENTS_LOG_QUEUE}"
 
 
 async def run_gateway(settings: Settings) -> None:

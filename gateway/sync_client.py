@@ -25,6 +25,7 @@ from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import Closeable
 from sandfleet.common.models import SubmitReply
 from sandfleet.common.settings import Settings
+from sandfleet.common.view_queries import ViewReply
 from sandfleet.gateway.client import REPLY_TIMEOUT_SECONDS, Client, Request
 from sandfleet.gateway.events_stream import EventStream
 
@@ -153,6 +154,18 @@ class SyncClient(Closeable):
     def history(self, job_id: str) -> list[Event]:
         """See `Client.history`."""
         return self._call(self._client.history(job_id))
+
+    def status(self, job_id: str) -> ViewReply:
+        """`Client.status`: the job as a gateway's view has it."""
+        return self._call(self._client.status(job_id))
+
+    def jobs(self, **filters: Any) -> ViewReply:
+        """`Client.jobs`: jobs newest first, filtered."""
+        return self._call(self._client.jobs(**filters))
+
+    def stats(self, *, since_seconds: float | None = None) -> ViewReply:
+        """`Client.stats`: percentiles of each stage of ended jobs' lives."""
+        return self._call(self._client.stats(since_seconds=since_seconds))
 
     def workers(self, *, since: timedelta = timedelta(minutes=10)) -> list[Event]:
         """See `Client.workers`."""

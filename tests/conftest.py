@@ -105,6 +105,8 @@ def make_settings(
             "host": f"h{uuid.uuid4().hex[:8]}",
             "state_dir": tmp_path / "state",
             "journal_dir": tmp_path / "journal",
+            # one per gateway: two gateways never share a view
+            "view_path": tmp_path / f"gateway-{uuid.uuid4().hex[:8]}" / "view.sqlite3",
             "heartbeat_seconds": 1.0,
             "stop_grace_seconds": 1.0,
             **overrides,

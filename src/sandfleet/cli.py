@@ -8,7 +8,7 @@ import typer
 
 from sandfleet import __version__
 from sandfleet.gateway import cli as gateway_cli
-from sandfleet.gateway import operator_cli, top_cli
+from sandfleet.gateway import operator_cli, top_cli, view_cli
 from sandfleet.gateway.exits import exits_mapped
 from sandfleet.workers import cli as workers_cli
 
@@ -46,7 +46,9 @@ app.command()(exits_mapped(gateway_cli.gateway))
 app.command(context_settings={"allow_interspersed_args": False})(exits_mapped(gateway_cli.submit))
 app.command()(exits_mapped(gateway_cli.wait))
 app.command()(exits_mapped(gateway_cli.watch))
-app.command()(exits_mapped(gateway_cli.status))
+app.command()(exits_mapped(view_cli.status))
+app.command()(exits_mapped(view_cli.jobs))
+app.command()(exits_mapped(view_cli.stats))
 app.command()(exits_mapped(gateway_cli.workers))
 app.command()(exits_mapped(gateway_cli.cancel))
 app.command()(exits_mapped(top_cli.top))

@@ -26,8 +26,10 @@ from sandfleet.common.topology import (
     EVENTS_EXCHANGE,
     EVENTS_LOG_QUEUE,
     JOBS_EXCHANGE,
+    QUERIES_EXCHANGE,
     SUBMISSIONS_EXCHANGE,
     SUBMIT_QUEUE,
+    VIEW_QUEUE,
     job_queue_name,
 )
 from sandfleet.gateway.broker_setup import (
@@ -37,7 +39,7 @@ from sandfleet.gateway.broker_setup import (
     set_up_broker,
 )
 from sandfleet.gateway.service import Gateway
-from tests.support import until_phase, until_terminal
+from tests.support import eventually, until_phase, until_terminal
 from tests.support.broker import dead_letters, rabbitmqctl, vhost_of
 from tests.support.cli import run_sandfleet, sandfleet_env
 from tests.support.runtimes import registered_driver, worker_factory
@@ -311,3 +313,30 @@ async def test_every_log_the_fleet_keeps_is_bounded(fleet: Fleet) -> None:
     for queue in (SUBMIT_QUEUE, job_queue_name("inmemory")):
         assert "x-delivery-limit" in arguments[queue]
     assert "x-max-length-bytes" in arguments[DEAD_QUEUE]
+    assert "x-max-length" in arguments[VIEW_QUEUE] and "x-message-ttl" in arguments[VIEW_QUEUE]
+
+
+async def test_submitters_and_observers_may_ask_the_job_view_but_not_take_its_questions(
+    fleet: Fleet,
+) -> None:
+    """Every submitter reads the whole event log already, so each may list every job;
+    only the gateways consume sandfleet.view: nobody reads another's questions, or
+    answers them in a gateway's place."""
+    users = fleet.users
+    async with sandfleet.Client(users.submitters[fleet.alice]) as alice:
+        done = await alice.run(fleet.request(), timeout=60)
+
+        async def ended() -> bool:
+            job = (await alice.status(done.job_id or "")).job
+            return job is not None and job.phase is Phase.SUCCEEDED
+
+        await eventually(ended, timeout=30)
+    async with sandfleet.Client(users.observer) as observer:
+        listed = (await observer.jobs(submitted_by=fleet.alice)).jobs or []
+    assert [job.job_id for job in listed] == [done.job_id]
+    asker_urls = (users.submitters[fleet.bob], users.observer)
+    for url in asker_urls:
+        for attempt in (consume(VIEW_QUEUE), purge(VIEW_QUEUE), delete(VIEW_QUEUE)):
+            assert "ACCESS_REFUSED" in await refused(url, attempt)
+    worker_url = users.workers[fleet.settings.host]
+    assert "ACCESS_REFUSED" in await refused(worker_url, publish(QUERIES_EXCHANGE, ""))

@@ -127,6 +127,8 @@ async def test_the_client_declares_nothing(broker_url: str) -> None:
             await client.history("any")
         with pytest.raises(sandfleet.FleetUnreachable, match="no gateway has run here"):
             await client.cancel("any")
+        with pytest.raises(sandfleet.FleetUnreachable, match="no gateway has run here"):
+            await client.status("any")
     queues = await asyncio.to_thread(rabbitmqctl, "list_queues", "-p", vhost_of(broker_url))
     exchanges = await asyncio.to_thread(
         rabbitmqctl, "list_exchanges", "-p", vhost_of(broker_url), "name"

@@ -33,6 +33,7 @@ def sandfleet_env(settings: Settings, **overrides: str) -> dict[str, str]:
         "SANDFLEET_BROKER_URL": settings.broker_url,
         "SANDFLEET_HOST": settings.host,
         "SANDFLEET_TRUSTED_KEYS": settings.trusted_keys,
+        "SANDFLEET_VIEW_PATH": str(settings.view_path),
         **({"SANDFLEET_SIGNING_KEY": str(settings.signing_key)} if settings.signing_key else {}),
         **overrides,
     }

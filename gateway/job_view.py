@@ -1,0 +1,148 @@
+"""The gateway's materialised view of the fleet's jobs, kept from the event log in SQLite.
+
+Each gateway keeps its own view file (SANDFLEET_VIEW_PATH). The job index hands it every
+message it reads from the log together with the offset after it; the view writes them in
+batches, each in one transaction with that offset (sandfleet.gateway.view_store), so a
+restarted gateway resumes reading the log where its view stopped instead of replaying it.
+
+All SQLite work runs on one thread of its own: the event loop never waits on the disk,
+and the connection is only ever used by the thread that made it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sandfleet.common.events import Event, Phase
+from sandfleet.common.view_queries import (
+    HistoryEntry,
+    JobDetail,
+    JobSummary,
+    ViewQuery,
+    ViewReply,
+    ViewStatus,
+)
+from sandfleet.gateway.view_stats import fleet_stats
+from sandfleet.gateway.view_store import Ownership, ViewStore, open_view_file
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class JobView:
+    def __init__(self, path: Path, *, log: str, max_age_seconds: float, host: str) -> None:
+        """`log` names the event log mirrored (see ViewStore); `host`, this gateway's."""
+        self._path = path
+        self._log = log
+        self._max_age_seconds = max_age_seconds
+        self._host = host
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-view")
+        self._store: ViewStore | None = None
+        self._pending: list[Event] = []
+        self._pending_offset: int | None = None
+        self._flushing: asyncio.Task[None] | None = None
+        self.applied = 0  # events that changed the view since this gateway started
+
+    async def open(self) -> None:
+        self._store = await self._run(lambda: ViewStore(open_view_file(self._path), log=self._log))
+
+    async def next_offset(self) -> int | None:
+        """Where in the log to resume (None: from its beginning)."""
+        return await self._run(lambda: self._open_store().next_offset())
+
+    async def ownerships(self) -> list[Ownership]:
+        return await self._run(lambda: list(self._open_store().ownerships()))
+
+    def record(self, event: Event | None, next_offset: int) -> None:
+        """Queue `event` (None: a message that is no event) read before `next_offset`."""
+        if event is not None and event.job_id is not None and event.phase is not Phase.HEARTBEAT:
+            self._pending.append(event)
+        self._pending_offset = next_offset
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
+
+    async def flushed(self) -> None:
+        """Return once everything recorded so far is written."""
+        while self._flushing is not None and not self._flushing.done():
+            await asyncio.shield(self._flushing)
+
+    async def _flush(self) -> None:
+        # One batch per pass: whatever arrived while the previous batch was written.
+        while self._pending_offset is not None:
+            events, offset = self._pending, self._pending_offset
+            self._pending, self._pending_offset = [], None
+            horizon = time.time() - self._max_age_seconds
+            apply = functools.partial(self._open_store().apply, events, offset, horizon=horizon)
+            try:
+                self.applied += await self._run(apply)
+            except sqlite3.Error:
+                # The batch rolled back: keep it, ahead of what came since, for the next
+                # pass (the next event read), rather than skip it for good.
+                log.exception("job view: %d events not written; kept to retry", len(events))
+                self._pending = events + self._pending
+                if self._pending_offset is None:
+                    self._pending_offset = offset
+                return
+
+    async def answer(self, query: ViewQuery) -> ViewReply:
+        store, now = self._open_store(), time.time()
+        if query.kind == "status":
+            assert query.job_id is not None
+            found = await self._run(lambda: store.job(query.job_id or ""))
+            if found is None:
+                return ViewReply(status=ViewStatus.NOT_FOUND, gateway=self._host)
+            return ViewReply(status=ViewStatus.OK, gateway=self._host, job=_detail(*found))
+        if query.kind == "jobs":
+            rows = await self._run(lambda: store.jobs(query, now=now))
+            jobs = [JobSummary.model_validate(_summary_fields(row)) for row in rows]
+            return ViewReply(status=ViewStatus.OK, gateway=self._host, jobs=jobs)
+        timings = await self._run(lambda: store.ended_timings(query, now=now))
+        return ViewReply(status=ViewStatus.OK, gateway=self._host, stats=fleet_stats(timings))
+
+    async def aclose(self) -> None:
+        await self.flushed()
+        self._thread.shutdown(wait=True)
+
+    def _open_store(self) -> ViewStore:
+        if self._store is None:
+            raise RuntimeError("the job view is not open")
+        return self._store
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+
+
+def _summary_fields(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **row,
+        "gpus": json.loads(row["gpus"]),
+        "labels": json.loads(row["labels"]),
+        "timings": None if row["timings"] is None else json.loads(row["timings"]),
+        "submitted_at": datetime.fromtimestamp(row["submitted_at"], UTC),
+        "updated_at": datetime.fromtimestamp(row["updated_at"], UTC),
+    }
+
+
+def _detail(row: dict[str, Any], history: list[dict[str, Any]]) -> JobDetail:
+    entries = [
+        HistoryEntry(
+            phase=entry["phase"],
+            reason=entry["reason"],
+            message=entry["message"],
+            host=entry["host"],
+            worker_id=entry["worker_id"],
+            timestamp=datetime.fromtimestamp(entry["at"], UTC),
+        )
+        for entry in history
+    ]
+    return JobDetail.model_validate({**_summary_fields(row), "events": entries})
