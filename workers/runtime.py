@@ -40,10 +40,12 @@ from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, W
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.settings import SandboxPolicy, Settings
 from sandfleet.common.topology import (
+    LOGS_EXCHANGE,
     RETRY_EXCHANGE,
     declare_worker_queues,
     existing_topology,
     job_queue_name,
+    job_routing_key,
 )
 from sandfleet.workers.attempt import RunPolicy, StopRequest
 from sandfleet.workers.cancellations import CancellationLog
@@ -57,6 +59,7 @@ from sandfleet.workers.job_queues import HostJobQueues
 from sandfleet.workers.job_runner import JobRunner
 from sandfleet.workers.job_signatures import SignedJobsOnly, job_verifier
 from sandfleet.workers.journal import JobJournal, JournalEntry
+from sandfleet.workers.log_shipping import LogShipper
 from sandfleet.workers.slots import Slots
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,10 @@ class _Connected:
     events: EventPublisher
     runner: JobRunner
     intake: JobIntake
+    logs: LogShipper
+    # Jobs' output goes over a connection of its own: a job printing flat out must not
+    # hold up the events and acks on `connection` (TCP back-pressure is per connection).
+    logs_connection: AbstractRobustConnection
 
 
 class Worker(AsyncCloseable):
@@ -155,6 +162,8 @@ class Worker(AsyncCloseable):
         if self._connected is not None:
             with contextlib.suppress(Exception):  # logged by the publisher's retries
                 await self._heartbeat(HEARTBEAT_STOPPED)  # listed as stopped, not lost
+            await self._connected.logs.aclose()
+            await self._connected.logs_connection.close()
             await self._connected.connection.close()
         self._lease.release()
 
@@ -182,6 +191,12 @@ class Worker(AsyncCloseable):
         await declare_worker_queues(connection, settings, driver=name, host=host)
         topology = await existing_topology(channel)
         events = EventPublisher(topology.events)
+        logs_connection = await connect(
+            settings.broker_url,
+            name=f"sandfleet-worker {self.identity.worker_id} logs",
+            settings=settings,
+        )
+        logs = await self._log_shipper(logs_connection)
         cancellations = CancellationLog(
             await connection.channel(),
             max_age_seconds=settings.events_max_age_seconds,
@@ -198,6 +213,7 @@ class Worker(AsyncCloseable):
             ),
             cancellations=cancellations,
             policy=self._policy,
+            logs=logs,
         )
         await cancellations.start(runner.cancel)  # know every cancellation before taking a job
 
@@ -211,7 +227,22 @@ class Worker(AsyncCloseable):
 
         queues = [await channel.get_queue(name) for name in self._queue_names()]
         intake = JobIntake(channel, queues, self.slots, handle)
-        return _Connected(connection=connection, events=events, runner=runner, intake=intake)
+        return _Connected(
+            connection=connection,
+            events=events,
+            runner=runner,
+            intake=intake,
+            logs=logs,
+            logs_connection=logs_connection,
+        )
+
+    async def _log_shipper(self, connection: AbstractRobustConnection) -> LogShipper:
+        channel = await connection.channel(publisher_confirms=True)
+        return LogShipper(
+            await channel.get_exchange(LOGS_EXCHANGE),  # passive: needs no permission
+            routing_key=job_routing_key(self._driver.name, self._settings.host),
+            max_bytes_per_job=self._settings.max_log_bytes_per_job,
+        )
 
     def _queue_names(self) -> list[str]:
         name = self._driver.name

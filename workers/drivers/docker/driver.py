@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiodocker
@@ -201,6 +202,14 @@ class DockerDriver:
         async with _translated("logs", sandbox_id):
             chunks = await self._container(sandbox_id).log(stdout=True, stderr=True, tail=lines)
         return "".join(chunks)
+
+    async def follow_output(self, sandbox_id: str) -> AsyncIterator[bytes]:
+        # docker's logs API with follow: everything from the start, then live, ending
+        # when the container does; stdout and stderr interleaved as docker logged them.
+        container = self._container(sandbox_id)
+        async with _translated("logs", sandbox_id):
+            async for text in container.log(stdout=True, stderr=True, follow=True):
+                yield text.encode()
 
     def _container(self, name_or_id: str) -> DockerContainer:
         # aiodocker puts the id into the URL path as it is.
