@@ -43,6 +43,7 @@ class OutputCap:
     def __init__(self, limit_bytes: int) -> None:
         self._left = limit_bytes
         self._limit = limit_bytes
+        self._line_open = False  # what was admitted so far ends inside a line
         self.reached = False
 
     def admit(self, chunk: bytes) -> bytes:
@@ -51,11 +52,15 @@ class OutputCap:
             return b""
         if len(chunk) <= self._left:
             self._left -= len(chunk)
+            if chunk:
+                self._line_open = not chunk.endswith(b"\n")
             return chunk
         kept = chunk[: self._left]
         self._left, self.reached = 0, True
+        if kept:
+            self._line_open = not kept.endswith(b"\n")
         # The truncation line starts a line of its own, even where the cap cut one.
-        newline = b"\n" if kept and not kept.endswith(b"\n") else b""
+        newline = b"\n" if self._line_open else b""
         return kept + newline + truncation_line(self._limit)
 
 

@@ -321,11 +321,13 @@ async def test_job_logs_are_written_by_the_jobs_worker_alone_and_read_by_submitt
     assert (by_alice, by_observer) == (["hello", "world"], ["world"])
     attempts = {
         "a worker, another host's key": (
-            fleet.users.workers[host], publish(LOGS_EXCHANGE, f"inmemory.{ELSEWHERE}")
+            fleet.users.workers[host],
+            publish(LOGS_EXCHANGE, f"inmemory.{ELSEWHERE}"),
         ),
         "a submitter, a worker's key": (alice_url, publish(LOGS_EXCHANGE, f"inmemory.{host}")),
         "an observer, a worker's key": (
-            fleet.users.observer, publish(LOGS_EXCHANGE, f"inmemory.{host}")
+            fleet.users.observer,
+            publish(LOGS_EXCHANGE, f"inmemory.{host}"),
         ),
         "a worker reading the logs": (fleet.users.workers[host], consume(LOGS_LOG_QUEUE)),
     }

@@ -45,7 +45,7 @@ def test_the_cap_ships_a_prefix_then_one_truncation_line(
         assert (shipped, cap.reached) == (data, False)
         return
     kept = data[:limit]
-    newline = b"\n" if kept and not kept.endswith(b"\n") else b""
+    newline = b"\n" if kept and not kept.endswith(b"\n") else b""  # wherever the chunks end
     assert shipped == kept + newline + truncation_line(limit)
     assert cap.reached and cap.admit(b"more") == b""
 
@@ -178,3 +178,23 @@ async def test_a_vm_console_is_followed_from_the_jobs_begin_marker(tmp_path: Pat
         running[0] = False
         rest = b"".join([chunk async for chunk in following])
     assert rest == b"second\nSANDFLEET_EXIT=0\n"
+
+
+async def test_a_vm_console_rotated_while_followed_is_read_from_the_new_files_start(
+    tmp_path: Path,
+) -> None:
+    console = tmp_path / "console.log"
+    console.write_bytes(b"SANDFLEET_BEGIN\n" + b"x" * 100 + b"\n")
+    running = [True]
+
+    async def still_running() -> bool:
+        return running[0]
+
+    following = follow_console(console, still_running, poll_seconds=0.01)
+    async with asyncio.timeout(5):
+        assert await anext(following) == b"x" * 100 + b"\n"
+        console.rename(tmp_path / "console.log.0")  # as virtlogd rotates it
+        console.write_bytes(b"after rotation\n")
+        assert await anext(following) == b"after rotation\n"
+        running[0] = False
+        assert [chunk async for chunk in following] == []

@@ -19,15 +19,19 @@ POLL_SECONDS = 0.25
 _BEGIN_LINE = BEGIN_MARKER.encode() + b"\n"
 
 
-def _read_from(path: Path, offset: int) -> bytes:
+def _read_from(path: Path, offset: int) -> tuple[int, bytes]:
+    """What the console holds from `offset` on, and where that began: at its start if
+    the file is shorter than `offset` (virtlogd rotated it and began a new one)."""
     # No symlinks followed, as everywhere the driver reads a job's directory.
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:  # not written yet
-        return b""
+        return offset, b""
     with os.fdopen(descriptor, "rb") as console:
+        if os.fstat(console.fileno()).st_size < offset:
+            offset = 0
         console.seek(offset)
-        return console.read(1 << 20)
+        return offset, console.read(1 << 20)
 
 
 class _JobPart:
@@ -58,7 +62,10 @@ async def follow_console(
     while True:
         # Asked before reading: a guest that stopped has written all it will.
         still_running = await running()
-        while chunk := await asyncio.to_thread(_read_from, path, offset):
+        while True:
+            offset, chunk = await asyncio.to_thread(_read_from, path, offset)
+            if not chunk:
+                break
             offset += len(chunk)
             if data := job_part.feed(chunk):
                 yield data
