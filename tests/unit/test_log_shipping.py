@@ -156,7 +156,7 @@ async def test_the_buffer_holds_at_most_its_limit() -> None:
 async def test_the_runner_ends_a_jobs_log_before_its_terminal_event(tmp_path: Path) -> None:
     h = harness(tmp_path)
     async with asyncio.timeout(5):
-        await h.runner.handle(h.delivery(job("a", output="hello\n")))  # type: ignore[arg-type]
+        await h.runner.handle(h.delivery(job("a", output="hello\n")))
     assert h.logs.output["a"] == b"hello\n"
     assert h.logs.phases_at_end["a"] == [Phase.STARTING, Phase.RUNNING]
     assert h.events.phases("a")[-1] is Phase.SUCCEEDED
