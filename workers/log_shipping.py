@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 BUFFER_BYTES = 1 << 20  # a job's output read ahead of what is published
 BATCH_BYTES = 256 << 10  # the most one message holds
-END_TIMEOUT_SECONDS = 10.0  # for a runtime to hand over the last of an ended sandbox's output
+# Once a job has ended, how long its shipping may go without reading anything more
+# before it is cut off (a runtime that never closes the stream); a backlog still
+# moving is shipped to its end.
+END_IDLE_SECONDS = 10.0
 
 
 class OutputBuffer:
@@ -70,7 +73,22 @@ class _Shipment:
     job_id: str
     buffer: OutputBuffer = field(default_factory=OutputBuffer)
     sequence: int = 0
+    read_bytes: int = 0  # of its output, so far
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+async def _while_moving(shipment: _Shipment, idle_seconds: float) -> None:
+    """Wait for a shipment's tasks while they move (output read or sent); cancel them
+    once they have not for `idle_seconds`."""
+    while True:
+        before = (shipment.read_bytes, shipment.sequence)
+        _, late = await asyncio.wait(shipment.tasks, timeout=idle_seconds)
+        if not late:
+            return
+        if (shipment.read_bytes, shipment.sequence) == before:
+            for task in late:
+                task.cancel()
+            return
 
 
 class LogShipper:
@@ -92,14 +110,12 @@ class LogShipper:
             asyncio.create_task(self._send(shipment)),
         ]
 
-    async def end(self, job_id: str, *, timeout: float = END_TIMEOUT_SECONDS) -> None:
+    async def end(self, job_id: str, *, idle_seconds: float = END_IDLE_SECONDS) -> None:
         """Ship the rest of an ended job's output, then its end-of-log message; a job
         whose output was never shipped gets the end-of-log message alone."""
         shipment = self._shipments.pop(job_id, None) or _Shipment(job_id)
         if shipment.tasks:
-            _, late = await asyncio.wait(shipment.tasks, timeout=timeout)
-            for task in late:  # a runtime that never closes the stream: cut it off
-                task.cancel()
+            await _while_moving(shipment, idle_seconds)
             await asyncio.gather(*shipment.tasks, return_exceptions=True)
         await self._publish(shipment, b"", end=True)
 
@@ -116,6 +132,7 @@ class LogShipper:
         cap = OutputCap(self._max_bytes)
         try:
             async for chunk in output:
+                shipment.read_bytes += len(chunk)
                 await shipment.buffer.put(cap.admit(chunk))
                 if cap.reached:
                     break  # stop reading: what the runtime keeps is not shipped

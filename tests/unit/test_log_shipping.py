@@ -133,6 +133,37 @@ async def test_output_past_the_cap_is_not_read_or_shipped() -> None:
     assert len(read) == 10  # it stopped reading where it cut
 
 
+async def test_a_backlog_slower_than_the_idle_limit_is_shipped_whole() -> None:
+    exchange = SlowExchange()
+
+    async def backlog() -> AsyncIterator[bytes]:
+        for i in range(50):  # handed over slowly: 1 s in all, ten times the idle limit
+            await asyncio.sleep(0.02)
+            yield b"%d\n" % i
+
+    shipper = LogShipper(exchange, routing_key="docker.h1", max_bytes_per_job=1 << 20)  # type: ignore[arg-type]
+    shipper.begin("a", backlog())
+    async with asyncio.timeout(5):
+        await shipper.end("a", idle_seconds=0.1)
+    body = b"".join(message.body for message, _ in exchange.published)
+    assert body == b"".join(b"%d\n" % i for i in range(50))
+
+
+async def test_a_stream_that_never_ends_is_cut_off_once_idle() -> None:
+    exchange = SlowExchange()
+
+    async def stuck() -> AsyncIterator[bytes]:
+        yield b"only line\n"
+        await asyncio.Event().wait()
+
+    shipper = LogShipper(exchange, routing_key="docker.h1", max_bytes_per_job=100)  # type: ignore[arg-type]
+    shipper.begin("a", stuck())
+    async with asyncio.timeout(5):
+        await shipper.end("a", idle_seconds=0.1)
+    assert [m.body for m, _ in exchange.published] == [b"only line\n", b""]
+    assert exchange.published[-1][0].type == LOG_END_TYPE
+
+
 async def test_a_job_that_never_started_gets_an_end_of_log_alone() -> None:
     exchange = SlowExchange()
     shipper = LogShipper(exchange, routing_key="docker.h1", max_bytes_per_job=100)  # type: ignore[arg-type]
