@@ -107,3 +107,16 @@ async def test_podman_ships_its_jobs_output(
     lines = [line async for line in client.logs(job["job_id"], follow=True)]
     assert done.phase is Phase.SUCCEEDED
     assert sorted(lines) == ["one", "three", "two"] and lines.index("one") < lines.index("two")
+
+
+async def test_output_past_dockers_log_file_rotation_is_shipped_whole(
+    client: Client, docker_worker: WorkerFactory, test_image: str
+) -> None:
+    """200,000 lines are more than one json-file log file (10 MiB): docker's follow lets
+    go at the rotation when the container ends just after; the rest is read again."""
+    job = printing(test_image, "seq 1 200000")
+    async with docker_worker():
+        [*_, done] = await submit_and_wait(client, job, timeout=120)
+    lines = [line async for line in client.logs(job["job_id"])]
+    assert done.phase is Phase.SUCCEEDED
+    assert (len(lines), lines[0], lines[-1]) == (200_000, "1", "200000")

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import struct
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from sandfleet.common.job_logs import (
     OutputCap,
     truncation_line,
 )
+from sandfleet.workers.drivers.docker.log_entries import since_param, split_entry
 from sandfleet.workers.drivers.podman.client import FrameReader, demultiplex
 from sandfleet.workers.drivers.vm.console_follow import follow_console
 from sandfleet.workers.log_shipping import LogShipper, OutputBuffer
@@ -229,3 +231,12 @@ async def test_a_vm_console_rotated_while_followed_is_read_from_the_new_files_st
         assert await anext(following) == b"after rotation\n"
         running[0] = False
         assert [chunk async for chunk in following] == []
+
+
+@given(st.integers(0, 4_000_000_000 * 10**9 - 1), st.text(max_size=30))
+def test_a_docker_entrys_time_and_text_read_back(unix_nanos: int, text: str) -> None:
+    seconds, nanos = divmod(unix_nanos, 10**9)
+    when = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f".{nanos:09d}".rstrip("0").rstrip(".")  # docker drops trailing zeros
+    assert split_entry(f"{when}{fraction}Z {text}") == (unix_nanos, text)
+    assert since_param(unix_nanos) == f"{seconds}.{nanos:09d}"
