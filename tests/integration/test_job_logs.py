@@ -120,3 +120,17 @@ async def test_output_past_dockers_log_file_rotation_is_shipped_whole(
     lines = [line async for line in client.logs(job["job_id"])]
     assert done.phase is Phase.SUCCEEDED
     assert (len(lines), lines[0], lines[-1]) == (200_000, "1", "200000")
+
+
+async def test_following_a_job_that_never_started_ends_with_its_terminal_event(
+    client: Client, docker_worker: WorkerFactory, test_image: str
+) -> None:
+    """Rejected by the worker (an unknown key in its block), the job has no sandbox and
+    no end-of-log message: its `rejected` event ends the follow."""
+    job = printing(test_image, "echo never")
+    job["template"]["driver_config"] = {"docker": {"no_such_key": 1}}
+    async with docker_worker():
+        [*_, done] = await submit_and_wait(client, job)
+        async with asyncio.timeout(30):
+            lines = [line async for line in client.logs(job["job_id"], follow=True)]
+    assert (done.phase, lines) == (Phase.REJECTED, [])
