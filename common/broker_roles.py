@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from sandfleet.common.events import Phase
 from sandfleet.common.models import DRIVER_NAME_PATTERN, HOST_NAME_PATTERN
-from sandfleet.common.topology import EVENTS_EXCHANGE, LOG_MARKER_KEY_PREFIX
+from sandfleet.common.topology import EVENTS_EXCHANGE, LOG_MARKER_KEY_PREFIX, LOGS_EXCHANGE
 
 GATEWAY_USER = "sandfleet-gateway"
 OBSERVER_USER = "sandfleet-observer"
@@ -43,21 +43,33 @@ NOTHING = "^$"
 EVERYTHING = ".*"
 # Markers carry a uuid4().hex (common.stream_follower).
 _MARKER_KEYS = f"^{re.escape(LOG_MARKER_KEY_PREFIX)}[0-9a-f]{{32}}$"
-_SHARED = r"submit|submissions|jobs|retry|dead|events|events\.log|control|control\.log|queries|view"
+_SHARED = (
+    r"submit|submissions|jobs|retry|dead|events|events\.log|control|control\.log"
+    r"|queries|view|logs|logs\.log"
+)
 WORKER_PHASES = "|".join(phase.value for phase in Phase if phase not in (Phase.ACCEPTED,))
 
 
 @dataclass(frozen=True)
 class Permissions:
     """A user's permissions in the fleet's vhost; `events_*` are its topic permissions
-    on sandfleet.events (every user gets them: with none, RabbitMQ allows every key)."""
+    on sandfleet.events, `logs_*` those on sandfleet.logs (every user gets both: with
+    none on an exchange, RabbitMQ allows every key there)."""
 
     configure: str
     write: str
     read: str
     events_write: str = NOTHING
     events_read: str = NOTHING
-    exchange: str = EVENTS_EXCHANGE
+    logs_write: str = NOTHING
+    logs_read: str = NOTHING
+
+    def topic_permissions(self) -> dict[str, tuple[str, str]]:
+        """(write, read) routing-key patterns per topic exchange."""
+        return {
+            EVENTS_EXCHANGE: (self.events_write, self.events_read),
+            LOGS_EXCHANGE: (self.logs_write, self.logs_read),
+        }
 
 
 def gateway() -> Permissions:
@@ -67,6 +79,8 @@ def gateway() -> Permissions:
         read=rf"^sandfleet\.({_SHARED})$",
         events_write=EVERYTHING,
         events_read=EVERYTHING,
+        logs_write=EVERYTHING,
+        logs_read=EVERYTHING,
     )
 
 
@@ -87,12 +101,14 @@ def worker(host: str, drivers: Sequence[str]) -> Permissions:
         configure=NOTHING,
         # publish: jobs back to its host's queue (sandfleet.jobs) or its retry queue
         # (sandfleet.retry), events, the control log's markers
-        write=r"^sandfleet\.(jobs|retry|events|control)$",
+        write=r"^sandfleet\.(jobs|retry|events|control|logs)$",
         # consume: its drivers' shared queues and its own; the control log
         read=rf"^sandfleet\.jobs\.({names})(\.{re.escape(host)})?$|^sandfleet\.control\.log$",
         # the phases a worker reports (never `accepted`: the gateway's word, which the
         # job index takes a job id's owner from), for its own host only
         events_write=rf"^({WORKER_PHASES})\.({names})\.{re.escape(host)}$",
+        # its jobs' output, for its own host only
+        logs_write=rf"^({names})\.{re.escape(host)}$",
     )
 
 
@@ -101,18 +117,20 @@ def submitter() -> Permissions:
         configure=NOTHING,
         # sandfleet.queries only: the gateways alone consume sandfleet.view, so nobody
         # reads another's questions or answers in their place
-        write=r"^sandfleet\.(submissions|events|queries)$",
-        read=r"^sandfleet\.events\.log$",
+        write=r"^sandfleet\.(submissions|events|queries|logs)$",
+        read=r"^sandfleet\.(events|logs)\.log$",
         events_write=_MARKER_KEYS,
+        logs_write=_MARKER_KEYS,
     )
 
 
 def observer() -> Permissions:
     return Permissions(
         configure=NOTHING,
-        write=r"^sandfleet\.(events|queries)$",  # events: log markers only (events_write)
-        read=r"^sandfleet\.events\.log$",
+        write=r"^sandfleet\.(events|queries|logs)$",  # events, logs: markers only (*_write)
+        read=r"^sandfleet\.(events|logs)\.log$",
         events_write=_MARKER_KEYS,
+        logs_write=_MARKER_KEYS,
     )
 
 
@@ -123,6 +141,8 @@ def admin() -> Permissions:
         read=EVERYTHING,
         events_write=EVERYTHING,
         events_read=EVERYTHING,
+        logs_write=EVERYTHING,
+        logs_read=EVERYTHING,
     )
 
 

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     job_delivery_limit: int = Field(default=5, gt=0)
     # How long the event and control logs keep history (RabbitMQ x-max-age).
     events_max_age: str = Field(default="7D", pattern=MAX_AGE_PATTERN)
+    # How long the job log stream (sandfleet.logs.log) keeps jobs' output.
+    logs_max_age: str = Field(default="7D", pattern=MAX_AGE_PATTERN)
+    # workers: how much of one job's output they ship; past it, a truncation line
+    max_log_bytes_per_job: int = Field(default=64 << 20, ge=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -23,6 +23,8 @@ from sandfleet.common.topology import (
     EVENTS_LOG_QUEUE,
     LOG_MARKER_KEY_PREFIX,
     LOG_MARKER_TYPE,
+    LOGS_EXCHANGE,
+    LOGS_LOG_QUEUE,
 )
 
 
@@ -85,7 +87,11 @@ class StreamFollower:
 
 
 # The exchange that feeds each log, where its markers go in.
-_LOG_EXCHANGES = {EVENTS_LOG_QUEUE: EVENTS_EXCHANGE, CONTROL_LOG_QUEUE: CONTROL_EXCHANGE}
+_LOG_EXCHANGES = {
+    EVENTS_LOG_QUEUE: EVENTS_EXCHANGE,
+    CONTROL_LOG_QUEUE: CONTROL_EXCHANGE,
+    LOGS_LOG_QUEUE: LOGS_EXCHANGE,
+}
 
 
 async def publish_log_marker(channel: AbstractChannel, log_queue: str, marker: str) -> None:

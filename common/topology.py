@@ -9,6 +9,8 @@ sandfleet.retry (direct) ── <key> → sandfleet.retry.<key> (quorum): jobs w
 sandfleet.dead (fanout) ─→ sandfleet.dead (quorum): nothing is ever silently lost
 sandfleet.events (topic), key <phase>.<driver>.<host> ─ # → sandfleet.events.log (stream)
     (readers of the log also find their `log-marker.<id>` messages there)
+sandfleet.logs (topic), key <driver>.<host> ─ # → sandfleet.logs.log (stream): jobs'
+    output, in chunks (common.job_logs); readers' markers come in as on sandfleet.events
 sandfleet.control (fanout) ─→ sandfleet.control.log (stream): cancellations, read by every
     worker from the start (so a queued job cancelled before any worker saw it never starts)
 sandfleet.queries (fanout) ─→ sandfleet.view (classic): questions to the gateways' job
@@ -40,6 +42,8 @@ DEAD_EXCHANGE = "sandfleet.dead"
 DEAD_QUEUE = "sandfleet.dead"
 EVENTS_EXCHANGE = "sandfleet.events"
 EVENTS_LOG_QUEUE = "sandfleet.events.log"
+LOGS_EXCHANGE = "sandfleet.logs"
+LOGS_LOG_QUEUE = "sandfleet.logs.log"
 CONTROL_EXCHANGE = "sandfleet.control"
 CONTROL_LOG_QUEUE = "sandfleet.control.log"
 RETRY_PREFIX = "sandfleet.retry"
@@ -56,6 +60,8 @@ EVENTS_MAX_LENGTH_BYTES = 1 << 30
 DEAD_MAX_LENGTH_BYTES = 1 << 30
 # Cancellations are small (a bounded CancelRequest), so this holds millions.
 CONTROL_MAX_LENGTH_BYTES = 256 << 20
+# Jobs' output: the oldest goes first past this, whatever SANDFLEET_LOGS_MAX_AGE says.
+LOGS_MAX_LENGTH_BYTES = 8 << 30
 
 # Message types on sandfleet.submissions.
 SUBMIT_TYPE = "sandfleet.submit"
@@ -146,6 +152,10 @@ async def declare_topology(
         {"x-max-age": settings.events_max_age, "x-max-length-bytes": CONTROL_MAX_LENGTH_BYTES},
     )  # fmt: skip
     await declare_view_queue(channel)
+    await _declare_logged_exchange(
+        channel, LOGS_EXCHANGE, aio_pika.ExchangeType.TOPIC, LOGS_LOG_QUEUE,
+        {"x-max-age": settings.logs_max_age, "x-max-length-bytes": LOGS_MAX_LENGTH_BYTES},
+    )  # fmt: skip
     return Topology(jobs=jobs, events=events, dead=dead, control=control)
 
 
@@ -237,7 +247,8 @@ async def declare_worker_queues(
     """
     async with connection.channel() as channel:
         try:
-            if not await _exists(connection, CONTROL_LOG_QUEUE):
+            # The log stream is the newest part: a broker set up before it gets it too.
+            if not await _exists(connection, LOGS_LOG_QUEUE):
                 await declare_topology(channel, settings)
             for queue_host in (None, host):
                 if not await _exists(connection, job_queue_name(driver, queue_host)):

@@ -220,14 +220,11 @@ async def _apply(
                 "read": permissions.read,
             },
         )
-        await api.put(
-            f"topic-permissions/{vh}/{user}",
-            {
-                "exchange": permissions.exchange,
-                "write": permissions.events_write,
-                "read": permissions.events_read,
-            },
-        )
+        for exchange, (write, read) in permissions.topic_permissions().items():
+            await api.put(
+                f"topic-permissions/{vh}/{user}",
+                {"exchange": exchange, "write": write, "read": read},
+            )
 
 
 async def _declare(

@@ -62,6 +62,7 @@ from sandfleet.common.topology import (
 )
 from sandfleet.common.view_queries import ViewQuery, ViewReply
 from sandfleet.gateway.events_stream import EventFilter, EventStream
+from sandfleet.gateway.job_log import JobLogStream, job_log_lines
 
 __all__ = ["Client", "ClientClosed", "EventFilter", "EventStream", "JobRun", "Request"]
 
@@ -336,6 +337,18 @@ class Client(AsyncCloseable):
             async for event in stream.history():
                 latest[event.worker_id or ""] = event
         return sorted(latest.values(), key=lambda e: (e.host, e.driver or "", e.worker_id or ""))
+
+    def logs(
+        self, job_id: str, *, follow: bool = False, tail: int | None = None
+    ) -> AsyncIterator[str]:
+        """Job `job_id`'s output lines (stdout and stderr together) as shipped so far,
+        or the last `tail` of them; with `follow`, then the rest as it is printed, until
+        the job's log ends. JobNotFound if the event log holds no event of the job."""
+        return job_log_lines(self, job_id, follow=follow, tail=tail)
+
+    def job_log(self, job_id: str, *, offset: datetime) -> JobLogStream:
+        """Job `job_id`'s messages on the log stream, read from time `offset` on."""
+        return JobLogStream(self._open_connection(), job_id, offset=offset, shown_url=self.url)
 
     async def history(self, job_id: str) -> list[Event]:
         """Every event the log holds for `job_id`, oldest first; [] if none."""

@@ -10,7 +10,8 @@
                started, sandbox lost); or parked until its GPUs are free
     supervise  start it, wait for it within its timeout; a stop request ends it early
                (supervision.py)
-    finish     record the terminal outcome in the journal, then publish it
+    finish     end its output on the log stream (log_shipping.py), record the terminal
+               outcome in the journal, then publish it
     clean up   remove the sandbox, release its GPUs, close the journal entry
 
 From the hand-off on, the journal owns the job: no message is held while a sandbox
@@ -54,6 +55,7 @@ from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.job_check import JobCheck, JobMessage
 from sandfleet.workers.job_queues import JobQueues, waiting_since
 from sandfleet.workers.journal import AlreadyFinished, JobJournal, JournalEntry, OwnedByLiveWorker
+from sandfleet.workers.log_shipping import OutputShipping
 from sandfleet.workers.stage_timings import CLAIMED, CREATED, CREATING
 from sandfleet.workers.supervision import SandboxSupervisor
 
@@ -76,8 +78,10 @@ class JobRunner:
         queues: JobQueues,
         cancellations: UserCancellations,
         policy: RunPolicy,
+        logs: OutputShipping,
     ) -> None:
         self._driver = driver
+        self._logs = logs
         self._identity = identity
         self._gpus = gpus
         self._journal = journal
@@ -85,7 +89,7 @@ class JobRunner:
         self._queues = queues
         self._cancellations = cancellations
         self._policy = policy
-        self._supervisor = SandboxSupervisor(driver, self._emit, policy)
+        self._supervisor = SandboxSupervisor(driver, self._emit, policy, self._ship_output)
         self._check = JobCheck(driver, gpus, identity, events)
         self._in_hand: dict[str, Attempt] = {}
         # Jobs being handed off, run or taken over here, counted from before the journal
@@ -300,8 +304,14 @@ class JobRunner:
             await self._gpus.attach(attempt.job_id, created.sandbox_id)
         return created
 
+    def _ship_output(self, attempt: Attempt) -> None:
+        assert attempt.sandbox_id is not None
+        self._logs.begin(attempt.job_id, self._driver.follow_output(attempt.sandbox_id))
+
     async def _finish(self, attempt: Attempt, outcome: Outcome) -> None:
-        """Record the terminal event, then publish it: a successor re-publishes a recorded one."""
+        """Record the terminal event, then publish it: a successor re-publishes a recorded one.
+        The log's end goes first, so a reader that saw the terminal event has all of it."""
+        await self._logs.end(attempt.job_id)
         event = attempt.terminal_event(outcome)
         await self._journal_write(attempt, terminal=event)
         await self._events.publish(event)

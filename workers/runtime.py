@@ -41,10 +41,12 @@ from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.metrics import connection_up
 from sandfleet.common.settings import SandboxPolicy, Settings
 from sandfleet.common.topology import (
+    LOGS_EXCHANGE,
     RETRY_EXCHANGE,
     declare_worker_queues,
     existing_topology,
     job_queue_name,
+    job_routing_key,
 )
 from sandfleet.workers.attempt import RunPolicy, StopRequest
 from sandfleet.workers.cancellations import CancellationLog
@@ -58,6 +60,7 @@ from sandfleet.workers.job_queues import HostJobQueues
 from sandfleet.workers.job_runner import JobRunner
 from sandfleet.workers.job_signatures import SignedJobsOnly, job_verifier
 from sandfleet.workers.journal import JobJournal, JournalEntry
+from sandfleet.workers.log_shipping import LogShipper
 from sandfleet.workers.metrics import CountedEvents, WorkerMetrics
 from sandfleet.workers.slots import Slots
 
@@ -76,6 +79,10 @@ class _Connected:
     events: EventSink
     runner: JobRunner
     intake: JobIntake
+    logs: LogShipper
+    # Jobs' output goes over a connection of its own: a job printing flat out must not
+    # hold up the events and acks on `connection` (TCP back-pressure is per connection).
+    logs_connection: AbstractRobustConnection
 
 
 class Worker(AsyncCloseable):
@@ -161,6 +168,8 @@ class Worker(AsyncCloseable):
         if self._connected is not None:
             with contextlib.suppress(Exception):  # logged by the publisher's retries
                 await self._heartbeat(HEARTBEAT_STOPPED)  # listed as stopped, not lost
+            await self._connected.logs.aclose()
+            await self._connected.logs_connection.close()
             await self._connected.connection.close()
         self._lease.release()
 
@@ -195,6 +204,12 @@ class Worker(AsyncCloseable):
         await declare_worker_queues(connection, settings, driver=name, host=host)
         topology = await existing_topology(channel)
         events = CountedEvents(EventPublisher(topology.events), self.metrics.jobs)
+        logs_connection = await connect(
+            settings.broker_url,
+            name=f"sandfleet-worker {self.identity.worker_id} logs",
+            settings=settings,
+        )
+        logs = await self._log_shipper(logs_connection)
         cancellations = CancellationLog(
             await connection.channel(),
             max_age_seconds=settings.events_max_age_seconds,
@@ -211,6 +226,7 @@ class Worker(AsyncCloseable):
             ),
             cancellations=cancellations,
             policy=self._policy,
+            logs=logs,
         )
         await cancellations.start(runner.cancel)  # know every cancellation before taking a job
 
@@ -224,7 +240,22 @@ class Worker(AsyncCloseable):
 
         queues = [await channel.get_queue(name) for name in self._queue_names()]
         intake = JobIntake(channel, queues, self.slots, handle)
-        return _Connected(connection=connection, events=events, runner=runner, intake=intake)
+        return _Connected(
+            connection=connection,
+            events=events,
+            runner=runner,
+            intake=intake,
+            logs=logs,
+            logs_connection=logs_connection,
+        )
+
+    async def _log_shipper(self, connection: AbstractRobustConnection) -> LogShipper:
+        channel = await connection.channel(publisher_confirms=True)
+        return LogShipper(
+            await channel.get_exchange(LOGS_EXCHANGE),  # passive: needs no permission
+            routing_key=job_routing_key(self._driver.name, self._settings.host),
+            max_bytes_per_job=self._settings.max_log_bytes_per_job,
+        )
 
     def _queue_names(self) -> list[str]:
         name = self._driver.name

@@ -18,15 +18,20 @@ from sandfleet.workers.drivers.base import SandboxDriver, SandboxState, SandboxS
 from sandfleet.workers.stage_timings import STARTED
 
 Emit = Callable[[Attempt, Phase, str, str], Awaitable[None]]
+Started = Callable[[Attempt], None]
 
 
 class SandboxSupervisor:
-    """`emit(attempt, phase, reason, message)` publishes one of the job's events."""
+    """`emit(attempt, phase, reason, message)` publishes one of the job's events;
+    `started(attempt)` is told of each sandbox it started (to ship its output)."""
 
-    def __init__(self, driver: SandboxDriver[Any], emit: Emit, policy: RunPolicy) -> None:
+    def __init__(
+        self, driver: SandboxDriver[Any], emit: Emit, policy: RunPolicy, started: Started
+    ) -> None:
         self._driver = driver
         self._emit = emit
         self._policy = policy
+        self._on_started = started
 
     async def supervise(self, attempt: Attempt, sandbox: SandboxState) -> Outcome:
         """Run the sandbox to its end, within the job's timeout, unless asked to stop."""
@@ -56,8 +61,11 @@ class SandboxSupervisor:
             await self._driver.start(sandbox.sandbox_id)
             started_at = datetime.now(UTC)
             attempt.mark(STARTED, started_at)
+            self._on_started(attempt)
             await self._emit(attempt, Phase.RUNNING, "Started", "")
             return started_at
+        # An adopted sandbox's output is not shipped again: its first worker shipped it
+        # as far as it got, and shipping it from the start would repeat that.
         await self._emit(attempt, Phase.RUNNING, "Adopted", "found running after a redelivery")
         started_at = sandbox.started_at or datetime.now(UTC)
         attempt.mark(STARTED, started_at)  # its first worker's mark, if it was written

@@ -8,7 +8,7 @@ import typer
 
 from sandfleet import __version__
 from sandfleet.gateway import cli as gateway_cli
-from sandfleet.gateway import operator_cli, top_cli, view_cli
+from sandfleet.gateway import logs_cli, operator_cli, top_cli, view_cli
 from sandfleet.gateway.exits import exits_mapped
 from sandfleet.workers import cli as workers_cli
 
@@ -52,6 +52,7 @@ app.command()(exits_mapped(view_cli.stats))
 app.command()(exits_mapped(gateway_cli.workers))
 app.command()(exits_mapped(gateway_cli.cancel))
 app.command()(exits_mapped(top_cli.top))
+app.command()(exits_mapped(logs_cli.logs))
 app.command()(exits_mapped(workers_cli.worker))
 app.command()(exits_mapped(workers_cli.gpus))
 app.add_typer(operator_cli.keys_app, name="keys")

@@ -18,6 +18,7 @@ from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
 
 import sandfleet
 from sandfleet.common.events import Event, Phase
+from sandfleet.common.job_logs import log_message
 from sandfleet.common.settings import Settings
 from sandfleet.common.topology import (
     CONTROL_EXCHANGE,
@@ -26,6 +27,9 @@ from sandfleet.common.topology import (
     EVENTS_EXCHANGE,
     EVENTS_LOG_QUEUE,
     JOBS_EXCHANGE,
+    LOG_MARKER_KEY_PREFIX,
+    LOGS_EXCHANGE,
+    LOGS_LOG_QUEUE,
     QUERIES_EXCHANGE,
     SUBMISSIONS_EXCHANGE,
     SUBMIT_QUEUE,
@@ -307,7 +311,7 @@ async def test_every_log_the_fleet_keeps_is_bounded(fleet: Fleet) -> None:
     vhost = vhost_of(fleet.settings.broker_url)
     listed = await asyncio.to_thread(rabbitmqctl, "list_queues", "-p", vhost, "name", "arguments")
     arguments = dict(line.split("\t", 1) for line in listed.strip().splitlines()[1:])
-    for log_queue in (EVENTS_LOG_QUEUE, CONTROL_LOG_QUEUE):
+    for log_queue in (EVENTS_LOG_QUEUE, CONTROL_LOG_QUEUE, LOGS_LOG_QUEUE):
         assert "x-max-length-bytes" in arguments[log_queue], arguments[log_queue]
         assert "x-max-age" in arguments[log_queue]
     for queue in (SUBMIT_QUEUE, job_queue_name("inmemory")):
@@ -340,3 +344,38 @@ async def test_submitters_and_observers_may_ask_the_job_view_but_not_take_its_qu
             assert "ACCESS_REFUSED" in await refused(url, attempt)
     worker_url = users.workers[fleet.settings.host]
     assert "ACCESS_REFUSED" in await refused(worker_url, publish(QUERIES_EXCHANGE, ""))
+
+
+async def test_job_logs_are_written_by_the_jobs_worker_alone_and_read_by_submitters(
+    fleet: Fleet,
+) -> None:
+    host, alice_url = fleet.settings.host, fleet.users.submitters[fleet.alice]
+    request = fleet.request()
+    request["template"]["driver_config"]["inmemory"]["output"] = "hello\nworld\n"
+    # Under a marker's key (which the broker lets any reader write) and first in the
+    # stream, dressed as the job's first chunk: readers must not believe it.
+    forged = log_message(request["job_id"], 0, b"forged\n")
+    connection = await aio_pika.connect(alice_url)
+    async with connection, connection.channel(publisher_confirms=True) as channel:
+        logs = await channel.get_exchange(LOGS_EXCHANGE)
+        await logs.publish(forged, routing_key=f"{LOG_MARKER_KEY_PREFIX}{uuid.uuid4().hex}")
+    async with sandfleet.Client(alice_url) as alice:
+        assert (await alice.run(request, timeout=60)).phase is Phase.SUCCEEDED
+        by_alice = [line async for line in alice.logs(request["job_id"])]
+    async with sandfleet.Client(fleet.users.observer) as observer:
+        by_observer = [line async for line in observer.logs(request["job_id"], tail=1)]
+    assert (by_alice, by_observer) == (["hello", "world"], ["world"])
+    attempts = {
+        "a worker, another host's key": (
+            fleet.users.workers[host],
+            publish(LOGS_EXCHANGE, f"inmemory.{ELSEWHERE}"),
+        ),
+        "a submitter, a worker's key": (alice_url, publish(LOGS_EXCHANGE, f"inmemory.{host}")),
+        "an observer, a worker's key": (
+            fleet.users.observer,
+            publish(LOGS_EXCHANGE, f"inmemory.{host}"),
+        ),
+        "a worker reading the logs": (fleet.users.workers[host], consume(LOGS_LOG_QUEUE)),
+    }
+    said = {name: await refused(url, attempt) for name, (url, attempt) in attempts.items()}
+    assert all("ACCESS_REFUSED" in text for text in said.values()), said

@@ -76,7 +76,7 @@ async def ready_messages(url: str, queue_name: str) -> int:
 @contextmanager
 def vhost_user(broker_url: str, permissions: Permissions) -> Iterator[str]:
     """The URL of a new user of the test's vhost with these permissions (and topic
-    permissions on sandfleet.events); the user is deleted afterwards."""
+    permissions on sandfleet.events and sandfleet.logs); the user is deleted afterwards."""
     user, password = f"sandfleet-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     vhost = vhost_of(broker_url)
     rabbitmqctl("add_user", user, password)
@@ -85,10 +85,8 @@ def vhost_user(broker_url: str, permissions: Permissions) -> Iterator[str]:
             "set_permissions", "-p", vhost, user,
             permissions.configure, permissions.write, permissions.read,
         )  # fmt: skip
-        rabbitmqctl(
-            "set_topic_permissions", "-p", vhost, user, permissions.exchange,
-            permissions.events_write, permissions.events_read,
-        )  # fmt: skip
+        for exchange, (write, read) in permissions.topic_permissions().items():
+            rabbitmqctl("set_topic_permissions", "-p", vhost, user, exchange, write, read)
         yield broker_url.replace("guest:guest@", f"{user}:{password}@")
     finally:
         rabbitmqctl("delete_user", user)

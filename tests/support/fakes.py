@@ -3,8 +3,10 @@ journal and claim store in a temporary directory, and recorders for what it publ
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -114,6 +116,34 @@ def job(
     return Job.model_validate_json(json.dumps(body))
 
 
+class RecordedShipping:
+    """Each job's shipped output, read to its end when the runner ends it, and the
+    job's event phases published by then."""
+
+    def __init__(self, events: RecordedEvents) -> None:
+        self._events = events
+        self._following: dict[str, AsyncIterator[bytes]] = {}
+        self.output: dict[str, bytes] = {}
+        self.phases_at_end: dict[str, list[Phase]] = {}
+
+    def begin(self, job_id: str, output: AsyncIterator[bytes]) -> None:
+        self._following[job_id] = output
+
+    async def end(self, job_id: str) -> None:
+        self.phases_at_end[job_id] = self._events.phases(job_id)
+        following = self._following.pop(job_id, None)
+        if following is None:
+            return
+        # Cut off as LogShipper cuts off a stream that does not end (a sandbox that runs
+        # on after an error): an ended sandbox's stream ends at once.
+        chunks: list[bytes] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                async for chunk in following:
+                    chunks.append(chunk)
+        self.output[job_id] = b"".join(chunks)
+
+
 @dataclass
 class Harness:
     runner: JobRunner
@@ -125,6 +155,7 @@ class Harness:
     cancellations: KnownCancellations
     alive: set[str]
     inventory: GpuInventory
+    logs: RecordedShipping
 
     @property
     def calls(self) -> list[tuple[str, str]]:
@@ -153,6 +184,7 @@ def harness(tmp_path: Path, *, policy: RunPolicy | None = None) -> Harness:
     claims = GpuClaimStore(tmp_path / "state")
     inventory = GpuInventory(from_records(FOUR_GPUS["gpus"]), source="test")
     events, queues, cancellations = RecordedEvents(), RecordedQueues(), KnownCancellations()
+    logs = RecordedShipping(events)
     runner = JobRunner(
         driver,
         identity=WorkerIdentity(worker_id=WORKER, driver=driver.name, host=HOST),
@@ -164,5 +196,8 @@ def harness(tmp_path: Path, *, policy: RunPolicy | None = None) -> Harness:
         queues=queues,
         cancellations=cancellations,
         policy=policy or RunPolicy(stop_grace_seconds=0, gpu_retry_seconds=7),
+        logs=logs,
     )
-    return Harness(runner, driver, journal, claims, events, queues, cancellations, alive, inventory)
+    return Harness(
+        runner, driver, journal, claims, events, queues, cancellations, alive, inventory, logs
+    )

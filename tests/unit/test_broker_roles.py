@@ -57,3 +57,16 @@ def test_names_that_would_break_a_pattern_or_borrow_a_role_are_refused() -> None
     with pytest.raises(ValueError, match="not a submitter name"):
         roles.check_submitter_name("alice:pw@x")
     assert roles.check_submitter_name("alice@lab.example") == "alice@lab.example"
+
+
+def test_job_output_is_written_by_its_hosts_worker_and_read_by_submitters_and_observers() -> None:
+    worker = roles.worker("gpu-1", ["docker", "vm"])
+    assert allows(worker.write, "sandfleet.logs") and not allows(worker.read, "sandfleet.logs.log")
+    assert allows(worker.logs_write, "docker.gpu-1") and allows(worker.logs_write, "vm.gpu-1")
+    for key in ("docker.gpu-2", "docker.gpu-1x", "podman.gpu-1", "log-marker.ab", "docker"):
+        assert not allows(worker.logs_write, key), key
+    for role in (roles.submitter(), roles.observer()):
+        assert allows(role.read, "sandfleet.logs.log") and allows(role.write, "sandfleet.logs")
+        assert allows(role.logs_write, "log-marker." + "0" * 32)
+        assert not allows(role.logs_write, "docker.gpu-1")
+    assert set(roles.admin().topic_permissions()) == {"sandfleet.events", "sandfleet.logs"}

@@ -9,7 +9,7 @@ file for the whole contract.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -166,6 +166,12 @@ class SandboxDriver(Protocol[ConfigT]):
 
     async def output(self, sandbox_id: str, *, lines: int) -> str:
         """The last `lines` lines of the sandbox's output, stdout and stderr together."""
+        ...
+
+    def follow_output(self, sandbox_id: str) -> AsyncIterator[bytes]:
+        """The sandbox's output from its start, as it is printed (stdout and stderr
+        interleaved as the runtime keeps them); it ends once the sandbox has exited and
+        all of it was read. A started sandbox's; raise SandboxError if there is none."""
         ...
 
     async def aclose(self) -> None: ...

@@ -118,6 +118,21 @@ class DriverContract:
         assert (ended.status, ended.exit_code) == (SandboxStatus.EXITED, 3)
         assert ended.started_at is not None
 
+    async def test_follow_output_gives_lines_as_printed_and_ends_with_the_sandbox(
+        self, driver: SandboxDriver[Any], created: Callable[..., Awaitable[SandboxState]]
+    ) -> None:
+        state = await created(line="contract-follows", run_seconds=600)
+        await driver.start(state.sandbox_id)
+        following = driver.follow_output(state.sandbox_id)
+        seen = b""
+        async with asyncio.timeout(WAIT_SECONDS):
+            while b"contract-follows\n" not in seen:  # printed while it runs on
+                seen += await anext(following)
+        await _bounded(driver.stop(state.sandbox_id, grace_seconds=1))
+        async with asyncio.timeout(WAIT_SECONDS):
+            rest = [chunk async for chunk in following]  # ends once the sandbox has
+        assert b"contract-follows" not in b"".join(rest)  # nothing twice
+
     async def test_stop_ends_a_running_sandbox(
         self, driver: SandboxDriver[Any], created: Callable[..., Awaitable[SandboxState]]
     ) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -134,6 +134,14 @@ class InMemoryDriver:
     async def output(self, sandbox_id: str, *, lines: int) -> str:
         sandbox = await self._entered("output", sandbox_id)
         return "".join(sandbox.output.splitlines(keepends=True)[-lines:])
+
+    async def follow_output(self, sandbox_id: str) -> AsyncIterator[bytes]:
+        # Not recorded in `calls`: the worker follows every sandbox it starts.
+        sandbox = self._by_id(sandbox_id)
+        if sandbox is None:
+            raise SandboxError(f"inmemory logs {sandbox_id}: no such sandbox")
+        yield sandbox.output.encode()  # printed at once, as it starts
+        await sandbox.ended.wait()
 
     async def aclose(self) -> None:
         for sandbox in self.sandboxes.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiodocker
@@ -22,6 +23,7 @@ from sandfleet.workers.drivers.base import LABEL_DRIVER, SandboxSpec, SandboxSta
 from sandfleet.workers.drivers.cdi import ContainerBlock, checked_image, parse_container_block
 from sandfleet.workers.drivers.container_settings import ContainerLimits
 from sandfleet.workers.drivers.container_state import state_from_inspect
+from sandfleet.workers.drivers.docker.log_entries import since_param, split_entry
 from sandfleet.workers.drivers.docker.spec import container_config
 from sandfleet.workers.drivers.errors import error_translator
 from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
@@ -201,6 +203,25 @@ class DockerDriver:
         async with _translated("logs", sandbox_id):
             chunks = await self._container(sandbox_id).log(stdout=True, stderr=True, tail=lines)
         return "".join(chunks)
+
+    async def follow_output(self, sandbox_id: str) -> AsyncIterator[bytes]:
+        # docker's logs API with follow: everything from the start, then live, ending
+        # when the container does; stdout and stderr interleaved as docker logged them.
+        # Its follow can end early, at a log file rotation the container's end follows
+        # at once: what docker kept after the last entry read is read once more.
+        container, last = self._container(sandbox_id), 0
+        async with _translated("logs", sandbox_id):
+            followed = container.log(stdout=True, stderr=True, follow=True, timestamps=True)
+            async for entry in followed:
+                last, text = split_entry(entry)
+                yield text.encode()
+            rest = await container.log(
+                stdout=True, stderr=True, timestamps=True, since=since_param(last)
+            )
+        for entry in rest:
+            at, text = split_entry(entry)
+            if at > last:
+                yield text.encode()
 
     def _container(self, name_or_id: str) -> DockerContainer:
         # aiodocker puts the id into the URL path as it is.

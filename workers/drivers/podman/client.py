@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -79,6 +80,19 @@ class LibpodClient:
                 raise PodmanApiError(response.status, _error_message(data))
             return data
 
+    async def stream(
+        self, method: str, *segments: str, params: dict[str, str] | None = None
+    ) -> AsyncIterator[bytes]:
+        """The response body as it arrives (a followed log), in chunks of any size."""
+        path = "/".join(url_path_segment(segment) for segment in segments)
+        async with self._session.request(
+            method, f"{self._base}{API}/{path}", params=params, allow_redirects=False
+        ) as response:
+            if response.status >= 400 or response.status in _REDIRECTS:
+                raise PodmanApiError(response.status, _error_message(await response.read()))
+            async for chunk in response.content.iter_any():
+                yield chunk
+
     async def json(self, method: str, *segments: str, **kwargs: Any) -> Any:
         data = await self.request(method, *segments, **kwargs)
         return json.loads(data) if data else None
@@ -104,3 +118,29 @@ def demultiplex(stream: bytes) -> str:
         out.append(stream[offset + 8 : offset + 8 + size])
         offset += 8 + size
     return b"".join(out).decode(errors="replace")
+
+
+class FrameReader:
+    """`demultiplex` for a stream read in chunks cut anywhere: whole frames' payloads."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._raw = False  # not multiplexed after all (a TTY container): passed through
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._raw:
+            return chunk
+        data, out, offset = self._pending + chunk, [], 0
+        while offset + 8 <= len(data):
+            kind, size = data[offset], struct.unpack(">I", data[offset + 4 : offset + 8])[0]
+            if kind not in (0, 1, 2):
+                self._raw = True
+                out.append(data[offset:])
+                offset = len(data)
+                break
+            if offset + 8 + size > len(data):
+                break
+            out.append(data[offset + 8 : offset + 8 + size])
+            offset += 8 + size
+        self._pending = data[offset:]
+        return b"".join(out)

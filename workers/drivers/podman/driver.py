@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 from sandfleet.common.errors import ImageUnavailable, SandboxError, SandboxNameTaken
 from sandfleet.common.models import Job
@@ -12,7 +13,12 @@ from sandfleet.workers.drivers.cdi import ContainerBlock, checked_image, parse_c
 from sandfleet.workers.drivers.container_settings import ContainerLimits
 from sandfleet.workers.drivers.container_state import state_from_inspect
 from sandfleet.workers.drivers.errors import error_translator
-from sandfleet.workers.drivers.podman.client import LibpodClient, PodmanApiError, demultiplex
+from sandfleet.workers.drivers.podman.client import (
+    FrameReader,
+    LibpodClient,
+    PodmanApiError,
+    demultiplex,
+)
 from sandfleet.workers.drivers.podman.spec import spec_generator
 from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
 
@@ -170,3 +176,15 @@ class PodmanDriver:
                 params={"stdout": "true", "stderr": "true", "tail": str(lines)},
             )
         return demultiplex(raw)
+
+    async def follow_output(self, sandbox_id: str) -> AsyncIterator[bytes]:
+        # libpod's logs API with follow: from the start, then live, ending with the
+        # container; docker-style frames, cut anywhere by the transport.
+        frames = FrameReader()
+        params = {"stdout": "true", "stderr": "true", "follow": "true"}
+        async with _translated("logs", sandbox_id):
+            async for chunk in self._api.stream(
+                "GET", "containers", sandbox_id, "logs", params=params
+            ):
+                if payload := frames.feed(chunk):
+                    yield payload

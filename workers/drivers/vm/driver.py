@@ -15,6 +15,7 @@ import contextlib
 import logging
 import shutil
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ from sandfleet.workers.drivers.base import (
 )
 from sandfleet.workers.drivers.errors import error_translator
 from sandfleet.workers.drivers.vm.config import VmBlock, parse_vm_block
+from sandfleet.workers.drivers.vm.console_follow import follow_console
 from sandfleet.workers.drivers.vm.domain_xml import (
     METADATA_NS,
     DomainPlan,
@@ -323,6 +325,16 @@ class VmDriver:
     async def output(self, sandbox_id: str, *, lines: int) -> str:
         domain = await self._domain(sandbox_id)
         return job_output(await self._console(domain.name()), lines=lines)
+
+    async def follow_output(self, sandbox_id: str) -> AsyncIterator[bytes]:
+        domain = await self._domain(sandbox_id)
+        console = self._dir(domain.name()) / CONSOLE_LOG
+
+        async def running() -> bool:
+            return bool(await self._libvirt.call(domain.isActive))
+
+        async for chunk in follow_console(console, running):
+            yield chunk
 
     async def _console(self, name: str) -> str:
         return await asyncio.to_thread(console_tail, self._dir(name), self._console_tail_bytes)
