@@ -6,7 +6,7 @@ import logging
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -81,7 +81,8 @@ class Event(BaseModel):
     submitted_by: str | None = None
     gpus: list[str] = Field(default_factory=list)
     sandbox_id: str | None = None
-    exit_code: int | None = None
+    # A process's exit status: bounded, so a forged giant number is no event at all.
+    exit_code: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] | None = None
     output: str | None = Field(default=None, max_length=MAX_OUTPUT_CHARS)
     errors: list[FieldError] = Field(default_factory=list)
     health: WorkerHealth | None = None

@@ -60,8 +60,15 @@ def _no_reserved_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+# Labels travel in events and the gateways' job views: bounded, so no request makes every
+# listing of jobs huge.
+MAX_LABELS = 64
 Labels = Annotated[
-    dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], str],
+    dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=256)],
+        Annotated[str, StringConstraints(max_length=1024)],
+    ],
+    Field(max_length=MAX_LABELS),
     AfterValidator(_no_reserved_labels),
 ]
 

@@ -127,8 +127,10 @@ class JobLogStream(AsyncCloseable):
 
 def log_start(history: list[Event]) -> datetime:
     """Where in the log stream a job's output may begin: before its sandbox started."""
+    # The first start: an adopted sandbox's `Adopted` comes later, and its output began
+    # with the first worker.
     started = [e.timestamp for e in history if e.phase is Phase.RUNNING]
-    return (started[-1] if started else history[0].timestamp) - CLOCK_SLACK
+    return (started[0] if started else history[0].timestamp) - CLOCK_SLACK
 
 
 async def job_log_lines(

@@ -110,6 +110,7 @@ class Gateway(AsyncCloseable):
         self._topology: Topology | None = None
         self._events: EventPublisher | None = None
         self._routes: RouteChecker | None = None
+        self._depths: RouteChecker | None = None
         self._jobs: JobIndex | None = None
         self.view = JobView(
             settings.view_path,
@@ -168,7 +169,12 @@ class Gateway(AsyncCloseable):
         """The depths of the submission queue and of the job queues routed to so far."""
         if self._routes is not None and connection_up(self._connection):
             queues = {SUBMIT_QUEUE, *self._routes.known}
-            await self.metrics.refresh_depths(self._routes.message_count, queues)
+            # A channel of the scrapes' own: a queue deleted since closes the channel its
+            # look-up fails on, which must not be one a submission is using.
+            if self._depths is None:
+                assert self._connection is not None
+                self._depths = RouteChecker(self._connection)
+            await self.metrics.refresh_depths(self._depths.message_count, queues)
 
     async def aclose(self) -> None:
         self._consuming = False

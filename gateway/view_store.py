@@ -12,6 +12,7 @@ so the view's owner of a job id is the index's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,11 @@ JOB_COLUMNS = (
     "job_id, phase, driver, host, worker_id, gpus, exit_code, submitted_by, labels, "
     "submitted_at, updated_at, timings"
 )
+
+log = logging.getLogger(__name__)
+
+# Stats count at most this many of the newest ended jobs.
+MAX_STATS_JOBS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +111,29 @@ class ViewStore:
         applied = 0
         with self._transaction():
             for event in events:
-                applied += self._apply_one(event)
+                applied += self._apply_one_alone(event)
             self._db.execute(
                 "INSERT OR REPLACE INTO position (id, log, next_offset) VALUES (0, ?, ?)",
                 (self._log, next_offset),
             )
             self._forget_before(horizon)
+        return applied
+
+    def _apply_one_alone(self, event: Event) -> int:
+        """`_apply_one`, undone on its own if it fails: one bad event (a compromised
+        worker's, say) must not take the batch's `accepted` events, and with them the
+        ownership of other submitters' job ids, down with it."""
+        self._db.execute("SAVEPOINT one_event")
+        try:
+            applied = self._apply_one(event)
+        except sqlite3.Error:
+            raise  # the file itself: the whole batch rolls back and is tried again
+        except Exception:
+            self._db.execute("ROLLBACK TO one_event")
+            self._db.execute("RELEASE one_event")
+            log.exception("job view: skipped event %s of job %s", event.event_id, event.job_id)
+            return 0
+        self._db.execute("RELEASE one_event")
         return applied
 
     def _apply_one(self, event: Event) -> int:
@@ -200,8 +223,12 @@ class ViewStore:
         """(driver, host, timings JSON) of each ended job with timings `query` matches."""
         where, params = _job_filters(query, now=now, column="updated_at")
         where = f"{where} AND" if where else " WHERE"
+        # The newest MAX_STATS_JOBS only: one question must not hold the view's one
+        # thread (and every event write behind it) for a week of jobs.
         rows = self._db.execute(
-            f"SELECT driver, host, timings FROM jobs{where} timings IS NOT NULL", params
+            f"SELECT driver, host, timings FROM jobs{where} timings IS NOT NULL"
+            " ORDER BY updated_at DESC LIMIT ?",
+            [*params, MAX_STATS_JOBS],
         )
         return [(row[0] or "", row[1] or "", row[2]) for row in rows]
 

@@ -29,6 +29,8 @@ BATCH_BYTES = 256 << 10  # the most one message holds
 # before it is cut off (a runtime that never closes the stream); a backlog still
 # moving is shipped to its end.
 END_IDLE_SECONDS = 10.0
+# However much is still moving, an ended job's output stops being shipped after this.
+END_DEADLINE_SECONDS = 120.0
 
 
 class OutputBuffer:
@@ -77,15 +79,20 @@ class _Shipment:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-async def _while_moving(shipment: _Shipment, idle_seconds: float) -> None:
+async def _while_moving(shipment: _Shipment, idle_seconds: float, deadline_seconds: float) -> None:
     """Wait for a shipment's tasks while they move (output read or sent); cancel them
-    once they have not for `idle_seconds`."""
+    once they have not for `idle_seconds`, or after `deadline_seconds` in all: a sandbox
+    still running when its job ended (a stop that failed) may trickle output forever,
+    and its job must still end."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + deadline_seconds
     while True:
         before = (shipment.read_bytes, shipment.sequence)
-        _, late = await asyncio.wait(shipment.tasks, timeout=idle_seconds)
+        wait = max(0.0, min(idle_seconds, until - loop.time()))
+        _, late = await asyncio.wait(shipment.tasks, timeout=wait)
         if not late:
             return
-        if (shipment.read_bytes, shipment.sequence) == before:
+        if (shipment.read_bytes, shipment.sequence) == before or loop.time() >= until:
             for task in late:
                 task.cancel()
             return
@@ -110,12 +117,18 @@ class LogShipper:
             asyncio.create_task(self._send(shipment)),
         ]
 
-    async def end(self, job_id: str, *, idle_seconds: float = END_IDLE_SECONDS) -> None:
+    async def end(
+        self,
+        job_id: str,
+        *,
+        idle_seconds: float = END_IDLE_SECONDS,
+        deadline_seconds: float = END_DEADLINE_SECONDS,
+    ) -> None:
         """Ship the rest of an ended job's output, then its end-of-log message; a job
         whose output was never shipped gets the end-of-log message alone."""
         shipment = self._shipments.pop(job_id, None) or _Shipment(job_id)
         if shipment.tasks:
-            await _while_moving(shipment, idle_seconds)
+            await _while_moving(shipment, idle_seconds, deadline_seconds)
             await asyncio.gather(*shipment.tasks, return_exceptions=True)
         await self._publish(shipment, b"", end=True)
 

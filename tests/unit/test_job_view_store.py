@@ -99,9 +99,19 @@ def test_a_view_of_another_log_starts_afresh(tmp_path: Path) -> None:
     assert other.next_offset() is None and list(other.ownerships()) == []
 
 
-def test_a_failed_batch_leaves_neither_rows_nor_offset(store: ViewStore) -> None:
-    broken = event(Phase.ACCEPTED, "b").model_copy(update={"job_id": None})
-    with pytest.raises(AssertionError):
+def test_a_failed_batch_leaves_neither_rows_nor_offset(
+    store: ViewStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = event(Phase.ACCEPTED, "b")
+    apply_one = store._apply_one
+
+    def disk_full(one: Event) -> int:
+        if one.event_id == broken.event_id:
+            raise sqlite3.OperationalError("database or disk is full")
+        return apply_one(one)
+
+    monkeypatch.setattr(store, "_apply_one", disk_full)
+    with pytest.raises(sqlite3.OperationalError):
         store.apply([event(Phase.ACCEPTED, "a"), broken], 9, horizon=0)
     assert store.next_offset() is None and store.job("a") is None
 
@@ -198,3 +208,28 @@ def test_an_event_published_twice_counts_once(store: ViewStore) -> None:
     found = store.job("j1")
     assert applied == 2 and found is not None
     assert [entry["phase"] for entry in found[1]] == ["accepted", "running"]
+
+
+def test_one_event_that_fails_to_apply_does_not_take_the_batch_with_it(
+    store: ViewStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: any non-SQLite error lost the whole batch (other submitters' `accepted`
+    events and so their ownership) while the offset moved past it."""
+    poison = event(Phase.RUNNING, "a", host="w1")
+    apply_one = store._apply_one
+
+    def failing(one: Event) -> int:
+        if one.event_id == poison.event_id:
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return apply_one(one)
+
+    monkeypatch.setattr(store, "_apply_one", failing)
+    batch = [event(Phase.ACCEPTED, "a", submitted_by="alice"), poison]
+    batch += [event(Phase.ACCEPTED, "b", submitted_by="bob")]
+    assert store.apply(batch, 42, horizon=0) == 2
+    assert {o.job_id: o.owner for o in store.ownerships()} == {"a": "alice", "b": "bob"}
+
+
+def test_a_forged_giant_exit_code_is_no_event() -> None:
+    with pytest.raises(ValueError, match="exit_code"):
+        event(Phase.SUCCEEDED, exit_code=2**64)
