@@ -159,7 +159,8 @@ def close_connections(vhost: str, name: str) -> int:
     pids = [
         line.split("\t")[0]
         for line in listed.splitlines()
-        if f"\t{vhost}\t" in line and name in line
+        # the whole name, quoted: not the worker's logs connection ("… logs")
+        if f"\t{vhost}\t" in line and f'"{name}"' in line
     ]
     for pid in pids:
         rabbitmqctl("close_connection", pid, "test: a dropped connection")
