@@ -41,7 +41,8 @@ async def test_poison_numbers_are_rejected_with_their_field_paths(
             "must be between 0.01 (10m) and 1024 cores",
         ),
         (
-            f'"resource_requirements": {{"gpu": {{"count": 1}}}}, "labels": {{"t": "{GIANT}"}}, '
+            f'"resource_requirements": {{"gpu": {{"count": 1}}}}, '
+            f'"labels": {{"t": "{GIANT[:1000]}"}}, '
             f'"template": {{"image": "x", "timeout_seconds": {10**12}}}',
             "InvalidRequest",
             "template.timeout_seconds",
