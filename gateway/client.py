@@ -20,6 +20,7 @@ the gateway knows who asked, and a job id belongs to whoever submitted it first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Collection
@@ -126,6 +127,10 @@ class Client(AsyncCloseable):
             await connection.close()
             raise
         self._connection, self._channel = connection, channel
+        # Looked up now, outside any request's timeout (a later request looks again if
+        # no gateway had run yet).
+        with contextlib.suppress(FleetUnreachable):
+            await self._check_gateway_ran(SUBMISSIONS_EXCHANGE)
         return self
 
     async def aclose(self) -> None:
@@ -220,6 +225,11 @@ class Client(AsyncCloseable):
     async def _check_gateway_ran(self, exchange: str) -> None:
         if exchange in self._exchanges_seen:
             return
+        # Shielded: a caller's timeout must not cut the look-up channel's opening or
+        # closing short, which can leave the connection unusable for the next request.
+        await asyncio.shield(self._look_up(exchange))
+
+    async def _look_up(self, exchange: str) -> None:
         # A channel of its own: a missing exchange closes the channel it is looked up on.
         async with self._open_connection().channel() as channel:
             try:
