@@ -4,27 +4,19 @@
         outcome = await client.run(request)           # the job's terminal Event
         print(outcome.phase, outcome.exit_code, outcome.output)
 
-A client declares nothing, so a submitter needs no "configure" permission at all
-(tests/integration/test_client.py proves it with such a user). It needs:
-    write  sandfleet.submissions  submissions and cancellation requests (to the gateway)
-           sandfleet.events       routing keys `log-marker.*` only: the marker that finds
-                                  the event log's end
-           sandfleet.queries      questions to the gateways' job views (status, jobs, stats)
-    read   sandfleet.events.log   waiting, watching, history
-Replies come back through RabbitMQ's direct reply-to, which needs no permission.
-Every request carries the AMQP user_id of the URL's login, which the broker checks:
-the gateway knows who asked, and a job id belongs to whoever submitted it first.
-`sandfleet.SyncClient` offers the same methods, blocking.
+A client declares nothing: a submitter's account (`sandfleet broker setup`, listed in
+SECURITY.md) needs no "configure" permission. Replies come back through RabbitMQ's
+direct reply-to; every request carries the AMQP user_id of the URL's login, which the
+broker checks. `sandfleet.SyncClient` offers the same methods, blocking.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Collection
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
@@ -129,7 +121,7 @@ class Client(AsyncCloseable):
         self._connection, self._channel = connection, channel
         # Looked up now, outside any request's timeout (a later request looks again if
         # no gateway had run yet).
-        with contextlib.suppress(FleetUnreachable):
+        with suppress(FleetUnreachable):
             await self._check_gateway_ran(SUBMISSIONS_EXCHANGE)
         return self
 
