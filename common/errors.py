@@ -116,27 +116,31 @@ class FleetUnreachable(SandfleetError, ConnectionError):
         super().__init__(f"cannot reach the fleet at {url}: {reason}")
 
 
-class SubmissionRejected(SandfleetError):
-    """The gateway refused a request; `errors` names every broken rule by its field path."""
+class _GatewayRefusal(SandfleetError):
+    """The gateway said no: `reply` is its answer, `errors` every reason by field path."""
+
+    # The message reads "<what> <job id> <outcome>: <reasons>".
+    what, outcome = "job", "refused"
 
     def __init__(self, reply: SubmitReply) -> None:
         self.reply = reply
         self.job_id = reply.job_id
         self.errors: list[FieldError] = list(reply.errors)
         details = "; ".join(str(e) for e in self.errors) or "no reason given"
-        super().__init__(f"job {reply.job_id} rejected: {details}")
+        super().__init__(f"{self.what} {reply.job_id} {self.outcome}: {details}")
 
 
-class CancelRefused(SandfleetError):
+class SubmissionRejected(_GatewayRefusal):
+    """The gateway refused a request; `errors` names every broken rule by its field path."""
+
+    what, outcome = "job", "rejected"
+
+
+class CancelRefused(_GatewayRefusal):
     """The gateway refused a cancellation: the job is unknown, or belongs to another
     submitter (only its submitter and the fleet's admins may cancel a job)."""
 
-    def __init__(self, reply: SubmitReply) -> None:
-        self.reply = reply
-        self.job_id = reply.job_id
-        self.errors: list[FieldError] = list(reply.errors)
-        details = "; ".join(str(e) for e in self.errors) or "no reason given"
-        super().__init__(f"cancel of job {reply.job_id} refused: {details}")
+    what, outcome = "cancel of job", "refused"
 
 
 class JobNotFound(SandfleetError):

@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from pydantic import ValidationError
 
 from sandfleet.common.amqp import EventSink, json_message, send_reply
-from sandfleet.common.errors import FieldError, RequestInvalid
+from sandfleet.common.errors import FieldError, RequestInvalid, bounded_errors
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.models import CancelRequest, ReplyStatus, SubmitReply, field_errors
 from sandfleet.common.signing import JobSigner, signed
@@ -87,7 +87,7 @@ class CancelDesk:
             return CancelRequest.model_validate_json(message.body)
         except (ValidationError, RequestInvalid) as exc:
             errors = exc.errors if isinstance(exc, RequestInvalid) else field_errors(exc)
-            await self._refuse(message, "", *errors[:20])
+            await self._refuse(message, "", *bounded_errors(errors))
             raise RequestInvalid(errors) from None
 
     async def _refuse(
