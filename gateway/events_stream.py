@@ -29,6 +29,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelNotFoundEntity
 
+from sandfleet.common.channel_lifecycle import close_whole, set_up_whole
 from sandfleet.common.errors import FleetUnreachable
 from sandfleet.common.events import Event, Phase, event_from_log
 from sandfleet.common.lifecycle import AsyncCloseable
@@ -99,6 +100,9 @@ class EventStream(AsyncCloseable):
         return self
 
     async def _subscribe(self) -> None:
+        await set_up_whole(self._open_consumer(), self.aclose)
+
+    async def _open_consumer(self) -> None:
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=500)  # streams require a prefetch
         try:
@@ -116,6 +120,10 @@ class EventStream(AsyncCloseable):
         await stream.consume(self._receive, arguments=self._arguments)
 
     async def _receive(self, message: AbstractIncomingMessage) -> None:
+        if self._channel is None:
+            # Closing: an ack written after channel.close makes the broker close the
+            # whole connection (504 "expected 'channel.open'").
+            return
         # Acked on arrival, not when read: a slow reader must not hold deliveries past
         # the broker's consumer timeout (which would close this channel).
         await message.ack()
@@ -125,9 +133,9 @@ class EventStream(AsyncCloseable):
         await self._inbox.put(message)
 
     async def aclose(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
-        self._channel = None
+        # Forgotten first: _receive acks nothing from now on (see there).
+        channel, self._channel = self._channel, None
+        await close_whole(channel)
 
     async def mark_end(self) -> None:
         """Write a marker at the log's current end; iteration stops when it reaches it."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import ChannelNotFoundEntity
 
+from sandfleet.common.channel_lifecycle import close_whole, set_up_whole
 from sandfleet.common.errors import FleetUnreachable, JobNotFound
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.job_logs import (
@@ -67,6 +68,10 @@ class JobLogStream(AsyncCloseable):
         self.ended = False  # the job's end-of-log message came
 
     async def __aenter__(self) -> Self:
+        await set_up_whole(self._subscribe(), self.aclose)
+        return self
+
+    async def _subscribe(self) -> None:
         self._channel = channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=1000)  # streams require a prefetch
         try:
@@ -78,14 +83,15 @@ class JobLogStream(AsyncCloseable):
             ) from None
         # Restored with this same dict after a reconnect: it resumes at the next offset.
         await stream.consume(self._receive, arguments=self._arguments)
-        return self
 
     async def aclose(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
-        self._channel = None
+        # Forgotten first: _receive acks nothing from now on (see there).
+        channel, self._channel = self._channel, None
+        await close_whole(channel)
 
     async def _receive(self, message: AbstractIncomingMessage) -> None:
+        if self._channel is None:
+            return  # closing: an ack after channel.close costs the connection (504)
         await message.ack()  # on arrival: a slow reader must not hit the consumer timeout
         offset = (message.headers or {}).get("x-stream-offset")
         if isinstance(offset, int):

@@ -70,6 +70,9 @@ class RouteChecker:
         self._connection = connection
         self._channel: AbstractRobustChannel | None = None
         self._known: set[str] = set()
+        # One look-up at a time: a missing queue closes the shared channel, which would
+        # fail a concurrent handler's look-up on it ("Channel closed").
+        self._look_up = asyncio.Lock()
 
     @property
     def known(self) -> frozenset[str]:
@@ -86,6 +89,10 @@ class RouteChecker:
 
     async def message_count(self, queue_name: str) -> int | None:
         """The messages ready in the queue (a passive declare); None if there is no such queue."""
+        async with self._look_up:
+            return await self._message_count(queue_name)
+
+    async def _message_count(self, queue_name: str) -> int | None:
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel()
         try:

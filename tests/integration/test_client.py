@@ -8,6 +8,7 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import suppress
 from typing import Any
 
 import aio_pika
@@ -168,6 +169,18 @@ async def test_wait_and_run_time_out(
         for request in (long, longer):
             await client.cancel(request["job_id"])
             await until_terminal(stream, request["job_id"])
+
+
+async def test_a_timeout_at_any_moment_leaves_the_client_usable(
+    client: sandfleet.Client, test_image: str
+) -> None:
+    """A deadline can fall while `run` opens or closes its event stream's channel.
+    Cutting a channel RPC short used to make the broker close the whole connection
+    (504 "expected 'channel.open'"), so the next request failed with FleetUnreachable."""
+    for step in range(120):
+        with suppress(TimeoutError, sandfleet.SubmissionRejected):  # no worker: rejected
+            await client.run(reserved_label(test_image), timeout=(step % 40) * 0.0005)
+        assert not (await client.submit(reserved_label(test_image))).accepted
 
 
 async def test_a_rejected_id_submitted_again_is_waited_for_anew(

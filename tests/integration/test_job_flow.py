@@ -191,6 +191,17 @@ async def test_job_for_unserved_host_or_driver_is_rejected_not_lost(
     assert sorted(dead) == sorted([pinned.job_id, podman.job_id])
 
 
+async def test_concurrent_jobs_for_missing_queues_are_each_rejected_at_once(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A missing queue closes the gateway's look-up channel; a look-up running beside
+    it on that channel used to fail, and its job went back to the queue for another go."""
+    drivers = ["podman", "vm", "nosuch"] * 8
+    replies = await asyncio.gather(*(client.submit(request("img", driver=d)) for d in drivers))
+    assert [r.errors[0].field for r in replies] == ["driver"] * len(drivers)
+    assert "handler failed" not in caplog.text
+
+
 async def test_garbage_is_dead_lettered_with_an_event_and_gateway_keeps_serving(
     settings: Settings, client: Client, docker_worker: WorkerFactory, test_image: str
 ) -> None:
