@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -21,8 +22,10 @@ from aio_pika.abc import (
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from sandfleet.common.broker_urls import node_address, split_broker_urls
 from sandfleet.common.errors import DeadLetter, FleetUnreachable
 from sandfleet.common.events import Event
+from sandfleet.common.failover import FailoverConnection
 from sandfleet.common.models import Job
 from sandfleet.common.settings import Settings
 from sandfleet.common.tls import TLSSettingsInvalid, tls_context_for, why_tls_failed
@@ -52,27 +55,56 @@ async def connect(
     system's CAs, no client certificate). Only the first attempt can fail: within
     `timeout` seconds it is made or it raises FleetUnreachable, naming the URL with its
     password hidden and why. Later outages are the robust connection's to ride out.
+    `url` may list one cluster's nodes (`sandfleet.common.broker_urls`): the first that
+    answers serves, and the connection moves to another when its node goes away.
     """
+    nodes = split_broker_urls(url)
     try:
-        context = tls_context_for(url, settings)
+        context = tls_context_for(nodes[0], settings)
     except TLSSettingsInvalid as exc:
         raise FleetUnreachable(redacted_url(url), f"TLS: {exc}") from None
-    try:
-        with _quiet(_CONNECTION_LOGGERS):
-            # aio-pika bounds the attempt itself and then stops trying; an outer timeout
-            # would leave its reconnect loop running behind a connection nobody holds.
+    if len(nodes) == 1:
+        try:
+            return await _connect_to(nodes, name=name, context=context, timeout=timeout)
+        except (aiormq.exceptions.AMQPError, OSError) as exc:  # TimeoutError is an OSError
+            raise FleetUnreachable(redacted_url(url), _why_unreachable(exc, url)) from None
+    reasons = []
+    for start in range(len(nodes)):  # the first node that answers
+        in_turn = nodes[start:] + nodes[:start]
+        try:
+            return await _connect_to(in_turn, name=name, context=context, timeout=timeout)
+        except (aiormq.exceptions.AMQPError, OSError) as exc:
+            node = nodes[start]
+            reasons.append(f"{node_address(node)}: {_why_unreachable(exc, node)}")
+    raise FleetUnreachable(redacted_url(url), "no node answered (" + "; ".join(reasons) + ")")
+
+
+async def _connect_to(
+    nodes: list[str], *, name: str, context: ssl.SSLContext | None, timeout: float
+) -> AbstractRobustConnection:
+    """A robust connection, first to nodes[0]; with several, one that fails over."""
+    properties: dict[str, Any] = {"connection_name": name}
+    with _quiet(_CONNECTION_LOGGERS):
+        # aio-pika bounds the attempt itself and then stops trying; an outer timeout
+        # would leave its reconnect loop running behind a connection nobody holds.
+        if len(nodes) == 1:
             return await aio_pika.connect_robust(
-                url,
-                timeout=timeout,
-                ssl_context=context,
-                client_properties={"connection_name": name},
+                nodes[0], timeout=timeout, ssl_context=context, client_properties=properties
             )
-    except (aiormq.exceptions.AMQPError, OSError) as exc:  # TimeoutError is an OSError
-        raise FleetUnreachable(redacted_url(url), _why_unreachable(exc, url)) from None
+        connection = FailoverConnection(nodes, ssl_context=context, client_properties=properties)
+        try:
+            await connection.connect(timeout=timeout)
+        except BaseException:
+            await connection.close()
+            raise
+        return connection
 
 
 def redacted_url(url: str) -> str:
-    """`url` with its password replaced by `***`, fit to print and log."""
+    """`url` with its password replaced by `***`, fit to print and log (each URL of a
+    list)."""
+    if "," in url:
+        return ",".join(redacted_url(node) for node in split_broker_urls(url))
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -87,8 +119,9 @@ def redacted_url(url: str) -> str:
 
 def broker_login(url: str) -> str:
     """The login `url` connects as (AMQP's default, guest, when it names none): the
-    AMQP user_id a client sets, which the broker checks against its login."""
-    return unquote(urlsplit(url).username or "") or "guest"
+    AMQP user_id a client sets, which the broker checks against its login (one for
+    every URL of a list)."""
+    return unquote(urlsplit(split_broker_urls(url)[0]).username or "") or "guest"
 
 
 def _why_unreachable(exc: BaseException, url: str) -> str:

@@ -13,9 +13,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sandfleet.common.broker_urls import check_broker_urls
 from sandfleet.common.models import DRIVER_NAME_PATTERN
 
 
@@ -49,6 +50,7 @@ def max_age_seconds(max_age: str) -> float:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SANDFLEET_", frozen=True, extra="ignore")
 
+    # One URL, or a comma-separated list of one cluster's nodes (common/broker_urls.py).
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     # A file holding the broker URL instead (its password stays out of the environment,
     # as with Docker secrets); read once, at start.
@@ -124,6 +126,11 @@ class Settings(BaseSettings):
     logs_max_age: str = Field(default="7D", pattern=MAX_AGE_PATTERN)
     # workers: how much of one job's output they ship; past it, a truncation line
     max_log_bytes_per_job: int = Field(default=64 << 20, ge=0)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_urls_of_one_cluster(cls, value: str) -> str:
+        return check_broker_urls(value)
 
     @model_validator(mode="before")
     @classmethod

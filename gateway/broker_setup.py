@@ -22,6 +22,7 @@ import aiohttp
 
 from sandfleet.common import broker_roles as roles
 from sandfleet.common.amqp import connect, redacted_url
+from sandfleet.common.broker_urls import split_broker_urls
 from sandfleet.common.errors import SandfleetError
 from sandfleet.common.settings import Settings
 from sandfleet.common.tls import tls_context
@@ -241,11 +242,16 @@ async def _declare(
 
 
 def _vhost_of(broker_url: str) -> str:
-    path = urlsplit(broker_url).path
+    path = urlsplit(split_broker_urls(broker_url)[0]).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def _url_for(broker_url: str, login: str, password: str) -> str:
+    """`broker_url` (each URL of a list) with `login` and `password` in it."""
+    return ",".join(_node_url_for(node, login, password) for node in split_broker_urls(broker_url))
+
+
+def _node_url_for(broker_url: str, login: str, password: str) -> str:
     parts = urlsplit(broker_url)
     host = parts.hostname or "127.0.0.1"
     hostport = f"[{host}]" if ":" in host else host

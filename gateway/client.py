@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator, Collection
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
-import aio_pika
 from aio_pika.abc import (
-    AbstractIncomingMessage,
-    AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
-from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 
 from sandfleet.common.amqp import (
     CONNECT_TIMEOUT_SECONDS,
-    JSON,
     broker_login,
     connect,
     redacted_url,
@@ -39,7 +32,6 @@ from sandfleet.common.amqp import (
 from sandfleet.common.errors import (
     CancelRefused,
     ClientClosed,
-    FleetUnreachable,
     JobNotFound,
     SubmissionRejected,
 )
@@ -55,13 +47,11 @@ from sandfleet.common.topology import (
 )
 from sandfleet.common.view_queries import ViewQuery, ViewReply
 from sandfleet.gateway.events_stream import EventFilter, EventStream
+from sandfleet.gateway.gateway_requests import GatewayRequests
 from sandfleet.gateway.job_log import JobLogStream, job_log_lines
 
 __all__ = ["Client", "ClientClosed", "EventFilter", "EventStream", "JobRun", "Request"]
 
-# RabbitMQ's pseudo-queue for replies: no queue to declare, no permission needed, and
-# the reply comes back on the channel that published the request.
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 REPLY_TIMEOUT_SECONDS = 30.0
 VIEW_QUERY_TYPE = "sandfleet.view-query"
 
@@ -88,10 +78,7 @@ class Client(AsyncCloseable):
         self._url = url or self._settings.broker_url
         self._connect_timeout = connect_timeout
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
-        self._pending: dict[str, asyncio.Future[bytes]] = {}
-        self._login = broker_login(self._url)
-        self._exchanges_seen: set[str] = set()
+        self._requests: GatewayRequests | None = None
         self._closed = False
 
     @property
@@ -109,30 +96,23 @@ class Client(AsyncCloseable):
             timeout=self._connect_timeout,
         )
         try:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            # Passive, so the robust channel re-consumes after a reconnect; it needs no
-            # permission. Consuming comes first: the broker refuses a request that names
-            # direct reply-to on a channel with no such consumer.
-            replies = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
-            await replies.consume(self._on_reply, no_ack=True)
+            self._requests = await GatewayRequests.open(
+                connection, shown_url=self.url, login=broker_login(self._url)
+            )
         except BaseException:
             await connection.close()
             raise
-        self._connection, self._channel = connection, channel
-        # Looked up now, outside any request's timeout (a later request looks again if
-        # no gateway had run yet).
-        with suppress(FleetUnreachable):
-            await self._check_gateway_ran(SUBMISSIONS_EXCHANGE)
+        self._connection = connection
         return self
 
     async def aclose(self) -> None:
         self._closed = True
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(ClientClosed("the Client was closed before the reply came"))
+        if self._requests is not None:
+            self._requests.close()
+            self._requests = None
         if self._connection is not None:
             await self._connection.close()
-            self._connection = self._channel = None
+            self._connection = None
 
     def _open_connection(self) -> AbstractRobustConnection:
         if self._connection is None:
@@ -141,15 +121,10 @@ class Client(AsyncCloseable):
             )
         return self._connection
 
-    def _open_channel(self) -> AbstractRobustChannel:
+    def _open_requests(self) -> GatewayRequests:
         self._open_connection()
-        assert self._channel is not None
-        return self._channel
-
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._pending.pop(message.correlation_id or "", None)
-        if future is not None and not future.done():
-            future.set_result(message.body)
+        assert self._requests is not None
+        return self._requests
 
     async def submit(
         self, request: Request, *, timeout: float = REPLY_TIMEOUT_SECONDS
@@ -159,84 +134,23 @@ class Client(AsyncCloseable):
         `request` is a SandboxRequest, a dict or the JSON bytes; the gateway validates
         it. FleetUnreachable when no gateway answers within `timeout` seconds.
         """
-        return await self._ask(_request_body(request), SUBMIT_TYPE, timeout)
+        body = _request_body(request)
+        return await self._ask(body, SUBMIT_TYPE, timeout, resend=_names_its_job(body))
 
-    async def _ask(self, body: bytes, kind: str, timeout: float) -> SubmitReply:
+    async def _ask(self, body: bytes, kind: str, timeout: float, *, resend: bool) -> SubmitReply:
         """Send `body` (a `kind` message) to the gateway; its reply."""
-        reply = await self._request(body, kind, timeout, SUBMISSIONS_EXCHANGE)
-        return SubmitReply.model_validate_json(reply)
-
-    async def _request(self, body: bytes, kind: str, timeout: float, exchange: str) -> bytes:
-        """Send `body` (a `kind` message) to the gateways through `exchange`; the reply."""
-        channel = self._open_channel()
-        correlation_id = uuid.uuid4().hex
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = future
-        try:
-            async with asyncio.timeout(timeout):
-                # While the robust connection reconnects, wait for the channel and its
-                # reply consumer to be back rather than fail at once.
-                await channel.ready()
-                await self._publish(channel, body, kind, correlation_id, exchange)
-                return await future
-        except TimeoutError:
-            raise FleetUnreachable(self.url, f"no gateway answered within {timeout:g} s") from None
-        finally:
-            self._pending.pop(correlation_id, None)
-
-    async def _publish(
-        self,
-        channel: AbstractRobustChannel,
-        body: bytes,
-        kind: str,
-        correlation_id: str,
-        exchange_name: str,
-    ) -> None:
-        await self._check_gateway_ran(exchange_name)
-        message = aio_pika.Message(
-            body,
-            content_type=JSON,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            correlation_id=correlation_id,
-            reply_to=DIRECT_REPLY_TO,
-            type=kind,
-            user_id=self._login,  # checked by the broker: the gateway learns who asks
+        reply = await self._open_requests().ask(
+            body, kind, exchange=SUBMISSIONS_EXCHANGE, timeout=timeout, resend=resend
         )
-        # An exchange object only: looking it up on this channel would close the channel
-        # (and its reply consumer) if it were missing; _check_gateway_ran has seen it.
-        exchange = await channel.get_exchange(exchange_name, ensure=False)
-        try:
-            await exchange.publish(message, routing_key="", mandatory=True)
-        except PublishError:  # returned: the queue is missing
-            raise FleetUnreachable(
-                self.url, f"no gateway has run here (no queue behind {exchange_name})"
-            ) from None
-        except (ChannelInvalidStateError, AMQPConnectionError):  # lost since ready()
-            raise FleetUnreachable(self.url, "the connection to the broker was lost") from None
-
-    async def _check_gateway_ran(self, exchange: str) -> None:
-        if exchange in self._exchanges_seen:
-            return
-        # Shielded: a caller's timeout must not cut the look-up channel's opening or
-        # closing short, which can leave the connection unusable for the next request.
-        await asyncio.shield(self._look_up(exchange))
-
-    async def _look_up(self, exchange: str) -> None:
-        # A channel of its own: a missing exchange closes the channel it is looked up on.
-        async with self._open_connection().channel() as channel:
-            try:
-                await channel.get_exchange(exchange)  # passive: no permission
-            except ChannelNotFoundEntity:
-                raise FleetUnreachable(
-                    self.url, f"no gateway has run here (no exchange {exchange})"
-                ) from None
-        self._exchanges_seen.add(exchange)
+        return SubmitReply.model_validate_json(reply)
 
     async def query(self, query: ViewQuery, *, timeout: float = REPLY_TIMEOUT_SECONDS) -> ViewReply:
         """Ask a gateway's job view (`sandfleet status/jobs/stats`): FleetUnreachable when
         no gateway with a view answers within `timeout` seconds."""
         body = query.model_dump_json(exclude_defaults=True).encode()
-        reply = await self._request(body, VIEW_QUERY_TYPE, timeout, QUERIES_EXCHANGE)
+        reply = await self._open_requests().ask(
+            body, VIEW_QUERY_TYPE, exchange=QUERIES_EXCHANGE, timeout=timeout, resend=True
+        )
         return ViewReply.model_validate_json(reply)
 
     async def status(self, job_id: str, *, timeout: float = REPLY_TIMEOUT_SECONDS) -> ViewReply:
@@ -307,7 +221,7 @@ class Client(AsyncCloseable):
         gateway refuses (an unknown job, or another's); ValueError for a malformed id.
         """
         body = CancelRequest(job_id=job_id, reason=reason).model_dump_json().encode()
-        reply = await self._ask(body, CANCEL_TYPE, timeout)
+        reply = await self._ask(body, CANCEL_TYPE, timeout, resend=True)
         if not reply.accepted:
             raise CancelRefused(reply)
 
@@ -395,3 +309,13 @@ def _request_body(request: Request) -> bytes:
     if isinstance(request, dict):
         return json.dumps(request).encode()  # the gateway validates; its reply names the errors
     return request
+
+
+def _names_its_job(body: bytes) -> bool:
+    """Whether a submission names its job id: only then is sending it twice harmless
+    (the gateway answers the second as a duplicate; without an id it would make a new job)."""
+    try:
+        job_id = json.loads(body).get("job_id")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(job_id, str) and bool(job_id)

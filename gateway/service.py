@@ -28,9 +28,11 @@ from sandfleet.common.amqp import (
     EventPublisher,
     connect,
     job_message,
+    publish_through_outages,
     send_reply,
     settle,
 )
+from sandfleet.common.broker_urls import node_address, split_broker_urls
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
@@ -248,11 +250,16 @@ class Gateway(AsyncCloseable):
             raise RequestInvalid(await self._unroutable(message, job))
 
         await self._emit(job, Phase.ACCEPTED, "Accepted", f"queued on {queue}")
+        message_out = job_message(signed(job, self._signer))
+        jobs = self._topology.jobs
         try:
-            await self._topology.jobs.publish(
-                job_message(signed(job, self._signer)),
-                routing_key=job_routing_key(job.driver, host),
-                mandatory=True,
+            # Through a lost node too: the connection moves to another and the publish
+            # is made again. A copy that did land before is run once (the host journal).
+            await publish_through_outages(
+                lambda: jobs.publish(
+                    message_out, routing_key=job_routing_key(job.driver, host), mandatory=True
+                ),
+                what=f"job {job.job_id}",
             )
         except PublishError as exc:
             log.warning("job %s unroutable after acceptance: %s", job.job_id, exc)
@@ -321,9 +328,9 @@ class Gateway(AsyncCloseable):
 def mirrored_log(broker_url: str) -> str:
     """Which event log a view mirrors: broker address and vhost (not the login, which a
     password rotation may change), and the log's name."""
-    parts = urlsplit(broker_url)
-    vhost = unquote(parts.path[1:]) or "/"
-    address = parts.netloc.rpartition("@")[2]
+    nodes = split_broker_urls(broker_url)
+    vhost = unquote(urlsplit(nodes[0]).path[1:]) or "/"
+    address = ",".join(sorted(node_address(node) for node in nodes))
     return f"{address} {vhost} {EVENTS_LOG_QUEUE}"
 
 

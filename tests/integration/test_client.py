@@ -20,7 +20,7 @@ from sandfleet.common import broker_roles as roles
 from sandfleet.common.models import SandboxRequest
 from sandfleet.common.settings import Settings
 from sandfleet.common.topology import CONTROL_EXCHANGE, EVENTS_LOG_QUEUE, SUBMIT_QUEUE
-from sandfleet.gateway.client import DIRECT_REPLY_TO
+from sandfleet.gateway.gateway_requests import DIRECT_REPLY_TO
 from sandfleet.gateway.service import Gateway
 from tests.support import eventually, until_phase, until_terminal
 from tests.support.broker import rabbitmqctl, vhost_of, vhost_user
