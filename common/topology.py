@@ -16,6 +16,10 @@ sandfleet.control (fanout) ─→ sandfleet.control.log (stream): cancellations,
 sandfleet.queries (fanout) ─→ sandfleet.view (classic): questions to the gateways' job
     views (status, jobs, stats); any gateway answers, through direct reply-to
 
+Their limits (delivery limit, the logs' retention, the dead and view queues' caps) are
+policies that `sandfleet broker setup` puts (sandfleet.common.queue_policies), not
+arguments, so an operator may change them on a live fleet.
+
 Who may do what on each is sandfleet.common.broker_roles; every publish goes through a
 named exchange (never amq.default, which reaches every queue), so the broker's
 permissions and topic authorisation decide who writes where.
