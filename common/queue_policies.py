@@ -14,8 +14,9 @@ merge definitions: each queue group has one policy, whose pattern matches its qu
 exact names and nothing else, carrying every key its queues need. An operator overrides
 one by editing it (the next `broker setup` puts sandfleet's values back), by a policy of
 higher priority for the same queues (which replaces sandfleet's whole definition, so it
-must repeat every key it keeps), or by an *operator policy*, which merges with it: for
-numeric limits the lower value wins. A limit set both as a queue argument (by a release
+must repeat every key it keeps), or by an *operator policy*, which merges with it, the
+lower value winning (RabbitMQ 3.10 takes delivery-limit, max-length and max-length-bytes
+there, not a stream's max-age). A limit set both as a queue argument (by a release
 before policies) and by a policy is likewise the lower of the two.
 """
 
