@@ -93,8 +93,7 @@ async def through_gateway(
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        settings = Settings(broker_url=url, host=host)
-        await declare_topology(channel, settings, job_queues=[("docker", host)])
+        await declare_topology(connection, channel, job_queues=[("docker", host)])
         replies = await channel.declare_queue(exclusive=True)
         pending: dict[str, asyncio.Future[bytes]] = {}
 

@@ -166,7 +166,7 @@ async def soak(
     # As an operator sets up a vhost: clients declare nothing, and the stream below is
     # opened before the gateway has had time to declare the topology itself.
     async with await connect(url, name="soak", settings=settings) as connection:
-        await declare_topology(await connection.channel(), settings)
+        await declare_topology(connection, await connection.channel())
     gateway = await spawn(["gateway"], env)
     workers = [await spawn(worker_args, env) for _ in range(2)]
     stop = asyncio.Event()

@@ -81,7 +81,7 @@ async def write_history(url: str, jobs: int) -> None:
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        await declare_topology(channel, Settings(broker_url=url))
+        await declare_topology(connection, channel)
         events = await channel.get_exchange(EVENTS_EXCHANGE)
 
         async def publish(index: int) -> None:

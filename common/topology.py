@@ -16,6 +16,10 @@ sandfleet.control (fanout) ─→ sandfleet.control.log (stream): cancellations,
 sandfleet.queries (fanout) ─→ sandfleet.view (classic): questions to the gateways' job
     views (status, jobs, stats); any gateway answers, through direct reply-to
 
+Their limits (delivery limit, the logs' retention, the dead and view queues' caps) are
+policies that `sandfleet broker setup` puts (sandfleet.common.queue_policies), not
+arguments, so an operator may change them on a live fleet.
+
 Who may do what on each is sandfleet.common.broker_roles; every publish goes through a
 named exchange (never amq.default, which reaches every queue), so the broker's
 permissions and topic authorisation decide who writes where.
@@ -27,13 +31,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 from aio_pika.exceptions import ChannelNotFoundEntity
 from aiormq.abc import FieldTable
 from aiormq.exceptions import ChannelAccessRefused
 
 from sandfleet.common.errors import SandfleetError
-from sandfleet.common.settings import Settings
 
 SUBMIT_QUEUE = "sandfleet.submit"
 SUBMISSIONS_EXCHANGE = "sandfleet.submissions"
@@ -87,12 +90,20 @@ def retry_queue_name(routing_key: str) -> str:
     return f"{RETRY_PREFIX}.{routing_key}"
 
 
-def _quorum_args(delivery_limit: int) -> FieldTable:
-    return {
-        "x-queue-type": "quorum",
-        "x-delivery-limit": delivery_limit,
-        "x-dead-letter-exchange": DEAD_EXCHANGE,
-    }
+# Replicas for a cluster: RabbitMQ caps each at the cluster's size, so one node works too.
+QUORUM_REPLICAS = 3
+STREAM_REPLICAS = 3
+
+# Only what the code's correctness rests on is a queue argument, fixed at declaration;
+# the limits an operator may tune are policies (common.queue_policies).
+QUORUM_ARGS: FieldTable = {
+    "x-queue-type": "quorum",
+    "x-quorum-initial-group-size": QUORUM_REPLICAS,
+}
+STREAM_ARGS: FieldTable = {"x-queue-type": "stream", "x-initial-cluster-size": STREAM_REPLICAS}
+# A message the gateway or a worker rejects (or one past the delivery limit) must end in
+# sandfleet.dead, never vanish.
+DEAD_LETTERED_QUORUM_ARGS: FieldTable = {**QUORUM_ARGS, "x-dead-letter-exchange": DEAD_EXCHANGE}
 
 
 @dataclass(frozen=True)
@@ -104,37 +115,29 @@ class Topology:
 
 
 async def declare_topology(
+    connection: AbstractConnection,
     channel: AbstractChannel,
-    settings: Settings,
     *,
     job_queues: Iterable[tuple[str, str | None]] = (),
 ) -> Topology:
-    """Declare the fleet's shared topology (and the `job_queues` named); idempotent.
+    """Declare the fleet's shared topology (and the `job_queues` named) on `channel`;
+    idempotent. A queue is declared only if missing (see `_queue`).
 
     The gateway and `sandfleet broker setup` declare it. `job_queues` names (driver,
     host) job queues: workers declare theirs (see `declare_worker_queues`), so a job for
     a driver or host that no worker ever served is unroutable and the gateway rejects
     it instead of parking it forever.
 
-    A job message delivered more than `job_delivery_limit` times is dead-lettered.
-    RabbitMQ 3.10 counts every requeue, so "no capacity yet" must be a delayed
-    republish, never a requeue.
+    A job message delivered more than the delivery limit's times (the sandfleet-intake
+    policy) is dead-lettered. RabbitMQ 3.10 counts every requeue, so "no capacity yet"
+    must be a delayed republish, never a requeue.
     """
     dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-    dead_queue = await channel.declare_queue(
-        DEAD_QUEUE,
-        durable=True,
-        # Anyone may send what ends here (a bad submission is dead-lettered whole): a cap,
-        # the oldest dead letters going first, keeps a flood from filling the disk.
-        arguments={
-            "x-queue-type": "quorum",
-            "x-max-length-bytes": DEAD_MAX_LENGTH_BYTES,
-            "x-overflow": "drop-head",
-        },
-    )
-    await dead_queue.bind(dead)
-    quorum = _quorum_args(settings.job_delivery_limit)
-    submit = await channel.declare_queue(SUBMIT_QUEUE, durable=True, arguments=quorum)
+    # Anyone may send what ends here (a bad submission is dead-lettered whole): a cap (a
+    # policy), the oldest dead letters going first, keeps a flood from filling the disk.
+    dead_args = {**QUORUM_ARGS, "x-overflow": "drop-head"}
+    await (await _queue(connection, channel, DEAD_QUEUE, dead_args)).bind(dead)
+    submit = await _queue(connection, channel, SUBMIT_QUEUE, DEAD_LETTERED_QUORUM_ARGS)
     submissions = await channel.declare_exchange(
         SUBMISSIONS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
     )
@@ -142,40 +145,34 @@ async def declare_topology(
     jobs = await channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
     await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
     for driver, host in job_queues:
-        await declare_job_queue(channel, settings, driver, host)
+        await declare_job_queue(connection, channel, driver, host)
     events = await _declare_logged_exchange(
-        channel, EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, EVENTS_LOG_QUEUE,
-        {"x-max-age": settings.events_max_age, "x-max-length-bytes": EVENTS_MAX_LENGTH_BYTES},
-    )  # fmt: skip
+        connection, channel, EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, EVENTS_LOG_QUEUE
+    )
     control = await _declare_logged_exchange(
-        channel, CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, CONTROL_LOG_QUEUE,
-        {"x-max-age": settings.events_max_age, "x-max-length-bytes": CONTROL_MAX_LENGTH_BYTES},
-    )  # fmt: skip
-    await declare_view_queue(channel)
+        connection, channel, CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, CONTROL_LOG_QUEUE
+    )
+    await declare_view_queue(connection, channel)
     await _declare_logged_exchange(
-        channel, LOGS_EXCHANGE, aio_pika.ExchangeType.TOPIC, LOGS_LOG_QUEUE,
-        {"x-max-age": settings.logs_max_age, "x-max-length-bytes": LOGS_MAX_LENGTH_BYTES},
-    )  # fmt: skip
+        connection, channel, LOGS_EXCHANGE, aio_pika.ExchangeType.TOPIC, LOGS_LOG_QUEUE
+    )
     return Topology(jobs=jobs, events=events, dead=dead, control=control)
 
 
-async def declare_view_queue(channel: AbstractChannel) -> None:
+async def declare_view_queue(connection: AbstractConnection, channel: AbstractChannel) -> None:
     """sandfleet.queries and the queue the gateways answer it from. Classic, not quorum:
     a query is worth nothing after its asker's timeout, so losing one to a broker
     restart costs a retry, and classic queues expire messages cheaply."""
     queries = await channel.declare_exchange(
         QUERIES_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
     )
-    view = await channel.declare_queue(
-        VIEW_QUEUE,
-        durable=True,
-        arguments={
-            "x-message-ttl": VIEW_QUERY_TTL_MS,
-            "x-max-length": VIEW_MAX_LENGTH,
-            "x-overflow": "reject-publish",
-        },
-    )
-    await view.bind(queries)
+    view_args: FieldTable = {
+        "x-message-ttl": VIEW_QUERY_TTL_MS,
+        # Past the length cap (a policy) a question is refused to its asker at once,
+        # not dropped for it to wait out its timeout.
+        "x-overflow": "reject-publish",
+    }
+    await (await _queue(connection, channel, VIEW_QUEUE, view_args)).bind(queries)
 
 
 async def existing_topology(channel: AbstractChannel) -> Topology:
@@ -188,54 +185,60 @@ async def existing_topology(channel: AbstractChannel) -> Topology:
 
 
 async def declare_job_queue(
-    channel: AbstractChannel, settings: Settings, driver: str, host: str | None
+    connection: AbstractConnection, channel: AbstractChannel, driver: str, host: str | None
 ) -> None:
     """A job queue and its retry queue, whose messages expire back into it."""
     routing_key = job_routing_key(driver, host)
-    quorum = _quorum_args(settings.job_delivery_limit)
-    queue = await channel.declare_queue(
-        job_queue_name(driver, host), durable=True, arguments=quorum
-    )
+    name = job_queue_name(driver, host)
+    queue = await _queue(connection, channel, name, DEAD_LETTERED_QUORUM_ARGS)
     await queue.bind(JOBS_EXCHANGE, routing_key=routing_key)
-    retry = await channel.declare_queue(
-        retry_queue_name(routing_key),
-        durable=True,
-        arguments={
-            # Messages published here with an expiration go back to the job queue
-            # when it runs out; at-least-once dead-lettering never drops one.
-            "x-queue-type": "quorum",
-            "x-dead-letter-exchange": JOBS_EXCHANGE,
-            "x-dead-letter-routing-key": routing_key,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        },
-    )
+    retry_args: FieldTable = {
+        **QUORUM_ARGS,
+        # Messages published here with an expiration go back to the job queue
+        # when it runs out; at-least-once dead-lettering never drops one.
+        "x-dead-letter-exchange": JOBS_EXCHANGE,
+        "x-dead-letter-routing-key": routing_key,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    retry = await _queue(connection, channel, retry_queue_name(routing_key), retry_args)
     await retry.bind(RETRY_EXCHANGE, routing_key=routing_key)
 
 
 async def _declare_logged_exchange(
+    connection: AbstractConnection,
     channel: AbstractChannel,
     name: str,
     kind: aio_pika.ExchangeType,
     log_queue: str,
-    retention: FieldTable,
 ) -> AbstractExchange:
-    """An exchange whose every message is kept in a stream queue (its log)."""
+    """An exchange whose every message is kept in a stream queue (its log); its
+    retention is a policy."""
     exchange = await channel.declare_exchange(name, kind, durable=True)
-    log = await channel.declare_queue(
-        log_queue, durable=True, arguments={"x-queue-type": "stream", **retention}
-    )
+    log = await _queue(connection, channel, log_queue, STREAM_ARGS)
     await log.bind(exchange, routing_key="#")
     return exchange
+
+
+async def _queue(
+    connection: AbstractConnection, channel: AbstractChannel, name: str, arguments: FieldTable
+) -> AbstractQueue:
+    """The durable queue `name`, declared with `arguments` only if it is missing.
+
+    A queue that exists is left as it is: one declared by an older release with other
+    arguments (limits that are policies now, or none of the replica counts) would refuse
+    a declaration with these (406) and close the channel, and a fleet must upgrade
+    without deleting its queues."""
+    if await _exists(connection, name):
+        return await channel.get_queue(name, ensure=False)
+    return await channel.declare_queue(name, durable=True, arguments=arguments)
 
 
 class TopologyUndeclared(SandfleetError):
     """A process's broker account may not declare a part of the topology nobody has yet."""
 
 
-async def declare_worker_queues(
-    connection: AbstractConnection, settings: Settings, *, driver: str, host: str
-) -> None:
+async def declare_worker_queues(connection: AbstractConnection, *, driver: str, host: str) -> None:
     """Whatever of a worker's topology nobody has declared yet: the shared topology, its
     driver's shared queue, its host's job queue (with its retry queue).
 
@@ -249,10 +252,10 @@ async def declare_worker_queues(
         try:
             # The log stream is the newest part: a broker set up before it gets it too.
             if not await _exists(connection, LOGS_LOG_QUEUE):
-                await declare_topology(channel, settings)
+                await declare_topology(connection, channel)
             for queue_host in (None, host):
                 if not await _exists(connection, job_queue_name(driver, queue_host)):
-                    await declare_job_queue(channel, settings, driver, queue_host)
+                    await declare_job_queue(connection, channel, driver, queue_host)
         except ChannelAccessRefused as exc:
             raise TopologyUndeclared(
                 f"the broker refused to let this worker declare its queues ({exc.args[-1]}); "

@@ -1,9 +1,17 @@
-"""`sandfleet broker setup`: one broker user per role, least privilege, through RabbitMQ's
-management HTTP API; then the shared topology, declared as the fleet's admin.
+"""`sandfleet broker setup`: one broker user per role, least privilege, and the queues'
+policies (common.queue_policies), through RabbitMQ's management HTTP API; then the shared
+topology, declared as the fleet's admin.
 
 Idempotent: a user that exists keeps its password (kept in a credentials file, 0600,
 since RabbitMQ stores only hashes) unless `rotate`; new names add users. The URLs it
-returns are the fleet's broker URL with each role's login in it.
+returns are the fleet's broker URL with each role's login in it. The policies are put
+again on every run, so a changed limit setting reaches the live queues.
+
+A gateway or worker on a broker nobody ran this on (a development broker's guest)
+declares the queues itself and works, but its queues have none of these limits: no
+delivery limit (a message that crashes its consumer is redelivered for ever), no
+retention on the logs, no caps on the dead and view queues. Nothing over AMQP tells a
+process which policy is in force, so it cannot warn: run this on any broker that lives.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from sandfleet.common import broker_roles as roles
 from sandfleet.common.amqp import connect, redacted_url
 from sandfleet.common.broker_urls import split_broker_urls
 from sandfleet.common.errors import SandfleetError
+from sandfleet.common.queue_policies import QueuePolicy, fleet_policies
 from sandfleet.common.settings import Settings
 from sandfleet.common.tls import tls_context
 from sandfleet.common.topology import declare_job_queue, declare_topology
@@ -45,6 +54,8 @@ class FleetUsers:
     admin: str
     workers: dict[str, str] = field(default_factory=dict)
     submitters: dict[str, str] = field(default_factory=dict)
+    # The queue policies put in the fleet's vhost.
+    policies: list[QueuePolicy] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -53,6 +64,7 @@ class FleetUsers:
             "admin": self.admin,
             "workers": dict(self.workers),
             "submitters": dict(self.submitters),
+            "policies": {policy.name: policy.as_json() for policy in self.policies},
         }
 
 
@@ -128,8 +140,8 @@ async def set_up_broker(
     rotate: bool = False,
 ) -> FleetUsers:
     """Create (idempotently) the fleet's vhost, every role's user and its permissions,
-    then declare the shared topology, each driver's shared queue and each host's queues
-    as the admin."""
+    put the queues' policies, then declare the shared topology, each driver's shared
+    queue and each host's queues as the admin."""
     for name in submitters:
         roles.check_submitter_name(name)
     vhost = _vhost_of(settings.broker_url)
@@ -142,6 +154,7 @@ async def set_up_broker(
                 passwords[login] = secrets.token_urlsafe(24)
         credentials.write(passwords)  # before the broker has them: never a password lost
         await _apply(api, vhost, wanted, passwords)
+        policies = await put_policies(api, vhost, fleet_policies(settings))
     urls = {login: _url_for(settings.broker_url, login, passwords[login]) for login in wanted}
     await _declare(settings, urls[roles.ADMIN_USER], drivers, hosts)
     return FleetUsers(
@@ -150,7 +163,26 @@ async def set_up_broker(
         admin=urls[roles.ADMIN_USER],
         workers={host: urls[roles.worker_user(host)] for host in hosts},
         submitters={name: urls[name] for name in submitters},
+        policies=policies,
     )
+
+
+async def apply_fleet_policies(settings: Settings, *, admin_url: str) -> list[QueuePolicy]:
+    """Put the queues' policies, from `settings`, in its broker URL's vhost (which must
+    exist): what `set_up_broker` does, alone."""
+    async with _management(admin_url, settings) as api:
+        return await put_policies(api, _vhost_of(settings.broker_url), fleet_policies(settings))
+
+
+async def put_policies(
+    api: ManagementApi, vhost: str, policies: list[QueuePolicy]
+) -> list[QueuePolicy]:
+    """Each policy, created or replaced: a queue it matches takes the new definition at
+    once, with no re-declaration and no restart."""
+    vh = quote(vhost, safe="")
+    for policy in policies:
+        await api.put(f"policies/{vh}/{quote(policy.name, safe='')}", policy.as_json())
+    return policies
 
 
 def _role_permissions(
@@ -235,10 +267,10 @@ async def _declare(
     account may declare (and so bind) nothing."""
     connection = await connect(admin_amqp_url, name="sandfleet-broker-setup", settings=settings)
     async with connection, connection.channel() as channel:
-        await declare_topology(channel, settings)
+        await declare_topology(connection, channel)
         for driver in drivers:
             for host in (None, *hosts):
-                await declare_job_queue(channel, settings, driver, host)
+                await declare_job_queue(connection, channel, driver, host)
 
 
 def _vhost_of(broker_url: str) -> str:

@@ -81,13 +81,16 @@ def broker_setup(
         typer.Option(
             "--json",
             help='Print {"gateway", "observer", "admin", "workers": {HOST: URL}, '
-            '"submitters": {NAME: URL}} and nothing else.',
+            '"submitters": {NAME: URL}, "policies": {NAME: {"pattern", "apply-to", '
+            '"priority", "definition"}}} and nothing else.',
         ),
     ] = False,
 ) -> None:
     """Create, idempotently, one broker user per role in the fleet's vhost (from
-    SANDFLEET_BROKER_URL) with least privilege, through the management API at
-    SANDFLEET_BROKER_ADMIN_URL; declare the shared topology; print each role's URL.
+    SANDFLEET_BROKER_URL) with least privilege, and put the queues' limits there as
+    policies (SANDFLEET_JOB_DELIVERY_LIMIT, SANDFLEET_EVENTS_MAX_AGE,
+    SANDFLEET_LOGS_MAX_AGE: run it again after changing one), through the management API
+    at SANDFLEET_BROKER_ADMIN_URL; declare the shared topology; print each role's URL.
     Passwords are kept in SANDFLEET_BROKER_CREDENTIALS (0600)."""
     admin = BrokerAdminSettings()
     drivers = driver or list(registry.installed())

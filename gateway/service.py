@@ -142,7 +142,7 @@ class Gateway(AsyncCloseable):
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        self._topology = await declare_topology(self._channel, settings)
+        self._topology = await declare_topology(self._connection, self._channel)
         self._events = EventPublisher(self._topology.events)
         self._routes = RouteChecker(self._connection)
         await self.view.open()

@@ -7,6 +7,7 @@ test can never leak into another.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from hypothesis import settings as hypothesis_settings
 
 from sandfleet.common.settings import Settings
 from sandfleet.common.signing import generate_keys
+from sandfleet.gateway.broker_setup import DEFAULT_ADMIN_URL, apply_fleet_policies
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.service import Gateway
 from tests.support.runtimes import (
@@ -79,10 +81,14 @@ def test_cdi_spec() -> Iterator[Path]:
 
 @pytest.fixture
 def broker_url() -> AsyncIterator[str] | Any:
+    """A vhost of its own, with the queue policies `sandfleet broker setup` puts (from
+    default settings), so the delivery limit and the logs' retention hold as in a fleet."""
     vhost = f"sandfleet-test-{uuid.uuid4().hex[:12]}"
     _rabbitmqctl("add_vhost", vhost)
     _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    asyncio.run(apply_fleet_policies(Settings(broker_url=url), admin_url=DEFAULT_ADMIN_URL))
+    yield url
     _rabbitmqctl("delete_vhost", vhost)
 
 

@@ -201,7 +201,7 @@ class Worker(AsyncCloseable):
         )
         # A returned job (bound to the host, parked) raises: it must not vanish unseen.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare_worker_queues(connection, settings, driver=name, host=host)
+        await declare_worker_queues(connection, driver=name, host=host)
         topology = await existing_topology(channel)
         events = CountedEvents(EventPublisher(topology.events), self.metrics.jobs)
         logs_connection = await connect(

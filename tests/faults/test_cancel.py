@@ -61,7 +61,9 @@ async def test_a_job_cancelled_while_queued_never_starts(
     # The queue exists (a worker served it once) but no worker runs now.
     connection = await aio_pika.connect(settings.broker_url)
     async with connection:
-        await declare_topology(await connection.channel(), settings, job_queues=[("docker", None)])
+        await declare_topology(
+            connection, await connection.channel(), job_queues=[("docker", None)]
+        )
     req = job(test_image, "touch", "/should-not-run")
     async with client.events(job_id=req["job_id"]) as stream:
         assert (await client.submit(req)).accepted

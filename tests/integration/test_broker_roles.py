@@ -307,17 +307,26 @@ async def test_top_needs_only_the_observer_account(fleet: Fleet) -> None:
 
 async def test_every_log_the_fleet_keeps_is_bounded(fleet: Fleet) -> None:
     """The event and control logs (streams) have a size cap and an age; the submit and
-    job queues a delivery limit: no submitter can grow the broker's disk without end."""
+    job queues a delivery limit: no submitter can grow the broker's disk without end.
+    The limits are broker setup's policies (tests/integration/test_queue_policies.py
+    shows their definitions in force)."""
     vhost = vhost_of(fleet.settings.broker_url)
-    listed = await asyncio.to_thread(rabbitmqctl, "list_queues", "-p", vhost, "name", "arguments")
-    arguments = dict(line.split("\t", 1) for line in listed.strip().splitlines()[1:])
-    for log_queue in (EVENTS_LOG_QUEUE, CONTROL_LOG_QUEUE, LOGS_LOG_QUEUE):
-        assert "x-max-length-bytes" in arguments[log_queue], arguments[log_queue]
-        assert "x-max-age" in arguments[log_queue]
-    for queue in (SUBMIT_QUEUE, job_queue_name("inmemory")):
-        assert "x-delivery-limit" in arguments[queue]
-    assert "x-max-length-bytes" in arguments[DEAD_QUEUE]
-    assert "x-max-length" in arguments[VIEW_QUEUE] and "x-message-ttl" in arguments[VIEW_QUEUE]
+    listed = await asyncio.to_thread(
+        rabbitmqctl, "list_queues", "-p", vhost, "name", "policy", "arguments"
+    )
+    found = dict(line.split("\t", 1) for line in listed.strip().splitlines()[1:])
+    policies = {
+        EVENTS_LOG_QUEUE: "sandfleet-events-log",
+        CONTROL_LOG_QUEUE: "sandfleet-control-log",
+        LOGS_LOG_QUEUE: "sandfleet-logs-log",
+        SUBMIT_QUEUE: "sandfleet-intake",
+        job_queue_name("inmemory"): "sandfleet-intake",
+        DEAD_QUEUE: "sandfleet-dead",
+        VIEW_QUEUE: "sandfleet-view",
+    }
+    for queue, policy in policies.items():
+        assert found[queue].startswith(f"{policy}\t"), (queue, found[queue])
+    assert "x-message-ttl" in found[VIEW_QUEUE]
 
 
 async def test_submitters_and_observers_may_ask_the_job_view_but_not_take_its_questions(

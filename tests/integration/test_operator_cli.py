@@ -40,7 +40,10 @@ async def test_broker_setup_prints_each_roles_url_and_is_idempotent(
             rabbitmqctl("delete_user", user)
     assert (first.returncode, again.returncode, rotated.returncode) == (0, 0, 0), first.stderr
     urls, more = json.loads(first.stdout), json.loads(again.stdout)
-    assert list(urls) == ["gateway", "observer", "admin", "workers", "submitters"]
+    assert list(urls) == ["gateway", "observer", "admin", "workers", "submitters", "policies"]
+    assert urls["policies"]["sandfleet-intake"]["definition"]["delivery-limit"] == (
+        settings.job_delivery_limit
+    )
     assert list(urls["workers"]) == ["h1"] and list(urls["submitters"]) == [alice]
     assert urls["workers"]["h1"].endswith(f"@127.0.0.1:5672/{vhost_of(settings.broker_url)}")
     # re-run: same passwords, new names added

@@ -8,13 +8,17 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 import aio_pika
+import aiohttp
 
 from sandfleet.common.amqp import broker_login
 from sandfleet.common.broker_roles import Permissions
 from sandfleet.common.topology import DEAD_QUEUE, SUBMISSIONS_EXCHANGE
+
+MANAGEMENT_URL = "http://127.0.0.1:15672"
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -90,3 +94,17 @@ def vhost_user(broker_url: str, permissions: Permissions) -> Iterator[str]:
         yield broker_url.replace("guest:guest@", f"{user}:{password}@")
     finally:
         rabbitmqctl("delete_user", user)
+
+
+async def managed_queue(broker_url: str, queue: str) -> dict[str, Any]:
+    """The management API's view of a queue of the test's vhost. Its policy fields come
+    with the broker's statistics, a few seconds behind: wait on them with `eventually`."""
+    vhost, name = quote(vhost_of(broker_url), safe=""), quote(queue, safe="")
+    headers = {"Authorization": aiohttp.encode_basic_auth("guest", "guest")}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.get(f"{MANAGEMENT_URL}/api/queues/{vhost}/{name}") as response,
+    ):
+        response.raise_for_status()
+        found: dict[str, Any] = await response.json()
+        return found
