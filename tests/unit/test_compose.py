@@ -1,21 +1,23 @@
-"""compose.yaml cannot be run here (no image registry); check it parses and is coherent."""
+"""compose.yaml cannot be run here (no image registry): check that it parses, that
+`docker-compose config` accepts it, and that it is coherent with the code's settings."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from pydantic import AliasChoices
-from pydantic_settings import BaseSettings
 
 from sandfleet.common.settings import Settings
-from sandfleet.gateway.operator_cli import BrokerAdminSettings
-from sandfleet.workers import registry
 from sandfleet.workers.drivers.docker.plugin import DockerSettings
 from sandfleet.workers.drivers.podman.plugin import PodmanSettings
 from sandfleet.workers.drivers.vm.plugin import VmSettings
+from tests.support.settings_names import known_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +25,23 @@ ROOT = Path(__file__).resolve().parents[2]
 def load() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
     return data
+
+
+def sandfleet_services() -> dict[str, dict[str, Any]]:
+    """The services that run the sandfleet image (every one but the broker)."""
+    return {
+        name: service
+        for name, service in load()["services"].items()
+        if str(service.get("image", "")).startswith("sandfleet:")
+    }
+
+
+def worker_services() -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in sandfleet_services().items()
+        if service.get("command", [None])[0] == "worker"
+    }
 
 
 def test_deploys_broker_gateway_and_docker_worker_with_health_checks() -> None:
@@ -36,7 +55,7 @@ def test_deploys_broker_gateway_and_docker_worker_with_health_checks() -> None:
     assert (ROOT / "Dockerfile").is_file()
 
 
-@pytest.mark.parametrize("name", ["gateway", "docker-worker"])
+@pytest.mark.parametrize("name", ["gateway", "docker-worker", "gpu-worker"])
 def test_sandfleet_services_check_their_own_healthz(name: str) -> None:
     """Not a socket to the broker: /healthz says 503 while the process is not consuming."""
     service = load()["services"][name]
@@ -45,29 +64,6 @@ def test_sandfleet_services_check_their_own_healthz(name: str) -> None:
     assert command[:3] == ["CMD", "python", "-c"]
     assert f"urlopen('http://127.0.0.1:{port}/healthz'" in command[3]
     assert "socket" not in command[3]
-
-
-def env_names(settings_type: type[BaseSettings]) -> set[str]:
-    """The environment variables a settings class reads (upper case)."""
-    prefix = str(settings_type.model_config.get("env_prefix", ""))
-    names: set[str] = set()
-    for name, field in settings_type.model_fields.items():
-        alias = field.validation_alias
-        if isinstance(alias, AliasChoices):
-            names.update(str(choice).upper() for choice in alias.choices)
-        elif isinstance(alias, str):
-            names.add(alias.upper())
-        else:
-            names.add(f"{prefix}{name}".upper())
-    return names
-
-
-def known_settings() -> set[str]:
-    """Every SANDFLEET_* variable of the runtime, of `broker setup` and of each registered
-    driver."""
-    kinds: list[type[BaseSettings]] = [Settings, BrokerAdminSettings]
-    kinds += [registry.load(name).settings for name in registry.installed()]
-    return {name for kind in kinds for name in env_names(kind)}
 
 
 def test_uses_only_settings_the_code_knows() -> None:
@@ -128,3 +124,95 @@ def test_each_role_has_its_own_account_and_only_the_gateway_holds_the_signing_ke
     assert worker["environment"]["SANDFLEET_TRUSTED_KEYS"] == "/trusted"
     assert not any(volume.startswith("signing-key:") for volume in worker["volumes"])
     assert "broker setup" in services["init"]["command"][0]
+
+
+def test_every_sandfleet_service_is_built_from_the_dockerfile() -> None:
+    services = sandfleet_services()
+    assert {"init", "gateway", "docker-worker", "gpu-worker", "submit"} <= set(services)
+    for name, service in services.items():
+        build = service.get("build")
+        context = build.get("context") if isinstance(build, dict) else build
+        assert context == ".", f"{name}: build {build!r}"
+
+
+def test_workers_require_their_host_name_with_no_fallback() -> None:
+    """Two hosts under one fallback name would share one host queue and one account."""
+    for name, service in worker_services().items():
+        host = service["environment"]["SANDFLEET_HOST"]
+        assert host.startswith("${SANDFLEET_HOST:?"), f"{name}: SANDFLEET_HOST={host}"
+    assert load()["services"]["init"]["environment"]["WORKER_HOST"].startswith("${SANDFLEET_HOST:?")
+    assert "HOSTNAME" not in (ROOT / "compose.yaml").read_text()
+
+
+# user:password@ in a URL, or a *PASS*/*SECRET*/*TOKEN* variable with a value of its own.
+URL_WITH_PASSWORD = re.compile(r"://[^/@\s:]+:[^/@\s]+@")
+SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN", re.IGNORECASE)
+
+
+def test_no_credential_is_written_in_the_file() -> None:
+    compose = load()
+    for name, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            assert not URL_WITH_PASSWORD.search(str(value)), f"{name}: {key}"
+            assert not SECRET_NAME.search(key), f"{name}: {key} (use a secret file)"
+    assert "rabbitmq-admin-password" in compose["services"]["rabbitmq"]["secrets"]
+    assert "rabbitmq-admin-password" in compose["services"]["init"]["secrets"]
+    assert set(compose["secrets"]["rabbitmq-admin-password"]) == {"file"}
+
+
+def setting_path(service: dict[str, Any], setting: str) -> str:
+    """Where the service's settings put `setting` (its environment, else the default)."""
+    default = Settings.model_fields[setting.removeprefix("SANDFLEET_").lower()].default
+    return str(service["environment"].get(setting, default))
+
+
+@pytest.mark.parametrize("setting", ["SANDFLEET_STATE_DIR", "SANDFLEET_JOURNAL_DIR"])
+def test_claims_and_journal_are_one_named_volume_per_host_at_the_settings_paths(
+    setting: str,
+) -> None:
+    """Mounted where the worker looks, and the same volume for every worker of a host
+    (they share the claims and the journal)."""
+    named = set(load()["volumes"])
+    mounted = set()
+    for name, service in worker_services().items():
+        path = setting_path(service, setting)
+        sources = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == path]
+        assert len(sources) == 1 and sources[0] in named, f"{name}: {path} from {sources}"
+        mounted.add(sources[0])
+    assert len(mounted) == 1, mounted
+
+
+def test_gpu_worker_is_a_profile_with_nvml_and_a_gpu_reservation() -> None:
+    worker = load()["services"]["gpu-worker"]
+    assert worker["profiles"] == ["gpu"]
+    assert "nvml" in worker["build"]["args"]["SANDFLEET_EXTRAS"].split(",")
+    assert worker["image"] != load()["services"]["docker-worker"]["image"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG SANDFLEET_EXTRAS=", dockerfile, re.MULTILINE)
+    assert "${SANDFLEET_EXTRAS:+[$SANDFLEET_EXTRAS]}" in dockerfile
+
+
+def docker_compose(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Debian's docker-compose 1.29 (`apt-get install docker-compose`): required, not
+    skipped, so that a machine without it fails here rather than passes unchecked."""
+    binary = shutil.which("docker-compose")
+    assert binary is not None, "docker-compose is not installed (apt-get install docker-compose)"
+    clean = {k: v for k, v in os.environ.items() if k not in {"SANDFLEET_HOST", "DOCKER_GID"}}
+    return subprocess.run(
+        [binary, "--project-directory", str(ROOT), "-f", str(ROOT / "compose.yaml"), *args],
+        env={**clean, **env}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"], ["--profile", "tools"]])
+def test_docker_compose_accepts_the_file(profile: list[str]) -> None:
+    result = docker_compose(*profile, "config", "-q", SANDFLEET_HOST="gpu-01", DOCKER_GID="999")
+    assert result.returncode == 0, result.stderr
+
+
+def test_docker_compose_refuses_to_start_without_a_host_name() -> None:
+    result = docker_compose("config", "-q", DOCKER_GID="999")
+    assert result.returncode != 0
+    assert "set SANDFLEET_HOST to this machine's name" in result.stderr
