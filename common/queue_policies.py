@@ -85,8 +85,9 @@ def fleet_policies(settings: Settings) -> list[QueuePolicy]:
             _exactly(DEAD_QUEUE),
             {"max-length-bytes": DEAD_MAX_LENGTH_BYTES, **replicated},
         ),
-        # Classic and not replicated: no leader to place.
-        QueuePolicy("sandfleet-view", _exactly(VIEW_QUEUE), {"max-length": VIEW_MAX_LENGTH}),
+        QueuePolicy(
+            "sandfleet-view", _exactly(VIEW_QUEUE), {"max-length": VIEW_MAX_LENGTH, **replicated}
+        ),
         _log_policy(EVENTS_LOG_QUEUE, settings.events_max_age, EVENTS_MAX_LENGTH_BYTES),
         _log_policy(CONTROL_LOG_QUEUE, settings.events_max_age, CONTROL_MAX_LENGTH_BYTES),
         _log_policy(LOGS_LOG_QUEUE, settings.logs_max_age, LOGS_MAX_LENGTH_BYTES),

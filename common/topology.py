@@ -13,7 +13,7 @@ sandfleet.logs (topic), key <driver>.<host> ─ # → sandfleet.logs.log (stream
     output, in chunks (common.job_logs); readers' markers come in as on sandfleet.events
 sandfleet.control (fanout) ─→ sandfleet.control.log (stream): cancellations, read by every
     worker from the start (so a queued job cancelled before any worker saw it never starts)
-sandfleet.queries (fanout) ─→ sandfleet.view (classic): questions to the gateways' job
+sandfleet.queries (fanout) ─→ sandfleet.view (quorum): questions to the gateways' job
     views (status, jobs, stats); any gateway answers, through direct reply-to
 
 Their limits (delivery limit, the logs' retention, the dead and view queues' caps) are
@@ -160,13 +160,15 @@ async def declare_topology(
 
 
 async def declare_view_queue(connection: AbstractConnection, channel: AbstractChannel) -> None:
-    """sandfleet.queries and the queue the gateways answer it from. Classic, not quorum:
-    a query is worth nothing after its asker's timeout, so losing one to a broker
-    restart costs a retry, and classic queues expire messages cheaply."""
+    """sandfleet.queries and the queue the gateways answer it from. Quorum, like every
+    queue a gateway consumes: a classic queue lives on one node, and with that node
+    lost no gateway could consume it again (aio-pika's reconnection would fail on it
+    for as long as the node is away, taking the gateway's whole connection down)."""
     queries = await channel.declare_exchange(
         QUERIES_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
     )
     view_args: FieldTable = {
+        **QUORUM_ARGS,
         "x-message-ttl": VIEW_QUERY_TTL_MS,
         # Past the length cap (a policy) a question is refused to its asker at once,
         # not dropped for it to wait out its timeout.

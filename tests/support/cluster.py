@@ -3,17 +3,21 @@ and the soak: start it, give a test a vhost on it, stop and start its nodes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from sandfleet.common.settings import Settings
+from sandfleet.gateway.broker_setup import apply_fleet_policies
 from tests.support.runtimes import ROOT
 
 NODES = ("sandfleet-1@localhost", "sandfleet-2@localhost", "sandfleet-3@localhost")
 PORTS = {node: 5681 + number for number, node in enumerate(NODES)}
 START_TIMEOUT_SECONDS = 600
+ADMIN_URL = "http://guest:guest@127.0.0.1:15681/"  # node 1's management API
 
 
 def ensure_cluster() -> None:
@@ -41,12 +45,15 @@ def ctl(node: str, *args: str, timeout: float = 120) -> str:
 
 
 def running(node: str) -> bool:
-    return subprocess.run(
-        ["rabbitmqctl", "-q", "-n", node, "await_startup", "--timeout", "1"],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    ).returncode == 0
+    return (
+        subprocess.run(
+            ["rabbitmqctl", "-q", "-n", node, "await_startup", "--timeout", "1"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        ).returncode
+        == 0
+    )
 
 
 def stop_node(node: str) -> None:
@@ -86,8 +93,11 @@ def cluster_vhost() -> Iterator[str]:
     vhost = f"sandfleet-test-{uuid.uuid4().hex[:12]}"
     ctl(NODES[0], "add_vhost", vhost)
     ctl(NODES[0], "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    urls = url_list(vhost)
+    # As `sandfleet broker setup` leaves a fleet: limits, and leaders spread over nodes.
+    asyncio.run(apply_fleet_policies(Settings(broker_url=urls), admin_url=ADMIN_URL))
     try:
-        yield url_list(vhost)
+        yield urls
     finally:
         for node in NODES:
             if not running(node):

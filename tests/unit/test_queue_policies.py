@@ -69,8 +69,7 @@ def test_the_limits_come_from_the_settings() -> None:
 def test_replicated_queues_spread_their_leaders() -> None:
     for queue in EVERY_QUEUE:
         [policy] = [p for p in fleet_policies(Settings()) if re.search(p.pattern, queue)]
-        if queue != VIEW_QUEUE:  # classic: no leader to place
-            assert policy.definition["queue-leader-locator"] == "balanced", queue
+        assert policy.definition["queue-leader-locator"] == "balanced", queue
 
 
 def test_a_policy_is_what_the_management_api_takes() -> None:
