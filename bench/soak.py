@@ -4,7 +4,15 @@ sandbox created for a job id, from the runtime's own event log), GPU double-hold
 leaked GPU claims and worker crashes.
 
     python -m bench.soak [-n 500] [--kill-every 4] [--seed 1] [--driver docker|podman]
-                         [--gpu-share 0.25]
+                         [--gpu-share 0.25] [--cluster [--node-stops 2]]
+
+With --cluster the fleet runs on `./dev cluster` (three RabbitMQ nodes, started if
+need be), every process given all three URLs, and a second chaos loop stops a node
+--node-stops times while jobs flow (`rabbitmqctl stop_app`), starting it again 10 s
+later: first the node that leads the job queue, then node 1 (the one every process
+connected to first) unless that was it, else the job queue's new leader. Both modes
+print the submission rate and the p50/p95 job latency (accepted to terminal event),
+to compare a run on the cluster with one on the single default node.
 
 A share of the jobs asks for 1 or 2 of a static 3-GPU inventory. With `--driver
 podman` the GPUs are the test CDI devices (tests/fixtures/cdi, installed for the run)
@@ -30,23 +38,29 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.gateway_throughput import throwaway_vhost
 from sandfleet.common.amqp import connect
+from sandfleet.common.errors import FleetUnreachable
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings
 from sandfleet.common.signing import generate_keys
-from sandfleet.common.topology import declare_topology
+from sandfleet.common.topology import declare_topology, job_queue_name
+from sandfleet.gateway.broker_setup import DEFAULT_ADMIN_URL, apply_fleet_policies
 from sandfleet.gateway.client import Client
 from sandfleet.workers.gpu.claims import GpuClaimStore
+from tests.support.broker import vhost_of
+from tests.support.cluster import NODES, cluster_vhost, queue_leader, start_node, stop_node
 from tests.support.gpus import double_holds
 from tests.support.runtimes import (
     CDI_DIR,
@@ -63,6 +77,11 @@ INVENTORY = {
         for i in range(3)  # the test CDI spec has devices 0, 1 and 2
     ]
 }  # fmt: skip
+
+
+# With --cluster: how long a stopped node stays down, and the pace of the stops.
+NODE_DOWN_SECONDS = 10.0
+NODE_STOP_EVERY_SECONDS = 20.0
 
 
 async def spawn(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -102,6 +121,44 @@ async def chaos(
     return kills, crashes
 
 
+async def node_stops(
+    url: str, driver: str, count: int, every: float, stop: asyncio.Event
+) -> list[str]:
+    """Stop `count` cluster nodes in turn, one every ~`every` s, each started again
+    NODE_DOWN_SECONDS later (see the module's docstring for which). The nodes stopped."""
+    vhost = vhost_of(url.split(",", maxsplit=1)[0])
+    stopped: list[str] = []
+    for _ in range(count):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await stop.wait()
+        if stop.is_set():
+            break
+        node = await asyncio.to_thread(queue_leader, vhost, job_queue_name(driver))
+        if stopped and NODES[0] not in stopped:
+            node = NODES[0]
+        print(f"stopping {node} at {time.strftime('%H:%M:%S')}", flush=True)
+        await asyncio.to_thread(stop_node, node)
+        stopped.append(node)
+        await asyncio.sleep(NODE_DOWN_SECONDS)  # chaos pacing, not synchronisation
+        await asyncio.to_thread(start_node, node)
+        print(f"started {node} at {time.strftime('%H:%M:%S')}", flush=True)
+    return stopped
+
+
+async def submit(client: Client, job: dict[str, Any]) -> None:
+    """Submit until the gateway answers: a named job id makes a repeat harmless (the
+    gateway answers it as a duplicate), and a lost node can outlast one request."""
+    while True:
+        try:
+            reply = await client.submit(job)
+        except FleetUnreachable as exc:
+            print(f"submit {job['job_id']}: {exc}; again", flush=True)
+            continue
+        assert reply.accepted, reply
+        return
+
+
 def request(job_id: str, driver: str, gpu_share: float, rng: random.Random) -> dict[str, Any]:
     command = ["sh", "-c", f"echo {job_id}; sleep {rng.choice([0, 0, 1, 2])}"]
     job: dict[str, Any] = {
@@ -123,6 +180,21 @@ class SoakRun:
     events: list[Event] = field(default_factory=list)
     kills: int = 0
     crashes: int = 0
+    nodes_stopped: list[str] = field(default_factory=list)
+    submit_seconds: float = 0.0
+
+    def latencies(self) -> list[float]:
+        """Seconds from each job's `accepted` to its (first) terminal event."""
+        accepted: dict[str, float] = {}
+        ended: dict[str, float] = {}
+        for event in self.events:
+            if event.job_id is None:
+                continue
+            if event.phase is Phase.ACCEPTED:
+                accepted.setdefault(event.job_id, event.timestamp.timestamp())
+            elif event.phase.is_terminal:
+                ended.setdefault(event.job_id, event.timestamp.timestamp())
+        return [ended[job] - accepted[job] for job in ended if job in accepted]
 
     def terminal(self) -> dict[str, Phase]:
         wanted = set(self.job_ids)
@@ -134,7 +206,13 @@ class SoakRun:
 
 
 async def soak(
-    n: int, kill_every: float, seed: int, url: str, driver: str, gpu_share: float
+    n: int,
+    kill_every: float,
+    seed: int,
+    url: str,
+    driver: str,
+    gpu_share: float,
+    node_stop_count: int = 0,
 ) -> SoakRun:
     rng = random.Random(seed)
     state = Path(tempfile.mkdtemp(prefix="sandfleet-soak-"))
@@ -177,8 +255,13 @@ async def soak(
                     if event.phase is Phase.HEARTBEAT:
                         break
             kills = asyncio.create_task(chaos(workers, worker_args, env, kill_every, rng, stop))
+            node_chaos = asyncio.create_task(
+                node_stops(url, driver, node_stop_count, NODE_STOP_EVERY_SECONDS, stop)
+            )
+            started = time.monotonic()
             for job_id in run.job_ids:
-                await client.submit(request(job_id, driver, gpu_share, rng))
+                await submit(client, request(job_id, driver, gpu_share, rng))
+            run.submit_seconds = time.monotonic() - started
             wanted, ended = set(run.job_ids), set()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(600, n * 6)):
@@ -190,6 +273,7 @@ async def soak(
                                 break
             stop.set()
             run.kills, run.crashes = await kills
+            run.nodes_stopped = await node_chaos
     finally:
         for process in [gateway, *workers]:
             if process.returncode is None:
@@ -212,6 +296,13 @@ def report(run: SoakRun) -> int:
     print(f"driver:                {run.driver}  (process logs in {run.state_dir / 'logs'})")
     print(f"jobs submitted:        {len(run.job_ids)}  ({gpu_jobs} claimed GPUs)")
     print(f"worker kills (SIGKILL): {run.kills}")
+    print(f"broker nodes stopped:  {len(run.nodes_stopped)}  {run.nodes_stopped}")
+    rate = len(run.job_ids) / run.submit_seconds if run.submit_seconds else 0.0
+    print(f"submission rate:       {rate:.1f} jobs/s  ({run.submit_seconds:.1f} s for all)")
+    latencies = run.latencies()
+    if len(latencies) >= 2:
+        cuts = statistics.quantiles(latencies, n=20)
+        print(f"job latency:           p50 {cuts[9]:.2f} s, p95 {cuts[18]:.2f} s")
     print(f"worker crashes:        {run.crashes}  (exited by themselves; logs say why)")
     print(f"jobs terminal:         {len(terminal)}  {dict(phases)}")
     print(f"lost:                  {lost}")
@@ -241,22 +332,47 @@ def main() -> None:
     parser.add_argument(
         "--gpu-share", type=float, default=0.25, help="share of jobs asking for GPUs"
     )
+    parser.add_argument("--cluster", action="store_true", help="run on ./dev cluster")
+    parser.add_argument("--node-stops", type=int, default=2, help="with --cluster")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fleet_vhost(cluster=args.cluster))
+        stack.enter_context(test_cdi_spec())
+        node_stop_count = args.node_stops if args.cluster else 0
+        knobs = (args.n, args.kill_every, args.seed, url, args.driver, args.gpu_share)
+        run = asyncio.run(soak(*knobs, node_stop_count))
+        raise SystemExit(report(run))
+
+
+@contextlib.contextmanager
+def fleet_vhost(*, cluster: bool) -> Iterator[str]:
+    """A throwaway vhost with the fleet's queue policies: on the cluster (a URL list) or
+    on the default node."""
+    if cluster:
+        with cluster_vhost() as urls:
+            yield urls
+        return
     url, cleanup = throwaway_vhost(Settings().broker_url)
+    try:
+        asyncio.run(apply_fleet_policies(Settings(broker_url=url), admin_url=DEFAULT_ADMIN_URL))
+        yield url
+    finally:
+        cleanup()
+
+
+@contextlib.contextmanager
+def test_cdi_spec() -> Iterator[None]:
+    """The test CDI spec where Podman looks for specs, for the run (if not there)."""
     CDI_DIR.mkdir(parents=True, exist_ok=True)
     cdi_spec = CDI_DIR / CDI_SPEC.name
     installed = not cdi_spec.exists()
     if installed:
         shutil.copyfile(CDI_SPEC, cdi_spec)
     try:
-        run = asyncio.run(
-            soak(args.n, args.kill_every, args.seed, url, args.driver, args.gpu_share)
-        )
-        raise SystemExit(report(run))
+        yield
     finally:
         if installed:
             cdi_spec.unlink(missing_ok=True)
-        cleanup()
 
 
 if __name__ == "__main__":
