@@ -33,6 +33,7 @@ from sandfleet.common.amqp import (
     settle,
 )
 from sandfleet.common.broker_urls import node_address, split_broker_urls
+from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
@@ -134,6 +135,17 @@ class Gateway(AsyncCloseable):
         self._consuming = False
 
     async def __aenter__(self) -> Self:
+        await start_when_cluster_ready(self._start, self._undo_start)
+        return self
+
+    async def _undo_start(self) -> None:
+        self._consuming = False
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+        await self.view.aclose()
+
+    async def _start(self) -> None:
         settings = self._settings
         self._connection = await connect(
             settings.broker_url, name=f"sandfleet-gateway@{settings.host}", settings=settings
@@ -167,7 +179,6 @@ class Gateway(AsyncCloseable):
         await submit.consume(self._on_submission)
         self._consuming = True
         log.info("gateway on %s consuming %s", settings.host, SUBMIT_QUEUE)
-        return self
 
     @property
     def healthy(self) -> bool:
@@ -186,11 +197,7 @@ class Gateway(AsyncCloseable):
             await self.metrics.refresh_depths(self._depths.message_count, queues)
 
     async def aclose(self) -> None:
-        self._consuming = False
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
-        await self.view.aclose()
+        await self._undo_start()
 
     async def serve_forever(self) -> None:
         """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM)."""

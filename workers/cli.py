@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Annotated, Any
 
 import typer
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from sandfleet.common.errors import SandfleetError
 from sandfleet.common.lifecycle import until_signalled
 from sandfleet.common.logs import setup_logging
 from sandfleet.common.metrics import MetricsPort, metrics_served
@@ -36,6 +38,22 @@ def make_driver(plugin: DriverPlugin[Any], settings: Settings) -> SandboxDriver[
         return plugin.from_environment(DriverHost(cdi_kind=settings.cdi_kind))
     except ImportError as exc:  # a native extra that is not installed
         raise typer.BadParameter(str(exc), param_hint="--driver") from exc
+
+
+# What Docker and Podman name a container's host by default: its id's first 12 digits.
+CONTAINER_ID_HOST_NAME = re.compile(r"[0-9a-f]{12}")
+
+
+def require_host_name(settings: Settings) -> None:
+    """A worker whose host name is a container's id must be told its host's name
+    (SANDFLEET_HOST): that name is new with every container, so a restarted worker
+    would serve another host queue and never take over its journal."""
+    if "host" not in settings.model_fields_set and CONTAINER_ID_HOST_NAME.fullmatch(settings.host):
+        raise SandfleetError(
+            f"SANDFLEET_HOST is not set, and this host's name ({settings.host}) is a"
+            " container's id, new with every container: set SANDFLEET_HOST to the"
+            " machine's name"
+        )
 
 
 def _driver_help() -> str:
@@ -77,6 +95,7 @@ def worker(
     }
     settings = Settings().model_copy(update={k: v for k, v in policies.items() if v is not None})
     setup_logging(settings.log_level)
+    require_host_name(settings)
     plugin = load_plugin(driver)
 
     async def serve() -> None:

@@ -19,12 +19,15 @@ from typing import Protocol
 
 from aio_pika.abc import AbstractExchange
 
+from sandfleet.common.amqp import publish_through_outages
 from sandfleet.common.job_logs import OutputCap, log_message
 
 log = logging.getLogger(__name__)
 
 BUFFER_BYTES = 1 << 20  # a job's output read ahead of what is published
 BATCH_BYTES = 256 << 10  # the most one message holds
+# How long one batch waits for the broker to come back before it is given up (logged).
+OUTAGE_RETRY_SECONDS = 60.0
 # Once a job has ended, how long its shipping may go without reading anything more
 # before it is cut off (a runtime that never closes the stream); a backlog still
 # moving is shipped to its end.
@@ -165,6 +168,12 @@ class LogShipper:
         message = log_message(shipment.job_id, shipment.sequence, body, end=end)
         shipment.sequence += 1
         try:
-            await self._exchange.publish(message, routing_key=self._routing_key)
+            # Through a lost node or a broker restart (the connection comes back, on
+            # another node of a cluster); output past the buffer waits, it is not lost.
+            await publish_through_outages(
+                lambda: self._exchange.publish(message, routing_key=self._routing_key),
+                what=f"job {shipment.job_id}'s output",
+                retry_seconds=OUTAGE_RETRY_SECONDS,
+            )
         except Exception:  # the job runs on without its log; never fail it for one
             log.warning("job %s: shipping its output failed", shipment.job_id, exc_info=True)

@@ -36,6 +36,7 @@ from typing import Any, Self
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from sandfleet.common.amqp import EventPublisher, EventSink, connect, settle
+from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, WorkerHealth
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.metrics import connection_up
@@ -141,7 +142,7 @@ class Worker(AsyncCloseable):
             raise RuntimeError("this Worker was closed; make a new one")
         self._lease.acquire()
         await self._reconcile()  # free GPUs of sandboxes that ended while no worker watched
-        connected = self._connected = await self._connect()
+        connected = self._connected = await start_when_cluster_ready(self._connect, _nothing)
         await self._take_over_unwatched()
         await connected.intake.start()
         self._consuming = True
@@ -193,22 +194,34 @@ class Worker(AsyncCloseable):
         return self._connected
 
     async def _connect(self) -> _Connected:
-        settings, name, host = self._settings, self._driver.name, self._settings.host
+        """Connected and subscribed; nothing left open if that fails."""
+        settings, worker_id = self._settings, self.identity.worker_id
         connection = await connect(
-            settings.broker_url,
-            name=f"sandfleet-worker {self.identity.worker_id}",
-            settings=settings,
+            settings.broker_url, name=f"sandfleet-worker {worker_id}", settings=settings
         )
+        try:
+            logs_connection = await connect(
+                settings.broker_url, name=f"sandfleet-worker {worker_id} logs", settings=settings
+            )
+        except BaseException:
+            await connection.close()
+            raise
+        try:
+            return await self._subscribe(connection, logs_connection)
+        except BaseException:
+            await logs_connection.close()
+            await connection.close()
+            raise
+
+    async def _subscribe(
+        self, connection: AbstractRobustConnection, logs_connection: AbstractRobustConnection
+    ) -> _Connected:
+        settings, name, host = self._settings, self._driver.name, self._settings.host
         # A returned job (bound to the host, parked) raises: it must not vanish unseen.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare_worker_queues(connection, driver=name, host=host)
         topology = await existing_topology(channel)
         events = CountedEvents(EventPublisher(topology.events), self.metrics.jobs)
-        logs_connection = await connect(
-            settings.broker_url,
-            name=f"sandfleet-worker {self.identity.worker_id} logs",
-            settings=settings,
-        )
         logs = await self._log_shipper(logs_connection)
         cancellations = CancellationLog(
             await connection.channel(),
@@ -343,6 +356,10 @@ class Worker(AsyncCloseable):
         self._free_gpus = await self._gpus.free_count()
         event = self.identity.event(None, Phase.HEARTBEAT, reason, health=self.health())
         await self._online().events.publish(event)
+
+
+async def _nothing() -> None:
+    """Nothing to undo: `_connect` leaves nothing open when it fails."""
 
 
 async def _every(

@@ -1,0 +1,49 @@
+"""Start-up on a cluster node still bringing up its replicas is tried again; any other
+refusal is raised at once. Each failed try is undone first."""
+
+from __future__ import annotations
+
+import pytest
+from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
+
+from sandfleet.common.cluster_start import start_when_cluster_ready
+
+NO_REPLICA = ChannelPreconditionFailed(
+    "PRECONDITION_FAILED - queue 'sandfleet.control.log' in vhost 'v' does not have a"
+    " replica on the local node"
+)
+
+
+class Start:
+    def __init__(self, *failures: BaseException) -> None:
+        self.failures = list(failures)
+        self.tries = self.undone = 0
+
+    async def start(self) -> str:
+        self.tries += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return "started"
+
+    async def undo(self) -> None:
+        self.undone += 1
+
+
+async def test_a_node_still_starting_its_replicas_is_waited_for() -> None:
+    start = Start(NO_REPLICA, NO_REPLICA)
+    assert await start_when_cluster_ready(start.start, start.undo) == "started"
+    assert (start.tries, start.undone) == (3, 2)
+
+
+async def test_any_other_refusal_is_raised_at_once_and_undone() -> None:
+    start = Start(ChannelAccessRefused("ACCESS_REFUSED - no access to 'sandfleet.events'"))
+    with pytest.raises(ChannelAccessRefused):
+        await start_when_cluster_ready(start.start, start.undo)
+    assert (start.tries, start.undone) == (1, 1)
+
+
+async def test_a_node_that_never_gets_there_is_given_up() -> None:
+    start = Start(*[NO_REPLICA] * 10)
+    with pytest.raises(ChannelPreconditionFailed):
+        await start_when_cluster_ready(start.start, start.undo, within=0.5)
+    assert start.tries == start.undone >= 1
