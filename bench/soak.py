@@ -4,7 +4,7 @@ sandbox created for a job id, from the runtime's own event log), GPU double-hold
 leaked GPU claims and worker crashes.
 
     python -m bench.soak [-n 500] [--kill-every 4] [--seed 1] [--driver docker|podman]
-                         [--gpu-share 0.25] [--cluster [--node-stops 2]]
+                         [--gpu-share 0.25] [--rate 0] [--cluster [--node-stops 2]]
 
 With --cluster the fleet runs on `./dev cluster` (three RabbitMQ nodes, started if
 need be), every process given all three URLs, and a second chaos loop stops a node
@@ -12,7 +12,9 @@ need be), every process given all three URLs, and a second chaos loop stops a no
 later: first the node that leads the job queue, then node 1 (the one every process
 connected to first) unless that was it, else the job queue's new leader. Both modes
 print the submission rate and the p50/p95 job latency (accepted to terminal event),
-to compare a run on the cluster with one on the single default node.
+to compare a run on the cluster with one on the single default node. --rate paces
+the submissions (jobs/s), so that latency is a job's own rather than its wait behind
+the whole burst, and node stops fall while jobs are still being submitted.
 
 A share of the jobs asks for 1 or 2 of a static 3-GPU inventory. With `--driver
 podman` the GPUs are the test CDI devices (tests/fixtures/cdi, installed for the run)
@@ -213,6 +215,7 @@ async def soak(
     driver: str,
     gpu_share: float,
     node_stop_count: int = 0,
+    rate: float = 0.0,
 ) -> SoakRun:
     rng = random.Random(seed)
     state = Path(tempfile.mkdtemp(prefix="sandfleet-soak-"))
@@ -259,7 +262,9 @@ async def soak(
                 node_stops(url, driver, node_stop_count, NODE_STOP_EVERY_SECONDS, stop)
             )
             started = time.monotonic()
-            for job_id in run.job_ids:
+            for number, job_id in enumerate(run.job_ids):
+                if rate > 0:  # paced: a steady flow, not one burst queued up
+                    await asyncio.sleep(max(0.0, started + number / rate - time.monotonic()))
                 await submit(client, request(job_id, driver, gpu_share, rng))
             run.submit_seconds = time.monotonic() - started
             wanted, ended = set(run.job_ids), set()
@@ -334,13 +339,16 @@ def main() -> None:
     )
     parser.add_argument("--cluster", action="store_true", help="run on ./dev cluster")
     parser.add_argument("--node-stops", type=int, default=2, help="with --cluster")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="submissions per second (0: all at once)"
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(fleet_vhost(cluster=args.cluster))
         stack.enter_context(test_cdi_spec())
         node_stop_count = args.node_stops if args.cluster else 0
         knobs = (args.n, args.kill_every, args.seed, url, args.driver, args.gpu_share)
-        run = asyncio.run(soak(*knobs, node_stop_count))
+        run = asyncio.run(soak(*knobs, node_stop_count, args.rate))
         raise SystemExit(report(run))
 
 

@@ -50,10 +50,14 @@ def _parts(url: str, number: int, count: int) -> SplitResult:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - parsing the port is what may raise
-    except ValueError as exc:
-        raise ValueError(f"{where} does not parse: {exc}") from None
+    except ValueError:
+        # Not urllib's words: they quote the part that failed, maybe a password's.
+        raise ValueError(
+            f"{where} does not parse as scheme://login:password@host:port/vhost"
+            " (a comma in a password is %2C)"
+        ) from None
     if parts.scheme not in SCHEMES:
-        raise ValueError(f"{where} is not amqp:// or amqps://")
+        raise ValueError(f"{where} is not amqp:// or amqps:// (a comma in a password is %2C)")
     if not parts.hostname:
         raise ValueError(f"{where} names no host")
     return parts

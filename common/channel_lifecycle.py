@@ -25,21 +25,29 @@ SETUP_GRACE_SECONDS = 10.0
 
 
 async def set_up_whole(setup: Coroutine[Any, Any, T], undo: Callable[[], Awaitable[object]]) -> T:
-    """`await setup`; if the caller is cancelled meanwhile, let `setup` finish, then
-    `await undo()` and re-raise the cancellation."""
+    """`await setup`. If it fails, or the caller is cancelled meanwhile, `setup` is let
+    finish (SETUP_GRACE_SECONDS at most), then `undo()` runs (even if the caller is
+    cancelled again), and the failure or cancellation goes on."""
     task = asyncio.ensure_future(setup)
     try:
         return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        with suppress(Exception, TimeoutError):
-            await asyncio.wait_for(task, SETUP_GRACE_SECONDS)
-        with suppress(Exception):
-            await undo()
+    except BaseException:
+        try:
+            if not task.done():
+                await asyncio.wait({task}, timeout=SETUP_GRACE_SECONDS)
+        finally:
+            if not task.done():
+                task.cancel()
+            with suppress(Exception):
+                await asyncio.shield(undo())
         raise
 
 
 async def close_whole(channel: AbstractChannel | None) -> None:
-    """Close `channel` (if open); a cancelled caller is cancelled at once, the closing
-    goes on."""
-    if channel is not None and not channel.is_closed:
-        await asyncio.shield(channel.close())
+    """Close `channel`; a cancelled caller is cancelled at once, the closing goes on.
+    Closed even when it looks closed already: a robust channel whose connection is
+    reconnecting looks closed, and one not closed by hand would be reopened, with its
+    consumer, once the connection is back."""
+    if channel is not None:
+        with suppress(Exception):
+            await asyncio.shield(channel.close())

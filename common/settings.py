@@ -48,7 +48,10 @@ def max_age_seconds(max_age: str) -> float:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SANDFLEET_", frozen=True, extra="ignore")
+    # Inputs stay out of error messages: a broker URL holds a password.
+    model_config = SettingsConfigDict(
+        env_prefix="SANDFLEET_", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     # One URL, or a comma-separated list of one cluster's nodes (common/broker_urls.py).
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"

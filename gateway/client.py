@@ -29,6 +29,7 @@ from sandfleet.common.amqp import (
     connect,
     redacted_url,
 )
+from sandfleet.common.broker_urls import check_broker_urls
 from sandfleet.common.errors import (
     CancelRefused,
     ClientClosed,
@@ -75,7 +76,7 @@ class Client(AsyncCloseable):
         connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     ) -> None:
         self._settings = settings or Settings()
-        self._url = url or self._settings.broker_url
+        self._url = check_broker_urls(url) if url else self._settings.broker_url
         self._connect_timeout = connect_timeout
         self._connection: AbstractRobustConnection | None = None
         self._requests: GatewayRequests | None = None

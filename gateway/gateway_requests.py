@@ -36,6 +36,7 @@ from sandfleet.common.topology import SUBMISSIONS_EXCHANGE
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 _LOST = (ChannelInvalidStateError, AMQPConnectionError)
+RESEND_PAUSE_SECONDS = 0.2
 
 
 class _ConnectionLost(Exception):
@@ -71,10 +72,12 @@ class GatewayRequests:
         # direct reply-to on a channel with no such consumer.
         replies = await requests._channel.declare_queue(DIRECT_REPLY_TO, passive=True)
         await replies.consume(requests._on_reply, no_ack=True)
+        # A reply sent to the channel before it came back is lost: ask again then.
         connection.reconnect_callbacks.add(requests._on_reconnect)
+        channel.reopen_callbacks.add(requests._on_reconnect)
         # Looked up now, outside any request's timeout (a later request looks again if
         # no gateway had run yet).
-        with suppress(FleetUnreachable):
+        with suppress(FleetUnreachable, _ConnectionLost):
             await requests._check_gateway_ran(SUBMISSIONS_EXCHANGE)
         return requests
 
@@ -127,7 +130,9 @@ class GatewayRequests:
             try:
                 await self._publish(body, kind, correlation_id, exchange)
             except _ConnectionLost:
-                await reconnected.wait()  # not at once again: the channel is not back yet
+                # Briefly: the channel may not know yet that it is gone (ready() at
+                # once again); once it knows, ready() waits for it to be back.
+                await asyncio.sleep(RESEND_PAUSE_SECONDS)
                 raise
             lost: asyncio.Future[Any] = asyncio.ensure_future(reconnected.wait())
             try:
@@ -166,9 +171,12 @@ class GatewayRequests:
     async def _check_gateway_ran(self, exchange: str) -> None:
         if exchange in self._exchanges_seen:
             return
-        # Shielded: a caller's timeout must not cut the look-up channel's opening or
-        # closing short, which can leave the connection unusable for the next request.
-        await asyncio.shield(self._look_up(exchange))
+        try:
+            # Shielded: a caller's timeout must not cut the look-up channel's opening
+            # or closing short, which can leave the connection unusable.
+            await asyncio.shield(self._look_up(exchange))
+        except (*_LOST, RuntimeError):  # aio-pika's "connection was not opened", too
+            raise _ConnectionLost from None
 
     async def _look_up(self, exchange: str) -> None:
         # A channel of its own: a missing exchange closes the channel it is looked up on.

@@ -133,17 +133,25 @@ class Gateway(AsyncCloseable):
         self._signer = job_signer(settings)
         self.metrics = GatewayMetrics()
         self._consuming = False
+        self._in_hand: set[asyncio.Task[None]] = set()  # submissions being handled
 
     async def __aenter__(self) -> Self:
-        await start_when_cluster_ready(self._start, self._undo_start)
+        await self.view.open()
+        try:
+            await start_when_cluster_ready(self._start, self._disconnect)
+        except BaseException:
+            await self.view.aclose()
+            raise
         return self
 
-    async def _undo_start(self) -> None:
+    async def _disconnect(self) -> None:
         self._consuming = False
+        for task in self._in_hand:
+            task.cancel()
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
-        await self.view.aclose()
+        self._depths = None  # on the connection just closed
 
     async def _start(self) -> None:
         settings = self._settings
@@ -157,7 +165,6 @@ class Gateway(AsyncCloseable):
         self._topology = await declare_topology(self._connection, self._channel)
         self._events = EventPublisher(self._topology.events)
         self._routes = RouteChecker(self._connection)
-        await self.view.open()
         self._jobs = JobIndex(
             await self._connection.channel(),
             self.view,
@@ -197,14 +204,24 @@ class Gateway(AsyncCloseable):
             await self.metrics.refresh_depths(self._depths.message_count, queues)
 
     async def aclose(self) -> None:
-        await self._undo_start()
+        await self._disconnect()
+        await self.view.aclose()
 
     async def serve_forever(self) -> None:
         """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
         await asyncio.Event().wait()
 
     async def _on_submission(self, message: AbstractIncomingMessage) -> None:
-        await settle(message, self._handle)
+        # In a task of the gateway's own: aiormq cancels a consumer's callback when its
+        # connection is lost, which would cut a submission between its `accepted` event
+        # and its job's publish, and the redelivered submission would then be answered
+        # as a duplicate of a job never queued. The task rides the outage out (the
+        # publish is retried on the new connection); its ack, on the lost channel, fails,
+        # and the redelivered copy is answered as the duplicate it is.
+        task = asyncio.create_task(settle(message, self._handle))
+        self._in_hand.add(task)
+        task.add_done_callback(self._in_hand.discard)
+        await asyncio.shield(task)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         if message.type == CANCEL_TYPE:

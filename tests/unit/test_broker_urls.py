@@ -30,7 +30,7 @@ def test_a_list_is_split_and_trimmed_in_order() -> None:
         ("amqp://u:p@a/v,amqp://w:p@b/v", "URL 2 of 2 has login 'w' but URL 1 has 'u'"),
         ("amqp://u:p@a/v,amqp://u:p@b/x", "URL 2 of 2 has virtual host 'x' but URL 1 has 'v'"),
         ("amqp://u:p@a/v,", "URL 2 of 2 is empty (a stray comma?)"),
-        ("amqp://u:p@a/v,http://b/v", "URL 2 of 2 is not amqp:// or amqps://"),
+        ("amqp://u:p@a/v,http://b/v", "URL 2 of 2 is not amqp:// or amqps:// (a comma"),
         ("amqp://u:p@a/v,amqp:///v", "URL 2 of 2 names no host"),
         ("amqp://u:p@a:99999/v,amqp://u:p@b/v", "URL 1 of 2 does not parse"),
     ],
@@ -55,3 +55,10 @@ def test_every_password_of_a_list_is_hidden_and_the_login_is_read() -> None:
     assert "secret" not in shown
     assert shown.count("u:***@") == 3
     assert broker_login(NODES) == "u"
+
+
+def test_a_password_cut_by_a_raw_comma_is_refused_without_showing_it() -> None:
+    with pytest.raises(ValidationError) as raised:
+        Settings(broker_url="amqp://u:top,secret@n1/v,amqp://u:top,secret@n2/v")
+    assert "%2C" in str(raised.value)
+    assert "secret" not in str(raised.value)
