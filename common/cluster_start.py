@@ -6,7 +6,8 @@ replica of every stream and quorum queue: consuming a stream there is refused wi
 still down answers 404 "home node … is down or inaccessible". Both pass in seconds.
 After start-up the robust connection rides them out by itself (a failed restore is
 another reconnection, to the next node); at start-up nothing would, so the process
-would exit. `start_when_cluster_ready` tries the start-up again instead.
+would exit. The same goes for a node stopped while a process starts on it (320
+CONNECTION_FORCED). `start_when_cluster_ready` tries the start-up again instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from aiormq.exceptions import AMQPError
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ConnectionClosed
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_fixed
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ STARTUP_RETRY_SECONDS = 120.0
 
 
 def cluster_still_starting(exc: BaseException) -> bool:
+    """Whether `exc` says a node is still starting, or went away mid-start (the broker
+    closed the connection for a shutdown; the next try goes to another node)."""
+    if isinstance(exc, ChannelInvalidStateError):
+        return True
+    if isinstance(exc, ConnectionClosed) and "CONNECTION_FORCED" in str(exc):
+        return True
     return isinstance(exc, AMQPError) and any(text in str(exc) for text in _STILL_STARTING)
 
 

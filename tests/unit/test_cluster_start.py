@@ -4,7 +4,7 @@ refusal is raised at once. Each failed try is undone first."""
 from __future__ import annotations
 
 import pytest
-from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
+from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed, ConnectionClosed
 
 from sandfleet.common.cluster_start import start_when_cluster_ready
 
@@ -33,6 +33,13 @@ async def test_a_node_still_starting_its_replicas_is_waited_for() -> None:
     start = Start(NO_REPLICA, NO_REPLICA)
     assert await start_when_cluster_ready(start.start, start.undo) == "started"
     assert (start.tries, start.undone) == (3, 2)
+
+
+async def test_a_node_stopped_mid_start_is_left_for_another() -> None:
+    forced = ConnectionClosed(320, "CONNECTION_FORCED - broker forced connection closure")
+    start = Start(forced)
+    assert await start_when_cluster_ready(start.start, start.undo) == "started"
+    assert (start.tries, start.undone) == (2, 1)
 
 
 async def test_any_other_refusal_is_raised_at_once_and_undone() -> None:
