@@ -69,6 +69,7 @@ from tests.support.runtimes import (
     CDI_SPEC,
     TEST_CDI_KIND,
     TEST_IMAGE,
+    docker_creations,
     sandboxes_created,
 )
 
@@ -183,6 +184,9 @@ class SoakRun:
     kills: int = 0
     crashes: int = 0
     nodes_stopped: list[str] = field(default_factory=list)
+    # Docker's creations, counted live (dockerd keeps only its last 256 events, too few
+    # to ask afterwards about 500 jobs); Podman's are asked afterwards, from its log.
+    created: Counter[str] | None = None
     submit_seconds: float = 0.0
 
     def latencies(self) -> list[float]:
@@ -291,7 +295,7 @@ def report(run: SoakRun) -> int:
     """Print the run's figures; 0 if nothing was lost, duplicated, double-held or leaked,
     and no worker crashed."""
     terminal = run.terminal()
-    created = sandboxes_created(run.driver, run.since)
+    created = run.created if run.created is not None else sandboxes_created(run.driver, run.since)
     lost = len(run.job_ids) - len(terminal)
     duplicated = sum(1 for job_id in run.job_ids if created[job_id] > 1)
     overlaps = double_holds(run.events)
@@ -348,8 +352,10 @@ def main() -> None:
         stack.enter_context(test_cdi_spec())
         node_stop_count = args.node_stops if args.cluster else 0
         knobs = (args.n, args.kill_every, args.seed, url, args.driver, args.gpu_share)
+        created = stack.enter_context(docker_creations()) if args.driver == "docker" else None
         run = asyncio.run(soak(*knobs, node_stop_count, args.rate))
-        raise SystemExit(report(run))
+        run.created = created
+    raise SystemExit(report(run))  # once the creations' follower has read to its end
 
 
 @contextlib.contextmanager

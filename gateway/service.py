@@ -35,6 +35,7 @@ from sandfleet.common.amqp import (
 from sandfleet.common.broker_urls import node_address, split_broker_urls
 from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
+from sandfleet.common.event_replay import ReplayedEvents
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.metrics import connection_up, metrics_served
@@ -118,7 +119,7 @@ class Gateway(AsyncCloseable):
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._topology: Topology | None = None
-        self._events: EventPublisher | None = None
+        self._events: ReplayedEvents | None = None
         self._routes: RouteChecker | None = None
         self._depths: RouteChecker | None = None
         self._jobs: JobIndex | None = None
@@ -163,7 +164,7 @@ class Gateway(AsyncCloseable):
             publisher_confirms=True, on_return_raises=True
         )
         self._topology = await declare_topology(self._connection, self._channel)
-        self._events = EventPublisher(self._topology.events)
+        self._events = ReplayedEvents(EventPublisher(self._topology.events), self._connection)
         self._routes = RouteChecker(self._connection)
         self._jobs = JobIndex(
             await self._connection.channel(),

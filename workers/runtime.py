@@ -37,6 +37,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from sandfleet.common.amqp import EventPublisher, EventSink, connect, settle
 from sandfleet.common.cluster_start import start_when_cluster_ready
+from sandfleet.common.event_replay import ReplayedEvents
 from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, WorkerHealth
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.metrics import connection_up
@@ -221,7 +222,9 @@ class Worker(AsyncCloseable):
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare_worker_queues(connection, driver=name, host=host)
         topology = await existing_topology(channel)
-        events = CountedEvents(EventPublisher(topology.events), self.metrics.jobs)
+        # Replayed beneath the count: a repeat was counted when first published.
+        replayed = ReplayedEvents(EventPublisher(topology.events), connection)
+        events = CountedEvents(replayed, self.metrics.jobs)
         logs = await self._log_shipper(logs_connection)
         cancellations = CancellationLog(
             await connection.channel(),

@@ -12,7 +12,7 @@ process connected to first.
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -24,13 +24,21 @@ from sandfleet.common.events import Event, Phase
 from sandfleet.common.topology import job_queue_name
 from sandfleet.gateway.client import Client, EventStream
 from tests.support.broker import vhost_of
-from tests.support.cluster import NODES, cluster_vhost, queue_leader, start_node, stop_node
-from tests.support.runtimes import WorkerFactory, sandboxes_created
+from tests.support.cluster import (
+    NODES,
+    any_running_node,
+    cluster_vhost,
+    ctl,
+    queue_leader,
+    start_node,
+    stop_node,
+)
+from tests.support.runtimes import WorkerFactory, docker_creations
 
 pytestmark = pytest.mark.integration
 
 SUBMIT_PACE_SECONDS = 0.1
-TERMINAL_TIMEOUT_SECONDS = 300
+TERMINAL_TIMEOUT_SECONDS = 180
 
 
 @pytest.fixture
@@ -62,15 +70,36 @@ async def submit_until(client: Client, image: str, node_down: asyncio.Event) -> 
 
 
 async def terminal_events(stream: EventStream, job_ids: set[str]) -> dict[str, list[Event]]:
-    """Every terminal event of these jobs, until each has one."""
+    """Every terminal event of these jobs, until each has one; on a timeout, an error
+    naming each job still without one and the phases it reached."""
     seen: dict[str, list[Event]] = {job_id: [] for job_id in job_ids}
-    async with asyncio.timeout(TERMINAL_TIMEOUT_SECONDS):
-        async for event in stream:
-            if event.job_id in seen and event.phase.is_terminal:
-                seen[event.job_id].append(event)
-                if all(seen.values()):
-                    return seen
+    phases: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
+    try:
+        async with asyncio.timeout(TERMINAL_TIMEOUT_SECONDS):
+            async for event in stream:
+                if event.job_id in seen:
+                    phases[event.job_id].append(event.phase.value)
+                    if event.phase.is_terminal:
+                        seen[event.job_id].append(event)
+                        if all(seen.values()):
+                            return seen
+    except TimeoutError:
+        unended = {job_id: phases[job_id] for job_id, ends in seen.items() if not ends}
+        raise AssertionError(f"jobs with no terminal event: {unended}") from None
     raise AssertionError("the event stream ended")
+
+
+async def terminal_in_log(broker_url: str, job_ids: set[str]) -> set[str]:
+    """The jobs whose terminal event the log holds, read from its start by a new client."""
+    async with Client(broker_url) as reader, reader.events(from_start=True) as log:
+        ended = {e.job_id or "" for e in [e async for e in log.history()] if e.phase.is_terminal}
+    return ended & job_ids
+
+
+def queue_state(broker_url: str) -> str:
+    vhost = vhost_of(broker_url.split(",", maxsplit=1)[0])
+    columns = ("name", "messages_ready", "messages_unacknowledged", "consumers")
+    return ctl(any_running_node(), "list_queues", "-p", vhost, *columns)
 
 
 async def stop_leader(broker_url: str, queue: str) -> str:
@@ -90,15 +119,16 @@ async def stop_first_node() -> str:
 async def test_a_lost_node_loses_no_job_and_runs_none_twice(
     broker_url: str, client: Client, docker_worker: WorkerFactory, test_image: str
 ) -> None:
-    since = time.time()
     queue = job_queue_name("docker")
     stopped: list[str] = []
     job_ids: set[str] = set()
     async with (
+        contextlib.AsyncExitStack() as runtime_events,
         docker_worker(slots=2),
         docker_worker(slots=2),  # the same host: one journal, as two workers of a host
         client.events() as stream,
     ):
+        created = runtime_events.enter_context(docker_creations())
         # The job queue's leader, then (if that was another) node 1, the one everyone
         # is on: submissions go on through its loss, so the client has moved, and every
         # job ending proves that the gateway and the workers have.
@@ -112,12 +142,22 @@ async def test_a_lost_node_loses_no_job_and_runs_none_twice(
             node_down.set()
             job_ids.update(await flow)
             await asyncio.to_thread(start_node, stopped[-1])
-        ends = await terminal_events(stream, job_ids)
+        try:
+            ends = await terminal_events(stream, job_ids)
+        except AssertionError as failed:
+            per_node = {
+                url.split("@")[1].split("/")[0]: len(await terminal_in_log(url, job_ids))
+                for url in broker_url.split(",")
+            }
+            raise AssertionError(
+                f"{failed}; read afresh through each node, the log has terminal events of"
+                f" {per_node} of {len(job_ids)} jobs; containers created: {dict(created)};"
+                f" queues now:\n{queue_state(broker_url)}"
+            ) from None
 
     assert len(stopped) == 2 and NODES[0] in stopped
     assert {job_id: len(events) for job_id, events in ends.items()} == dict.fromkeys(job_ids, 1)
     assert {events[0].phase for events in ends.values()} == {Phase.SUCCEEDED}
-    created = sandboxes_created("docker", since)
     assert Counter(created[job_id] for job_id in job_ids) == Counter({1: len(job_ids)})
     for job_id in sorted(job_ids)[:4]:  # the log holds each event once, as read
         phases = [event.phase for event in await client.history(job_id)]

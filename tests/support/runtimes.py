@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiodocker
 
@@ -82,3 +83,37 @@ def sandboxes_created(driver: str, since: float) -> Counter[str]:
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     names = (line.removeprefix("sandfleet-") for line in out.stdout.split())
     return Counter(name for name in names if name)
+
+
+@contextmanager
+def docker_creations() -> Iterator[Counter[str]]:
+    """Containers Docker creates while the block runs, per job id, counted live.
+
+    `sandboxes_created` asks dockerd for past events, and dockerd keeps only its last
+    256 events of every kind: for more than a few dozen jobs it undercounts, and a
+    duplicate sandbox could go unseen. This follows the events as they happen; the
+    counter holds every creation the block waited for (a job's terminal event comes
+    long after its container's creation)."""
+    created: Counter[str] = Counter()
+    # From now (whatever happens before the follower has subscribed), then live.
+    command = [
+        "docker", "events", "--since", f"{time.time():.3f}",
+        "--filter", "type=container", "--filter", "event=create",
+        "--format", '{{index .Actor.Attributes "sandfleet.job_id"}}',
+    ]  # fmt: skip
+    follower = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert follower.stdout is not None
+    reader = threading.Thread(target=_count_lines, args=(follower.stdout, created), daemon=True)
+    reader.start()
+    try:
+        yield created
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
+        reader.join(timeout=30)
+
+
+def _count_lines(lines: IO[str], counter: Counter[str]) -> None:
+    for line in lines:
+        if line.strip():
+            counter[line.strip()] += 1
