@@ -1,71 +1,94 @@
-"""Events published again after a reconnection: a stream can lose what it confirmed.
+"""Each job's latest event, published again a little later: a stream can lose what it
+confirmed.
 
 A RabbitMQ stream can lose messages it has confirmed when its leader changes
-(rabbitmq-server#9457, still open; seen here with 3.10 when a cluster node stops): a
-job that was accepted or ended just then would lack that event in the log, and
-whoever waits for its outcome would wait forever. So a publisher keeps the events it
-published in the last REPLAY_WINDOW_SECONDS, and after each reconnection (the sign of
-a node lost), once the streams have had REPLAY_DELAY_SECONDS to elect their new
-leaders, publishes them again. A repeat carries the same event_id: readers see each
-event once, as they do a taken-over job's terminal event.
+(rabbitmq-server#9457, still open; the cluster fault test saw it with 3.10: jobs that
+ran once, whose outcome every node's copy of the event log lacked). Whoever waits for
+such a job's outcome would wait forever. So a publisher remembers the latest event it
+published for each job, and ECHO_AFTER_SECONDS later (long past a leader election)
+publishes it again (those `echo` picks). Only the latest per job, and readers ignore
+an event that would take a job back (gateway.job_rules). A repeat carries the same
+event_id, and readers see each event once, as they see a taken-over job's terminal
+event once. The cost: about one more event per job in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import deque
-
-from aio_pika.abc import AbstractRobustConnection
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 from sandfleet.common.amqp import EventSink
 from sandfleet.common.events import Event, Phase
 
 log = logging.getLogger(__name__)
 
-REPLAY_WINDOW_SECONDS = 120.0
-REPLAY_DELAY_SECONDS = 10.0
-REPLAY_MAX_EVENTS = 20_000  # a bound on memory: a busy gateway's two minutes
+ECHO_AFTER_SECONDS = 30.0
+ECHO_EVERY_SECONDS = 10.0
+MAX_REMEMBERED_JOBS = 20_000  # a bound on memory; past it the oldest go unechoed
+
+Echo = Callable[[Event], Awaitable[bool]]
 
 
-class ReplayedEvents:
-    """An `EventSink` that remembers what it published lately, to publish it again
-    after its connection comes back: `ReplayedEvents(sink, connection)`."""
+async def _every_event(_: Event) -> bool:
+    return True
 
-    def __init__(self, sink: EventSink, connection: AbstractRobustConnection) -> None:
+
+class EchoedEvents:
+    """An `EventSink` that publishes each job's latest event again later:
+    `async with EchoedEvents(sink) as events: await events.publish(event)`."""
+
+    def __init__(self, sink: EventSink, *, echo: Echo = _every_event) -> None:
         self._sink = sink
-        self._recent: deque[tuple[float, Event]] = deque(maxlen=REPLAY_MAX_EVENTS)
-        self._replays: set[asyncio.Task[int]] = set()
-        connection.reconnect_callbacks.add(self._after_reconnect)
+        self._echo = echo
+        self._latest: OrderedDict[str, tuple[float, Event]] = OrderedDict()
+        self._echoing: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> EchoedEvents:
+        self._echoing = asyncio.create_task(self._echo_forever())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._echoing is not None:
+            self._echoing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._echoing
+            self._echoing = None
 
     async def publish(self, event: Event) -> None:
         await self._sink.publish(event)
-        if event.phase is not Phase.HEARTBEAT:  # the next one says as much
-            self._recent.append((time.monotonic(), event))
+        if event.job_id is not None and event.phase is not Phase.HEARTBEAT:
+            self._latest.pop(event.job_id, None)
+            self._latest[event.job_id] = (time.monotonic(), event)
+            if len(self._latest) > MAX_REMEMBERED_JOBS:
+                self._latest.popitem(last=False)
 
-    def _after_reconnect(self, *_: object) -> None:
-        task = asyncio.create_task(self.replay(delay=REPLAY_DELAY_SECONDS))
-        self._replays.add(task)
-        task.add_done_callback(self._replays.discard)
-
-    async def replay(self, *, delay: float = 0.0) -> int:
-        """After `delay` s, publish again what was published in the window before; how
-        many events."""
-        cutoff = time.monotonic() - REPLAY_WINDOW_SECONDS
-        await asyncio.sleep(delay)  # the streams' new leaders, not a wait on an event
-        recent = [event for at, event in list(self._recent) if at >= cutoff]
-        for event in recent:
+    async def _echo_forever(self) -> None:
+        while True:
+            await asyncio.sleep(ECHO_EVERY_SECONDS)  # a pace, not a wait on an event
             try:
-                await self._sink.publish(event)
-            except Exception:  # the next reconnection tries again
-                log.warning("event %s not published again", event.event_id, exc_info=True)
-                return 0
-        if recent:
-            log.info("published %d recent events again after a reconnection", len(recent))
-        return len(recent)
+                await self.echo_due()
+            except Exception:  # the broker away: these wait for the next round
+                log.warning("events not echoed this round", exc_info=True)
 
-    async def aclose(self) -> None:
-        for task in list(self._replays):
-            task.cancel()
-        await asyncio.gather(*self._replays, return_exceptions=True)
+    async def echo_due(self, *, now: float | None = None) -> int:
+        """Publish again each job's latest event older than ECHO_AFTER_SECONDS (that
+        `echo` picks); how many."""
+        cutoff = (time.monotonic() if now is None else now) - ECHO_AFTER_SECONDS
+        echoed = 0
+        while self._latest:
+            job_id, (at, event) = next(iter(self._latest.items()))
+            if at > cutoff:
+                break
+            if await self._echo(event):
+                await self._sink.publish(event)
+                echoed += 1
+            if self._latest.get(job_id, (None, None))[1] is event:
+                del self._latest[job_id]
+        return echoed

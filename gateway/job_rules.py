@@ -15,5 +15,12 @@ def counts(current: Phase | None, event: Event) -> bool:
         # id (a flood of bad requests must not fill the index), and a worker's word
         # about an id the gateway never accepted counts for nothing here.
         return False
-    # A terminal phase is final; a late `accepted` does not reopen it.
-    return not (current is not None and current.is_terminal and event.phase is Phase.ACCEPTED)
+    if current is None:
+        return True
+    if event.phase is Phase.ACCEPTED:
+        # A terminal phase is final (a late `accepted` does not reopen it), and an
+        # `accepted` for a job already known repeats the first (common.event_replay).
+        return False
+    # After its end, only an end counts: a worker's late or repeated word from before
+    # it (an echo, a dead worker's) does not take the job back.
+    return not current.is_terminal or event.phase.is_terminal

@@ -35,7 +35,7 @@ from sandfleet.common.amqp import (
 from sandfleet.common.broker_urls import node_address, split_broker_urls
 from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
-from sandfleet.common.event_replay import ReplayedEvents
+from sandfleet.common.event_replay import EchoedEvents
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.metrics import connection_up, metrics_served
@@ -119,7 +119,7 @@ class Gateway(AsyncCloseable):
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._topology: Topology | None = None
-        self._events: ReplayedEvents | None = None
+        self._events: EchoedEvents | None = None
         self._routes: RouteChecker | None = None
         self._depths: RouteChecker | None = None
         self._jobs: JobIndex | None = None
@@ -147,6 +147,8 @@ class Gateway(AsyncCloseable):
 
     async def _disconnect(self) -> None:
         self._consuming = False
+        if self._events is not None:
+            await self._events.aclose()
         for task in self._in_hand:
             task.cancel()
         if self._connection is not None:
@@ -164,7 +166,8 @@ class Gateway(AsyncCloseable):
             publisher_confirms=True, on_return_raises=True
         )
         self._topology = await declare_topology(self._connection, self._channel)
-        self._events = ReplayedEvents(EventPublisher(self._topology.events), self._connection)
+        self._events = EchoedEvents(EventPublisher(self._topology.events), echo=self._echoed)
+        await self._events.__aenter__()
         self._routes = RouteChecker(self._connection)
         self._jobs = JobIndex(
             await self._connection.channel(),
@@ -207,6 +210,14 @@ class Gateway(AsyncCloseable):
     async def aclose(self) -> None:
         await self._disconnect()
         await self.view.aclose()
+
+    @staticmethod
+    async def _echoed(event: Event) -> bool:
+        """Which of its events the gateway publishes again (common.event_replay): each
+        `accepted`. Not a rejection: echoed after the id was accepted since, it would
+        free the id for a second run. (Having read an event from the log proves
+        nothing: a stream can lose a message its readers have already seen.)"""
+        return event.phase is Phase.ACCEPTED
 
     async def serve_forever(self) -> None:
         """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM)."""

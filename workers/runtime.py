@@ -37,7 +37,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from sandfleet.common.amqp import EventPublisher, EventSink, connect, settle
 from sandfleet.common.cluster_start import start_when_cluster_ready
-from sandfleet.common.event_replay import ReplayedEvents
+from sandfleet.common.event_replay import EchoedEvents
 from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, WorkerHealth
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.metrics import connection_up
@@ -79,6 +79,7 @@ class _Connected:
 
     connection: AbstractRobustConnection
     events: EventSink
+    echoed: EchoedEvents  # under `events`: closed with the connection
     runner: JobRunner
     intake: JobIntake
     logs: LogShipper
@@ -170,6 +171,7 @@ class Worker(AsyncCloseable):
         if self._connected is not None:
             with contextlib.suppress(Exception):  # logged by the publisher's retries
                 await self._heartbeat(HEARTBEAT_STOPPED)  # listed as stopped, not lost
+            await self._connected.echoed.aclose()
             await self._connected.logs.aclose()
             await self._connected.logs_connection.close()
             await self._connected.connection.close()
@@ -222,9 +224,9 @@ class Worker(AsyncCloseable):
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare_worker_queues(connection, driver=name, host=host)
         topology = await existing_topology(channel)
-        # Replayed beneath the count: a repeat was counted when first published.
-        replayed = ReplayedEvents(EventPublisher(topology.events), connection)
-        events = CountedEvents(replayed, self.metrics.jobs)
+        # Echoed beneath the count: a repeat was counted when first published.
+        echoed = EchoedEvents(EventPublisher(topology.events))
+        events = CountedEvents(echoed, self.metrics.jobs)
         logs = await self._log_shipper(logs_connection)
         cancellations = CancellationLog(
             await connection.channel(),
@@ -256,9 +258,11 @@ class Worker(AsyncCloseable):
 
         queues = [await channel.get_queue(name) for name in self._queue_names()]
         intake = JobIntake(channel, queues, self.slots, handle)
+        await echoed.__aenter__()  # last: nothing after it can fail and leave it running
         return _Connected(
             connection=connection,
             events=events,
+            echoed=echoed,
             runner=runner,
             intake=intake,
             logs=logs,

@@ -1,16 +1,14 @@
-"""After a reconnection, a publisher sends its recent events again (a stream can lose
-what it confirmed around a leader change): the same events, once each, heartbeats
-and old ones left out."""
+"""Each job's latest event is published again a while later (a stream can lose what it
+confirmed around a leader change): the same event, once, only the latest per job, not
+heartbeats, and only those the publisher picks."""
 
 from __future__ import annotations
 
-from typing import Any
+import time
 
-import pytest
-
-from sandfleet.common import event_replay
-from sandfleet.common.event_replay import ReplayedEvents
+from sandfleet.common.event_replay import ECHO_AFTER_SECONDS, EchoedEvents
 from sandfleet.common.events import Event, Phase
+from sandfleet.gateway.job_rules import counts
 
 
 class Sink:
@@ -21,38 +19,59 @@ class Sink:
         self.published.append(event)
 
 
-class Connection:
-    def __init__(self) -> None:
-        self.reconnect_callbacks: set[Any] = set()
-
-
 def event(job_id: str | None, phase: Phase) -> Event:
     return Event(job_id=job_id, phase=phase, host="h", driver="docker")
 
 
-async def test_recent_events_are_published_again_with_their_ids() -> None:
+LATER = ECHO_AFTER_SECONDS + 1
+
+
+async def test_each_jobs_latest_event_is_echoed_once_with_its_id() -> None:
     sink = Sink()
-    replayed = ReplayedEvents(sink, Connection())  # type: ignore[arg-type]
-    sent = [event("a", Phase.ACCEPTED), event(None, Phase.HEARTBEAT), event("a", Phase.SUCCEEDED)]
+    echoed = EchoedEvents(sink)
+    sent = [
+        event("a", Phase.STARTING),
+        event(None, Phase.HEARTBEAT),
+        event("b", Phase.RUNNING),
+        event("a", Phase.SUCCEEDED),
+    ]
     for each in sent:
-        await replayed.publish(each)
-    assert await replayed.replay() == 2
-    assert [e.event_id for e in sink.published[3:]] == [sent[0].event_id, sent[2].event_id]
+        await echoed.publish(each)
+    assert await echoed.echo_due(now=time.monotonic() + LATER) == 2
+    assert [e.event_id for e in sink.published[4:]] == [sent[2].event_id, sent[3].event_id]
+    assert await echoed.echo_due(now=time.monotonic() + 2 * LATER) == 0  # once
 
 
-async def test_events_older_than_the_window_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [1000.0]
-    monkeypatch.setattr("time.monotonic", lambda: now[0])
+async def test_nothing_is_echoed_before_its_time() -> None:
+    echoed = EchoedEvents(Sink())
+    await echoed.publish(event("a", Phase.SUCCEEDED))
+    assert await echoed.echo_due() == 0
+    assert await echoed.echo_due(now=time.monotonic() + LATER) == 1
+
+
+async def test_only_the_events_echo_picks_are_echoed() -> None:
     sink = Sink()
-    replayed = ReplayedEvents(sink, Connection())  # type: ignore[arg-type]
-    await replayed.publish(event("old", Phase.SUCCEEDED))
-    now[0] += event_replay.REPLAY_WINDOW_SECONDS + 1
-    await replayed.publish(event("new", Phase.SUCCEEDED))
-    assert await replayed.replay() == 1
-    assert sink.published[-1].job_id == "new"
+
+    async def echo(e: Event) -> bool:
+        return e.job_id == "lost"
+
+    echoed = EchoedEvents(sink, echo=echo)
+    await echoed.publish(event("kept", Phase.ACCEPTED))
+    await echoed.publish(event("lost", Phase.ACCEPTED))
+    assert await echoed.echo_due(now=time.monotonic() + LATER) == 1
+    assert sink.published[-1].job_id == "lost"
 
 
-def test_a_reconnection_is_what_starts_a_replay() -> None:
-    connection = Connection()
-    replayed = ReplayedEvents(Sink(), connection)  # type: ignore[arg-type]
-    assert connection.reconnect_callbacks == {replayed._after_reconnect}
+async def test_the_echo_loop_stops_with_the_publisher() -> None:
+    async with EchoedEvents(Sink()) as echoed:
+        assert echoed._echoing is not None and not echoed._echoing.done()
+    assert echoed._echoing is None
+
+
+def test_an_echo_never_takes_a_job_back() -> None:
+    """What readers of the log (the job index and view) do with an echoed event."""
+    assert counts(None, event("a", Phase.ACCEPTED))
+    assert not counts(Phase.RUNNING, event("a", Phase.ACCEPTED))  # the acceptance again
+    assert not counts(Phase.SUCCEEDED, event("a", Phase.RUNNING))  # a word from before
+    assert counts(Phase.RUNNING, event("a", Phase.SUCCEEDED))
+    assert counts(Phase.SUCCEEDED, event("a", Phase.SUCCEEDED))  # the end again: same end
