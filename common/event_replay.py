@@ -10,6 +10,10 @@ publishes it again (those `echo` picks). Only the latest per job, and readers ig
 an event that would take a job back (gateway.job_rules). A repeat carries the same
 event_id, and readers see each event once, as they see a taken-over job's terminal
 event once. The cost: about one more event per job in the log.
+
+Echoes go out on a channel opened for the round: a channel that wrote to a stream
+before its leader changed can go on losing what it writes there until it is reopened
+(what the fault test showed of `accepted` events echoed on the gateway's own channel).
 """
 
 from __future__ import annotations
@@ -19,10 +23,15 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 
-from sandfleet.common.amqp import EventSink
+from aio_pika.abc import AbstractConnection
+
+from sandfleet.common.amqp import EventPublisher, EventSink
+from sandfleet.common.channel_lifecycle import close_whole
 from sandfleet.common.events import Event, Phase
+from sandfleet.common.topology import EVENTS_EXCHANGE
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +48,18 @@ async def _every_event(_: Event) -> bool:
 
 class EchoedEvents:
     """An `EventSink` that publishes each job's latest event again later:
-    `async with EchoedEvents(sink) as events: await events.publish(event)`."""
+    `async with EchoedEvents(sink, lambda: fresh_events(connection)) as events:`."""
 
-    def __init__(self, sink: EventSink, *, echo: Echo = _every_event) -> None:
+    def __init__(
+        self,
+        sink: EventSink,
+        fresh: Callable[[], AbstractAsyncContextManager[EventSink]],
+        *,
+        echo: Echo = _every_event,
+    ) -> None:
+        """`fresh()`: a publisher on a channel of its own (`fresh_events`)."""
         self._sink = sink
+        self._fresh = fresh
         self._echo = echo
         self._latest: OrderedDict[str, tuple[float, Event]] = OrderedDict()
         self._echoing: asyncio.Task[None] | None = None
@@ -81,14 +98,25 @@ class EchoedEvents:
         """Publish again each job's latest event older than ECHO_AFTER_SECONDS (that
         `echo` picks); how many."""
         cutoff = (time.monotonic() if now is None else now) - ECHO_AFTER_SECONDS
+        due = [(job_id, event) for job_id, (at, event) in self._latest.items() if at <= cutoff]
+        if not due:
+            return 0
         echoed = 0
-        while self._latest:
-            job_id, (at, event) = next(iter(self._latest.items()))
-            if at > cutoff:
-                break
-            if await self._echo(event):
-                await self._sink.publish(event)
-                echoed += 1
-            if self._latest.get(job_id, (None, None))[1] is event:
-                del self._latest[job_id]
+        async with self._fresh() as sink:
+            for job_id, event in due:
+                if await self._echo(event):
+                    await sink.publish(event)
+                    echoed += 1
+                if self._latest.get(job_id, (None, None))[1] is event:
+                    del self._latest[job_id]
         return echoed
+
+
+@contextlib.asynccontextmanager
+async def fresh_events(connection: AbstractConnection) -> AsyncIterator[EventSink]:
+    """An event publisher on a channel of its own, closed afterwards."""
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        yield EventPublisher(await channel.get_exchange(EVENTS_EXCHANGE, ensure=False))
+    finally:
+        await close_whole(channel)

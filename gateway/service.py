@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Self
 from urllib.parse import unquote, urlsplit
 
@@ -35,7 +36,7 @@ from sandfleet.common.amqp import (
 from sandfleet.common.broker_urls import node_address, split_broker_urls
 from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
-from sandfleet.common.event_replay import EchoedEvents
+from sandfleet.common.event_replay import EchoedEvents, fresh_events
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.metrics import connection_up, metrics_served
@@ -166,7 +167,11 @@ class Gateway(AsyncCloseable):
             publisher_confirms=True, on_return_raises=True
         )
         self._topology = await declare_topology(self._connection, self._channel)
-        self._events = EchoedEvents(EventPublisher(self._topology.events), echo=self._echoed)
+        self._events = EchoedEvents(
+            EventPublisher(self._topology.events),
+            partial(fresh_events, self._connection),
+            echo=self._echoed,
+        )
         await self._events.__aenter__()
         self._routes = RouteChecker(self._connection)
         self._jobs = JobIndex(

@@ -31,13 +31,14 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Self
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from sandfleet.common.amqp import EventPublisher, EventSink, connect, settle
 from sandfleet.common.cluster_start import start_when_cluster_ready
-from sandfleet.common.event_replay import EchoedEvents
+from sandfleet.common.event_replay import EchoedEvents, fresh_events
 from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, WorkerHealth
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.metrics import connection_up
@@ -225,7 +226,7 @@ class Worker(AsyncCloseable):
         await declare_worker_queues(connection, driver=name, host=host)
         topology = await existing_topology(channel)
         # Echoed beneath the count: a repeat was counted when first published.
-        echoed = EchoedEvents(EventPublisher(topology.events))
+        echoed = EchoedEvents(EventPublisher(topology.events), partial(fresh_events, connection))
         events = CountedEvents(echoed, self.metrics.jobs)
         logs = await self._log_shipper(logs_connection)
         cancellations = CancellationLog(

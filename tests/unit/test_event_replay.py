@@ -5,6 +5,8 @@ heartbeats, and only those the publisher picks."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from sandfleet.common.event_replay import ECHO_AFTER_SECONDS, EchoedEvents
 from sandfleet.common.events import Event, Phase
@@ -19,6 +21,16 @@ class Sink:
         self.published.append(event)
 
 
+def fresh(sink: Sink) -> Callable[[], AbstractAsyncContextManager[Sink]]:
+    """The echo's own publisher: here the same sink, on no channel."""
+
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[Sink]:
+        yield sink
+
+    return opened
+
+
 def event(job_id: str | None, phase: Phase) -> Event:
     return Event(job_id=job_id, phase=phase, host="h", driver="docker")
 
@@ -28,7 +40,7 @@ LATER = ECHO_AFTER_SECONDS + 1
 
 async def test_each_jobs_latest_event_is_echoed_once_with_its_id() -> None:
     sink = Sink()
-    echoed = EchoedEvents(sink)
+    echoed = EchoedEvents(sink, fresh(sink))
     sent = [
         event("a", Phase.STARTING),
         event(None, Phase.HEARTBEAT),
@@ -43,7 +55,8 @@ async def test_each_jobs_latest_event_is_echoed_once_with_its_id() -> None:
 
 
 async def test_nothing_is_echoed_before_its_time() -> None:
-    echoed = EchoedEvents(Sink())
+    sink = Sink()
+    echoed = EchoedEvents(sink, fresh(sink))
     await echoed.publish(event("a", Phase.SUCCEEDED))
     assert await echoed.echo_due() == 0
     assert await echoed.echo_due(now=time.monotonic() + LATER) == 1
@@ -55,7 +68,7 @@ async def test_only_the_events_echo_picks_are_echoed() -> None:
     async def echo(e: Event) -> bool:
         return e.job_id == "lost"
 
-    echoed = EchoedEvents(sink, echo=echo)
+    echoed = EchoedEvents(sink, fresh(sink), echo=echo)
     await echoed.publish(event("kept", Phase.ACCEPTED))
     await echoed.publish(event("lost", Phase.ACCEPTED))
     assert await echoed.echo_due(now=time.monotonic() + LATER) == 1
@@ -63,7 +76,8 @@ async def test_only_the_events_echo_picks_are_echoed() -> None:
 
 
 async def test_the_echo_loop_stops_with_the_publisher() -> None:
-    async with EchoedEvents(Sink()) as echoed:
+    sink = Sink()
+    async with EchoedEvents(sink, fresh(sink)) as echoed:
         assert echoed._echoing is not None and not echoed._echoing.done()
     assert echoed._echoing is None
 
