@@ -20,10 +20,9 @@ from urllib.parse import unquote, urlsplit
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
+from aio_pika.exceptions import PublishError
 
 from sandfleet.common.amqp import (
     EventPublisher,
@@ -58,58 +57,11 @@ from sandfleet.gateway.job_index import JobIndex
 from sandfleet.gateway.job_view import JobView
 from sandfleet.gateway.metrics import GatewayMetrics
 from sandfleet.gateway.ownership import UNIDENTIFIED, Ownership
+from sandfleet.gateway.route_checker import RouteChecker
 from sandfleet.gateway.signer import job_signer, say_how_signed
 from sandfleet.gateway.view_desk import ViewDesk
 
 log = logging.getLogger(__name__)
-
-
-class RouteChecker:
-    """Knows which job queues exist, so a job is accepted only where a queue will hold it.
-
-    Positive answers are cached: job queues are durable and deleting one is an
-    operator's act; the mandatory flag on the publish still catches that case.
-    """
-
-    def __init__(self, connection: AbstractRobustConnection) -> None:
-        self._connection = connection
-        self._channel: AbstractRobustChannel | None = None
-        self._known: set[str] = set()
-        # One look-up at a time: a missing queue closes the shared channel, which would
-        # fail a concurrent handler's look-up on it ("Channel closed").
-        self._look_up = asyncio.Lock()
-
-    @property
-    def known(self) -> frozenset[str]:
-        """The job queues found to exist so far."""
-        return frozenset(self._known)
-
-    async def exists(self, queue_name: str) -> bool:
-        if queue_name in self._known:
-            return True
-        if await self.message_count(queue_name) is None:
-            return False
-        self._known.add(queue_name)
-        return True
-
-    async def message_count(self, queue_name: str) -> int | None:
-        """The messages ready in the queue (a passive declare); None if there is no such queue."""
-        async with self._look_up:
-            return await self._message_count(queue_name)
-
-    async def _message_count(self, queue_name: str) -> int | None:
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await self._connection.channel()
-        try:
-            # Not robust: a robust channel answers a passive declare of a queue it knows
-            # from its cache, with the message count of the first answer.
-            queue = await self._channel.declare_queue(queue_name, passive=True, robust=False)
-        except ChannelNotFoundEntity:
-            # A failed passive declare closes the channel; open a fresh one next time.
-            await self._channel.close()
-            self._channel = None
-            return None
-        return queue.declaration_result.message_count or 0
 
 
 class Gateway(AsyncCloseable):
@@ -136,6 +88,7 @@ class Gateway(AsyncCloseable):
         self.metrics = GatewayMetrics()
         self._consuming = False
         self._in_hand: set[asyncio.Task[None]] = set()  # submissions being handled
+        self._unqueued: dict[str, Job] = {}  # accepted, but their publish failed
 
     async def __aenter__(self) -> Self:
         await self.view.open()
@@ -270,6 +223,9 @@ class Gateway(AsyncCloseable):
             await self._reject(message, new_job_id(), [refusal], "JobIdTaken")
             raise RequestInvalid([refusal])
         if (phase := self._jobs.existing(job.job_id)) is not None:
+            if (accepted := self._unqueued.pop(job.job_id, None)) is not None:
+                await self._queue_or_keep(message, accepted)  # its acceptance stands
+                return
             reply = SubmitReply(
                 status=ReplyStatus.ACCEPTED, job_id=job.job_id, duplicate=True, phase=phase
             )
@@ -278,19 +234,35 @@ class Gateway(AsyncCloseable):
         # No await since the checks: concurrent twins see it.
         self._jobs.reserve(job.job_id, job.submitted_by)
         try:
-            await self._publish(message, job)
+            await self._accept(message, job)
         except BaseException:
             self._jobs.forget(job.job_id)
             raise
+        await self._queue_or_keep(message, job)
 
-    async def _publish(self, message: AbstractIncomingMessage, job: Job) -> None:
-        assert self._topology is not None and self._routes is not None
-        host = job.placement.host
-        queue = job_queue_name(job.driver, host)
+    async def _queue_or_keep(self, message: AbstractIncomingMessage, job: Job) -> None:
+        assert self._jobs is not None
+        try:
+            await self._queue(message, job)
+        except RequestInvalid:  # unroutable after all: rejected, and the id free again
+            self._jobs.forget(job.job_id)
+            raise
+        except BaseException:
+            # Accepted (its event is out) but not queued: kept, and queued when its
+            # submission comes back (redelivered, or sent again), never accepted twice.
+            self._unqueued[job.job_id] = job
+            raise
+
+    async def _accept(self, message: AbstractIncomingMessage, job: Job) -> None:
+        assert self._routes is not None
+        queue = job_queue_name(job.driver, job.placement.host)
         if not await self._routes.exists(queue):
             raise RequestInvalid(await self._unroutable(message, job))
-
         await self._emit(job, Phase.ACCEPTED, "Accepted", f"queued on {queue}")
+
+    async def _queue(self, message: AbstractIncomingMessage, job: Job) -> None:
+        assert self._topology is not None
+        host = job.placement.host
         message_out = job_message(signed(job, self._signer))
         jobs = self._topology.jobs
         try:
