@@ -53,6 +53,7 @@ from typing import Any
 
 from bench.gateway_throughput import throwaway_vhost
 from sandfleet.common.amqp import connect
+from sandfleet.common.broker_urls import vhost_of
 from sandfleet.common.errors import FleetUnreachable
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings
@@ -61,7 +62,6 @@ from sandfleet.common.topology import declare_topology, job_queue_name
 from sandfleet.gateway.broker_setup import DEFAULT_ADMIN_URL, apply_fleet_policies
 from sandfleet.gateway.client import Client
 from sandfleet.workers.gpu.claims import GpuClaimStore
-from tests.support.broker import vhost_of
 from tests.support.cluster import NODES, cluster_vhost, queue_leader, start_node, stop_node
 from tests.support.gpus import double_holds
 from tests.support.runtimes import (
@@ -129,7 +129,7 @@ async def node_stops(
 ) -> list[str]:
     """Stop `count` cluster nodes in turn, one every ~`every` s, each started again
     NODE_DOWN_SECONDS later (see the module's docstring for which). The nodes stopped."""
-    vhost = vhost_of(url.split(",", maxsplit=1)[0])
+    vhost = vhost_of(url)
     stopped: list[str] = []
     for _ in range(count):
         with contextlib.suppress(TimeoutError):

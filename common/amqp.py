@@ -22,7 +22,7 @@ from aio_pika.abc import (
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from sandfleet.common.broker_urls import node_address, split_broker_urls
+from sandfleet.common.broker_urls import node_address, split_broker_urls, vhost_of
 from sandfleet.common.errors import DeadLetter, FleetUnreachable
 from sandfleet.common.events import Event
 from sandfleet.common.failover import FailoverConnection
@@ -134,7 +134,7 @@ def _why_unreachable(exc: BaseException, url: str) -> str:
         return "no answer from the broker in time"
     if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
         # The broker closes the connection instead of opening the virtual host.
-        vhost = unquote(urlsplit(url).path[1:]) or "/"
+        vhost = vhost_of(url)
         return f"the broker refused virtual host {vhost!r} (missing, or not open to this user)"
     code, text = (*exc.args, None, None)[:2]
     if isinstance(code, int) and isinstance(text, str):

@@ -33,7 +33,7 @@ def check_broker_urls(value: str) -> str:
         for what, mine, theirs in (
             ("scheme", parts.scheme, first.scheme),
             ("login", unquote(parts.username or ""), unquote(first.username or "")),
-            ("virtual host", _vhost(parts), _vhost(first)),
+            ("virtual host", vhost_of(url), vhost_of(urls[0])),
         ):
             if mine != theirs:
                 raise ValueError(
@@ -63,8 +63,10 @@ def _parts(url: str, number: int, count: int) -> SplitResult:
     return parts
 
 
-def _vhost(parts: SplitResult) -> str:
-    return unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+def vhost_of(url: str) -> str:
+    """The virtual host a URL (or a list's first, which all share) names; `/` if none."""
+    path = urlsplit(split_broker_urls(url)[0]).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def node_address(url: str) -> str:

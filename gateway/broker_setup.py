@@ -30,7 +30,7 @@ import aiohttp
 
 from sandfleet.common import broker_roles as roles
 from sandfleet.common.amqp import connect, redacted_url
-from sandfleet.common.broker_urls import split_broker_urls
+from sandfleet.common.broker_urls import split_broker_urls, vhost_of
 from sandfleet.common.errors import SandfleetError
 from sandfleet.common.queue_policies import QueuePolicy, fleet_policies
 from sandfleet.common.settings import Settings
@@ -144,7 +144,7 @@ async def set_up_broker(
     queue and each host's queues as the admin."""
     for name in submitters:
         roles.check_submitter_name(name)
-    vhost = _vhost_of(settings.broker_url)
+    vhost = vhost_of(settings.broker_url)
     wanted = _role_permissions(hosts, submitters, drivers)
     passwords = credentials.read()
     async with _management(admin_url, settings) as api:
@@ -171,7 +171,7 @@ async def apply_fleet_policies(settings: Settings, *, admin_url: str) -> list[Qu
     """Put the queues' policies, from `settings`, in its broker URL's vhost (which must
     exist): what `set_up_broker` does, alone."""
     async with _management(admin_url, settings) as api:
-        return await put_policies(api, _vhost_of(settings.broker_url), fleet_policies(settings))
+        return await put_policies(api, vhost_of(settings.broker_url), fleet_policies(settings))
 
 
 async def put_policies(
@@ -271,11 +271,6 @@ async def _declare(
         for driver in drivers:
             for host in (None, *hosts):
                 await declare_job_queue(connection, channel, driver, host)
-
-
-def _vhost_of(broker_url: str) -> str:
-    path = urlsplit(split_broker_urls(broker_url)[0]).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def _url_for(broker_url: str, login: str, password: str) -> str:

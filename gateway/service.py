@@ -15,7 +15,6 @@ import asyncio
 import logging
 from functools import partial
 from typing import Self
-from urllib.parse import unquote, urlsplit
 
 from aio_pika.abc import (
     AbstractChannel,
@@ -32,7 +31,7 @@ from sandfleet.common.amqp import (
     send_reply,
     settle,
 )
-from sandfleet.common.broker_urls import node_address, split_broker_urls
+from sandfleet.common.broker_urls import node_address, split_broker_urls, vhost_of
 from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
 from sandfleet.common.event_replay import EchoedEvents, fresh_events
@@ -342,7 +341,7 @@ def mirrored_log(broker_url: str) -> str:
     """Which event log a view mirrors: broker address and vhost (not the login, which a
     password rotation may change), and the log's name."""
     nodes = split_broker_urls(broker_url)
-    vhost = unquote(urlsplit(nodes[0]).path[1:]) or "/"
+    vhost = vhost_of(broker_url)
     address = ",".join(sorted(node_address(node) for node in nodes))
     return f"{address} {vhost} {EVENTS_LOG_QUEUE}"
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
+from sandfleet.common.broker_urls import vhost_of
 from sandfleet.common.event_replay import ECHO_AFTER_SECONDS
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.topology import job_queue_name
 from sandfleet.gateway.client import Client, EventStream
 from tests.support import eventually
-from tests.support.broker import vhost_of
 from tests.support.cluster import (
     NODES,
     any_running_node,
@@ -109,14 +109,14 @@ async def terminal_in_log(broker_url: str, job_ids: set[str]) -> set[str]:
 
 
 def queue_state(broker_url: str) -> str:
-    vhost = vhost_of(broker_url.split(",", maxsplit=1)[0])
+    vhost = vhost_of(broker_url)
     columns = ("name", "messages_ready", "messages_unacknowledged", "consumers")
     return ctl(any_running_node(), "list_queues", "-p", vhost, *columns)
 
 
 async def stop_leader(broker_url: str, queue: str) -> str:
     """Stop the node that leads `queue` now; its name."""
-    vhost = vhost_of(broker_url.split(",", maxsplit=1)[0])
+    vhost = vhost_of(broker_url)
     leader = await asyncio.to_thread(queue_leader, vhost, queue)
     await asyncio.to_thread(stop_node, leader)
     return leader
