@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic_settings import BaseSettings
 
@@ -24,6 +24,10 @@ LABEL_JOB_ID = "sandfleet.job_id"
 LABEL_DRIVER = "sandfleet.driver"
 LABEL_WORKER_ID = "sandfleet.worker_id"
 LABEL_GPUS = "sandfleet.gpus"
+# A warm sandbox's pool profile (set when it is made, before any job is known).
+LABEL_POOL = "sandfleet.pool"
+# No job's sandbox can have a name starting so: a job id starts with a letter or digit.
+WARM_NAME_PREFIX = "sandfleet-_warm-"
 
 
 def sandbox_name(job_id: str) -> str:
@@ -123,6 +127,46 @@ class SandboxState:
     @property
     def job_id(self) -> str | None:
         return self.labels.get(LABEL_JOB_ID)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmSpec(Generic[ConfigT]):
+    """A sandbox to make ahead of demand for one pool profile: no job is known yet.
+
+    It is made with the profile's image, resources and driver block exactly as a job's
+    sandbox matching them would be, so that a job taking it runs as it would cold."""
+
+    name: str  # WARM_NAME_PREFIX + a unique suffix: no job's name
+    worker_id: str
+    pool: str  # the profile's key (LABEL_POOL)
+    image: str
+    cpu: float | None
+    memory_bytes: int | None
+    config: ConfigT
+    labels: Mapping[str, str]  # sandfleet's own: driver, worker, pool
+
+
+@runtime_checkable
+class WarmSandboxes(Protocol[ConfigT]):
+    """What a driver that can keep warm sandboxes adds to `SandboxDriver` (optional).
+
+    A warm sandbox is listed by `list_sandboxes` with LABEL_POOL among its labels and no
+    job id until a job takes it. It serves exactly one job and is then removed."""
+
+    async def create_warm(self, spec: WarmSpec[ConfigT]) -> SandboxState:
+        """Create and start a sandbox that waits for its job; it is RUNNING and ready
+        to take when this returns. When the worker that made it is gone (its process
+        ended), a waiting sandbox ends by itself, or at least never runs a job."""
+        ...
+
+    async def take_warm(self, sandbox_id: str, spec: SandboxSpec[ConfigT]) -> SandboxState:
+        """Give a waiting sandbox (made by this driver object) `spec`'s job. From the
+        first step on, `find(spec.name)` finds it with the job's id; when this returns,
+        spec.command is its main process (the job's output and exit code are the
+        sandbox's) with spec.environment, and the state says RUNNING.
+        SandboxNameTaken if a sandbox of that name exists (it is then not taken);
+        SandboxError if it is no longer waiting (the caller removes it)."""
+        ...
 
 
 class SandboxDriver(Protocol[ConfigT]):
