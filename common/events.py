@@ -63,6 +63,10 @@ class WorkerHealth(BaseModel):
     gpus: list[dict[str, Any]] = Field(default_factory=list)  # the host's inventory
     gpus_free: int = 0
     gpu_source: str = ""
+    # Its warm pools: per profile, {"pool", "image", "ready", "target", "error"}
+    warm_pools: list[dict[str, Any]] = Field(default_factory=list)
+    jobs_warm: int = 0  # jobs it started in a warm sandbox
+    jobs_cold: int = 0  # jobs it made a sandbox for
 
 
 class Event(BaseModel):

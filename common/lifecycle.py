@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 async def until_signalled(service: Coroutine[Any, Any, None]) -> None:
@@ -53,3 +57,26 @@ class Closeable:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+async def every(
+    seconds: float, action: Callable[[], Awaitable[None]], *, wait_first: bool = False
+) -> None:
+    """`action` every `seconds`; a failure (a broker outage) is logged, not fatal."""
+    if wait_first:
+        await asyncio.sleep(seconds)
+    while True:
+        try:
+            await action()
+        except Exception:
+            log.warning("%s failed; will retry", action.__name__, exc_info=True)
+        await asyncio.sleep(seconds)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel `task` (if any) and wait until it has ended."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     # gateway: its job view (SQLite), kept from the event log; each gateway its own file
     view_path: Path = Path("/var/lib/sandfleet/gateway/view.sqlite3")
 
+    # workers: warm pools, a JSON list of {"image", "count", "cpu", "memory",
+    # "driver_config"} (sandfleet.workers.warm_profiles); `--warm IMAGE=N` adds more
+    warm_pools: str = ""
     # topology
     job_delivery_limit: int = Field(default=5, gt=0)
     # How long the event and control logs keep history (RabbitMQ x-max-age).

@@ -22,7 +22,7 @@ from sandfleet.workers.drivers.base import DriverConfig, SandboxState, sandbox_n
 from sandfleet.workers.gpu.allocator import GpuRequest
 from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.journal import JournalEntry
-from sandfleet.workers.stage_timings import stage_timings
+from sandfleet.workers.stage_timings import CREATED, CREATING, STARTED, stage_timings
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class Attempt:
         self.sandbox_id: str | None = entry.sandbox_id
         self.devices: tuple[str, ...] = ()  # the claimed GPUs, as the driver names them
         self.adopted = False  # its sandbox existed already (made by a worker now gone)
+        self.warm_pool: str | None = None  # the pool whose ready sandbox it took
         self.stop_request: StopRequest | None = None
         self._creating: asyncio.Task[SandboxState] | None = None  # its driver's, under way
         self._identity = identity
@@ -93,6 +94,13 @@ class Attempt:
             return
         marks = {**self.entry.stage_marks, stage: at or datetime.now(UTC)}
         self.entry = self.entry.model_copy(update={"stage_marks": marks})
+
+    def taken_warm(self, pool: str) -> None:
+        """It took a ready sandbox of `pool`: made, started, its command running, now."""
+        now = datetime.now(UTC)
+        for stage in (CREATING, CREATED, STARTED):
+            self.mark(stage, now)
+        self.warm_pool = pool
 
     def request_stop(self, request: StopRequest) -> None:
         """End the job early: a create under way (an image pull may take minutes) is

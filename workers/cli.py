@@ -22,6 +22,7 @@ from sandfleet.workers.drivers.base import DriverHost, DriverPlugin, SandboxDriv
 from sandfleet.workers.gpu.claims import GpuClaimStore, worker_alive
 from sandfleet.workers.gpu.inventory import discover
 from sandfleet.workers.runtime import Worker
+from sandfleet.workers.warm_profiles import warm_profiles
 
 
 def load_plugin(name: str) -> DriverPlugin[Any]:
@@ -61,6 +62,17 @@ def _driver_help() -> str:
     return f"Which registered driver this worker runs ({names})."
 
 
+WarmOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="IMAGE=N",
+        help="Keep N sandboxes of IMAGE started ahead of demand, for jobs with that image "
+        "and no resources, block or GPUs of their own (repeatable; more profiles: "
+        "SANDFLEET_WARM_POOLS).",
+    ),
+]
+
+
 def worker(
     driver: Annotated[str, typer.Option(help=_driver_help())] = "docker",
     slots: Annotated[int, typer.Option(min=1, help="Jobs run at once (= the queue prefetch).")] = 1,
@@ -86,6 +98,7 @@ def worker(
         ),
     ] = 30.0,
     metrics_port: MetricsPort = None,
+    warm: WarmOption = None,
 ) -> None:
     """Run a worker: take jobs for DRIVER on this host, run them, report events."""
     policies = {
@@ -97,11 +110,14 @@ def worker(
     setup_logging(settings.log_level)
     require_host_name(settings)
     plugin = load_plugin(driver)
+    profiles = warm_profiles(settings.warm_pools, warm or [])
 
     async def serve() -> None:
         sandbox_driver = make_driver(plugin, settings)
         try:
-            w = Worker(settings, sandbox_driver, slots=slots, drain_seconds=drain_seconds)
+            w = Worker(
+                settings, sandbox_driver, slots=slots, drain_seconds=drain_seconds, warm=profiles
+            )
             # Served from before the worker connects: /healthz says 503 until it consumes.
             served = metrics_served(w.metrics.registry, settings, healthy=lambda: w.healthy)
             async with served, w:

@@ -28,7 +28,6 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sandfleet.common.amqp import BROKER_UNAVAILABLE, EventSink
@@ -37,7 +36,6 @@ from sandfleet.common.errors import (
     RetryLater,
     SandboxError,
     SandboxNameTaken,
-    Unschedulable,
 )
 from sandfleet.common.events import Phase
 from sandfleet.common.models import CancelRequest, Job
@@ -49,15 +47,17 @@ from sandfleet.workers.drivers.base import (
     SandboxSpec,
     SandboxState,
 )
-from sandfleet.workers.gpu.allocator import GpuAllocator, GpuRequest
-from sandfleet.workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
+from sandfleet.workers.gpu.allocator import GpuAllocator
+from sandfleet.workers.gpu.claims import Claim
+from sandfleet.workers.gpu_claiming import GpuClaiming
 from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.job_check import JobCheck, JobMessage
 from sandfleet.workers.job_queues import JobQueues, waiting_since
 from sandfleet.workers.journal import AlreadyFinished, JobJournal, JournalEntry, OwnedByLiveWorker
 from sandfleet.workers.log_shipping import OutputShipping
-from sandfleet.workers.stage_timings import CLAIMED, CREATED, CREATING
+from sandfleet.workers.stage_timings import CREATED, CREATING
 from sandfleet.workers.supervision import SandboxSupervisor
+from sandfleet.workers.warm_pools import WarmPools
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,10 @@ class JobRunner:
         cancellations: UserCancellations,
         policy: RunPolicy,
         logs: OutputShipping,
+        warm: WarmPools,
     ) -> None:
         self._driver = driver
+        self._warm = warm
         self._logs = logs
         self._identity = identity
         self._gpus = gpus
@@ -90,6 +92,7 @@ class JobRunner:
         self._cancellations = cancellations
         self._policy = policy
         self._supervisor = SandboxSupervisor(driver, self._emit, policy, self._ship_output)
+        self._claiming = GpuClaiming(gpus, identity, policy, self._emit)
         self._check = JobCheck(driver, gpus, identity, events)
         self._in_hand: dict[str, Attempt] = {}
         # Jobs being handed off, run or taken over here, counted from before the journal
@@ -233,7 +236,9 @@ class JobRunner:
         if refusal := self._policy.timeout_refusal(attempt.job.template.timeout_seconds):
             return Outcome.failed("TimeoutTooLong", refusal)  # before any GPU or sandbox
         plan = attempt.plan or self._check.plan(attempt.job)
-        claim = await self._claim(attempt, plan.gpus)
+        if (warm := await self._take_warm(attempt, plan)) is not None:
+            return warm
+        claim = await self._claiming.claim(attempt, plan.gpus)
         return await self._create(attempt, plan, claim)
 
     async def _adopt(self, attempt: Attempt, sandbox: SandboxState) -> SandboxState:
@@ -244,52 +249,42 @@ class JobRunner:
         attempt.adopted = True
         return sandbox
 
-    async def _claim(self, attempt: Attempt, request: GpuRequest) -> Claim | None:
-        """All the job's GPUs or none; busy ones park the job (RetryLater)."""
-        if request.count == 0:
-            return None
-        host_gpus = len(self._gpus.inventory)
-        if request.count > host_gpus:
-            host = self._identity.host
-            raise Unschedulable(f"{request.count} GPU(s) wanted; host {host} has {host_gpus}")
+    async def _take_warm(self, attempt: Attempt, plan: JobPlan) -> SandboxState | None:
+        """A ready sandbox of the pool matching the job, given the job; None: it starts
+        cold (no pool matches, or none is ready). Recorded at once, as a created one."""
         try:
-            claim = await self._gpus.claim(attempt.job_id, request)
-        except (GpuBusy, NotEnoughGpus) as exc:
-            raise await self._gpus_busy(attempt, exc) from exc
-        attempt.devices = claim.devices
-        attempt.mark(CLAIMED)
-        message = "physical GPUs " + ", ".join(claim.gpus)
-        await self._emit(attempt, Phase.CLAIMED, "GpusClaimed", message)
-        return claim
+            taken = await self._warm.take(attempt.job, plan.config, self._spec(attempt, plan, None))
+        except SandboxNameTaken:
+            return await self._adopt(attempt, await self._created_late(attempt))
+        if taken is None:
+            return None
+        pool, sandbox = taken
+        # Its journal entry holds when it started: the runtime started it for its pool
+        # and cannot say when the job began in it; a successor's timeout counts from here.
+        attempt.taken_warm(pool)
+        await self._record_sandbox(attempt, sandbox)
+        return sandbox
 
-    async def _gpus_busy(self, attempt: Attempt, busy: Exception) -> RetryLater | Unschedulable:
-        """The job waits (parked), or, after waiting too long, fails `Unschedulable`."""
-        now = datetime.now(UTC)
-        since = attempt.entry.waiting_since or now
-        waited, limit = (now - since).total_seconds(), self._policy.gpu_max_wait_seconds
-        if waited >= limit:
-            return Unschedulable(
-                f"no GPUs after waiting {waited:.0f}s (limit {limit:.0f}s): {busy}"
-            )
-        await self._emit(attempt, Phase.WAITING, "GpusBusy", str(busy))
-        return RetryLater(str(busy), delay=self._policy.gpu_retry_seconds, waiting_since=since)
+    async def _created_late(self, attempt: Attempt) -> SandboxState:
+        """A dead worker's create of this job landed after we looked: that sandbox is the
+        job's one sandbox (and its GPUs, any this job claimed)."""
+        late = await self._driver.find(attempt.sandbox_name)
+        if late is None:
+            raise SandboxError(f"{attempt.sandbox_name} was taken, and then gone")
+        log.info("job %s: adopting %s, created late", attempt.job_id, late.sandbox_id)
+        return late
 
     async def _create(
         self, attempt: Attempt, plan: JobPlan, claim: Claim | None
     ) -> SandboxState | Outcome:
         attempt.mark(CREATING)
+        self._warm.served_cold += 1
         await self._emit(attempt, Phase.STARTING, "Creating", f"creating {attempt.sandbox_name}")
         try:
             spec = self._spec(attempt, plan, claim)
             created = await attempt.create_unless_stopped(lambda: self._driver.create(spec))
         except SandboxNameTaken:
-            # A dead worker's create of this job landed after we looked: that sandbox
-            # is the job's one sandbox (its GPUs are this claim's).
-            late = await self._driver.find(attempt.sandbox_name)
-            if late is None:
-                raise
-            log.info("job %s: adopting %s, created late", attempt.job_id, late.sandbox_id)
-            created = late
+            created = await self._created_late(attempt)
         except Exception:
             await self._record_left_behind(attempt)
             raise

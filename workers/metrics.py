@@ -6,6 +6,8 @@
     sandfleet_gpus{state}                               free, held, unhealthy (always 0:
                                                         the inventory has no notion of it)
     sandfleet_gpu_holder_info{gpu,job}                  1 for each GPU a job holds
+    sandfleet_warm_sandboxes{pool,image,state}          per warm pool: ready, target
+    sandfleet_job_starts_total{start}                   jobs started warm, or cold
 
 GPUs are the host's, as its claim store says: every driver's claims, not only this
 worker's (a GPU held by another driver's job is not free for this one either).
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sandfleet.common.amqp import EventSink
@@ -24,6 +26,7 @@ from sandfleet.common.events import Event
 from sandfleet.workers.gpu.claims import GpuClaimStore
 from sandfleet.workers.gpu.inventory import GpuInventory
 from sandfleet.workers.slots import Slots
+from sandfleet.workers.warm_pools import WarmPools
 
 # From a quick `true` to a day-long training run.
 STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
@@ -70,14 +73,21 @@ class CountedEvents:
 
 
 class WorkerState(Collector):
-    """Slots and GPUs as they are at each scrape."""
+    """Slots, GPUs and warm pools as they are at each scrape."""
 
-    def __init__(self, slots: Slots, inventory: GpuInventory, claims: GpuClaimStore) -> None:
+    def __init__(
+        self,
+        slots: Slots,
+        inventory: GpuInventory,
+        claims: GpuClaimStore,
+        warm: WarmPools | None = None,
+    ) -> None:
         self._slots = slots
         self._inventory = inventory
         self._claims = claims
+        self._warm = warm
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         slots = GaugeMetricFamily(
             "sandfleet_worker_slots", "This worker's job slots, by state", labels=["state"]
         )
@@ -86,6 +96,28 @@ class WorkerState(Collector):
         slots.add_metric(["free"], self._slots.free)
         yield slots
         yield from self._gpus()
+        yield from self._warm_pools()
+
+    def _warm_pools(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        sandboxes = GaugeMetricFamily(
+            "sandfleet_warm_sandboxes",
+            "This worker's warm sandboxes, per pool: ready to take, and the pool's target",
+            labels=["pool", "image", "state"],
+        )
+        if self._warm is None:
+            return
+        for pool in self._warm.pools:
+            sandboxes.add_metric([pool.key, pool.profile.image, "ready"], len(pool.ready))
+            sandboxes.add_metric([pool.key, pool.profile.image, "target"], pool.profile.count)
+        yield sandboxes
+        starts = CounterMetricFamily(
+            "sandfleet_job_starts",
+            "Jobs this worker started in a warm sandbox, or in one it made for them",
+            labels=["start"],
+        )
+        starts.add_metric(["warm"], self._warm.served_warm)
+        starts.add_metric(["cold"], self._warm.served_cold)
+        yield starts
 
     def _gpus(self) -> Iterator[GaugeMetricFamily]:
         on_host = {gpu.uuid for gpu in self._inventory}
@@ -111,7 +143,13 @@ class WorkerState(Collector):
 class WorkerMetrics:
     """The worker's registry, its own (not the process's global one)."""
 
-    def __init__(self, slots: Slots, inventory: GpuInventory, claims: GpuClaimStore) -> None:
+    def __init__(
+        self,
+        slots: Slots,
+        inventory: GpuInventory,
+        claims: GpuClaimStore,
+        warm: WarmPools | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.jobs = JobMetrics(self.registry)
-        self.registry.register(WorkerState(slots, inventory, claims))
+        self.registry.register(WorkerState(slots, inventory, claims, warm))

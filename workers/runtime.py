@@ -28,7 +28,6 @@ import functools
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -40,7 +39,7 @@ from sandfleet.common.amqp import EventPublisher, EventSink, connect, settle
 from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.event_replay import EchoedEvents, fresh_events
 from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, WorkerHealth
-from sandfleet.common.lifecycle import AsyncCloseable
+from sandfleet.common.lifecycle import AsyncCloseable, cancel_and_wait, every
 from sandfleet.common.metrics import connection_up
 from sandfleet.common.settings import SandboxPolicy, Settings
 from sandfleet.common.topology import (
@@ -66,6 +65,8 @@ from sandfleet.workers.journal import JobJournal, JournalEntry
 from sandfleet.workers.log_shipping import LogShipper
 from sandfleet.workers.metrics import CountedEvents, WorkerMetrics
 from sandfleet.workers.slots import Slots
+from sandfleet.workers.warm_pools import WarmPools, bound_pools
+from sandfleet.workers.warm_profiles import PoolProfile, warm_profiles
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Worker(AsyncCloseable):
         drain_seconds: float = 30.0,
         worker_id: str | None = None,
         inventory: GpuInventory | None = None,
+        warm: list[PoolProfile] | None = None,
     ) -> None:
         self._settings = settings
         self._driver = driver
@@ -131,7 +133,14 @@ class Worker(AsyncCloseable):
             takeover=settings.takeover_policy,
             max_timeout_seconds=settings.max_timeout_seconds,
         )
-        self.metrics = WorkerMetrics(self.slots, self.inventory, self.claims)
+        profiles = warm_profiles(settings.warm_pools, []) if warm is None else warm
+        self.warm = WarmPools(
+            driver,
+            bound_pools(driver, profiles),  # first: a bad profile refuses the worker
+            worker_id=self.identity.worker_id,
+            alive=alive,
+        )
+        self.metrics = WorkerMetrics(self.slots, self.inventory, self.claims, self.warm)
         self._connected: _Connected | None = None
         self._consuming = False
         self._heartbeats: asyncio.Task[None] | None = None
@@ -145,14 +154,19 @@ class Worker(AsyncCloseable):
             raise RuntimeError("this Worker was closed; make a new one")
         self._lease.acquire()
         await self._reconcile()  # free GPUs of sandboxes that ended while no worker watched
-        connected = self._connected = await start_when_cluster_ready(self._connect, _nothing)
+        await self.warm.start()  # filled while the worker connects
+        try:
+            connected = self._connected = await start_when_cluster_ready(self._connect, _nothing)
+        except BaseException:
+            await self.warm.aclose()
+            raise
         await self._take_over_unwatched()
         await connected.intake.start()
         self._consuming = True
         settings = self._settings
-        self._heartbeats = asyncio.create_task(_every(settings.heartbeat_seconds, self._beat))
+        self._heartbeats = asyncio.create_task(every(settings.heartbeat_seconds, self._beat))
         self._reconciler = asyncio.create_task(
-            _every(settings.reconcile_seconds, self._reconcile_unwatched, wait_first=True)
+            every(settings.reconcile_seconds, self._reconcile_unwatched, wait_first=True)
         )
         log.info("worker %s consuming %s", self.identity.worker_id, self._queue_names())
         return self
@@ -165,10 +179,11 @@ class Worker(AsyncCloseable):
         self._consuming = False
         # Reconciliation stops first, so no take-over starts a job behind the drain's
         # back; heartbeats go on through the drain.
-        await _cancel(self._reconciler)
+        await cancel_and_wait(self._reconciler)
         if self._connected is not None:
             await self._drain(self._connected)
-        await _cancel(self._heartbeats)
+        await self.warm.aclose()
+        await cancel_and_wait(self._heartbeats)
         if self._connected is not None:
             with contextlib.suppress(Exception):  # logged by the publisher's retries
                 await self._heartbeat(HEARTBEAT_STOPPED)  # listed as stopped, not lost
@@ -246,6 +261,7 @@ class Worker(AsyncCloseable):
             cancellations=cancellations,
             policy=self._policy,
             logs=logs,
+            warm=self.warm,
         )
         await cancellations.start(runner.cancel)  # know every cancellation before taking a job
 
@@ -342,6 +358,7 @@ class Worker(AsyncCloseable):
         """A peer that dies is noticed here, not only when a worker next starts."""
         await self._take_over_unwatched()
         await self._reconcile()
+        await self.warm.remove_unowned()
 
     def health(self) -> WorkerHealth:
         runner = self._online().runner
@@ -355,6 +372,9 @@ class Worker(AsyncCloseable):
             gpus=[gpu.as_dict() for gpu in self.inventory],
             gpus_free=self._free_gpus,
             gpu_source=self.inventory.source,
+            warm_pools=self.warm.health(),
+            jobs_warm=self.warm.served_warm,
+            jobs_cold=self.warm.served_cold,
         )
 
     async def _beat(self) -> None:
@@ -368,25 +388,3 @@ class Worker(AsyncCloseable):
 
 async def _nothing() -> None:
     """Nothing to undo: `_connect` leaves nothing open when it fails."""
-
-
-async def _every(
-    seconds: float, action: Callable[[], Awaitable[None]], *, wait_first: bool = False
-) -> None:
-    """`action` every `seconds`; a failure (a broker outage) is logged, not fatal."""
-    if wait_first:
-        await asyncio.sleep(seconds)
-    while True:
-        try:
-            await action()
-        except Exception:
-            log.warning("%s failed; will retry", action.__name__, exc_info=True)
-        await asyncio.sleep(seconds)
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

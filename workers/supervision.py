@@ -57,6 +57,11 @@ class SandboxSupervisor:
 
     async def _started(self, attempt: Attempt, sandbox: SandboxState) -> datetime:
         """Start a new sandbox (or take an adopted one as it runs); when it started."""
+        if attempt.warm_pool is not None:  # taken from a pool: the job's command runs
+            started_at = attempt.entry.stage_marks[STARTED]
+            self._on_started(attempt)
+            await self._emit(attempt, Phase.RUNNING, "Started", f"warm (pool {attempt.warm_pool})")
+            return started_at
         if sandbox.status is SandboxStatus.CREATED:
             await self._driver.start(sandbox.sandbox_id)
             started_at = datetime.now(UTC)
@@ -67,8 +72,11 @@ class SandboxSupervisor:
         # An adopted sandbox's output is not shipped again: its first worker shipped it
         # as far as it got, and shipping it from the start would repeat that.
         await self._emit(attempt, Phase.RUNNING, "Adopted", "found running after a redelivery")
-        started_at = sandbox.started_at or datetime.now(UTC)
-        attempt.mark(STARTED, started_at)  # its first worker's mark, if it was written
+        # Its first worker's mark, if it was written (a warm sandbox's runtime start was
+        # its pool's, not its job's), else the runtime's.
+        marked = attempt.entry.stage_marks.get(STARTED)
+        started_at = marked or sandbox.started_at or datetime.now(UTC)
+        attempt.mark(STARTED, started_at)
         return started_at
 
     def _timed_out(self, attempt: Attempt) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +25,8 @@ from sandfleet.workers.gpu.inventory import GpuInventory, from_records
 from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.job_runner import JobRunner
 from sandfleet.workers.journal import JobJournal
+from sandfleet.workers.warm_pools import WarmPools, bound_pools
+from sandfleet.workers.warm_profiles import PoolProfile
 from tests.support.gpus import FOUR_GPUS
 
 WORKER = "w-test"
@@ -156,6 +158,7 @@ class Harness:
     alive: set[str]
     inventory: GpuInventory
     logs: RecordedShipping
+    warm: WarmPools
 
     @property
     def calls(self) -> list[tuple[str, str]]:
@@ -176,10 +179,14 @@ class Harness:
         return {claim.job_id: claim.gpus for claim in self.claims.claims()}
 
 
-def harness(tmp_path: Path, *, policy: RunPolicy | None = None) -> Harness:
+def harness(
+    tmp_path: Path, *, policy: RunPolicy | None = None, warm: Sequence[PoolProfile] = ()
+) -> Harness:
+    """`warm`: the runner's pools (not filled: a test fills them with `warm.start()`)."""
     driver = InMemoryDriver()
     alive = {WORKER}
     is_alive: Callable[[str], bool] = alive.__contains__
+    pools = WarmPools(driver, bound_pools(driver, list(warm)), worker_id=WORKER, alive=is_alive)
     journal = JobJournal(tmp_path / "journal", driver.name, alive=is_alive)
     claims = GpuClaimStore(tmp_path / "state")
     inventory = GpuInventory(from_records(FOUR_GPUS["gpus"]), source="test")
@@ -197,7 +204,9 @@ def harness(tmp_path: Path, *, policy: RunPolicy | None = None) -> Harness:
         cancellations=cancellations,
         policy=policy or RunPolicy(stop_grace_seconds=0, gpu_retry_seconds=7),
         logs=logs,
+        warm=pools,
     )
     return Harness(
-        runner, driver, journal, claims, events, queues, cancellations, alive, inventory, logs
-    )
+        runner, driver, journal, claims, events, queues, cancellations, alive, inventory, logs,
+        pools,
+    )  # fmt: skip

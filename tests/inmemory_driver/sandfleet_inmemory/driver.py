@@ -5,6 +5,9 @@ is awaited with the sandbox's name just before a create, `hooks["wait"]` with it
 id before a wait, and so on for every operation. A hook may wait (to hold the
 runtime at that step), raise (to fail the operation), or change `sandboxes` (a
 dead worker's create landing late). `calls` records every operation in order.
+
+It keeps warm sandboxes too (the optional `WarmSandboxes` part of the contract): a warm
+one runs, waiting, until `take_warm` renames it to its job's and runs the job in it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandfleet.common.errors import SandboxError, SandboxNameTaken
 from sandfleet.common.models import Job
-from sandfleet.workers.drivers.base import SandboxSpec, SandboxState, SandboxStatus
+from sandfleet.workers.drivers.base import (
+    LABEL_POOL,
+    SandboxSpec,
+    SandboxState,
+    SandboxStatus,
+    WarmSpec,
+)
 from sandfleet.workers.drivers.blocks import parse_block
 from sandfleet.workers.gpu.inventory import Gpu
 
@@ -96,6 +105,37 @@ class InMemoryDriver:
             gpu_devices=spec.gpu_devices,
         )
         self.sandboxes[spec.name] = sandbox
+        return sandbox.state()
+
+    async def create_warm(self, spec: WarmSpec[InMemoryBlock]) -> SandboxState:
+        await self._enter("create_warm", spec.name)
+        sandbox = InMemorySandbox(
+            sandbox_id=uuid.uuid4().hex,
+            name=spec.name,
+            labels=dict(spec.labels),
+            block=spec.config,
+            output="",
+            status=SandboxStatus.RUNNING,  # waiting for its job
+            started_at=datetime.now(UTC),
+        )
+        self.sandboxes[spec.name] = sandbox
+        return sandbox.state()
+
+    async def take_warm(self, sandbox_id: str, spec: SandboxSpec[InMemoryBlock]) -> SandboxState:
+        sandbox = await self._entered("take_warm", sandbox_id)
+        waiting = sandbox.runner is None and sandbox.status is SandboxStatus.RUNNING
+        if not waiting or LABEL_POOL not in sandbox.labels or sandbox.name == spec.name:
+            raise SandboxError(f"inmemory take {sandbox_id}: not a waiting warm sandbox")
+        if spec.name in self.sandboxes:
+            raise SandboxNameTaken(f"inmemory take {spec.name}: the name is already in use")
+        del self.sandboxes[sandbox.name]
+        sandbox.name, sandbox.started_at = spec.name, None
+        sandbox.labels = {**sandbox.labels, **spec.labels}
+        echo = " ".join(spec.command) + "\n" if spec.command else ""
+        sandbox.output = spec.config.output if spec.config.output is not None else echo
+        sandbox.block = spec.config
+        self.sandboxes[spec.name] = sandbox
+        sandbox.runner = asyncio.create_task(self._run(sandbox))
         return sandbox.state()
 
     async def start(self, sandbox_id: str) -> None:

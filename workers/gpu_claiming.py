@@ -1,0 +1,57 @@
+"""Claiming a job's GPUs, all or none: the `claimed` event, or the job parked
+(RetryLater) while they are busy, or `Unschedulable` once it has waited too long."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sandfleet.common.errors import RetryLater, Unschedulable
+from sandfleet.common.events import Phase
+from sandfleet.workers.attempt import Attempt, RunPolicy
+from sandfleet.workers.gpu.allocator import GpuAllocator, GpuRequest
+from sandfleet.workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
+from sandfleet.workers.identity import WorkerIdentity
+from sandfleet.workers.stage_timings import CLAIMED
+from sandfleet.workers.supervision import Emit
+
+
+class GpuClaiming:
+    """`emit(attempt, phase, reason, message)` publishes one of the job's events."""
+
+    def __init__(
+        self, gpus: GpuAllocator, identity: WorkerIdentity, policy: RunPolicy, emit: Emit
+    ) -> None:
+        self._gpus = gpus
+        self._identity = identity
+        self._policy = policy
+        self._emit = emit
+
+    async def claim(self, attempt: Attempt, request: GpuRequest) -> Claim | None:
+        """All the job's GPUs or none; busy ones park the job (RetryLater)."""
+        if request.count == 0:
+            return None
+        host_gpus = len(self._gpus.inventory)
+        if request.count > host_gpus:
+            host = self._identity.host
+            raise Unschedulable(f"{request.count} GPU(s) wanted; host {host} has {host_gpus}")
+        try:
+            claim = await self._gpus.claim(attempt.job_id, request)
+        except (GpuBusy, NotEnoughGpus) as exc:
+            raise await self._busy(attempt, exc) from exc
+        attempt.devices = claim.devices
+        attempt.mark(CLAIMED)
+        message = "physical GPUs " + ", ".join(claim.gpus)
+        await self._emit(attempt, Phase.CLAIMED, "GpusClaimed", message)
+        return claim
+
+    async def _busy(self, attempt: Attempt, busy: Exception) -> RetryLater | Unschedulable:
+        """The job waits (parked), or, after waiting too long, fails `Unschedulable`."""
+        now = datetime.now(UTC)
+        since = attempt.entry.waiting_since or now
+        waited, limit = (now - since).total_seconds(), self._policy.gpu_max_wait_seconds
+        if waited >= limit:
+            return Unschedulable(
+                f"no GPUs after waiting {waited:.0f}s (limit {limit:.0f}s): {busy}"
+            )
+        await self._emit(attempt, Phase.WAITING, "GpusBusy", str(busy))
+        return RetryLater(str(busy), delay=self._policy.gpu_retry_seconds, waiting_since=since)
