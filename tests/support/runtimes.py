@@ -85,6 +85,20 @@ def sandboxes_created(driver: str, since: float) -> Counter[str]:
     return Counter(name for name in names if name)
 
 
+def docker_sandboxes_named(since: float) -> Counter[str]:
+    """Per job id, how many containers came to bear its sandbox's name since `since`:
+    created under it (cold) or renamed to it (a warm container taken). A job's one
+    sandbox counts 1 either way; from dockerd's recent events (its last 256)."""
+    command = [
+        "docker", "events", "--since", f"{since:.3f}", "--until", f"{time.time():.3f}",
+        "--filter", "type=container", "--filter", "event=create", "--filter", "event=rename",
+        "--format", '{{index .Actor.Attributes "name"}}',
+    ]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    names = (line.strip().lstrip("/") for line in out.stdout.splitlines())
+    return Counter(n.removeprefix("sandfleet-") for n in names if n.startswith("sandfleet-"))
+
+
 @contextmanager
 def docker_creations() -> Iterator[Counter[str]]:
     """Containers Docker creates while the block runs, per job id, counted live.
