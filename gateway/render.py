@@ -134,7 +134,8 @@ _STATE_STYLE = {"alive": "green", "lost": "bold red", "stopped": "dim"}
 
 def workers_table(heartbeats: list[Event], now: datetime) -> Table:
     table = Table(title="workers", title_justify="left")
-    for column in ("host", "driver", "worker", "state", "slots free", "GPUs free", "last seen"):
+    columns = ("host", "driver", "worker", "state", "slots free", "GPUs free", "warm ready")
+    for column in (*columns, "last seen"):
         table.add_column(column)
     for beat in heartbeats:
         state = worker_state(beat, now)
@@ -146,9 +147,18 @@ def workers_table(heartbeats: list[Event], now: datetime) -> Table:
             Text(state, style=_STATE_STYLE[state]),
             Text(f"{health.free_slots}/{health.slots}" if health else "-"),
             Text(f"{health.gpus_free}/{len(health.gpus)}" if health else "-"),
+            Text(_warm_ready(health.warm_pools) if health else "-"),
             Text(f"{(now - beat.timestamp).total_seconds():.0f}s ago"),
         )
     return table
+
+
+def _warm_ready(pools: list[dict[str, Any]]) -> str:
+    """Ready of target, all pools together ("-" for a worker without pools)."""
+    if not pools:
+        return "-"
+    ready = sum(int(pool.get("ready", 0)) for pool in pools)
+    return f"{ready}/{sum(int(pool.get('target', 0)) for pool in pools)}"
 
 
 def _where(event: Event) -> str:

@@ -104,6 +104,18 @@ def test_workers_table_prints_literally(tag: str) -> None:
     assert text.count(hostile(tag)) == 3, text  # host, driver, worker
 
 
+def test_workers_table_sums_each_workers_warm_pools() -> None:
+    pools = [{"pool": "a", "ready": 1, "target": 4}, {"pool": "b", "ready": 2, "target": 2}]
+    health = WorkerHealth(
+        slots=2, free_slots=1, started_at=NOW, heartbeat_seconds=10, warm_pools=pools
+    )
+    beat = event("w", Phase.HEARTBEAT, job_id=None, health=health, errors=[], output=None)
+    cold = beat.model_copy(update={"health": health.model_copy(update={"warm_pools": []})})
+    rows = printed(workers_table([beat, cold], NOW)).splitlines()
+    assert "3/6" in next(row for row in rows if row.count("│") > 3 and "1/2" in row)
+    assert sum("3/6" in row for row in rows) == 1
+
+
 def test_the_cli_console_takes_plain_strings_literally() -> None:
     console = make_console()
     with console.capture() as captured:
