@@ -75,9 +75,15 @@ def metadata_element(
 
 
 def metadata_xml(element: ET.Element) -> str:
-    """An element of ours as text, for libvirt's `setMetadata`."""
-    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
-    return ET.tostring(element, encoding="unicode")
+    """An element of ours as text for libvirt's `setMetadata`, which puts it in our
+    namespace itself (and refuses one that is in a namespace already)."""
+    plain = ET.Element(_local(element.tag), element.attrib)
+    plain.extend(ET.Element(_local(child.tag), child.attrib) for child in element)
+    return ET.tostring(plain, encoding="unicode")
+
+
+def _local(tag: str) -> str:
+    return tag.rpartition("}")[2]
 
 
 def domain_xml(plan: DomainPlan) -> str:
@@ -168,7 +174,8 @@ def read_owner(xml_text: str) -> DomainOwner:
     meta = element.attrib
     labels = {
         label.get("name", ""): label.get("value", "")
-        for label in element.iterfind(f"{{{METADATA_NS}}}label")
+        for label in element
+        if _local(label.tag) == "label"  # in our namespace, or none: as libvirt gives it
     }
     labels |= {LABEL_WORKER_ID: meta.get("worker", ""), LABEL_GPUS: meta.get("gpus", "")}
     if meta.get("id"):
