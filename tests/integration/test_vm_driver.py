@@ -330,7 +330,7 @@ async def test_a_domain_that_cannot_be_read_is_listed_as_running(
             raise RuntimeError("unreadable")
         return started_at(job_dir)
 
-    monkeypatch.setattr("sandfleet.workers.drivers.vm.driver.started_at", failing_for_bad)
+    monkeypatch.setattr("sandfleet.workers.drivers.vm.domains.started_at", failing_for_bad)
     listed = {s.name: s for s in await test_driver.list_sandboxes()}
     assert (listed[bad.name].status, listed[bad.name].job_id) == (
         SandboxStatus.RUNNING,

@@ -4,6 +4,9 @@ The console holds the guest's boot messages first; the job's output begins after
 guest's `SANDFLEET_BEGIN` line (see guest.py). virtlogd appends to the file; it is read
 from where the last read ended, every `poll_seconds`, until the domain has stopped and
 nothing more is left to read.
+
+`wait_for_line` reads it the same way to tell when the guest has printed a marker (its
+begin marker: the job's command has started; a warm guest's waiting marker).
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from sandfleet.workers.drivers.vm.guest import BEGIN_MARKER
 
 POLL_SECONDS = 0.25
+# Looking for a marker: how soon after it is printed the driver answers (a job's start).
+MARKER_POLL_SECONDS = 0.02
 _BEGIN_LINE = BEGIN_MARKER.encode() + b"\n"
 
 
@@ -72,3 +78,41 @@ async def follow_console(
         if not still_running:
             return
         await asyncio.sleep(poll_seconds)
+
+
+class _LineSeen:
+    """Whether `line` was printed on a line of its own, in chunks cut anywhere."""
+
+    def __init__(self, line: str) -> None:
+        self._needle = b"\n" + line.encode() + b"\n"
+        self._tail = b"\n"  # the console's very first line counts too
+
+    def feed(self, chunk: bytes) -> bool:
+        text = self._tail + chunk
+        # Kept as printed (\r\n may be cut in two), long enough to hold a cut marker.
+        self._tail = text[-2 * len(self._needle) :]
+        return self._needle in text.replace(b"\r\n", b"\n")
+
+
+async def wait_for_line(
+    path: Path,
+    line: str,
+    stopped: asyncio.Future[Any],
+    *,
+    poll_seconds: float = MARKER_POLL_SECONDS,
+) -> bool:
+    """Whether the console log at `path` shows `line` (read from its start) before
+    `stopped` is done (the domain stopped: nothing more will be printed)."""
+    offset, seen = 0, _LineSeen(line)
+    while True:
+        ended = stopped.done()  # asked before reading: a stopped guest wrote all it will
+        while True:
+            offset, chunk = await asyncio.to_thread(_read_from, path, offset)
+            if not chunk:
+                break
+            offset += len(chunk)
+            if seen.feed(chunk):
+                return True
+        if ended:
+            return False
+        await asyncio.wait({stopped}, timeout=poll_seconds)

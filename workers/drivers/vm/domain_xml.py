@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
+from sandfleet.workers.drivers.base import LABEL_GPUS, LABEL_JOB_ID, LABEL_POOL, LABEL_WORKER_ID
+from sandfleet.workers.drivers.vm.guest import CHANNEL_NAME, WAIT_ARGUMENT
 from sandfleet.workers.gpu.inventory import normalize_pci_address
 
 METADATA_NS = "https://sandfleet.dev/xmlns/libvirt/job/1"
@@ -35,6 +39,10 @@ class DomainPlan:
     console_log: Path
     disk: Path | None = None
     disk_format: str = "qcow2"
+    labels: Mapping[str, str] = field(default_factory=dict)  # the job's, for `find`
+    pool: str = ""  # a warm guest's pool profile (its job_id is "" until a job takes it)
+    # A warm guest's job channel: the unix socket of its virtio-serial port, on the host.
+    job_channel: Path | None = None
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attributes: str) -> ET.Element:
@@ -44,17 +52,47 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attributes: st
     return element
 
 
-def metadata_element(job_id: str, worker_id: str, gpus: tuple[str, ...]) -> ET.Element:
-    return ET.Element(
-        f"{{{METADATA_NS}}}job", {"id": job_id, "worker": worker_id, "gpus": ",".join(gpus)}
-    )
+def metadata_element(
+    job_id: str,
+    worker_id: str,
+    gpus: tuple[str, ...],
+    *,
+    pool: str = "",
+    taken_at: datetime | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> ET.Element:
+    """`<sandfleet:job id= worker= gpus= [pool=] [taken=]>` with a `<sandfleet:label
+    name= value=/>` per label: whose the domain is (a warm guest's owner changes)."""
+    attributes = {"id": job_id, "worker": worker_id, "gpus": ",".join(gpus)}
+    if pool:
+        attributes["pool"] = pool
+    if taken_at is not None:
+        attributes["taken"] = taken_at.isoformat()
+    element = ET.Element(f"{{{METADATA_NS}}}job", attributes)
+    for name, value in (labels or {}).items():
+        ET.SubElement(element, f"{{{METADATA_NS}}}label", {"name": name, "value": value})
+    return element
+
+
+def metadata_xml(element: ET.Element) -> str:
+    """An element of ours as text for libvirt's `setMetadata`, which puts it in our
+    namespace itself (and refuses one that is in a namespace already)."""
+    plain = ET.Element(_local(element.tag), element.attrib)
+    plain.extend(ET.Element(_local(child.tag), child.attrib) for child in element)
+    return ET.tostring(plain, encoding="unicode")
+
+
+def _local(tag: str) -> str:
+    return tag.rpartition("}")[2]
 
 
 def domain_xml(plan: DomainPlan) -> str:
     domain = ET.Element("domain", type=plan.domain_type)
     _sub(domain, "name", plan.name)
     metadata = _sub(domain, "metadata")
-    metadata.append(metadata_element(plan.job_id, plan.worker_id, plan.gpus))
+    metadata.append(
+        metadata_element(plan.job_id, plan.worker_id, plan.gpus, pool=plan.pool, labels=plan.labels)
+    )
     memory_kib = (plan.memory_bytes or DEFAULT_MEMORY_BYTES) // 1024
     _sub(domain, "memory", str(memory_kib), unit="KiB")
     _sub(domain, "vcpu", str(max(1, math.ceil(plan.cpu or 1))))
@@ -63,7 +101,8 @@ def domain_xml(plan: DomainPlan) -> str:
     _sub(os_element, "type", "hvm", arch="x86_64", machine="pc")
     _sub(os_element, "kernel", plan.kernel)
     _sub(os_element, "initrd", str(plan.initrd))
-    _sub(os_element, "cmdline", f"{BASE_CMDLINE} {plan.cmdline}".strip())
+    waits = WAIT_ARGUMENT if plan.job_channel is not None else ""
+    _sub(os_element, "cmdline", " ".join(filter(None, (BASE_CMDLINE, plan.cmdline, waits))))
 
     features = _sub(domain, "features")
     _sub(features, "acpi")  # without ACPI a guest's power-off only halts its CPUs
@@ -82,11 +121,22 @@ def domain_xml(plan: DomainPlan) -> str:
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(plan.console_log))
     _sub(serial, "target", port="0")
+    if plan.job_channel is not None:
+        devices.append(job_channel_element(plan.job_channel))
     for address in plan.pci_devices:
         devices.append(hostdev_element(address))
     _sub(devices, "memballoon", model="none")
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     return ET.tostring(domain, encoding="unicode")
+
+
+def job_channel_element(socket: Path) -> ET.Element:
+    """A virtio-serial port named CHANNEL_NAME whose host end is a unix socket that
+    libvirt makes at `socket` (the worker connects to it)."""
+    channel = ET.Element("channel", type="unix")
+    _sub(channel, "source", mode="bind", path=str(socket))
+    _sub(channel, "target", type="virtio", name=CHANNEL_NAME)
+    return channel
 
 
 def hostdev_element(pci_address: str) -> ET.Element:
@@ -107,9 +157,39 @@ def hostdev_element(pci_address: str) -> ET.Element:
 
 
 def parse_metadata(xml_text: str) -> dict[str, str]:
-    """The job metadata of a domain (`virDomainGetMetadata` element) as sandbox labels."""
+    """The job metadata of a domain (`virDomainGetMetadata` element): its attributes."""
     element = ET.fromstring(xml_text)
     return {key: value for key, value in element.attrib.items()}
+
+
+@dataclass(frozen=True)
+class DomainOwner:
+    labels: dict[str, str]  # the job's own labels under sandfleet's (no job id: untaken)
+    taken_at: datetime | None  # when a job took this warm guest
+
+
+def read_owner(xml_text: str) -> DomainOwner:
+    """Whose a domain is, from its metadata element; ET.ParseError if it is not XML."""
+    element = ET.fromstring(xml_text)
+    meta = element.attrib
+    labels = {
+        label.get("name", ""): label.get("value", "")
+        for label in element
+        if _local(label.tag) == "label"  # in our namespace, or none: as libvirt gives it
+    }
+    labels |= {LABEL_WORKER_ID: meta.get("worker", ""), LABEL_GPUS: meta.get("gpus", "")}
+    if meta.get("id"):
+        labels[LABEL_JOB_ID] = meta["id"]
+    if meta.get("pool"):
+        labels[LABEL_POOL] = meta["pool"]
+    return DomainOwner(labels=labels, taken_at=_time_or_none(meta.get("taken", "")))
+
+
+def _time_or_none(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
 
 
 def dac_group(capabilities_xml: str, domain_type: str) -> str | None:

@@ -6,6 +6,10 @@ The protocol (what `scripts/make-vm-initramfs` builds in): the guest's init runs
 appends a small cpio archive holding `/sandfleet/job.sh` to the base initramfs (the
 kernel unpacks concatenated archives), so commands of any length and content reach
 the guest without passing through the kernel command line.
+
+A warm guest (booted ahead of its job with `sandfleet.wait=1` and no job.sh) prints
+`SANDFLEET_WAITING` once it waits on its virtio-serial port `org.sandfleet.job`, and
+reads its job from there (`job_frame`); from its begin marker on it is a cold guest.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import shlex
 from collections.abc import Mapping, Sequence
 
 BEGIN_MARKER = "SANDFLEET_BEGIN"
+WAITING_MARKER = "SANDFLEET_WAITING"
+CHANNEL_NAME = "org.sandfleet.job"  # the virtio-serial port a warm guest waits on
+WAIT_ARGUMENT = "sandfleet.wait=1"  # on the kernel command line: wait for the job there
 # The guest is the job's to run as it likes, so its console is hostile input: an exit
 # marker is at most three digits on a line of its own, and counts only as an exit code.
 _EXIT = re.compile(r"^SANDFLEET_EXIT=(\d{1,3})[ \t]*$", re.MULTILINE)
@@ -47,6 +54,13 @@ def job_archive(command: Sequence[str], environment: Mapping[str, str]) -> bytes
         + _cpio_entry("TRAILER!!!", 0, b"", 0)
     )
     return gzip.compress(archive, mtime=0)
+
+
+def job_frame(command: Sequence[str], environment: Mapping[str, str]) -> bytes:
+    """The job as a warm guest reads it from its channel: the script's length in bytes
+    on a line of its own, then the script, so the guest knows where it ends."""
+    script = job_script(command, environment).encode()
+    return f"{len(script)}\n".encode() + script
 
 
 def exit_code(console: str) -> int | None:

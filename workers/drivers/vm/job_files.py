@@ -23,6 +23,7 @@ from pathlib import Path
 CONSOLE_LOG = "console.log"
 INITRD = "initrd.img"
 DISK_OVERLAY = "disk.qcow2"
+JOB_CHANNEL = "job.sock"  # a warm guest's job channel (libvirt makes the socket)
 STARTED_AT = "started_at"
 # virtlogd's newest rotated copy of the console log: the tail may begin there.
 _ROTATED_CONSOLE_LOG = f"{CONSOLE_LOG}.0"

@@ -16,6 +16,7 @@ from sandfleet.workers.drivers.vm.config import VmBlock
 from sandfleet.workers.drivers.vm.image_files import ImagePolicy
 
 MiB = 2**20
+BOOT_TIMEOUT_SECONDS = 120.0
 
 
 class VmSettings(BaseSettings):
@@ -41,6 +42,10 @@ class VmSettings(BaseSettings):
     disk_max_bytes: int = Field(default=2**40, gt=0)  # only QEMU reads it, through an overlay
     # How much of the end of a guest's console the worker reads for its exit code and output.
     console_tail_bytes: int = Field(default=256 * 1024, ge=4096, le=64 * MiB)
+    # How long a guest may take from its start to its job's start (a cold guest's begin
+    # marker) or to waiting for its job (a warm guest's), and a taken warm guest from its
+    # job's arrival to its begin marker: past it, the guest failed to boot.
+    boot_timeout_seconds: float = Field(default=BOOT_TIMEOUT_SECONDS, gt=0, le=3600)
 
     @field_validator("image_dirs", mode="before")
     @classmethod
@@ -79,6 +84,7 @@ def make_vm_driver(settings: VmSettings, host: DriverHost) -> SandboxDriver[VmBl
         work_dir=settings.work_dir,
         images=settings.image_policy(),
         console_tail_bytes=settings.console_tail_bytes,
+        boot_timeout_seconds=settings.boot_timeout_seconds,
     )
 
 
