@@ -194,3 +194,41 @@ async def test_a_stopped_worker_removes_its_idle_warm_sandboxes(
         made = worker.identity.worker_id
         assert len(await warm_containers_of(docker, made)) == 2
     assert await warm_containers_of(docker, made) == []
+
+
+async def test_a_warm_vm_job_runs_in_a_booted_guest_and_is_cancelled_as_a_cold_one(
+    client: Client, vm_worker: WorkerFactory, vm_guest: dict[str, str]
+) -> None:
+    """`running` means the command started in the guest, warm as cold; the boot was the
+    pool's, so the warm job has no `starting`."""
+    block = {"initrd": vm_guest["initrd"]}
+    profile = [{"image": vm_guest["kernel"], "count": 2, "driver_config": block}]
+
+    def vm_request(script: str) -> dict[str, Any]:
+        return {
+            "job_id": f"wv-{uuid.uuid4().hex[:8]}",
+            "driver": "vm",
+            "template": {
+                "image": vm_guest["kernel"],
+                "command": ["sh", "-c", script],
+                "environment": {"GREETING": "hello $there"},
+                "driver_config": {"vm": block},
+            },
+        }
+
+    ran = vm_request('echo "$GREETING"; exit 4')
+    cancelled = vm_request("echo up; sleep 600")
+    async with vm_worker(slots=2, warm_pools=json.dumps(profile)) as worker:
+        async with asyncio.timeout(240):
+            await worker.warm.full.wait()
+        events = await submit_and_wait(client, ran, timeout=120)
+        async with client.events(job_id=cancelled["job_id"]) as stream:
+            assert (await client.submit(cancelled)).accepted
+            running = await until_phase(stream, cancelled["job_id"], Phase.RUNNING, timeout=120)
+            await client.cancel(cancelled["job_id"], reason="not needed")
+            ended = (await until_terminal(stream, cancelled["job_id"], timeout=120))[-1]
+    assert ran_warm(events) and Phase.STARTING not in [e.phase for e in events]
+    assert (events[-1].phase, events[-1].exit_code) == (Phase.FAILED, 4)
+    assert events[-1].output is not None and "hello $there" in events[-1].output
+    assert running.message.startswith("warm (pool ")
+    assert ended.phase is Phase.CANCELLED
