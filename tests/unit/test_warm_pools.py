@@ -27,10 +27,13 @@ from sandfleet.workers.drivers.base import (
     WarmSpec,
     sandbox_name,
 )
+from sandfleet.workers.metrics import WorkerMetrics
+from sandfleet.workers.slots import Slots
 from sandfleet.workers.stage_timings import STARTED
 from sandfleet.workers.warm_pools import WarmPools, bound_pools
 from sandfleet.workers.warm_profiles import PoolProfile, WarmPoolsInvalid, warm_profiles
 from tests.support.fakes import WORKER, Harness, harness, job
+from tests.unit.test_metrics import scraped
 
 R = Phase.RUNNING
 PROFILE = PoolProfile(image="none", count=2)
@@ -341,4 +344,20 @@ async def test_warm_pools_of_a_harness_without_profiles_do_nothing(tmp_path: Pat
     await within(h.runner.handle(h.delivery(job("a"))))
     assert h.events.last("a").phase is Phase.SUCCEEDED
     assert isinstance(h.warm, WarmPools) and h.warm.health() == []
+    await h.warm.aclose()
+
+
+async def test_metrics_say_each_pools_ready_and_target_and_warm_and_cold_starts(
+    tmp_path: Path,
+) -> None:
+    h = await filled(harness(tmp_path, warm=[PROFILE]))
+    await within(h.runner.handle(h.delivery(job("a"))))  # warm
+    await within(h.runner.handle(h.delivery(job("b", exit_code=1))))  # cold: another block
+    metrics = WorkerMetrics(Slots(1), h.inventory, h.claims, h.warm)
+    samples = scraped(metrics.registry)
+    pool = ("image=none", f"pool={PROFILE.key}")
+    assert samples[("sandfleet_warm_sandboxes", (*pool, "state=target"))] == 2
+    assert samples[("sandfleet_warm_sandboxes", (*pool, "state=ready"))] in {1, 2}  # refilling
+    assert samples[("sandfleet_job_starts_total", ("start=warm",))] == 1
+    assert samples[("sandfleet_job_starts_total", ("start=cold",))] == 1
     await h.warm.aclose()
