@@ -5,10 +5,8 @@ Each boot takes seconds under TCG, so each test boots as few guests as it can.""
 from __future__ import annotations
 
 import asyncio
-import statistics
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -222,39 +220,3 @@ async def test_a_cold_start_returns_once_the_command_started(
     console = (vm_work_dir / "work" / spec.name / "console.log").read_bytes()
     assert b"\nSANDFLEET_BEGIN\r\n" in b"\n" + console
     await driver.stop(state.sandbox_id, grace_seconds=0)
-
-
-async def median_seconds(run: Callable[[], Awaitable[None]], times: int) -> float:
-    seconds = []
-    for _ in range(times):
-        began = time.perf_counter()
-        await run()
-        seconds.append(time.perf_counter() - began)
-    return statistics.median(seconds)
-
-
-async def test_a_warm_guest_starts_true_in_a_quarter_of_a_cold_boot(
-    driver: VmDriver, vm_guest: dict[str, str]
-) -> None:
-    """The issue's goal for VMs: warm at most a quarter of cold, for `true` to its exit code."""
-
-    async def cold() -> None:
-        state = await driver.create(job_spec(driver, job_for(vm_guest, ["true"])))
-        await driver.start(state.sandbox_id)
-        assert await driver.wait(state.sandbox_id) == 0
-        await driver.remove(state.sandbox_id)
-
-    warm_guests = [await create_warm(driver, vm_guest) for _ in range(3)]
-
-    async def warm() -> None:
-        sandbox_id = warm_guests.pop().sandbox_id
-        await driver.take_warm(sandbox_id, job_spec(driver, job_for(vm_guest, ["true"])))
-        assert await driver.wait(sandbox_id) == 0
-        await driver.remove(sandbox_id)
-
-    warm_median = await median_seconds(warm, 3)
-    cold_median = await median_seconds(cold, 3)
-    print(
-        f"`true` to its exit code: cold {cold_median:.2f}s, warm {warm_median:.2f}s (median of 3)"
-    )
-    assert warm_median <= 0.25 * cold_median

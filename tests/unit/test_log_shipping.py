@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aio_pika import Message
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,7 +27,11 @@ from sandfleet.common.job_logs import (
 )
 from sandfleet.workers.drivers.docker.log_entries import since_param, split_entry
 from sandfleet.workers.drivers.podman.client import FrameReader, demultiplex
-from sandfleet.workers.drivers.vm.console_follow import follow_console
+from sandfleet.workers.drivers.vm.console_follow import (
+    _JobPart,
+    follow_console,
+    wait_for_exit_marker,
+)
 from sandfleet.workers.log_shipping import LogShipper, OutputBuffer
 from tests.support.fakes import harness, job
 
@@ -208,9 +213,40 @@ async def test_a_vm_console_is_followed_from_the_jobs_begin_marker(tmp_path: Pat
         assert await anext(following) == b"first\n"
         with console.open("ab") as more:
             more.write(b"second\r\nSANDFLEET_EXIT=0\r\n")
-        running[0] = False
-        rest = b"".join([chunk async for chunk in following])
-    assert rest == b"second\nSANDFLEET_EXIT=0\n"
+        rest = b"".join([chunk async for chunk in following])  # ends at the marker
+    assert rest == b"second\n"  # the job's: not its exit marker, nor the power-off
+
+
+@pytest.mark.parametrize("cut", range(1, 40))
+def test_a_vm_jobs_output_ends_at_its_exit_marker_however_the_console_is_cut(cut: int) -> None:
+    console = (
+        b"boot\r\nSANDFLEET_BEGIN\r\nSANDFLEET_EXITS\nx SANDFLEET_EXIT=1\n"
+        b"SANDFLEET_EXIT=7\r\npower off\n"
+    )
+    part = _JobPart()
+    kept = part.feed(console[:cut]) + part.feed(console[cut:]) + part.rest()
+    assert kept == b"SANDFLEET_EXITS\nx SANDFLEET_EXIT=1\n" and part.ended
+
+
+def test_a_vm_jobs_unfinished_last_line_is_kept_once_the_guest_stopped() -> None:
+    part = _JobPart()
+    assert part.feed(b"SANDFLEET_BEGIN\nprogress 50%") == b"progress 50%"  # shipped live
+    assert part.feed(b"\nSANDFLEET_EXIT=") == b"\n"  # may become the marker: held
+    assert part.rest() == b"SANDFLEET_EXIT="  # it did not: the job's after all
+    assert not part.ended
+
+
+async def test_waiting_for_a_vm_jobs_end_returns_at_its_exit_marker(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_bytes(b"SANDFLEET_BEGIN\nwork\n")
+    running: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.create_task(wait_for_exit_marker(console, running, poll_seconds=0.01))
+    with console.open("ab") as more:
+        more.write(b"SANDFLEET_EXIT=3\n")  # the guest still powers off: `running` not done
+    async with asyncio.timeout(5):
+        assert await waiting is True
+    running.set_result(None)
+    assert await wait_for_exit_marker(tmp_path / "none.log", running) is False
 
 
 async def test_a_vm_console_rotated_while_followed_is_read_from_the_new_files_start(

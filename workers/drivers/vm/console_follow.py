@@ -5,14 +5,17 @@ guest's `SANDFLEET_BEGIN` line (see guest.py). virtlogd appends to the file; it 
 from where the last read ended, every `poll_seconds`, until the domain has stopped and
 nothing more is left to read.
 
+The job's part ends at the guest's exit marker: what follows is its power-off.
 `wait_for_line` reads it the same way to tell when the guest has printed a marker (its
-begin marker: the job's command has started; a warm guest's waiting marker).
+begin marker: the job's command has started; a warm guest's waiting marker), and
+`wait_for_exit_marker` when the job has ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -40,24 +43,63 @@ def _read_from(path: Path, offset: int) -> tuple[int, bytes]:
         return offset, console.read(1 << 20)
 
 
+# An exit marker on a line of its own (guest.py's rule): the init's, after the job's
+# command ended; what follows is the guest powering off, not the job's.
+_EXIT_LINE = re.compile(rb"SANDFLEET_EXIT=[0-9]{1,3}[ \t]*")
+_EXIT_PARTIAL = re.compile(rb"SANDFLEET_EXIT=[0-9]{0,3}[ \t]*")
+_EXIT_START = b"SANDFLEET_EXIT="
+
+
+def _may_become_exit_line(partial: bytes) -> bool:
+    """Whether an unfinished last line could still turn out to be an exit marker."""
+    if len(partial) <= len(_EXIT_START):
+        return _EXIT_START.startswith(partial) and partial != b""
+    return _EXIT_PARTIAL.fullmatch(partial) is not None
+
+
 class _JobPart:
-    """Drops what comes before the begin marker (the boot), in chunks cut anywhere."""
+    """Keeps what the job printed, in chunks cut anywhere: from after the begin marker
+    (before it, the boot) to before the exit marker (after it, the power-off)."""
 
     def __init__(self) -> None:
         self._before = b""
+        self._held = b""  # the job's unfinished last line, while it may be the exit marker
+        self._cr = b""
         self.begun = False
+        self.ended = False  # the exit marker was seen: the job's output is complete
 
     def feed(self, chunk: bytes) -> bytes:
-        chunk = chunk.replace(b"\r\n", b"\n")
-        if self.begun:
-            return chunk
-        self._before += chunk
-        at = self._before.find(_BEGIN_LINE)
-        if at < 0:
-            self._before = self._before[-len(_BEGIN_LINE) :]  # the marker may be cut in two
+        chunk = self._cr + chunk
+        # A \r\n cut in two: its \r waits for the next chunk's \n.
+        self._cr = b"\r" if chunk.endswith(b"\r") else b""
+        chunk = chunk[: len(chunk) - len(self._cr)].replace(b"\r\n", b"\n")
+        if self.ended:
             return b""
-        self.begun = True
-        return self._before[at + len(_BEGIN_LINE) :]
+        if not self.begun:
+            self._before += chunk
+            at = self._before.find(_BEGIN_LINE)
+            if at < 0:
+                self._before = self._before[-len(_BEGIN_LINE) :]  # it may be cut in two
+                return b""
+            self.begun = True
+            chunk = self._before[at + len(_BEGIN_LINE) :]
+        return self._until_exit_line(chunk)
+
+    def _until_exit_line(self, chunk: bytes) -> bytes:
+        *lines, last = (self._held + chunk).split(b"\n")
+        kept: list[bytes] = []
+        for line in lines:
+            if _EXIT_LINE.fullmatch(line):
+                self.ended, self._held = True, b""
+                return b"".join(kept)
+            kept.append(line + b"\n")
+        self._held = last if _may_become_exit_line(last) else b""
+        return b"".join(kept) + (b"" if self._held else last)
+
+    def rest(self) -> bytes:
+        """An unfinished last line held back, once nothing more will be printed."""
+        held, self._held, cr, self._cr = self._held, b"", self._cr, b""
+        return b"" if self.ended or not self.begun else held + cr
 
 
 async def follow_console(
@@ -75,7 +117,11 @@ async def follow_console(
             offset += len(chunk)
             if data := job_part.feed(chunk):
                 yield data
+            if job_part.ended:
+                return
         if not still_running:
+            if rest := job_part.rest():
+                yield rest
             return
         await asyncio.sleep(poll_seconds)
 
@@ -103,7 +149,28 @@ async def wait_for_line(
 ) -> bool:
     """Whether the console log at `path` shows `line` (read from its start) before
     `stopped` is done (the domain stopped: nothing more will be printed)."""
-    offset, seen = 0, _LineSeen(line)
+    return await _until_seen(path, _LineSeen(line).feed, stopped, poll_seconds)
+
+
+async def wait_for_exit_marker(
+    path: Path, stopped: asyncio.Future[Any], *, poll_seconds: float = MARKER_POLL_SECONDS
+) -> bool:
+    """Whether the job's exit marker (after its begin marker) is on the console log at
+    `path` before `stopped` is done: the job has ended, whatever the guest's power-off
+    still takes."""
+    job_part = _JobPart()
+
+    def ended(chunk: bytes) -> bool:
+        job_part.feed(chunk)
+        return job_part.ended
+
+    return await _until_seen(path, ended, stopped, poll_seconds)
+
+
+async def _until_seen(
+    path: Path, seen: Callable[[bytes], bool], stopped: asyncio.Future[Any], poll_seconds: float
+) -> bool:
+    offset = 0
     while True:
         ended = stopped.done()  # asked before reading: a stopped guest wrote all it will
         while True:
@@ -111,7 +178,7 @@ async def wait_for_line(
             if not chunk:
                 break
             offset += len(chunk)
-            if seen.feed(chunk):
+            if seen(chunk):
                 return True
         if ended:
             return False

@@ -28,6 +28,7 @@ from sandfleet.common.models import Job
 from sandfleet.workers.drivers.base import LABEL_POOL, SandboxSpec, SandboxState, WarmSpec
 from sandfleet.workers.drivers.vm.boot_files import BootFiles, make_boot_files
 from sandfleet.workers.drivers.vm.config import VmBlock, parse_vm_block
+from sandfleet.workers.drivers.vm.console_follow import wait_for_exit_marker
 from sandfleet.workers.drivers.vm.domain_xml import (
     METADATA_NS,
     METADATA_PREFIX,
@@ -225,9 +226,10 @@ class VmDriver(LibvirtDomains):
         domain = await self._domain(sandbox_id)
         stopped = self._watcher.watch(sandbox_id)
         try:
-            # Registered first, checked second: a stop in between is not missed.
+            # Registered first, checked second: a stop in between is not missed. The
+            # job has ended at its exit marker; the guest's power-off is not waited for.
             if await self._libvirt.call(domain.isActive):
-                await stopped
+                await wait_for_exit_marker(self._dir(domain.name()) / CONSOLE_LOG, stopped)
         finally:
             self._watcher.forget(sandbox_id, stopped)
         code = exit_code(await self._console(domain.name()))
