@@ -37,6 +37,9 @@ from sandfleet.workers.drivers.vm.job_files import CONSOLE_LOG, console_tail, st
 from sandfleet.workers.drivers.vm.libvirt_loop import StopWatcher, libvirt_loop
 
 NAME_PREFIX = "sandfleet-"
+# How much of a running guest's console is read for its exit marker: the guest's own
+# power-off messages follow it, a few hundred bytes.
+ENDING_BYTES = 16 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -231,13 +234,14 @@ class LibvirtDomains:
             active = await self._libvirt.call(domain.isActive)
             owner = await self._owner(domain)
         was_started, started = await asyncio.to_thread(started_at, self._dir(name))
-        if active:
-            status = SandboxStatus.RUNNING
+        code: int | None = None
+        if active:  # a guest past its exit marker only powers off: its job has ended
+            code = exit_code(await asyncio.to_thread(console_tail, self._dir(name), ENDING_BYTES))
+            status = SandboxStatus.RUNNING if code is None else SandboxStatus.EXITED
         elif was_started:
-            status = SandboxStatus.EXITED
+            status, code = SandboxStatus.EXITED, exit_code(await self._console(name))
         else:
             status = SandboxStatus.CREATED
-        code = exit_code(await self._console(name)) if status is SandboxStatus.EXITED else None
         return SandboxState(
             sandbox_id=domain.UUIDString(),
             name=name,
