@@ -1,0 +1,159 @@
+"""What the Docker and Podman drivers share to keep warm containers: the containers a
+driver object made and holds the stdin of, and handing one its job.
+
+Shared by the container drivers; it is not a driver itself. A warm container's main
+process is the shim of `warm_shim`; taking it renames it to the job's name, then writes
+the job's argv and environment to the shim, which exec's the job's command. From then
+on it is the job's container as a cold one would be (`wait`, `output`, `stop`, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sandfleet.common.errors import SandboxError, SandboxNameTaken
+from sandfleet.workers.drivers.base import (
+    LABEL_JOB_ID,
+    SandboxSpec,
+    SandboxState,
+    SandboxStatus,
+    WarmSpec,
+)
+from sandfleet.workers.drivers.warm_shim import job_argv, job_lines
+
+
+class HeldStdin(Protocol):
+    """A warm container's stdin, held through an attach connection to its runtime."""
+
+    @property
+    def is_open(self) -> bool:
+        """False once the runtime has ended the attach (the container has exited)."""
+        ...
+
+    async def send_last(self, data: bytes) -> None:
+        """Write `data`, then close stdin (the runtime sees its end)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Drop the connection: a container still waiting reads the end of its stdin."""
+        ...
+
+
+@dataclass(frozen=True)
+class ImageDefaults:
+    """What a cold container of an image runs when the job names no command."""
+
+    entrypoint: tuple[str, ...]
+    cmd: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> ImageDefaults:
+        """From an image inspect's `Config` (Docker and libpod name them alike)."""
+        config = config or {}
+        return cls(
+            entrypoint=tuple(config.get("Entrypoint") or ()),
+            cmd=tuple(config.get("Cmd") or ()),
+        )
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A warm container this driver object started, whose stdin it holds."""
+
+    stdin: HeldStdin
+    image: ImageDefaults
+    labels: Mapping[str, str]  # its own, fixed at create: driver, worker, pool
+
+
+def as_sandbox_spec(warm: WarmSpec[Any]) -> SandboxSpec[Any]:
+    """The sandbox a job of this profile would get, with no command or environment of
+    its own: what a warm container is created from, so it is bounded as a cold one."""
+    return SandboxSpec(
+        name=warm.name,
+        job_id="",
+        worker_id=warm.worker_id,
+        image=warm.image,
+        command=(),
+        environment={},
+        labels=warm.labels,
+        cpu=warm.cpu,
+        memory_bytes=warm.memory_bytes,
+        config=warm.config,
+    )
+
+
+def taken_state(sandbox_id: str, spec: SandboxSpec[Any], waiting: Waiting) -> SandboxState:
+    """A taken container's state as `find` will report it (see container_state), known
+    without asking the runtime: it was running when its job was written to it."""
+    return SandboxState(
+        sandbox_id=sandbox_id,
+        name=spec.name,
+        status=SandboxStatus.RUNNING,
+        exit_code=None,
+        started_at=None,
+        labels={**waiting.labels, LABEL_JOB_ID: spec.job_id},
+    )
+
+
+Rename = Callable[[str, str], Awaitable[None]]
+
+
+class WaitingContainers:
+    """The warm containers one driver object holds, by container id."""
+
+    def __init__(self, runtime: str) -> None:
+        self._runtime = runtime  # "docker", "podman": for messages
+        self._waiting: dict[str, Waiting] = {}
+
+    def hold(self, sandbox_id: str, waiting: Waiting) -> None:
+        self._waiting[sandbox_id] = waiting
+
+    async def take(self, sandbox_id: str, spec: SandboxSpec[Any], rename: Rename) -> SandboxState:
+        """`WarmSandboxes.take_warm`, `rename` being the runtime's (SandboxNameTaken
+        when the name is in use)."""
+        waiting = self._waiting.pop(sandbox_id, None)  # no second take, even concurrent
+        if waiting is None:
+            raise SandboxError(
+                f"{self._runtime} take {sandbox_id} as {spec.name}: no warm container of "
+                "this worker waits under that id (taken already, or not made here)"
+            )
+        try:
+            await rename(sandbox_id, spec.name)
+        except SandboxNameTaken:
+            self._waiting[sandbox_id] = waiting  # left as it was: still takeable
+            raise
+        except BaseException:
+            await waiting.stdin.aclose()
+            raise
+        await self._start_job(sandbox_id, spec, waiting)
+        return taken_state(sandbox_id, spec, waiting)
+
+    async def _start_job(self, sandbox_id: str, spec: SandboxSpec[Any], waiting: Waiting) -> None:
+        argv = job_argv(spec.command, waiting.image.entrypoint, waiting.image.cmd)
+        failure = self._unstartable(argv, waiting)
+        if failure:
+            await waiting.stdin.aclose()
+            raise SandboxError(f"{self._runtime} take {sandbox_id} as {spec.name}: {failure}")
+        await waiting.stdin.send_last(job_lines(argv, spec.environment))
+
+    @staticmethod
+    def _unstartable(argv: Sequence[str], waiting: Waiting) -> str:
+        if not waiting.stdin.is_open:
+            return "the warm container is no longer running"
+        if not argv:
+            return "no command: the job names none and its image has neither Entrypoint nor Cmd"
+        return ""
+
+    async def drop(self, sandbox_id: str) -> None:
+        """Forget a container (removed): close its stdin if it was still waiting."""
+        waiting = self._waiting.pop(sandbox_id, None)
+        if waiting is not None:
+            await waiting.stdin.aclose()
+
+    async def aclose(self) -> None:
+        """Every waiting container reads the end of its stdin, and exits unused."""
+        while self._waiting:
+            _, waiting = self._waiting.popitem()
+            await waiting.stdin.aclose()
