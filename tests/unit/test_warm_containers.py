@@ -14,6 +14,7 @@ from sandfleet.workers.drivers.base import (
     LABEL_POOL,
     WARM_NAME_PREFIX,
     SandboxSpec,
+    SandboxState,
     SandboxStatus,
 )
 from sandfleet.workers.drivers.container_state import state_from_inspect
@@ -52,8 +53,23 @@ def holding(stdin: RecordedStdin, image: ImageDefaults | None = None) -> Waiting
     return containers
 
 
-async def renamed(sandbox_id: str, name: str) -> None:
-    pass
+class Runtime:
+    """The runtime's side of a take: a rename, and the container's state after it."""
+
+    def __init__(self, *, status: SandboxStatus = SandboxStatus.RUNNING) -> None:
+        self.status = status
+        self.name = "sandfleet-_warm-x"
+        self.stdin: RecordedStdin | None = None  # nothing sent before the rename
+
+    async def rename(self, sandbox_id: str, name: str) -> None:
+        assert self.stdin is None or not self.stdin.sent
+        self.name = name
+
+    async def find(self, sandbox_id: str) -> SandboxState | None:
+        return SandboxState(
+            sandbox_id=sandbox_id, name=self.name, status=self.status, exit_code=None,
+            started_at=None, labels=POOL_LABELS,
+        )  # fmt: skip
 
 
 async def name_taken(sandbox_id: str, name: str) -> None:
@@ -61,48 +77,50 @@ async def name_taken(sandbox_id: str, name: str) -> None:
 
 
 async def test_a_take_renames_then_sends_the_job_and_reports_it_running() -> None:
-    stdin = RecordedStdin()
-    renames: list[tuple[str, str]] = []
-
-    async def rename(sandbox_id: str, name: str) -> None:
-        assert not stdin.sent  # renamed first: found by the job's name before it runs
-        renames.append((sandbox_id, name))
-
-    state = await holding(stdin).take("c1", spec("j1"), rename)
-    assert renames == [("c1", "sandfleet-j1")]
+    stdin, runtime = RecordedStdin(), Runtime()
+    runtime.stdin = stdin
+    state = await holding(stdin).take("c1", spec("j1"), runtime.rename, runtime.find)
+    assert runtime.name == "sandfleet-j1"
     assert stdin.sent == [job_lines(["ep", "run"], {"A": "1"})] and stdin.closed
-    assert (state.name, state.status, state.job_id) == ("sandfleet-j1", SandboxStatus.RUNNING, "j1")
+    assert (state.name, state.status) == ("sandfleet-j1", SandboxStatus.RUNNING)
 
 
 async def test_a_name_in_use_leaves_it_takeable() -> None:
-    stdin = RecordedStdin()
+    stdin, runtime = RecordedStdin(), Runtime()
     containers = holding(stdin)
     with pytest.raises(SandboxNameTaken):
-        await containers.take("c1", spec("j1"), name_taken)
+        await containers.take("c1", spec("j1"), name_taken, runtime.find)
     assert not stdin.closed and not stdin.sent
-    await containers.take("c1", spec("j2"), renamed)
+    await containers.take("c1", spec("j2"), runtime.rename, runtime.find)
     assert stdin.sent
 
 
 async def test_a_second_take_is_refused() -> None:
-    containers = holding(RecordedStdin())
-    await containers.take("c1", spec("j1"), renamed)
+    containers, runtime = holding(RecordedStdin()), Runtime()
+    await containers.take("c1", spec("j1"), runtime.rename, runtime.find)
     with pytest.raises(SandboxError, match="no warm container"):
-        await containers.take("c1", spec("j2"), renamed)
+        await containers.take("c1", spec("j2"), runtime.rename, runtime.find)
 
 
-async def test_an_exited_container_is_refused_and_sent_nothing() -> None:
-    stdin = RecordedStdin(open_=False)
+@pytest.mark.parametrize(
+    ("stdin_open", "status"),
+    [(False, SandboxStatus.RUNNING), (True, SandboxStatus.EXITED)],
+    ids=["attach-ended", "runtime-says-exited"],
+)
+async def test_an_exited_container_is_refused_and_sent_nothing(
+    stdin_open: bool, status: SandboxStatus
+) -> None:
+    stdin, runtime = RecordedStdin(open_=stdin_open), Runtime(status=status)
     with pytest.raises(SandboxError, match="no longer running"):
-        await holding(stdin).take("c1", spec("j1"), renamed)
-    assert stdin.sent == []
+        await holding(stdin).take("c1", spec("j1"), runtime.rename, runtime.find)
+    assert stdin.sent == [] and stdin.closed
 
 
 async def test_no_command_at_all_is_refused() -> None:
-    stdin = RecordedStdin()
+    stdin, runtime = RecordedStdin(), Runtime()
     empty = ImageDefaults(entrypoint=(), cmd=())
     with pytest.raises(SandboxError, match="no command"):
-        await holding(stdin, empty).take("c1", spec("j1", command=()), renamed)
+        await holding(stdin, empty).take("c1", spec("j1", command=()), runtime.rename, runtime.find)
     assert stdin.sent == [] and stdin.closed
 
 

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 from sandfleet.common.errors import SandboxError, SandboxNameTaken
 from sandfleet.workers.drivers.base import (
-    LABEL_JOB_ID,
     SandboxSpec,
     SandboxState,
     SandboxStatus,
@@ -84,20 +83,8 @@ def as_sandbox_spec(warm: WarmSpec[Any]) -> SandboxSpec[Any]:
     )
 
 
-def taken_state(sandbox_id: str, spec: SandboxSpec[Any], waiting: Waiting) -> SandboxState:
-    """A taken container's state as `find` will report it (see container_state), known
-    without asking the runtime: it was running when its job was written to it."""
-    return SandboxState(
-        sandbox_id=sandbox_id,
-        name=spec.name,
-        status=SandboxStatus.RUNNING,
-        exit_code=None,
-        started_at=None,
-        labels={**waiting.labels, LABEL_JOB_ID: spec.job_id},
-    )
-
-
 Rename = Callable[[str, str], Awaitable[None]]
+Find = Callable[[str], Awaitable[SandboxState | None]]
 
 
 class WaitingContainers:
@@ -110,9 +97,11 @@ class WaitingContainers:
     def hold(self, sandbox_id: str, waiting: Waiting) -> None:
         self._waiting[sandbox_id] = waiting
 
-    async def take(self, sandbox_id: str, spec: SandboxSpec[Any], rename: Rename) -> SandboxState:
+    async def take(
+        self, sandbox_id: str, spec: SandboxSpec[Any], rename: Rename, find: Find
+    ) -> SandboxState:
         """`WarmSandboxes.take_warm`, `rename` being the runtime's (SandboxNameTaken
-        when the name is in use)."""
+        when the name is in use) and `find` the driver's."""
         waiting = self._waiting.pop(sandbox_id, None)  # no second take, even concurrent
         if waiting is None:
             raise SandboxError(
@@ -127,20 +116,31 @@ class WaitingContainers:
         except BaseException:
             await waiting.stdin.aclose()
             raise
-        await self._start_job(sandbox_id, spec, waiting)
-        return taken_state(sandbox_id, spec, waiting)
+        # Docker keeps a stdin-only attach open after the container has exited: only
+        # the runtime's state says the shim is still there to read the job.
+        state = await find(sandbox_id)
+        await self._start_job(sandbox_id, spec, waiting, state)
+        assert state is not None  # else _start_job refused
+        return state
 
-    async def _start_job(self, sandbox_id: str, spec: SandboxSpec[Any], waiting: Waiting) -> None:
+    async def _start_job(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec[Any],
+        waiting: Waiting,
+        state: SandboxState | None,
+    ) -> None:
         argv = job_argv(spec.command, waiting.image.entrypoint, waiting.image.cmd)
-        failure = self._unstartable(argv, waiting)
+        failure = self._unstartable(argv, waiting, state)
         if failure:
             await waiting.stdin.aclose()
             raise SandboxError(f"{self._runtime} take {sandbox_id} as {spec.name}: {failure}")
         await waiting.stdin.send_last(job_lines(argv, spec.environment))
 
     @staticmethod
-    def _unstartable(argv: Sequence[str], waiting: Waiting) -> str:
-        if not waiting.stdin.is_open:
+    def _unstartable(argv: Sequence[str], waiting: Waiting, state: SandboxState | None) -> str:
+        running = state is not None and state.status is SandboxStatus.RUNNING
+        if not (running and waiting.stdin.is_open):
             return "the warm container is no longer running"
         if not argv:
             return "no command: the job names none and its image has neither Entrypoint nor Cmd"

@@ -49,6 +49,11 @@ WAIT_SECONDS = 60.0
 WORKER_ID = "warm-contract-worker"
 POOL = "warm-contract-pool"
 T = TypeVar("T")
+# The container's memory limit, cpu quota and period, from cgroup v2 or v1.
+READ_LIMITS = """cd /sys/fs/cgroup
+if [ -f memory.max ]; then cat memory.max cpu.max
+else cat memory/memory.limit_in_bytes cpu/cpu.cfs_quota_us cpu/cpu.cfs_period_us
+fi"""
 
 
 class WarmJobMaker(Protocol):
@@ -152,7 +157,7 @@ class WarmContract:
         warm: Callable[[Job], Awaitable[SandboxState]],
     ) -> None:
         hostile = ["a b 'c' \"d\"", "$(echo no)`echo no`\\n", "é€", "", "ends\n\n"]
-        script = 'for a in "$@"; do printf "[%s]" "$a"; done; printf "<%s>" "$V"; echo err >&2'
+        script = 'for a in "$@"; do printf "[%s]" "$a"; done; printf "<%s>\\n" "$V"; echo err >&2'
         value = "line one\n$HOME $(echo no)\n"
         job = make_job(
             new_job_id(),
@@ -160,7 +165,7 @@ class WarmContract:
             environment={"V": value, "_sandfleet_v": "the job's"},
         )
         code, followed = await self.run_taken(driver, warm, job)
-        printed = "".join(f"[{a}]" for a in hostile) + f"<{value}>"
+        printed = "".join(f"[{a}]" for a in hostile) + f"<{value}>\n"
         assert code == 7
         assert sorted(followed.decode().splitlines()) == sorted([*printed.splitlines(), "err"])
 
@@ -181,8 +186,7 @@ class WarmContract:
         make_job: WarmJobMaker,
         warm: Callable[[Job], Awaitable[SandboxState]],
     ) -> None:
-        command = ["cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max"]
-        job = make_job(new_job_id(), command=command, cpu=0.5, memory="64Mi")
+        job = make_job(new_job_id(), command=["sh", "-c", READ_LIMITS], cpu=0.5, memory="64Mi")
         code, followed = await self.run_taken(driver, warm, job)
         assert (code, followed.decode().split()) == (0, ["67108864", "50000", "100000"])
 

@@ -231,7 +231,7 @@ class DockerDriver:
         return self._images[image_id]
 
     async def take_warm(self, sandbox_id: str, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
-        return await self._waiting.take(sandbox_id, spec, self._rename)
+        return await self._waiting.take(sandbox_id, spec, self._rename, self._state)
 
     async def _rename(self, sandbox_id: str, name: str) -> None:
         try:

@@ -185,7 +185,7 @@ class PodmanDriver:
         return self._images[image_id]
 
     async def take_warm(self, sandbox_id: str, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
-        return await self._waiting.take(sandbox_id, spec, self._rename)
+        return await self._waiting.take(sandbox_id, spec, self._rename, self.find)
 
     async def _rename(self, sandbox_id: str, name: str) -> None:
         try:
