@@ -159,10 +159,7 @@ class PodmanDriver:
         return state
 
     async def _attached(self, container_id: str) -> PodmanStdin:
-        # libpod attaches to a running or an initialised container: init makes the
-        # runtime's container (and its stdin) without starting it.
         async with _translated("attach", container_id):
-            await self._api.request("POST", "containers", container_id, "init")
             return await PodmanStdin.attach(self._api, container_id)
 
     async def _discard(self, container_id: str, stdin: PodmanStdin | None) -> None:
