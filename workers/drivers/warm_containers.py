@@ -110,18 +110,16 @@ class WaitingContainers:
             )
         try:
             await rename(sandbox_id, spec.name)
-        except SandboxNameTaken:
-            self._waiting[sandbox_id] = waiting  # left as it was: still takeable
+            # Docker keeps a stdin-only attach open after the container has exited:
+            # only the runtime's state says the shim is still there to read the job.
+            state = await find(sandbox_id)
+            return await self._start_job(sandbox_id, spec, waiting, state)
+        except SandboxNameTaken:  # the rename's: left as it was, still takeable
+            self._waiting[sandbox_id] = waiting
             raise
         except BaseException:
-            await waiting.stdin.aclose()
+            await waiting.stdin.aclose()  # no job will reach it: it ends unused
             raise
-        # Docker keeps a stdin-only attach open after the container has exited: only
-        # the runtime's state says the shim is still there to read the job.
-        state = await find(sandbox_id)
-        await self._start_job(sandbox_id, spec, waiting, state)
-        assert state is not None  # else _start_job refused
-        return state
 
     async def _start_job(
         self,
@@ -129,13 +127,13 @@ class WaitingContainers:
         spec: SandboxSpec[Any],
         waiting: Waiting,
         state: SandboxState | None,
-    ) -> None:
+    ) -> SandboxState:
         argv = job_argv(spec.command, waiting.image.entrypoint, waiting.image.cmd)
         failure = self._unstartable(argv, waiting, state)
-        if failure:
-            await waiting.stdin.aclose()
+        if failure or state is None:
             raise SandboxError(f"{self._runtime} take {sandbox_id} as {spec.name}: {failure}")
         await waiting.stdin.send_last(job_lines(argv, spec.environment))
+        return state
 
     @staticmethod
     def _unstartable(argv: Sequence[str], waiting: Waiting, state: SandboxState | None) -> str:

@@ -157,7 +157,11 @@ class WarmContract:
         warm: Callable[[Job], Awaitable[SandboxState]],
     ) -> None:
         hostile = ["a b 'c' \"d\"", "$(echo no)`echo no`\\n", "é€", "", "ends\n\n"]
-        script = 'for a in "$@"; do printf "[%s]" "$a"; done; printf "<%s>\\n" "$V"; echo err >&2'
+        # One write of whole lines: the runtime may log stderr's line between two
+        # reads of stdout, which would cut a line printed piecewise.
+        script = (
+            'o=; for a in "$@"; do o="$o[$a]"; done; printf "%s<%s>\\n" "$o" "$V"; echo err >&2'
+        )
         value = "line one\n$HOME $(echo no)\n"
         job = make_job(
             new_job_id(),
