@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiodocker
 from aiodocker.containers import DockerContainer
@@ -19,13 +20,26 @@ from sandfleet.common.errors import (
 )
 from sandfleet.common.image_ref import url_path_segment
 from sandfleet.common.models import Job
-from sandfleet.workers.drivers.base import LABEL_DRIVER, SandboxSpec, SandboxState
+from sandfleet.workers.drivers.base import (
+    LABEL_DRIVER,
+    SandboxSpec,
+    SandboxState,
+    SandboxStatus,
+    WarmSpec,
+)
 from sandfleet.workers.drivers.cdi import ContainerBlock, checked_image, parse_container_block
 from sandfleet.workers.drivers.container_settings import ContainerLimits
 from sandfleet.workers.drivers.container_state import state_from_inspect
+from sandfleet.workers.drivers.docker.attached_stdin import DockerStdin
 from sandfleet.workers.drivers.docker.log_entries import since_param, split_entry
-from sandfleet.workers.drivers.docker.spec import container_config
+from sandfleet.workers.drivers.docker.spec import container_config, warm_container_config
 from sandfleet.workers.drivers.errors import error_translator
+from sandfleet.workers.drivers.warm_containers import (
+    ImageDefaults,
+    Waiting,
+    WaitingContainers,
+    as_sandbox_spec,
+)
 from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
 
 # Docker takes CDI device requests from Engine 25 (API 1.44), when its CDI feature is on.
@@ -74,8 +88,11 @@ class DockerDriver:
         self._create_timeout = create_timeout_seconds
         self._limits = limits or ContainerLimits()
         self._gpu_support: _GpuSupport | None = None
+        self._waiting = WaitingContainers("docker")
+        self._images: dict[str, ImageDefaults] = {}  # by image id
 
     async def aclose(self) -> None:
+        await self._waiting.aclose()
         await self._docker.close()
 
     def parse_config(self, job: Job) -> ContainerBlock:
@@ -150,24 +167,78 @@ class DockerDriver:
             if not support.available:
                 raise CapabilityMissing(support.detail)
         await self._ensure_image(checked_image(spec.image))
-        try:
-            async with asyncio.timeout(self._create_timeout):
-                container = await self._docker.containers.create(
-                    container_config(spec, self._limits), name=spec.name
-                )
-        except DockerError as exc:
-            error = SandboxNameTaken if exc.status == 409 else SandboxError
-            raise error(f"docker create {spec.name}: {exc.message}") from exc
-        except TimeoutError as exc:
-            message = (
-                f"docker create {spec.name}: no answer in {self._create_timeout:g}s "
-                "(SANDFLEET_CONTAINER_CREATE_TIMEOUT_SECONDS)"
-            )
-            raise SandboxError(message) from exc
+        container = await self._create_container(container_config(spec, self._limits), spec.name)
         state = await self._state(container.id)
         if state is None:
             raise SandboxError(f"docker create {spec.name}: the container vanished after creation")
         return state
+
+    async def _create_container(self, config: dict[str, Any], name: str) -> DockerContainer:
+        try:
+            async with asyncio.timeout(self._create_timeout):
+                return await self._docker.containers.create(config, name=name)
+        except DockerError as exc:
+            error = SandboxNameTaken if exc.status == 409 else SandboxError
+            raise error(f"docker create {name}: {exc.message}") from exc
+        except TimeoutError as exc:
+            message = (
+                f"docker create {name}: no answer in {self._create_timeout:g}s "
+                "(SANDFLEET_CONTAINER_CREATE_TIMEOUT_SECONDS)"
+            )
+            raise SandboxError(message) from exc
+
+    async def create_warm(self, spec: WarmSpec[ContainerBlock]) -> SandboxState:
+        await self._ensure_image(checked_image(spec.image))
+        config = warm_container_config(as_sandbox_spec(spec), self._limits)
+        container = await self._create_container(config, spec.name)
+        stdin: DockerStdin | None = None
+        try:
+            stdin = await self._attached(container)
+            await self.start(container.id)
+            info = await self._inspect(container.id, spec.name)
+            image = await self._image_defaults(str(info["Image"]))
+        except BaseException:
+            await self._discard(container.id, stdin)
+            raise
+        state = state_from_inspect(info)
+        if state.status is not SandboxStatus.RUNNING:
+            await self._discard(container.id, stdin)
+            raise SandboxError(f"docker start {spec.name}: the warm container exited at once")
+        self._waiting.hold(container.id, Waiting(stdin=stdin, image=image, labels=state.labels))
+        return state
+
+    async def _attached(self, container: DockerContainer) -> DockerStdin:
+        async with _translated("attach", container.id):
+            return await DockerStdin.attach(container)
+
+    async def _discard(self, sandbox_id: str, stdin: DockerStdin | None) -> None:
+        if stdin is not None:
+            await stdin.aclose()
+        await self.remove(sandbox_id)
+
+    async def _inspect(self, sandbox_id: str, name: str) -> dict[str, Any]:
+        async with _translated("inspect", name):
+            info: dict[str, Any] = await self._container(sandbox_id).show()
+        return info
+
+    async def _image_defaults(self, image_id: str) -> ImageDefaults:
+        """An image's Entrypoint and Cmd, asked once per image id (an id names one
+        image for ever, where a tag can move)."""
+        if image_id not in self._images:
+            async with _translated("image inspect", image_id):
+                info = await self._docker.images.inspect(url_path_segment(image_id))
+            self._images[image_id] = ImageDefaults.from_config(info.get("Config"))
+        return self._images[image_id]
+
+    async def take_warm(self, sandbox_id: str, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
+        return await self._waiting.take(sandbox_id, spec, self._rename, self._state)
+
+    async def _rename(self, sandbox_id: str, name: str) -> None:
+        try:
+            await self._container(sandbox_id).rename(name)
+        except DockerError as exc:
+            error = SandboxNameTaken if exc.status == 409 else SandboxError
+            raise error(f"docker rename {sandbox_id} {name}: {exc.message}") from exc
 
     async def start(self, sandbox_id: str) -> None:
         async with _translated("start", sandbox_id):
@@ -183,6 +254,7 @@ class DockerDriver:
             await self._container(sandbox_id).stop(t=int(grace_seconds))
 
     async def remove(self, sandbox_id: str) -> None:
+        await self._waiting.drop(sandbox_id)
         try:
             await self._container(sandbox_id).delete(force=True)
         except DockerError as exc:

@@ -7,6 +7,7 @@ from typing import Any
 from sandfleet.workers.drivers.base import SandboxSpec
 from sandfleet.workers.drivers.cdi import ContainerBlock
 from sandfleet.workers.drivers.container_settings import ContainerLimits
+from sandfleet.workers.drivers.warm_shim import SHIM_ENTRYPOINT
 
 
 def container_config(spec: SandboxSpec[ContainerBlock], limits: ContainerLimits) -> dict[str, Any]:
@@ -44,3 +45,18 @@ def host_config(spec: SandboxSpec[ContainerBlock], limits: ContainerLimits) -> d
     if spec.gpu_devices:
         host["DeviceRequests"] = [{"Driver": "cdi", "DeviceIDs": list(spec.gpu_devices)}]
     return host
+
+
+def warm_container_config(
+    spec: SandboxSpec[ContainerBlock], limits: ContainerLimits
+) -> dict[str, Any]:
+    """A cold container's config for `spec` whose main process is the warm shim, its
+    stdin open for the job (StdinOnce: closed when the attached worker goes)."""
+    return {
+        **container_config(spec, limits),
+        "Entrypoint": list(SHIM_ENTRYPOINT),
+        "Cmd": [],
+        "AttachStdin": True,
+        "OpenStdin": True,
+        "StdinOnce": True,
+    }

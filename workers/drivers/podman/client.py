@@ -93,6 +93,26 @@ class LibpodClient:
             async for chunk in response.content.iter_any():
                 yield chunk
 
+    async def hijack(
+        self, method: str, *segments: str, params: dict[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """The connection of an endpoint that takes it over (attach), upgraded to a raw
+        stream: the caller writes to `response.connection` and closes the response."""
+        path = "/".join(url_path_segment(segment) for segment in segments)
+        response = await self._session.request(
+            method,
+            f"{self._base}{API}/{path}",
+            params=params,
+            headers={"Connection": "Upgrade", "Upgrade": "tcp"},
+            read_until_eof=False,
+            allow_redirects=False,
+        )
+        if response.status != 101 or response.connection is None:
+            message = _error_message(await response.read()) or "the connection was not upgraded"
+            response.close()
+            raise PodmanApiError(response.status, message)
+        return response
+
     async def json(self, method: str, *segments: str, **kwargs: Any) -> Any:
         data = await self.request(method, *segments, **kwargs)
         return json.loads(data) if data else None

@@ -5,21 +5,35 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from sandfleet.common.errors import ImageUnavailable, SandboxError, SandboxNameTaken
 from sandfleet.common.models import Job
-from sandfleet.workers.drivers.base import LABEL_DRIVER, SandboxSpec, SandboxState
+from sandfleet.workers.drivers.base import (
+    LABEL_DRIVER,
+    SandboxSpec,
+    SandboxState,
+    SandboxStatus,
+    WarmSpec,
+)
 from sandfleet.workers.drivers.cdi import ContainerBlock, checked_image, parse_container_block
 from sandfleet.workers.drivers.container_settings import ContainerLimits
 from sandfleet.workers.drivers.container_state import state_from_inspect
 from sandfleet.workers.drivers.errors import error_translator
+from sandfleet.workers.drivers.podman.attached_stdin import PodmanStdin
 from sandfleet.workers.drivers.podman.client import (
     FrameReader,
     LibpodClient,
     PodmanApiError,
     demultiplex,
 )
-from sandfleet.workers.drivers.podman.spec import spec_generator
+from sandfleet.workers.drivers.podman.spec import spec_generator, warm_spec_generator
+from sandfleet.workers.drivers.warm_containers import (
+    ImageDefaults,
+    Waiting,
+    WaitingContainers,
+    as_sandbox_spec,
+)
 from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
 
 _translated = error_translator(
@@ -49,8 +63,11 @@ class PodmanDriver:
         self._pull_timeout = pull_timeout_seconds
         self._create_timeout = create_timeout_seconds
         self._limits = limits or ContainerLimits()
+        self._waiting = WaitingContainers("podman")
+        self._images: dict[str, ImageDefaults] = {}  # by image id
 
     async def aclose(self) -> None:
+        await self._waiting.aclose()
         await self._api.aclose()
 
     def parse_config(self, job: Job) -> ContainerBlock:
@@ -99,24 +116,82 @@ class PodmanDriver:
 
     async def create(self, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
         await self._ensure_image(checked_image(spec.image))
-        try:
-            async with asyncio.timeout(self._create_timeout):
-                created = await self._api.json(
-                    "POST", "containers", "create", body=spec_generator(spec, self._limits)
-                )
-        except PodmanApiError as exc:
-            error = SandboxNameTaken if exc.name_in_use else SandboxError
-            raise error(f"podman create {spec.name}: {exc.message}") from exc
-        except TimeoutError as exc:
-            message = (
-                f"podman create {spec.name}: no answer in {self._create_timeout:g}s "
-                "(SANDFLEET_CONTAINER_CREATE_TIMEOUT_SECONDS)"
-            )
-            raise SandboxError(message) from exc
-        state = await self.find(created["Id"])
+        container_id = await self._create_container(spec_generator(spec, self._limits))
+        state = await self.find(container_id)
         if state is None:
             raise SandboxError(f"podman create {spec.name}: the container vanished after creation")
         return state
+
+    async def _create_container(self, body: dict[str, Any]) -> str:
+        name = body["name"]
+        try:
+            async with asyncio.timeout(self._create_timeout):
+                created = await self._api.json("POST", "containers", "create", body=body)
+        except PodmanApiError as exc:
+            error = SandboxNameTaken if exc.name_in_use else SandboxError
+            raise error(f"podman create {name}: {exc.message}") from exc
+        except TimeoutError as exc:
+            message = (
+                f"podman create {name}: no answer in {self._create_timeout:g}s "
+                "(SANDFLEET_CONTAINER_CREATE_TIMEOUT_SECONDS)"
+            )
+            raise SandboxError(message) from exc
+        return str(created["Id"])
+
+    async def create_warm(self, spec: WarmSpec[ContainerBlock]) -> SandboxState:
+        await self._ensure_image(checked_image(spec.image))
+        body = warm_spec_generator(as_sandbox_spec(spec), self._limits)
+        container_id = await self._create_container(body)
+        stdin: PodmanStdin | None = None
+        try:
+            stdin = await self._attached(container_id)
+            await self.start(container_id)
+            info = await self._inspect(container_id)
+            image = await self._image_defaults(str(info["Image"]))
+        except BaseException:
+            await self._discard(container_id, stdin)
+            raise
+        state = state_from_inspect(info)
+        if state.status is not SandboxStatus.RUNNING:
+            await self._discard(container_id, stdin)
+            raise SandboxError(f"podman start {spec.name}: the warm container exited at once")
+        self._waiting.hold(container_id, Waiting(stdin=stdin, image=image, labels=state.labels))
+        return state
+
+    async def _attached(self, container_id: str) -> PodmanStdin:
+        async with _translated("attach", container_id):
+            return await PodmanStdin.attach(self._api, container_id)
+
+    async def _discard(self, container_id: str, stdin: PodmanStdin | None) -> None:
+        if stdin is not None:
+            await stdin.aclose()
+        await self.remove(container_id)
+
+    async def _inspect(self, container_id: str) -> dict[str, Any]:
+        async with _translated("inspect", container_id):
+            info: dict[str, Any] = await self._api.json("GET", "containers", container_id, "json")
+        return info
+
+    async def _image_defaults(self, image_id: str) -> ImageDefaults:
+        """An image's Entrypoint and Cmd, asked once per image id (an id names one
+        image for ever, where a tag can move)."""
+        if image_id not in self._images:
+            async with _translated("image inspect", image_id):
+                info = await self._api.json("GET", "images", image_id, "json")
+            self._images[image_id] = ImageDefaults.from_config(info.get("Config"))
+        return self._images[image_id]
+
+    async def take_warm(self, sandbox_id: str, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
+        return await self._waiting.take(sandbox_id, spec, self._rename, self.find)
+
+    async def _rename(self, sandbox_id: str, name: str) -> None:
+        try:
+            await self._api.request(
+                "POST", "containers", sandbox_id, "rename", params={"name": name}
+            )
+        except PodmanApiError as exc:
+            error = SandboxNameTaken if exc.name_in_use else SandboxError
+            raise error(f"podman rename {sandbox_id} {name}: {exc.message}") from exc
 
     async def start(self, sandbox_id: str) -> None:
         async with _translated("start", sandbox_id):
@@ -140,6 +215,7 @@ class PodmanDriver:
             )
 
     async def remove(self, sandbox_id: str) -> None:
+        await self._waiting.drop(sandbox_id)
         try:
             await self._api.request(
                 "DELETE", "containers", sandbox_id, params={"force": "true", "v": "true"}

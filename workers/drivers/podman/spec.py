@@ -7,6 +7,7 @@ from typing import Any
 from sandfleet.workers.drivers.base import SandboxSpec
 from sandfleet.workers.drivers.cdi import ContainerBlock
 from sandfleet.workers.drivers.container_settings import ContainerLimits
+from sandfleet.workers.drivers.warm_shim import SHIM_ENTRYPOINT
 
 CPU_PERIOD_US = 100_000
 
@@ -30,6 +31,19 @@ def spec_generator(spec: SandboxSpec[ContainerBlock], limits: ContainerLimits) -
     if spec.command:
         body["command"] = list(spec.command)
     return body
+
+
+def warm_spec_generator(
+    spec: SandboxSpec[ContainerBlock], limits: ContainerLimits
+) -> dict[str, Any]:
+    """A cold container's body for `spec` whose main process is the warm shim, its
+    stdin open for the job (closed by conmon when the attached worker goes)."""
+    return {
+        **spec_generator(spec, limits),
+        "entrypoint": list(SHIM_ENTRYPOINT),
+        "command": [],
+        "stdin": True,
+    }
 
 
 def resource_limits(spec: SandboxSpec[ContainerBlock], limits: ContainerLimits) -> dict[str, Any]:
