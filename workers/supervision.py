@@ -35,7 +35,9 @@ class SandboxSupervisor:
 
     async def supervise(self, attempt: Attempt, sandbox: SandboxState) -> Outcome:
         """Run the sandbox to its end, within the job's timeout, unless asked to stop."""
-        if sandbox.status is SandboxStatus.EXITED:
+        # A warm sandbox's job started when it was taken, however soon it ended: it is
+        # announced `running` and its output shipped like any started sandbox's.
+        if sandbox.status is SandboxStatus.EXITED and attempt.warm_pool is None:
             return await self._ended(attempt, sandbox.exit_code)
         if attempt.stop_request is not None:  # asked before it started
             return await self._stop_early(attempt, attempt.stop_request)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandfleet.common.events import Phase
@@ -22,6 +22,7 @@ from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.metrics import JobMetrics, WorkerMetrics
 from sandfleet.workers.slots import Slots
 from tests.support.gpus import FOUR_GPUS, FOUR_UUIDS
+from tests.support.metrics import scraped
 
 
 class Health:
@@ -103,15 +104,6 @@ def test_the_commands_exit_78_in_one_line_when_the_port_is_taken(
     assert ran.returncode == 78, ran.stderr
     assert ran.stderr.count("\n") == 1
     assert ran.stderr.startswith("sandfleet: SANDFLEET_METRICS_ADDRESS/SANDFLEET_METRICS_PORT")
-
-
-def scraped(registry: CollectorRegistry) -> dict[tuple[str, tuple[str, ...]], float]:
-    families = text_string_to_metric_families(generate_latest(registry).decode())
-    return {
-        (sample.name, tuple(f"{k}={v}" for k, v in sorted(sample.labels.items()))): sample.value
-        for family in families
-        for sample in family.samples
-    }
 
 
 def test_gpus_by_state_and_who_holds_them(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from sandfleet.workers.stage_timings import STARTED
 from sandfleet.workers.warm_pools import WarmPools, bound_pools
 from sandfleet.workers.warm_profiles import PoolProfile, WarmPoolsInvalid, warm_profiles
 from tests.support.fakes import WORKER, Harness, harness, job
-from tests.unit.test_metrics import scraped
+from tests.support.metrics import scraped
 
 R = Phase.RUNNING
 PROFILE = PoolProfile(image="none", count=2)
