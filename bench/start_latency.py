@@ -159,7 +159,7 @@ def p(values: list[float], q: int) -> float:
 
 def row(name: str, values: list[float], base: float) -> str:
     p50, p95 = p(values, 50), p(values, 95)
-    return f"{name:34} {p50:8.3f} {p95:8.3f} {p50 / base:9.2f}x"
+    return f"{name:42} {p50:8.3f} {p95:8.3f} {p50 / base:9.2f}x"
 
 
 async def measure(url: str, goal: Target, n: int, jobs: int, pool: int) -> None:
@@ -172,7 +172,7 @@ async def measure(url: str, goal: Target, n: int, jobs: int, pool: int) -> None:
     base = p(own, 50) if own else p([s for _, s in cold], 50)
     print(f"{goal.driver}: `true` in {goal.image}; {n} sequential jobs; a burst of {jobs} "
           f"on {pool} slots; ratio: p50 against {base_name}")  # fmt: skip
-    print(f"{'':34} {'p50 s':>8} {'p95 s':>8} {'ratio':>10}")
+    print(f"{'':42} {'p50 s':>8} {'p95 s':>8} {'ratio':>10}")
     if own:
         print(row(base_name, own, base))
     for name, times in (("cold", cold), ("warm", warm)):

@@ -41,6 +41,9 @@ from sandfleet.workers.warm_profiles import SETTING, PoolProfile, WarmPoolsInval
 
 log = logging.getLogger(__name__)
 
+# A take asks for a new sandbox this long after it: making one (a guest's boot above
+# all) must not take the machine from the job that was just started.
+REFILL_AFTER_TAKE_SECONDS = 1.0
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 
@@ -134,8 +137,10 @@ class WarmPools:
         *,
         worker_id: str,
         alive: Callable[[str], bool],
+        refill_after_take_seconds: float = REFILL_AFTER_TAKE_SECONDS,
     ) -> None:
         self._driver = driver
+        self._refill_after_take = refill_after_take_seconds
         self._warm: WarmSandboxes[Any] = driver  # type: ignore[assignment]  # bound_pools checked
         self.pools = pools
         self._worker_id = worker_id
@@ -160,7 +165,7 @@ class WarmPools:
         while pool is not None and pool.ready:
             sandbox_id = pool.ready.popleft()
             self.full.clear()
-            self._wanted.set()
+            asyncio.get_running_loop().call_later(self._refill_after_take, self._wanted.set)
             try:
                 taken = await self._warm.take_warm(sandbox_id, spec)
             except SandboxNameTaken:

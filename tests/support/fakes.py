@@ -180,13 +180,23 @@ class Harness:
 
 
 def harness(
-    tmp_path: Path, *, policy: RunPolicy | None = None, warm: Sequence[PoolProfile] = ()
+    tmp_path: Path,
+    *,
+    policy: RunPolicy | None = None,
+    warm: Sequence[PoolProfile] = (),
+    refill_after_take_seconds: float = 0,
 ) -> Harness:
     """`warm`: the runner's pools (not filled: a test fills them with `warm.start()`)."""
     driver = InMemoryDriver()
     alive = {WORKER}
     is_alive: Callable[[str], bool] = alive.__contains__
-    pools = WarmPools(driver, bound_pools(driver, list(warm)), worker_id=WORKER, alive=is_alive)
+    pools = WarmPools(
+        driver,
+        bound_pools(driver, list(warm)),
+        worker_id=WORKER,
+        alive=is_alive,
+        refill_after_take_seconds=refill_after_take_seconds,
+    )
     journal = JobJournal(tmp_path / "journal", driver.name, alive=is_alive)
     claims = GpuClaimStore(tmp_path / "state")
     inventory = GpuInventory(from_records(FOUR_GPUS["gpus"]), source="test")

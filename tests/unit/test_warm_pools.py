@@ -208,6 +208,17 @@ async def test_a_warm_sandbox_that_cannot_be_taken_is_removed_and_the_next_one_t
     assert broken not in {s.sandbox_id for s in h.driver.sandboxes.values()}  # removed
 
 
+async def test_a_take_refills_its_pool_only_after_a_while(tmp_path: Path) -> None:
+    """The job just started gets the machine first (a guest's boot takes all of it)."""
+    h = await filled(harness(tmp_path, warm=[PROFILE], refill_after_take_seconds=3600))
+    await within(h.runner.handle(h.delivery(job("a"))))
+    for _ in range(50):  # the refill loop would have run by now, were it asked to
+        await asyncio.sleep(0)
+    assert [op for op, _ in h.calls].count("create_warm") == 2  # the first fill only
+    assert len(h.warm.pools[0].ready) == 1 and not h.warm.full.is_set()
+    await h.warm.aclose()
+
+
 async def test_a_job_cancelled_before_it_starts_leaves_the_pool_as_it_was(
     tmp_path: Path,
 ) -> None:
