@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -20,11 +21,11 @@ import pytest
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client, EventStream
-from sandfleet.workers.drivers.base import LABEL_POOL, LABEL_WORKER_ID
+from sandfleet.workers.drivers.base import LABEL_POOL, LABEL_WORKER_ID, SandboxDriver
 from sandfleet.workers.runtime import Worker
 from tests.support import eventually, submit_and_wait, until_phase, until_terminal
 from tests.support.processes import signal_and_wait, start_worker
-from tests.support.runtimes import WorkerFactory, docker_sandboxes_named
+from tests.support.runtimes import WorkerFactory, docker_sandboxes_named, registered_driver
 
 pytestmark = pytest.mark.integration
 
@@ -179,9 +180,9 @@ async def test_a_warm_job_whose_worker_is_killed_is_adopted_once_and_its_pool_re
     assert docker_sandboxes_named(since)[job["job_id"]] == 1  # one sandbox ever bore its name
 
 
-async def worker_with_full_pool(beats: EventStream, *, ready: int) -> str:
+async def worker_with_full_pool(beats: EventStream, *, ready: int, seconds: float = 60) -> str:
     """The id of the worker whose heartbeat first says its pool holds `ready` sandboxes."""
-    async with asyncio.timeout(60):
+    async with asyncio.timeout(seconds):
         async for beat in beats:
             if beat.health and beat.health.warm_pools[0]["ready"] == ready and beat.worker_id:
                 return beat.worker_id
@@ -201,29 +202,34 @@ async def test_a_stopped_worker_removes_its_idle_warm_sandboxes(
     assert await warm_containers_of(docker, made) == []
 
 
-async def test_a_warm_vm_job_runs_in_a_booted_guest_and_is_cancelled_as_a_cold_one(
+def vm_pools(guest: dict[str, str], count: int = 2) -> str:
+    block = {"initrd": guest["initrd"]}
+    return json.dumps([{"image": guest["kernel"], "count": count, "driver_config": block}])
+
+
+def vm_request(guest: dict[str, str], script: str, **template: Any) -> dict[str, Any]:
+    return {
+        "job_id": f"wv-{uuid.uuid4().hex[:8]}",
+        "driver": "vm",
+        "template": {
+            "image": guest["kernel"],
+            "command": ["sh", "-c", script],
+            "environment": {"GREETING": "hello $there"},
+            "driver_config": {"vm": {"initrd": guest["initrd"]}},
+            **template,
+        },
+    }
+
+
+async def test_a_warm_vm_job_runs_in_a_booted_guest_and_ends_as_a_cold_one(
     client: Client, vm_worker: WorkerFactory, vm_guest: dict[str, str]
 ) -> None:
     """`running` means the command started in the guest, warm as cold; the boot was the
-    pool's, so the warm job has no `starting`."""
-    block = {"initrd": vm_guest["initrd"]}
-    profile = [{"image": vm_guest["kernel"], "count": 2, "driver_config": block}]
-
-    def vm_request(script: str) -> dict[str, Any]:
-        return {
-            "job_id": f"wv-{uuid.uuid4().hex[:8]}",
-            "driver": "vm",
-            "template": {
-                "image": vm_guest["kernel"],
-                "command": ["sh", "-c", script],
-                "environment": {"GREETING": "hello $there"},
-                "driver_config": {"vm": block},
-            },
-        }
-
-    ran = vm_request('echo "$GREETING"; exit 4')
-    cancelled = vm_request("echo up; sleep 600")
-    async with vm_worker(slots=2, warm_pools=json.dumps(profile)) as worker:
+    pool's, so a warm job has no `starting`. Cancelled and timed out as cold ones are."""
+    ran = vm_request(vm_guest, 'echo "$GREETING"; exit 4')
+    cancelled = vm_request(vm_guest, "echo up; sleep 600")
+    timed_out = vm_request(vm_guest, "echo up; sleep 600", timeout_seconds=3)
+    async with vm_worker(slots=2, warm_pools=vm_pools(vm_guest)) as worker:
         async with asyncio.timeout(240):
             await worker.warm.full.wait()
         events = await submit_and_wait(client, ran, timeout=120)
@@ -232,9 +238,57 @@ async def test_a_warm_vm_job_runs_in_a_booted_guest_and_is_cancelled_as_a_cold_o
             running = await until_phase(stream, cancelled["job_id"], Phase.RUNNING, timeout=120)
             await client.cancel(cancelled["job_id"], reason="not needed")
             ended = (await until_terminal(stream, cancelled["job_id"], timeout=120))[-1]
+        async with asyncio.timeout(240):
+            await worker.warm.full.wait()
+        timed = await submit_and_wait(client, timed_out, timeout=120)
     assert ran_warm(events), [(e.phase, e.reason, e.message) for e in events]
     assert Phase.STARTING not in [e.phase for e in events]
     assert (events[-1].phase, events[-1].exit_code) == (Phase.FAILED, 4)
     assert events[-1].output is not None and "hello $there" in events[-1].output
     assert running.message.startswith("warm (pool ")
     assert ended.phase is Phase.CANCELLED
+    assert ran_warm(timed) and (timed[-1].phase, timed[-1].output) == (Phase.TIMED_OUT, "up\n")
+
+
+async def test_a_warm_vm_job_whose_worker_is_killed_is_adopted_once_and_its_pool_removed(
+    settings: Settings,
+    client: Client,
+    vm_worker: WorkerFactory,
+    vm_guest: dict[str, str],
+    vm_work_dir: Path,
+) -> None:
+    job = vm_request(vm_guest, "echo one; sleep 4; echo two")
+    env = {
+        "SANDFLEET_WARM_POOLS": vm_pools(vm_guest),
+        "SANDFLEET_VM_DOMAIN_TYPE": "qemu",
+        "SANDFLEET_VM_WORK_DIR": str(vm_work_dir),
+    }
+    async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:
+        killed, _ = await start_worker(settings, client, driver="vm", env=env)
+        try:
+            dead = await worker_with_full_pool(beats, ready=2, seconds=240)
+            async with client.events(job_id=job["job_id"]) as stream:
+                assert (await client.submit(job)).accepted
+                running = await until_phase(stream, job["job_id"], Phase.RUNNING, timeout=120)
+                await signal_and_wait(killed, signal.SIGKILL)
+                async with vm_worker():
+                    history = await until_terminal(stream, job["job_id"], timeout=120)
+                    guests = registered_driver("vm", domain_type="qemu", work_dir=vm_work_dir)
+                    driver = guests(settings)
+                    try:
+                        await eventually(lambda: no_idle_guests_of(driver, dead), timeout=60)
+                    finally:
+                        await driver.aclose()
+        finally:
+            if killed.returncode is None:
+                killed.kill()
+                await killed.wait()
+    assert running.message.startswith("warm (pool ")
+    assert [e.reason for e in history if e.phase is Phase.RUNNING] == ["Adopted"]
+    assert (history[-1].phase, history[-1].output) == (Phase.SUCCEEDED, "one\ntwo\n")
+
+
+async def no_idle_guests_of(driver: SandboxDriver[Any], worker_id: str) -> bool:
+    """No guest the dead worker made is left but its taken one (that is the job's)."""
+    left = await driver.list_sandboxes()
+    return not [s for s in left if s.labels.get(LABEL_WORKER_ID) == worker_id and s.job_id is None]
