@@ -157,11 +157,11 @@ class Worker(AsyncCloseable):
         await self.warm.start()  # filled while the worker connects
         try:
             connected = self._connected = await start_when_cluster_ready(self._connect, _nothing)
+            await self._take_over_unwatched()
+            await connected.intake.start()
         except BaseException:
-            await self.warm.aclose()
+            await self.warm.aclose()  # its refilling stops, its sandboxes go
             raise
-        await self._take_over_unwatched()
-        await connected.intake.start()
         self._consuming = True
         settings = self._settings
         self._heartbeats = asyncio.create_task(every(settings.heartbeat_seconds, self._beat))

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # all) must not take the machine from the job that was just started.
 REFILL_AFTER_TAKE_SECONDS = 1.0
 RETRY_FIRST_SECONDS = 1.0
+# Variables bash (an image's /bin/sh may be bash) keeps read-only: a warm container's
+# shim could not give them a job's value, where a cold start does. Such jobs start cold.
+SHELL_READONLY = frozenset({"BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID"})
 RETRY_MAX_SECONDS = 60.0
 
 
@@ -76,6 +79,7 @@ class WarmPool:
             and wanted.cpu == self.profile.cpu
             and wanted.memory == self.profile.memory
             and config == self.config
+            and not SHELL_READONLY.intersection(job.template.environment)
         )
 
     def health(self) -> dict[str, Any]:
@@ -147,6 +151,8 @@ class WarmPools:
         self._alive = alive
         self._wanted = asyncio.Event()
         self.full = asyncio.Event()  # set while every pool has all its sandboxes ready
+        self._making: set[str] = set()  # names of the warm sandboxes being made
+        self._taking: set[str] = set()  # ids of those being taken (no longer ready)
         self._refilling: asyncio.Task[None] | None = None
         self.served_warm = 0
         self.served_cold = 0
@@ -157,27 +163,39 @@ class WarmPools:
         self, job: Job, config: DriverConfig, spec: SandboxSpec[Any]
     ) -> tuple[str, SandboxState] | None:
         """A ready sandbox of the pool matching `job`, given `spec` (the job's), with
-        that pool's key; None if no pool matches or none is ready (the job starts
-        cold). A ready one that can no longer be taken is removed, and the next tried.
-        SandboxNameTaken: the job's name exists (its sandbox, made by a worker now
-        gone); the ready one stays in its pool."""
+        that pool's key; None if no pool matches or none is ready, or the take failed
+        (the job starts cold). SandboxNameTaken: the job's name exists (its sandbox,
+        made by a worker now gone); the ready one stays in its pool.
+
+        One try per job: a take that fails may have failed for the job's sake, not the
+        sandbox's, and must not cost the pool more than the one sandbox (removed)."""
         pool = next((pool for pool in self.pools if pool.matches(job, config)), None)
-        while pool is not None and pool.ready:
-            sandbox_id = pool.ready.popleft()
-            self.full.clear()
-            asyncio.get_running_loop().call_later(self._refill_after_take, self._wanted.set)
-            try:
-                taken = await self._warm.take_warm(sandbox_id, spec)
-            except SandboxNameTaken:
-                pool.ready.appendleft(sandbox_id)
-                raise
-            except SandboxError as exc:
-                log.warning("warm sandbox %s of pool %s: %s; removed", sandbox_id, pool.key, exc)
-                await self._remove(sandbox_id)
-                continue
-            self.served_warm += 1
-            return pool.key, taken
-        return None
+        if pool is None or not pool.ready:
+            return None
+        sandbox_id = pool.ready.popleft()
+        self.full.clear()
+        asyncio.get_running_loop().call_later(self._refill_after_take, self._wanted.set)
+        self._taking.add(sandbox_id)
+        try:
+            # Shielded: a take cut short by a shutdown's cancel could leave a sandbox
+            # bearing the job's name with no job in it; finished, it is the job's.
+            taken = await asyncio.shield(self._warm.take_warm(sandbox_id, spec))
+        except SandboxNameTaken:
+            pool.ready.appendleft(sandbox_id)
+            raise
+        except SandboxError as exc:
+            log.warning("warm sandbox %s of pool %s: %s; removed", sandbox_id, pool.key, exc)
+            await self._remove(sandbox_id)
+            return None
+        except BaseException:
+            # Of any other kind (a runtime client's own error): the sandbox may bear the
+            # job's name by now, and nothing else would ever remove it.
+            await asyncio.shield(self._remove(sandbox_id))
+            raise
+        finally:
+            self._taking.discard(sandbox_id)
+        self.served_warm += 1
+        return pool.key, taken
 
     # ---- the pools' life ----
 
@@ -199,15 +217,19 @@ class WarmPools:
 
     async def remove_unowned(self, *, mine_too: bool = False) -> None:
         """Remove idle warm sandboxes that no live worker keeps: a dead worker's, and
-        this worker's own that ended (their shim or guest died); with `mine_too`, every
+        this worker's own that are neither ready (and running) nor being made (a create
+        that landed after it failed, a shim or guest that died); with `mine_too`, every
         idle one of this worker's."""
         for sandbox in await self._driver.list_sandboxes():
             if LABEL_POOL not in sandbox.labels or sandbox.job_id is not None:
                 continue  # not warm, or taken: a job's sandbox, the runtime's to clean up
             owner = sandbox.labels.get(LABEL_WORKER_ID, "")
             if owner == self._worker_id:
-                if not (mine_too or sandbox.status is SandboxStatus.EXITED):
-                    continue  # ready, or being made
+                if sandbox.name in self._making or sandbox.sandbox_id in self._taking:
+                    continue  # a guest being booted can look stopped; a take renames
+                ready = any(sandbox.sandbox_id in pool.ready for pool in self.pools)
+                if ready and sandbox.status is not SandboxStatus.EXITED and not mine_too:
+                    continue
                 self._forget(sandbox.sandbox_id)
             elif self._alive(owner):
                 continue
@@ -249,6 +271,7 @@ class WarmPools:
             },
         )
         pool.making += 1
+        self._making.add(spec.name)
         try:
             made = await self._warm.create_warm(spec)
         except Exception as exc:  # of any kind: the pool waits, and tries again later
@@ -258,6 +281,7 @@ class WarmPools:
             return False
         finally:
             pool.making -= 1
+            self._making.discard(spec.name)
         pool.failures, pool.last_error = 0, ""
         pool.ready.append(made.sandbox_id)
         return True

@@ -94,7 +94,9 @@ def test_an_untaken_warm_guest_is_its_pools_and_no_jobs() -> None:
 
 def test_a_taken_guests_metadata_names_the_job_its_labels_and_when() -> None:
     taken = datetime(2026, 11, 27, 12, 0, 1, 250000, tzinfo=UTC)
-    labels = {"team": 'a "b" <c>\nd & $e', LABEL_JOB_ID: "j9", LABEL_WORKER_ID: "w2"}
+    # Any character a label may hold, control characters too (XML can hold none).
+    labels = {"team": 'a "b" <c>\nd & $e \x01\x1f \ufffe', LABEL_JOB_ID: "j9", "w\x00": "\\"}
+    labels[LABEL_WORKER_ID] = "w2"
     element = metadata_element("j9", "w2", (), pool="p1", taken_at=taken, labels=labels)
     text = metadata_xml(element)
     # libvirt's setMetadata puts it in our namespace, and refuses one that names its own.

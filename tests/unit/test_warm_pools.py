@@ -189,23 +189,35 @@ async def test_a_job_starts_cold_when_the_pool_is_empty(tmp_path: Path) -> None:
     assert h.warm.served_cold == 1
 
 
-async def test_a_warm_sandbox_that_cannot_be_taken_is_removed_and_the_next_one_taken(
+async def test_a_take_that_fails_costs_the_pool_one_sandbox_and_the_job_starts_cold(
+    tmp_path: Path,
+) -> None:
+    """The failure may be the job's doing (a command its image cannot run): one bad
+    job must not empty a pool."""
+    h = await filled(harness(tmp_path, warm=[PROFILE]))
+    broken, spare = h.warm.pools[0].ready
+
+    async def fails(sandbox_id: str) -> None:
+        raise SandboxError("no command")
+
+    h.driver.hooks["take_warm"] = fails
+    await within(h.runner.handle(h.delivery(job("a"))))
+    assert h.events.last("a").phase is Phase.SUCCEEDED
+    assert "create" in [op for op, _ in h.calls]  # cold
+    remaining = {s.sandbox_id for s in h.driver.sandboxes.values()}
+    assert broken not in remaining and spare in remaining
+    assert h.warm.pools[0].ready[0] == spare  # still ready (a refill may follow it)
+
+
+async def test_a_job_setting_a_variable_a_shell_keeps_read_only_starts_cold(
     tmp_path: Path,
 ) -> None:
     h = await filled(harness(tmp_path, warm=[PROFILE]))
-    broken = h.warm.pools[0].ready[0]
-    tries: list[str] = []
-
-    async def first_one_fails(sandbox_id: str) -> None:
-        tries.append(sandbox_id)
-        if sandbox_id == broken:
-            raise SandboxError("its shim is gone")
-
-    h.driver.hooks["take_warm"] = first_one_fails
-    await within(h.runner.handle(h.delivery(job("a"))))
-    assert h.events.last("a").phase is Phase.SUCCEEDED
-    assert tries[0] == broken and h.events.last("a").sandbox_id == tries[1]
-    assert broken not in {s.sandbox_id for s in h.driver.sandboxes.values()}  # removed
+    made = job("a")
+    template = made.template.model_copy(update={"environment": {"UID": "0"}})
+    await within(h.runner.handle(h.delivery(made.model_copy(update={"template": template}))))
+    assert "take_warm" not in [op for op, _ in h.calls]
+    assert len(h.warm.pools[0].ready) == 2
 
 
 async def test_a_take_refills_its_pool_only_after_a_while(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiodocker
+import aiohttp
 from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 
@@ -70,6 +71,16 @@ def _engine_version(version: str) -> tuple[int, int]:
         return (0, 0)
 
 
+def _client(url: str) -> aiodocker.Docker:
+    """An engine client whose connections are not capped: each warm container holds one
+    (its stdin's attach) while it waits, and aiohttp's default cap of 100 would leave
+    every other call waiting for ever once a worker keeps that many."""
+    if url.startswith("unix://"):
+        connector = aiohttp.UnixConnector(path=url.removeprefix("unix://"), limit=0)
+        return aiodocker.Docker(url="unix://localhost", connector=connector)
+    return aiodocker.Docker(url=url)  # TCP (a remote engine): aiodocker's own connector
+
+
 class DockerDriver:
     name = "docker"
 
@@ -82,7 +93,7 @@ class DockerDriver:
         create_timeout_seconds: float = 60.0,
         limits: ContainerLimits | None = None,
     ) -> None:
-        self._docker = aiodocker.Docker(url=url)
+        self._docker = _client(url)
         self._cdi_kind = cdi_kind
         self._pull_timeout = pull_timeout_seconds
         self._create_timeout = create_timeout_seconds
@@ -94,6 +105,7 @@ class DockerDriver:
     async def aclose(self) -> None:
         await self._waiting.aclose()
         await self._docker.close()
+        await self._docker.connector.close()  # ours (for a socket), not the client's to close
 
     def parse_config(self, job: Job) -> ContainerBlock:
         return parse_container_block(job, self._limits)

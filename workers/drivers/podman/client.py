@@ -44,9 +44,11 @@ class PodmanApiError(Exception):
 def _connector(url: str) -> tuple[aiohttp.BaseConnector, str]:
     parsed = urlparse(url)
     if parsed.scheme == "unix":
-        return aiohttp.UnixConnector(path=parsed.path), "http://podman"
+        # Not capped: each warm container holds a connection (its stdin's attach)
+        # while it waits; aiohttp's default cap of 100 would starve every other call.
+        return aiohttp.UnixConnector(path=parsed.path, limit=0), "http://podman"
     if parsed.scheme in {"http", "tcp"}:
-        return aiohttp.TCPConnector(), f"http://{parsed.netloc}"
+        return aiohttp.TCPConnector(limit=0), f"http://{parsed.netloc}"
     raise ValueError(f"unsupported Podman URL {url!r} (unix:///path or tcp://host:port)")
 
 

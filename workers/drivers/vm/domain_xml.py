@@ -6,6 +6,7 @@ arguments); ElementTree escapes what it writes.
 
 from __future__ import annotations
 
+import json
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -61,17 +62,17 @@ def metadata_element(
     taken_at: datetime | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> ET.Element:
-    """`<sandfleet:job id= worker= gpus= [pool=] [taken=]>` with a `<sandfleet:label
-    name= value=/>` per label: whose the domain is (a warm guest's owner changes)."""
+    """`<sandfleet:job id= worker= gpus= [pool=] [taken=] [labels=]>`: whose the domain
+    is (a warm guest's owner changes). The job's labels are one JSON text in ASCII: a
+    label may hold any character, and XML cannot hold some (control characters)."""
     attributes = {"id": job_id, "worker": worker_id, "gpus": ",".join(gpus)}
     if pool:
         attributes["pool"] = pool
     if taken_at is not None:
         attributes["taken"] = taken_at.isoformat()
-    element = ET.Element(f"{{{METADATA_NS}}}job", attributes)
-    for name, value in (labels or {}).items():
-        ET.SubElement(element, f"{{{METADATA_NS}}}label", {"name": name, "value": value})
-    return element
+    if labels:
+        attributes["labels"] = json.dumps(dict(labels), ensure_ascii=True)
+    return ET.Element(f"{{{METADATA_NS}}}job", attributes)
 
 
 def metadata_xml(element: ET.Element) -> str:
@@ -172,17 +173,24 @@ def read_owner(xml_text: str) -> DomainOwner:
     """Whose a domain is, from its metadata element; ET.ParseError if it is not XML."""
     element = ET.fromstring(xml_text)
     meta = element.attrib
-    labels = {
-        label.get("name", ""): label.get("value", "")
-        for label in element
-        if _local(label.tag) == "label"  # in our namespace, or none: as libvirt gives it
-    }
+    labels = _labels(meta.get("labels", ""))
     labels |= {LABEL_WORKER_ID: meta.get("worker", ""), LABEL_GPUS: meta.get("gpus", "")}
     if meta.get("id"):
         labels[LABEL_JOB_ID] = meta["id"]
     if meta.get("pool"):
         labels[LABEL_POOL] = meta["pool"]
     return DomainOwner(labels=labels, taken_at=_time_or_none(meta.get("taken", "")))
+
+
+def _labels(text: str) -> dict[str, str]:
+    """The job's labels as written (none if unreadable: the guest cannot write them)."""
+    try:
+        labels = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    if not isinstance(labels, dict):
+        return {}
+    return {str(name): str(value) for name, value in labels.items()}
 
 
 def _time_or_none(text: str) -> datetime | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +52,8 @@ from sandfleet.workers.drivers.vm.job_channel import JobChannels
 from sandfleet.workers.drivers.vm.job_files import CONSOLE_LOG, JOB_CHANNEL, record_started
 from sandfleet.workers.drivers.vm.plugin import BOOT_TIMEOUT_SECONDS
 from sandfleet.workers.gpu.inventory import Gpu
+
+log = logging.getLogger(__name__)
 
 # What `wait` returns for a guest that `stop` ended before it reported its own exit
 # code: as for a container killed after its grace time (128 + SIGKILL).
@@ -164,9 +167,15 @@ class VmDriver(LibvirtDomains):
             owner = await self._owner(domain)
             await self._set_owner(domain, spec, owner)  # from here `find` gives the job's
             await channel.send(job_frame(spec.command, spec.environment))
-            await self._await_line(domain, BEGIN_MARKER)
         finally:
             await channel.close()
+        try:
+            await self._await_line(domain, BEGIN_MARKER)
+        except SandboxError:
+            # The guest has the job: it is the job's sandbox now, however it goes on (a
+            # guest that stops without running it ends the job `GuestFailed`); another
+            # guest must never be given the same job.
+            log.warning("%s: no begin marker after its job was sent", domain.name())
         return await self._state(domain)
 
     async def _set_owner(
