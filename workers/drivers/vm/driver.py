@@ -281,7 +281,13 @@ class VmDriver(LibvirtDomains):
         name = domain.name()
         self._stopped.discard(sandbox_id)
         async with translated("remove", name):
-            if await self._libvirt.call(domain.isActive):
-                await self._libvirt.call(domain.destroy)
+            try:
+                if await self._libvirt.call(domain.isActive):
+                    await self._libvirt.call(domain.destroy)
+            except libvirt.libvirtError:
+                # It may have powered off between the two calls, as a guest past its
+                # exit marker does: only one still running is an error.
+                if await self._libvirt.call(domain.isActive):
+                    raise
             await self._libvirt.call(domain.undefine)
         shutil.rmtree(self._dir(name), ignore_errors=True)
