@@ -25,7 +25,7 @@ from sandfleet.common.job_logs import (
     OutputCap,
     truncation_line,
 )
-from sandfleet.workers.drivers.docker.log_entries import since_param, split_entry
+from sandfleet.workers.drivers.docker.log_entries import since_param, split_entries, split_entry
 from sandfleet.workers.drivers.podman.client import FrameReader, demultiplex
 from sandfleet.workers.drivers.vm.console_follow import (
     _JobPart,
@@ -276,3 +276,15 @@ def test_a_docker_entrys_time_and_text_read_back(unix_nanos: int, text: str) -> 
     fraction = f".{nanos:09d}".rstrip("0").rstrip(".")  # docker drops trailing zeros
     assert split_entry(f"{when}{fraction}Z {text}") == (unix_nanos, text)
     assert since_param(unix_nanos) == f"{seconds}.{nanos:09d}"
+
+
+def test_a_docker_chunk_of_several_entries_gives_each_its_own_time() -> None:
+    """Read as one entry, the chunk's first time would be taken for the last line's, and
+    a follower reading on from it would ship `last` twice (seen in CI)."""
+    chunk = "2026-11-27T19:00:00.000000001Z err\n2026-11-27T19:00:00.000000002Z last\n"
+    first, second = split_entries(chunk)
+    assert first[1] == "err\n" and second[1] == "last\n"
+    assert second[0] == first[0] + 1
+    assert split_entries("2026-11-27T19:00:00Z no newline") == [
+        (split_entry("2026-11-27T19:00:00Z x")[0], "no newline")
+    ]

@@ -32,7 +32,7 @@ from sandfleet.workers.drivers.cdi import ContainerBlock, checked_image, parse_c
 from sandfleet.workers.drivers.container_settings import ContainerLimits
 from sandfleet.workers.drivers.container_state import state_from_inspect
 from sandfleet.workers.drivers.docker.attached_stdin import DockerStdin
-from sandfleet.workers.drivers.docker.log_entries import since_param, split_entry
+from sandfleet.workers.drivers.docker.log_entries import since_param, split_entries
 from sandfleet.workers.drivers.docker.spec import container_config, warm_container_config
 from sandfleet.workers.drivers.errors import error_translator
 from sandfleet.workers.drivers.warm_containers import (
@@ -296,16 +296,17 @@ class DockerDriver:
         container, last = self._container(sandbox_id), 0
         async with _translated("logs", sandbox_id):
             followed = container.log(stdout=True, stderr=True, follow=True, timestamps=True)
-            async for entry in followed:
-                last, text = split_entry(entry)
-                yield text.encode()
+            async for chunk in followed:
+                for at, text in split_entries(chunk):
+                    last = max(last, at)
+                    yield text.encode()
             rest = await container.log(
                 stdout=True, stderr=True, timestamps=True, since=since_param(last)
             )
-        for entry in rest:
-            at, text = split_entry(entry)
-            if at > last:
-                yield text.encode()
+        for chunk in rest:
+            for at, text in split_entries(chunk):
+                if at > last:
+                    yield text.encode()
 
     def _container(self, name_or_id: str) -> DockerContainer:
         # aiodocker puts the id into the URL path as it is.

@@ -19,6 +19,17 @@ def split_entry(entry: str) -> tuple[int, str]:
     return (0, entry) if nanos is None else (nanos, text)
 
 
+def split_entries(chunk: str) -> list[tuple[int, str]]:
+    """Each entry of a chunk of docker's log stream, with its time: a chunk may hold
+    several (one line each, each with its own time), and the time of the last one read
+    is where a follower that docker let go early reads on from."""
+    pieces = chunk.split("\n")
+    entries = [piece + "\n" for piece in pieces[:-1]]
+    if pieces[-1]:
+        entries.append(pieces[-1])  # an entry docker logged without a newline
+    return [split_entry(entry) for entry in entries]
+
+
 def since_param(unix_nanos: int) -> str:
     """Docker's `since` for a time in Unix nanoseconds (`seconds.nanoseconds`)."""
     return f"{unix_nanos // NANOS}.{unix_nanos % NANOS:09d}"
