@@ -148,6 +148,35 @@ async def warm_containers_of(docker: aiodocker.Docker, worker_id: str) -> list[A
     return list(await docker.containers.list(all=True, filters=filters))
 
 
+@asynccontextmanager
+async def killed_while_warm_job_runs(
+    settings: Settings,
+    client: Client,
+    job: dict[str, Any],
+    *,
+    driver: str,
+    env: dict[str, str],
+    seconds: float,
+) -> AsyncIterator[tuple[EventStream, str, Event]]:
+    """A worker process with a full pool of 2 runs `job` warm and is SIGKILLed: yields
+    the job's event stream, the dead worker's id and the job's `running` event. The pool
+    must fill within `seconds`, the job run within half of it."""
+    async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:
+        killed, _ = await start_worker(settings, client, driver=driver, env=env)
+        try:
+            dead = await worker_with_full_pool(beats, ready=2, seconds=seconds)
+            async with client.events(job_id=job["job_id"]) as stream:
+                assert (await client.submit(job)).accepted
+                job_id = job["job_id"]
+                running = await until_phase(stream, job_id, Phase.RUNNING, timeout=seconds / 2)
+                await signal_and_wait(killed, signal.SIGKILL)
+                yield stream, dead, running
+        finally:
+            if killed.returncode is None:
+                killed.kill()
+                await killed.wait()
+
+
 async def test_a_warm_job_whose_worker_is_killed_is_adopted_once_and_its_pool_removed(
     settings: Settings,
     client: Client,
@@ -157,23 +186,11 @@ async def test_a_warm_job_whose_worker_is_killed_is_adopted_once_and_its_pool_re
 ) -> None:
     job = warm_request(test_image, "echo one; sleep 3; echo two")
     since = time.time()
-    async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:
-        killed, _ = await start_worker(
-            settings, client, env={"SANDFLEET_WARM_POOLS": pools(test_image, count=2)}
-        )
-        try:
-            dead = await worker_with_full_pool(beats, ready=2)  # the job will take from it
-            async with client.events(job_id=job["job_id"]) as stream:
-                assert (await client.submit(job)).accepted
-                running = await until_phase(stream, job["job_id"], Phase.RUNNING)
-                await signal_and_wait(killed, signal.SIGKILL)
-                async with docker_worker():
-                    history = await until_terminal(stream, job["job_id"], timeout=60)
-                    await eventually(lambda: no_warm_left(docker, dead), timeout=30)
-        finally:
-            if killed.returncode is None:
-                killed.kill()
-                await killed.wait()
+    env = {"SANDFLEET_WARM_POOLS": pools(test_image, count=2)}
+    killed = killed_while_warm_job_runs(settings, client, job, driver="docker", env=env, seconds=60)
+    async with killed as (stream, dead, running), docker_worker():
+        history = await until_terminal(stream, job["job_id"], timeout=60)
+        await eventually(lambda: no_warm_left(docker, dead), timeout=30)
     assert running.message.startswith("warm (pool ")
     assert [e.reason for e in history if e.phase is Phase.RUNNING] == ["Adopted"]
     assert (history[-1].phase, history[-1].output) == (Phase.SUCCEEDED, "one\ntwo\n")
@@ -263,26 +280,14 @@ async def test_a_warm_vm_job_whose_worker_is_killed_is_adopted_once_and_its_pool
         "SANDFLEET_VM_DOMAIN_TYPE": "qemu",
         "SANDFLEET_VM_WORK_DIR": str(vm_work_dir),
     }
-    async with client.events(phases={Phase.HEARTBEAT}, host=settings.host) as beats:
-        killed, _ = await start_worker(settings, client, driver="vm", env=env)
+    killed = killed_while_warm_job_runs(settings, client, job, driver="vm", env=env, seconds=240)
+    async with killed as (stream, dead, running), vm_worker():
+        history = await until_terminal(stream, job["job_id"], timeout=120)
+        driver = registered_driver("vm", domain_type="qemu", work_dir=vm_work_dir)(settings)
         try:
-            dead = await worker_with_full_pool(beats, ready=2, seconds=240)
-            async with client.events(job_id=job["job_id"]) as stream:
-                assert (await client.submit(job)).accepted
-                running = await until_phase(stream, job["job_id"], Phase.RUNNING, timeout=120)
-                await signal_and_wait(killed, signal.SIGKILL)
-                async with vm_worker():
-                    history = await until_terminal(stream, job["job_id"], timeout=120)
-                    guests = registered_driver("vm", domain_type="qemu", work_dir=vm_work_dir)
-                    driver = guests(settings)
-                    try:
-                        await eventually(lambda: no_idle_guests_of(driver, dead), timeout=60)
-                    finally:
-                        await driver.aclose()
+            await eventually(lambda: no_idle_guests_of(driver, dead), timeout=60)
         finally:
-            if killed.returncode is None:
-                killed.kill()
-                await killed.wait()
+            await driver.aclose()
     assert running.message.startswith("warm (pool ")
     assert [e.reason for e in history if e.phase is Phase.RUNNING] == ["Adopted"]
     assert (history[-1].phase, history[-1].output) == (Phase.SUCCEEDED, "one\ntwo\n")
