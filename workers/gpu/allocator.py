@@ -119,9 +119,12 @@ class GpuAllocator:
     async def claim_placed(self, job_id: str, request: GpuRequest) -> tuple[Claim, Placement]:
         """Claim all of the request or nothing, and why these; GpuBusy / NotEnoughGpus
         when it must wait. A job that holds a claim already gets it back (`kept`)."""
+        return await asyncio.to_thread(self.claim_placed_now, job_id, request)
+
+    def claim_placed_now(self, job_id: str, request: GpuRequest) -> tuple[Claim, Placement]:
+        """`claim_placed`, blocking on the store's lock in this thread."""
         if request.exact:
-            claim = await asyncio.to_thread(
-                self._store.claim,
+            claim = self._store.claim(
                 job_id=job_id,
                 gpus=[found.uuid for found, _ in request.exact],
                 devices=[name for _, name in request.exact],
@@ -131,8 +134,7 @@ class GpuAllocator:
             )
             return claim, Placement(claim.gpus, "exact")
         placed: list[Placement] = []
-        claim = await asyncio.to_thread(
-            self._store.claim_chosen,
+        claim = self._store.claim_chosen(
             job_id=job_id,
             driver=self._driver,
             worker_id=self._worker_id,

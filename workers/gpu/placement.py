@@ -159,11 +159,11 @@ def _best_connected(
     for seed in members[:MAX_SEEDS]:
         chosen = [seed]
         rest = [m for m in members if m != seed]
+        inside = {seed}
         while len(chosen) < count:
-            pick = max(
-                rest, key=lambda m: (len(topology.peers[m] & set(chosen)), -topology.rank[m])
-            )
+            pick = max(rest, key=lambda m: (len(topology.peers[m] & inside), -topology.rank[m]))
             chosen.append(pick)
+            inside.add(pick)
             rest.remove(pick)
         edges = _edges(chosen, topology.peers)
         if best is None or edges > best[0]:
