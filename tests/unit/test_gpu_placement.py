@@ -7,7 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from sandfleet.common.events import GpuPlacement
 from sandfleet.workers.gpu.allocator import GpuAllocator
 from sandfleet.workers.gpu.claims import GpuClaimStore
 from sandfleet.workers.gpu.inventory import (
@@ -142,8 +144,10 @@ def test_topo_matrix_errors_name_the_line(text: str, error: str) -> None:
 
 
 def test_topo_matrix_of_a_single_gpu_host() -> None:
+    # the header underlined, as some drivers print it even into a pipe
     rows = parse_topo_matrix(
-        "\tGPU0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\nGPU0\t X \t0-15\t0-1\tN/A\n"
+        "\t\x1b[4mGPU0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\x1b[0m\n"
+        "GPU0\t X \t0-15\t0-1\tN/A\n"
     )
     assert rows[0].nvlink_peers == frozenset() and rows[0].numa_node is None
     smi = from_nvidia_smi_xml((H200_DIR / "nvidia-smi-q.xml").read_text())
@@ -181,3 +185,13 @@ async def test_the_allocator_places_under_the_lock_and_says_why(tmp_path: Path) 
     assert claim.devices == ("d4", "d5") and placement.why == "nvlink"
     again, kept = await allocator.claim_placed("pair", allocator.request([], 2, path="p", host="h"))
     assert again.gpus == claim.gpus and kept.why == "kept"
+
+
+def test_the_claimed_events_placement_is_bounded() -> None:
+    assert GpuPlacement(gpus=UUID[:2], why="nvlink").why == "nvlink"
+    with pytest.raises(ValidationError):
+        GpuPlacement(gpus=["GPU-x"] * 65, why="any")
+    with pytest.raises(ValidationError):
+        GpuPlacement(gpus=["x" * 129], why="any")
+    with pytest.raises(ValidationError):
+        GpuPlacement(gpus=[], why="because")

@@ -15,6 +15,8 @@ from sandfleet.workers.gpu.inventory import MAX_NUMA_NODE, GpuInventory, Invento
 _GPU = re.compile(r"^GPU([0-9]{1,3})$")
 _NVLINK = re.compile(r"^NV[0-9]{1,3}$")
 _PCIE = frozenset({"X", "PIX", "PXB", "PHB", "NODE", "SYS", "SOC", "N/A"})
+# Some drivers underline the header (ESC[4m … ESC[0m), even into a pipe.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 MAX_MATRIX_CHARS = 1 << 20
 
 
@@ -29,7 +31,7 @@ def parse_topo_matrix(text: str) -> dict[int, TopoRow]:
     """Each GPU's row by index; InventoryError naming the line for anything else."""
     if len(text) > MAX_MATRIX_CHARS:
         raise InventoryError(f"nvidia-smi topo -m: over {MAX_MATRIX_CHARS} characters")
-    lines = text.splitlines()
+    lines = _ANSI.sub("", text).splitlines()
     header_at = next((n for n, line in enumerate(lines) if _is_header(line)), None)
     if header_at is None:
         raise InventoryError("nvidia-smi topo -m: no header line naming GPU0")
