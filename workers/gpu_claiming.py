@@ -46,7 +46,9 @@ class GpuClaiming:
         attempt.devices = claim.devices
         attempt.placement = GpuPlacement(gpus=list(claim.gpus), why=placement.why)
         attempt.mark(CLAIMED)
-        message = f"physical GPUs {', '.join(claim.gpus)} ({placement.why})"
+        message = "physical GPUs " + ", ".join(claim.gpus)
+        if placement.why not in {"exact", "kept"}:  # chosen here: say why these
+            message += f" ({placement.why})"
         await self._emit(attempt, Phase.CLAIMED, "GpusClaimed", message)
         return claim
 
