@@ -6,7 +6,7 @@ import logging
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -69,6 +69,21 @@ class WorkerHealth(BaseModel):
     jobs_cold: int = 0  # jobs it made a sandbox for
 
 
+# Why a claim got the GPUs it got (sandfleet.workers.gpu.placement): a fully
+# NVLink-connected set, the best-connected set on one NUMA node, any, the smallest free
+# NVLink group (one GPU), MIG instances, exactly those named, or the claim it held.
+MAX_PLACED_GPUS = 64
+
+
+class GpuPlacement(BaseModel):
+    """The `claimed` event's account of the GPUs chosen: UUIDs (GPU or MIG) and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    gpus: list[Annotated[str, Field(max_length=128)]] = Field(max_length=MAX_PLACED_GPUS)
+    why: Literal["nvlink", "numa", "any", "packed", "mig", "exact", "kept"]
+
+
 class Event(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -95,6 +110,8 @@ class Event(BaseModel):
     timings: dict[str, float] | None = None
     # The gateway's `accepted` event: the job's labels, for the job view's filters.
     labels: dict[str, str] | None = None
+    # The `claimed` event: which GPUs were chosen, and why.
+    placement: GpuPlacement | None = None
     timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property

@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from sandfleet.common.errors import FieldError
@@ -77,8 +78,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+# A MIG profile as NVML names it (3g.40gb, 1g.10gb+me, 1c.3g.40gb); the same pattern as
+# sandfleet.workers.gpu.inventory.MIG_PROFILE_PATTERN.
+MIG_PROFILE_PATTERN = r"^(?:[1-9]c\.)?[1-9]g\.[1-9][0-9]{0,3}gb(?:\+[a-z]{1,8})?$"
+
+
 class GpuRequirement(_Strict):
     count: Annotated[int, Field(gt=0, le=64)] | None = None
+    # `count` MIG instances of this profile instead of whole GPUs; without it a count-only
+    # request never gets a MIG instance.
+    mig_profile: (
+        Annotated[str, StringConstraints(max_length=32, pattern=MIG_PROFILE_PATTERN)] | None
+    ) = None
+
+    @model_validator(mode="after")
+    def _mig_needs_a_count(self) -> GpuRequirement:
+        if self.mig_profile is not None and self.count is None:
+            raise ValueError("mig_profile needs count (how many instances)")
+        return self
 
 
 # Quantities within what the runtimes honour; a request may spell them "500m", "4Gi", …

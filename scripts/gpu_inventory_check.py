@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from sandfleet.workers.gpu.inventory import InventoryError, discover, from_nvidia_smi, from_nvml
@@ -28,7 +29,8 @@ def main() -> int:
             print(f"    aliases: {sorted(gpu.aliases())}")
             sysfs = Path("/sys/bus/pci/devices") / gpu.pci_bus_id
             print(f"    sysfs {sysfs}: {'present' if sysfs.exists() else 'absent'}")
-    same = results["nvml"].gpus == results["nvidia-smi"].gpus
+    # nvidia-smi names no MIG instance UUIDs: compare identity and topology only.
+    same = [replace(g, mig=()) for g in results["nvml"]] == list(results["nvidia-smi"].gpus)
     print(f"discover() picked: {discover(None).source}")
     print("NVML and nvidia-smi agree" if same else "NVML and nvidia-smi DISAGREE")
     for gpu in results["nvml"]:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sandfleet.common.errors import SandboxError
-from sandfleet.common.events import Event, Phase, bounded_output
+from sandfleet.common.events import Event, GpuPlacement, Phase, bounded_output
 from sandfleet.common.models import Job
 from sandfleet.common.settings import SandboxPolicy
 from sandfleet.workers.drivers.base import DriverConfig, SandboxState, sandbox_name
@@ -81,6 +81,7 @@ class Attempt:
         self.plan = plan  # None for a job taken over: worked out again when needed
         self.sandbox_id: str | None = entry.sandbox_id
         self.devices: tuple[str, ...] = ()  # the claimed GPUs, as the driver names them
+        self.placement: GpuPlacement | None = None  # told in its `claimed` event only
         self.adopted = False  # its sandbox existed already (made by a worker now gone)
         self.warm_pool: str | None = None  # the pool whose ready sandbox it took
         self.stop_request: StopRequest | None = None
@@ -149,6 +150,7 @@ class Attempt:
             gpus=list(self.devices),
             sandbox_id=self.sandbox_id,
             submitted_by=self.entry.job.submitted_by,
+            placement=self.placement if phase is Phase.CLAIMED else None,
         )
 
     def terminal_event(self, outcome: Outcome) -> Event:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sandfleet.common.errors import RetryLater, Unschedulable
-from sandfleet.common.events import Phase
+from sandfleet.common.events import GpuPlacement, Phase
 from sandfleet.workers.attempt import Attempt, RunPolicy
 from sandfleet.workers.gpu.allocator import GpuAllocator, GpuRequest
 from sandfleet.workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
@@ -30,17 +30,25 @@ class GpuClaiming:
         """All the job's GPUs or none; busy ones park the job (RetryLater)."""
         if request.count == 0:
             return None
-        host_gpus = len(self._gpus.inventory)
-        if request.count > host_gpus:
+        capacity = self._gpus.capacity(request)
+        if request.count > capacity:
             host = self._identity.host
-            raise Unschedulable(f"{request.count} GPU(s) wanted; host {host} has {host_gpus}")
+            what = (
+                f"MIG instances of profile {request.mig_profile}"
+                if request.mig_profile
+                else "GPU(s)"
+            )
+            raise Unschedulable(f"{request.count} {what} wanted; host {host} has {capacity}")
         try:
-            claim = await self._gpus.claim(attempt.job_id, request)
+            claim, placement = await self._gpus.claim_placed(attempt.job_id, request)
         except (GpuBusy, NotEnoughGpus) as exc:
             raise await self._busy(attempt, exc) from exc
         attempt.devices = claim.devices
+        attempt.placement = GpuPlacement(gpus=list(claim.gpus), why=placement.why)
         attempt.mark(CLAIMED)
         message = "physical GPUs " + ", ".join(claim.gpus)
+        if placement.why not in {"exact", "kept"}:  # chosen here: say why these
+            message += f" ({placement.why})"
         await self._emit(attempt, Phase.CLAIMED, "GpusClaimed", message)
         return claim
 

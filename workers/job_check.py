@@ -97,6 +97,7 @@ class JobCheck:
             job.resource_requirements.gpu_count,
             path=f"template.driver_config.{job.driver}.gpu_device_ids",
             host=self._identity.host,
+            mig_profile=job.resource_requirements.gpu.mig_profile,
         )
         return JobPlan(config=config, gpus=gpus)
 

@@ -124,7 +124,7 @@ class WorkerState(Collector):
         holders = {
             gpu: claim.job_id
             for claim in self._claims.claims()
-            for gpu in claim.gpus
+            for gpu in claim.physical  # a GPU one of whose MIG instances is held counts held
             if gpu in on_host
         }
         gpus = GaugeMetricFamily("sandfleet_gpus", "This host's GPUs, by state", labels=["state"])

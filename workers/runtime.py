@@ -124,6 +124,8 @@ class Worker(AsyncCloseable):
             driver=driver.name,
             worker_id=self.identity.worker_id,
             device_id=driver.device_id,
+            # Optional: a driver without it (a VM's passthrough) is given no MIG instance.
+            mig_device_id=getattr(driver, "mig_device_id", None),
         )
         self._policy = RunPolicy(
             stop_grace_seconds=settings.stop_grace_seconds,

@@ -8,6 +8,7 @@ never lets two such intervals of one GPU overlap.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -15,7 +16,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+from sandfleet.workers.gpu.allocator import GpuAllocator
 from sandfleet.workers.gpu.claims import Claim, GpuBusy, GpuClaimStore, NotEnoughGpus
+from sandfleet.workers.gpu.inventory import GpuInventory, from_static_file
 
 Interval = tuple[str, str, int, int]  # gpu, job, start_ns, end_ns
 
@@ -74,3 +77,60 @@ def overlaps(intervals: Iterable[Interval]) -> list[tuple[Interval, Interval]]:
             if span[3] > latest[3]:
                 latest = span
     return found
+
+
+def hammer_mig(
+    state_dir: str, worker: str, operations: int, out: str, inventory: str, seed: int
+) -> None:
+    """As `hammer`, through a worker's allocator on an inventory with MIG instances: exact
+    whole GPUs and instances, count-only whole GPUs, and instances by profile. Each
+    interval names a conflict unit (`mig_units`), so the plain checker judges MIG."""
+    rng = random.Random(seed)
+    gpus = GpuAllocator(
+        from_static_file(Path(inventory)),
+        GpuClaimStore(Path(state_dir)),
+        driver="docker",
+        worker_id=worker,
+        device_id=lambda g: str(g.index),
+        mig_device_id=lambda m: m.cdi_name,
+    )
+    units = mig_units(gpus.inventory)
+    ids = [*units]
+    profiles = sorted(gpus.topology.mig)
+    held: dict[str, tuple[Claim, int]] = {}
+    intervals: list[Interval] = []
+    conflicts = 0
+
+    def release(job: str, claim: Claim, start: int) -> None:
+        end = time.monotonic_ns()
+        asyncio.run(gpus.release(job))
+        intervals.extend((unit, job, start, end) for i in claim.gpus for unit in units[i])
+
+    for n in range(operations):
+        if held and (rng.random() < 0.5 or len(held) >= 2):
+            job, (claim, start) = held.popitem()
+            release(job, claim, start)
+            continue
+        job, kind = f"{worker}-{n}", rng.random()
+        if kind < 0.4:
+            request = gpus.request([rng.choice(ids)], 1, path="ids", host="h")
+        elif kind < 0.6:
+            request = gpus.request([], 1, path="count", host="h")
+        else:
+            request = gpus.request([], 1, path="count", host="h", mig_profile=rng.choice(profiles))
+        try:
+            claim = asyncio.run(gpus.claim(job, request))
+        except (GpuBusy, NotEnoughGpus):
+            conflicts += 1
+            continue
+        held[job] = (claim, time.monotonic_ns())
+    for job, (claim, start) in held.items():
+        release(job, claim, start)
+    Path(out).write_text(json.dumps({"intervals": intervals, "conflicts": conflicts}))
+
+
+def mig_units(inventory: GpuInventory) -> dict[str, set[str]]:
+    """The conflict units each claimable id holds: a MIG instance itself; a whole GPU
+    itself and every instance of it (so a whole GPU and any of its instances overlap)."""
+    units = {gpu.uuid: {gpu.uuid, *(m.uuid for m in gpu.mig)} for gpu in inventory}
+    return units | {m.uuid: {m.uuid} for m in inventory.mig_devices()}

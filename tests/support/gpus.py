@@ -48,3 +48,13 @@ def double_holds(events: list[Event]) -> list[str]:
             if begin < end:
                 overlaps.append(f"{gpu}: {job} and {other}")
     return overlaps
+
+
+DGX_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "gpu-dgx-8"
+MIG_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "gpu-mig"
+
+
+def fixture_records(directory: Path) -> list[dict[str, Any]]:
+    """The GPU records of a fixture's static inventory (inventory.json)."""
+    records: list[dict[str, Any]] = json.loads((directory / "inventory.json").read_text())["gpus"]
+    return records

@@ -6,7 +6,9 @@ import json
 import multiprocessing
 from pathlib import Path
 
-from tests.support.claim_race import Interval, hammer, overlaps
+from sandfleet.workers.gpu.inventory import from_static_file
+from tests.support.claim_race import Interval, hammer, hammer_mig, overlaps
+from tests.support.gpus import MIG_DIR
 
 GPUS = [f"GPU-{i}" for i in range(4)]
 
@@ -47,3 +49,35 @@ def test_four_processes_ten_thousand_operations_zero_overlaps(tmp_path: Path) ->
     # The run really contended: many claims were granted and many refused.
     assert len({i[1] for i in intervals}) > 1000
     assert conflicts > 100
+
+
+def test_whole_gpus_and_their_mig_instances_are_never_held_at_once(tmp_path: Path) -> None:
+    processes, per_process = 4, 1000
+    context = multiprocessing.get_context("spawn")
+    outputs = [tmp_path / f"worker-{i}.json" for i in range(processes)]
+    inventory = str(MIG_DIR / "inventory.json")
+    workers = [
+        context.Process(
+            target=hammer_mig,
+            args=(str(tmp_path / "state"), f"w{i}", per_process, str(outputs[i]), inventory, i),
+        )
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=180)
+        assert worker.exitcode == 0
+
+    results = [json.loads(out.read_text()) for out in outputs]
+    intervals: list[Interval] = [
+        (g, j, int(a), int(b)) for r in results for g, j, a, b in r["intervals"]
+    ]
+    assert overlaps(intervals) == []
+    assert len({i[1] for i in intervals}) > 500
+    assert sum(r["conflicts"] for r in results) > 50
+    # Two instances of one GPU did run side by side: instances do not exclude each other.
+    inventory_gpus = from_static_file(MIG_DIR / "inventory.json")
+    gpu0 = [m.uuid for m in inventory_gpus.gpus[0].mig]
+    pairs = [(g, j, a, b) for g, j, a, b in intervals if g in gpu0]
+    assert overlaps([(gpu0[0], j, a, b) for _, j, a, b in pairs]) != []

@@ -1,7 +1,9 @@
 """Host-local GPU claims, shared by every sandfleet worker process on the host.
 
 A claim maps one job of one driver to the physical GPUs (by UUID) it holds, so a CDI
-name and a PCI address of the same GPU conflict whichever driver asked. A claim is
+name and a PCI address of the same GPU conflict whichever driver asked. A claim may hold
+MIG instances (by MIG UUID) instead: a whole GPU conflicts with each of its instances and
+they with it; two instances of one GPU do not (`Holdings`). A claim is
 known by its driver and job id together: one id may reach both Docker and Podman on one
 host (a resubmission), whose workers share this store, and a job of one driver must
 never find, take, adopt or release the other's claim. All state sits in one JSON file
@@ -45,19 +47,55 @@ class Claim:
     job_id: str
     driver: str
     worker_id: str
-    gpus: tuple[str, ...]  # physical identities: UUIDs
+    gpus: tuple[str, ...]  # claimed identities: GPU UUIDs, or MIG instance UUIDs
     devices: tuple[str, ...]  # the same GPUs as the driver names them
     sandbox_id: str | None
     claimed_at: str  # ISO 8601, UTC
+    # Each claimed id's physical GPU, where one is a MIG instance; () when all are whole
+    # GPUs (every record before MIG; left out of the file then, so it reads as before).
+    parents: tuple[str, ...] = ()
 
     @property
     def key(self) -> ClaimKey:
         return (self.driver, self.job_id)
 
+    @property
+    def physical(self) -> tuple[str, ...]:
+        """The physical GPU (UUID) behind each claimed id."""
+        # A hand-edited record whose lists differ in length: its ids are whole GPUs.
+        return self.parents if len(self.parents) == len(self.gpus) else self.gpus
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Claim:
         fields = {"driver": UNKNOWN_DRIVER, **data}
-        return cls(**{**fields, "gpus": tuple(data["gpus"]), "devices": tuple(data["devices"])})
+        listed = {key: tuple(data.get(key, ())) for key in ("gpus", "devices", "parents")}
+        return cls(**{**fields, **listed})
+
+    def as_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        if not self.parents:
+            del record["parents"]
+        return record
+
+
+# One chosen device: (claimed id, the driver's name for it, its physical GPU's UUID).
+Pick = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """Who holds what, for the conflict check made under the lock."""
+
+    by_id: dict[str, str]  # claimed id (GPU or MIG UUID) -> job id
+    by_gpu: dict[str, str]  # physical GPU -> a job holding it whole or a part of it
+
+    def holder(self, claimable: str, parent: str) -> str | None:
+        """The job whose claim conflicts with claiming `claimable` on GPU `parent`: for
+        a whole GPU (`claimable == parent`) any claim on it or on one of its instances;
+        for a MIG instance, a claim on that instance or on the whole GPU."""
+        if claimable == parent:
+            return self.by_gpu.get(parent)
+        return self.by_id.get(claimable) or self.by_id.get(parent)
 
 
 class GpuBusy(Exception):
@@ -156,7 +194,7 @@ class GpuClaimStore:
 
     def _write(self, claims: dict[ClaimKey, Claim]) -> None:
         # Write-then-rename: a crash leaves the old file or the new one, never half of one.
-        records = [asdict(claim) for claim in claims.values()]
+        records = [claim.as_record() for claim in claims.values()]
         # Left by a writer killed mid-write: none is under way, as writes hold the lock.
         for stale in self._dir.glob(f"{self._data_path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
@@ -174,14 +212,18 @@ class GpuClaimStore:
         devices: Sequence[str],
         driver: str,
         worker_id: str,
+        parents: Sequence[str] | None = None,
     ) -> Claim:
-        """Claim exactly these GPUs (UUIDs) for `job_id`, all or none."""
+        """Claim exactly these GPUs (UUIDs; MIG UUIDs with their GPUs as `parents`) for
+        `job_id`, all or none."""
+        physical = list(parents or gpus)
 
-        def choose(held: dict[str, str]) -> list[tuple[str, str]]:
-            busy = {gpu: held[gpu] for gpu in gpus if gpu in held}
+        def choose(held: Holdings) -> list[Pick]:
+            holders = {g: held.holder(g, p) for g, p in zip(gpus, physical, strict=True)}
+            busy = {gpu: job for gpu, job in holders.items() if job is not None}
             if busy:
                 raise GpuBusy(busy)
-            return list(zip(gpus, devices, strict=True))
+            return list(zip(gpus, devices, physical, strict=True))
 
         return self._claim(job_id, driver, worker_id, choose)
 
@@ -197,13 +239,20 @@ class GpuClaimStore:
     ) -> Claim:
         """Claim any `count` free GPUs among `candidates` (UUIDs, in preference order)."""
 
-        def choose(held: dict[str, str]) -> list[tuple[str, str]]:
-            free = [gpu for gpu in candidates if gpu not in held]
+        def choose(held: Holdings) -> list[Pick]:
+            free = [gpu for gpu in candidates if held.holder(gpu, gpu) is None]
             if len(free) < count:
-                busy = {gpu: held[gpu] for gpu in candidates if gpu in held}
+                busy = {gpu: held.by_gpu[gpu] for gpu in candidates if gpu in held.by_gpu}
                 raise NotEnoughGpus(count, len(free), busy)
-            return [(gpu, device_for(gpu)) for gpu in free[:count]]
+            return [(gpu, device_for(gpu), gpu) for gpu in free[:count]]
 
+        return self._claim(job_id, driver, worker_id, choose)
+
+    def claim_chosen(
+        self, *, job_id: str, driver: str, worker_id: str, choose: Callable[[Holdings], list[Pick]]
+    ) -> Claim:
+        """Claim what `choose` picks, given who holds what; it runs under the lock, so its
+        choice is made on the claims as they are (and raises to claim nothing)."""
         return self._claim(job_id, driver, worker_id, choose)
 
     def _claim(
@@ -211,9 +260,9 @@ class GpuClaimStore:
         job_id: str,
         driver: str,
         worker_id: str,
-        choose: Callable[[dict[str, str]], list[tuple[str, str]]],
+        choose: Callable[[Holdings], list[Pick]],
     ) -> Claim:
-        """One atomic claim: `choose` picks (UUID, device) pairs given the held GPUs.
+        """One atomic claim: `choose` picks (id, device, GPU) given the holdings.
 
         A job that already holds a claim (a redelivery) gets it back, now owned by
         `worker_id`.
@@ -225,14 +274,17 @@ class GpuClaimStore:
                 claims[key] = replace(existing, worker_id=worker_id)
                 return claims[key]
             chosen = choose(_holders(claims.values()))
+            ids = tuple(gpu for gpu, _, _ in chosen)
+            parents = tuple(parent for _, _, parent in chosen)
             claims[key] = Claim(
                 job_id=job_id,
                 driver=driver,
                 worker_id=worker_id,
-                gpus=tuple(gpu for gpu, _ in chosen),
-                devices=tuple(device for _, device in chosen),
+                gpus=ids,
+                devices=tuple(device for _, device, _ in chosen),
                 sandbox_id=None,
                 claimed_at=datetime.now(UTC).isoformat(),
+                parents=() if parents == ids else parents,
             )
             return claims[key]
 
@@ -256,9 +308,10 @@ class GpuClaimStore:
             return claims.pop((driver, job_id), None)
 
     def free(self, candidates: Collection[str]) -> list[str]:
+        """The whole GPUs among `candidates` (UUIDs) that no claim holds, whole or in part."""
         with self._transaction() as claims:
             held = _holders(claims.values())
-            return [gpu for gpu in candidates if gpu not in held]
+            return [gpu for gpu in candidates if held.holder(gpu, gpu) is None]
 
     def reconcile(self, *, driver: str, live_jobs: Collection[str]) -> list[Claim]:
         """Release `driver`'s claims whose worker is dead and whose job is over.
@@ -280,5 +333,9 @@ class GpuClaimStore:
             return released
 
 
-def _holders(claims: Collection[Claim]) -> dict[str, str]:
-    return {gpu: claim.job_id for claim in claims for gpu in claim.gpus}
+def _holders(claims: Collection[Claim]) -> Holdings:
+    by_id, by_gpu = {}, {}
+    for claim in claims:
+        for gpu, parent in zip(claim.gpus, claim.physical, strict=True):
+            by_id[gpu] = by_gpu[parent] = claim.job_id
+    return Holdings(by_id, by_gpu)

@@ -1,7 +1,9 @@
-"""The host's GPUs: one identity (UUID) per physical GPU, and its aliases.
+"""The host's GPUs: one identity (UUID) per physical GPU, and its aliases; each GPU's
+NUMA node, NVLink peers and MIG instances (claimable children, with aliases of their own).
 
 Sources, in order: a static file (`SANDFLEET_GPU_INVENTORY`, which replaces discovery),
-NVML (the optional `nvml` extra), `nvidia-smi -q -x`, else no GPUs.
+NVML (the optional `nvml` extra), `nvidia-smi -q -x` (with `nvidia-smi topo -m` for the
+topology; it names no MIG instance UUIDs, so no MIG), else no GPUs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,17 @@ DEFAULT_CDI_KIND = "nvidia.com/gpu"
 _PCI = re.compile(
     r"^(?:(?P<domain>[0-9a-fA-F]{4,8}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<device>[0-9a-fA-F]{2})\.(?P<function>[0-7])$"
 )
+
+
+# A MIG profile as NVML names it: 3g.40gb, 1g.10gb+me, 1c.3g.40gb.
+MIG_PROFILE_PATTERN = r"^(?:[1-9]c\.)?[1-9]g\.[1-9][0-9]{0,3}gb(?:\+[a-z]{1,8})?$"
+_MIG_PROFILE = re.compile(MIG_PROFILE_PATTERN)
+_MIG_UUID = re.compile(r"^MIG-[0-9A-Za-z/-]{1,80}$")  # also the old MIG-GPU-…/gi/ci
+_MIG_CDI_NAME = re.compile(r"^[0-9]{1,3}:[0-9]{1,2}$")  # nvidia-ctk's <gpu index>:<mig index>
+# Bounds on a static file's topology: NVML reports at most 18 NVLinks and 7 MIG instances.
+MAX_NVLINK_PEERS = 64
+MAX_MIG_PER_GPU = 16
+MAX_NUMA_NODE = 1023
 
 
 class InventoryError(Exception):
@@ -47,12 +61,34 @@ def normalize_pci_address(address: str) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MigDevice:
+    """One MIG instance: claimable on its own; it conflicts with its whole GPU only."""
+
+    uuid: str  # MIG-…
+    profile: str  # 3g.40gb
+    cdi_name: str  # 0:1, as nvidia-ctk names it
+    parent: str  # its GPU's UUID
+
+    def cdi_names(self, kind: str = DEFAULT_CDI_KIND) -> tuple[str, str]:
+        return f"{kind}={self.cdi_name}", f"{kind}={self.uuid}"
+
+    def aliases(self, kind: str = DEFAULT_CDI_KIND) -> frozenset[str]:
+        return frozenset({self.uuid, self.cdi_name, *self.cdi_names(kind)})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "profile": self.profile, "cdi_name": self.cdi_name}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Gpu:
     index: int
     uuid: str
     name: str
     pci_bus_id: str  # normalised, DDDD:BB:DD.F
     minor: int | None = None
+    numa_node: int | None = None
+    nvlink_peers: tuple[str, ...] = ()  # UUIDs of GPUs this one has an NVLink to
+    mig: tuple[MigDevice, ...] = field(default=())
 
     def cdi_names(self, kind: str = DEFAULT_CDI_KIND) -> tuple[str, str]:
         return f"{kind}={self.index}", f"{kind}={self.uuid}"
@@ -67,6 +103,9 @@ class Gpu:
             "name": self.name,
             "pci_bus_id": self.pci_bus_id,
             "minor": self.minor,
+            "numa_node": self.numa_node,
+            "nvlink_peers": list(self.nvlink_peers),
+            "mig": [m.as_dict() for m in self.mig],
         }
 
 
@@ -92,15 +131,36 @@ class GpuInventory:
                 return gpu
         raise UnknownGpu(uuid)
 
-    def resolve(self, device_id: str) -> Gpu:
-        """The physical GPU behind any alias: CDI name, UUID, index or PCI address."""
-        candidates = {device_id}
-        with contextlib.suppress(ValueError):
-            candidates.add(normalize_pci_address(device_id))
+    @cached_property
+    def _by_alias(self) -> dict[str, Gpu | MigDevice]:
+        found: dict[str, Gpu | MigDevice] = {}
         for gpu in self.gpus:
-            if candidates & gpu.aliases(self.cdi_kind):
-                return gpu
-        raise UnknownGpu(device_id)
+            found |= dict.fromkeys(gpu.aliases(self.cdi_kind), gpu)
+            for mig in gpu.mig:
+                found |= dict.fromkeys(mig.aliases(self.cdi_kind), mig)
+        return found
+
+    def resolve_claimable(self, device_id: str) -> Gpu | MigDevice:
+        """The whole GPU or the MIG instance behind any alias: CDI name (`…=0`,
+        `…=0:1`, `…=<UUID>`), GPU or MIG UUID, index, or the GPU's PCI address."""
+        found = self._by_alias.get(device_id)
+        if found is None:
+            with contextlib.suppress(ValueError):
+                found = self._by_alias.get(normalize_pci_address(device_id))
+        if found is None:
+            raise UnknownGpu(device_id)
+        return found
+
+    def resolve(self, device_id: str) -> Gpu:
+        """The physical GPU behind any whole-GPU alias: CDI name, UUID, index or PCI address."""
+        found = self.resolve_claimable(device_id)
+        if isinstance(found, MigDevice):
+            raise UnknownGpu(f"{device_id} is a MIG instance, not a whole GPU")
+        return found
+
+    def mig_devices(self) -> Iterator[MigDevice]:
+        for gpu in self.gpus:
+            yield from gpu.mig
 
 
 def _gpu(index: int, uuid: str, name: str, pci: str, minor: int | None) -> Gpu:
@@ -110,23 +170,65 @@ def _gpu(index: int, uuid: str, name: str, pci: str, minor: int | None) -> Gpu:
 
 
 def from_records(records: Iterable[dict[str, Any]]) -> tuple[Gpu, ...]:
-    """GPUs from the static-file / nvml.json shape: index, uuid, name, pci_bus_id[, minor]."""
+    """GPUs from the static-file / nvml.json shape: index, uuid, name, pci_bus_id[, minor,
+    numa_node, nvlink_peers (UUIDs), mig ([{uuid, profile, cdi_name}])]."""
     gpus = []
     for position, record in enumerate(records):
         try:
-            gpus.append(
-                _gpu(
-                    int(record["index"]),
-                    str(record["uuid"]),
-                    str(record.get("name", "")),
-                    str(record["pci_bus_id"]),
-                    None if record.get("minor") is None else int(record["minor"]),
-                )
+            gpu = _gpu(
+                int(record["index"]),
+                str(record["uuid"]),
+                str(record.get("name", "")),
+                str(record["pci_bus_id"]),
+                None if record.get("minor") is None else int(record["minor"]),
             )
+            gpus.append(_with_topology(gpu, record, path=f"gpus[{position}]"))
         except (KeyError, TypeError, ValueError) as exc:
             raise InventoryError(f"gpus[{position}]: {exc}") from exc
     _check_unique(gpus)
-    return tuple(sorted(gpus, key=lambda g: g.index))
+    return tuple(sorted(_known_peers_only(gpus), key=lambda g: g.index))
+
+
+def _with_topology(gpu: Gpu, record: dict[str, Any], *, path: str) -> Gpu:
+    numa = record.get("numa_node")
+    if numa is not None and (type(numa) is not int or not 0 <= numa <= MAX_NUMA_NODE):
+        raise InventoryError(f"{path}.numa_node: {numa!r} is not a node number 0-{MAX_NUMA_NODE}")
+    peers = record.get("nvlink_peers") or []
+    if not isinstance(peers, list) or len(peers) > MAX_NVLINK_PEERS:
+        raise InventoryError(f"{path}.nvlink_peers: a list of at most {MAX_NVLINK_PEERS} UUIDs")
+    migs = record.get("mig") or []
+    if not isinstance(migs, list) or len(migs) > MAX_MIG_PER_GPU:
+        raise InventoryError(f"{path}.mig: a list of at most {MAX_MIG_PER_GPU} instances")
+    return replace(
+        gpu,
+        numa_node=numa,
+        nvlink_peers=tuple(dict.fromkeys(str(p) for p in peers if str(p) != gpu.uuid)),
+        mig=tuple(_mig(m, gpu.uuid, path=f"{path}.mig[{i}]") for i, m in enumerate(migs)),
+    )
+
+
+def _mig(record: Any, parent: str, *, path: str) -> MigDevice:
+    if not isinstance(record, dict):
+        raise InventoryError(f"{path}: expected {{uuid, profile, cdi_name}}")
+    checks = (("uuid", _MIG_UUID), ("profile", _MIG_PROFILE), ("cdi_name", _MIG_CDI_NAME))
+    for key, pattern in checks:
+        value = record.get(key)
+        if not isinstance(value, str) or not pattern.match(value):
+            raise InventoryError(f"{path}.{key}: {value!r} does not match {pattern.pattern}")
+    return MigDevice(
+        uuid=record["uuid"], profile=record["profile"], cdi_name=record["cdi_name"], parent=parent
+    )
+
+
+def _known_peers_only(gpus: list[Gpu]) -> list[Gpu]:
+    """NVLink peers among this inventory's GPUs, both ways (a link has two ends); a peer
+    outside it (a GPU hidden from this host's view) is no placement choice."""
+    known = {g.uuid for g in gpus}
+    links = {(g.uuid, p) for g in gpus for p in g.nvlink_peers if p in known}
+    links |= {(b, a) for a, b in links}
+    return [
+        replace(g, nvlink_peers=tuple(sorted(p for a, p in links if a == g.uuid))) for g in gpus
+    ]
 
 
 def _check_unique(gpus: list[Gpu]) -> None:
@@ -134,6 +236,10 @@ def _check_unique(gpus: list[Gpu]) -> None:
         values = [getattr(g, attribute) for g in gpus]
         if len(values) != len(set(values)):
             raise InventoryError(f"two GPUs share a {attribute}")
+    for attribute in ("uuid", "cdi_name"):
+        values = [getattr(m, attribute) for g in gpus for m in g.mig]
+        if len(values) != len(set(values)):
+            raise InventoryError(f"two MIG instances share a {attribute}")
 
 
 def from_static_file(path: Path, *, cdi_kind: str = DEFAULT_CDI_KIND) -> GpuInventory:
@@ -169,46 +275,9 @@ def from_nvidia_smi_xml(text: str, *, cdi_kind: str = DEFAULT_CDI_KIND) -> GpuIn
     return GpuInventory(tuple(gpus), source="nvidia-smi", cdi_kind=cdi_kind)
 
 
-def read_nvml() -> list[dict[str, Any]]:
-    """Records read through NVML (nvidia-ml-py); InventoryError when NVML is unavailable."""
-    try:
-        import pynvml  # noqa: PLC0415 - optional native extra
-    except ImportError as exc:
-        raise InventoryError(
-            "nvidia-ml-py is not installed (pip install 'sandfleet[nvml]')"
-        ) from exc
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        raise InventoryError(f"NVML: {exc}") from exc
-    try:
-        records = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            pci = pynvml.nvmlDeviceGetPciInfo(handle)
-            try:
-                minor: int | None = pynvml.nvmlDeviceGetMinorNumber(handle)
-            except pynvml.NVMLError:
-                minor = None
-            records.append({
-                "index": index,
-                "uuid": _text(pynvml.nvmlDeviceGetUUID(handle)),
-                "name": _text(pynvml.nvmlDeviceGetName(handle)),
-                "pci_bus_id": _text(pci.busId),
-                "minor": minor,
-            })  # fmt: skip
-        return records
-    except pynvml.NVMLError as exc:
-        raise InventoryError(f"NVML: {exc}") from exc
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def from_nvml(*, cdi_kind: str = DEFAULT_CDI_KIND) -> GpuInventory:
+    from sandfleet.workers.gpu.nvml import read_nvml  # noqa: PLC0415 - needs this module
+
     return GpuInventory(from_records(read_nvml()), source="nvml", cdi_kind=cdi_kind)
 
 
@@ -218,13 +287,28 @@ def from_nvidia_smi(
     path = shutil.which(binary)
     if path is None:
         raise InventoryError("nvidia-smi is not on PATH")
+    inventory = from_nvidia_smi_xml(_run(path, "-q", "-x"), cdi_kind=cdi_kind)
+    from sandfleet.workers.gpu.topo_matrix import (  # noqa: PLC0415 - needs this module
+        parse_topo_matrix,
+        with_matrix,
+    )
+
+    try:
+        matrix = parse_topo_matrix(_run(path, "topo", "-m"))
+    except InventoryError as exc:  # identities without topology still serve
+        log.warning("GPU topology unknown: %s", exc)
+        return inventory
+    return with_matrix(inventory, matrix)
+
+
+def _run(binary: str, *args: str) -> str:
     try:
         result = subprocess.run(
-            [path, "-q", "-x"], capture_output=True, text=True, timeout=30, check=True
+            [binary, *args], capture_output=True, text=True, timeout=30, check=True
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        raise InventoryError(f"nvidia-smi -q -x: {exc}") from exc
-    return from_nvidia_smi_xml(result.stdout, cdi_kind=cdi_kind)
+        raise InventoryError(f"nvidia-smi {' '.join(args)}: {exc}") from exc
+    return result.stdout
 
 
 def discover(static_file: Path | None, *, cdi_kind: str = DEFAULT_CDI_KIND) -> GpuInventory:

@@ -41,7 +41,7 @@ from sandfleet.workers.drivers.warm_containers import (
     WaitingContainers,
     as_sandbox_spec,
 )
-from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
+from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu, MigDevice
 
 # Docker takes CDI device requests from Engine 25 (API 1.44), when its CDI feature is on.
 _CDI_MIN_ENGINE = (25, 0)
@@ -112,6 +112,10 @@ class DockerDriver:
 
     def device_id(self, gpu: Gpu) -> str:
         return f"{self._cdi_kind}={gpu.index}"
+
+    def mig_device_id(self, mig: MigDevice) -> str:
+        """A MIG instance by its CDI name, as nvidia-ctk names it (`…=0:1`)."""
+        return f"{self._cdi_kind}={mig.cdi_name}"
 
     async def _gpus_supported(self) -> _GpuSupport:
         if self._gpu_support is None:

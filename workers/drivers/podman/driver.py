@@ -34,7 +34,7 @@ from sandfleet.workers.drivers.warm_containers import (
     WaitingContainers,
     as_sandbox_spec,
 )
-from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu
+from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu, MigDevice
 
 _translated = error_translator(
     "podman",
@@ -75,6 +75,10 @@ class PodmanDriver:
 
     def device_id(self, gpu: Gpu) -> str:
         return f"{self._cdi_kind}={gpu.index}"
+
+    def mig_device_id(self, mig: MigDevice) -> str:
+        """A MIG instance by its CDI name, as nvidia-ctk names it (`…=0:1`)."""
+        return f"{self._cdi_kind}={mig.cdi_name}"
 
     async def _ensure_image(self, image: str) -> None:
         """The image, pulled if missing, within the pull timeout: the look-up too, so
