@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from sandfleet.common.errors import SandfleetError
 from sandfleet.common.lifecycle import until_signalled
@@ -19,8 +15,6 @@ from sandfleet.common.metrics import MetricsPort, metrics_served
 from sandfleet.common.settings import SandboxPolicy, Settings
 from sandfleet.workers import registry
 from sandfleet.workers.drivers.base import DriverHost, DriverPlugin, SandboxDriver
-from sandfleet.workers.gpu.claims import GpuClaimStore, worker_alive
-from sandfleet.workers.gpu.inventory import discover
 from sandfleet.workers.runtime import Worker
 from sandfleet.workers.warm_profiles import warm_profiles
 
@@ -126,50 +120,3 @@ def worker(
             await sandbox_driver.aclose()
 
     asyncio.run(until_signalled(serve()))
-
-
-def gpus(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """This host's GPUs and who holds them (every driver's claims, since when)."""
-    settings = Settings()
-    inventory = discover(settings.gpu_inventory, cdi_kind=settings.cdi_kind)
-    claims = {
-        gpu: claim for claim in GpuClaimStore(settings.state_dir).claims() for gpu in claim.gpus
-    }
-    rows = []
-    for gpu in inventory:
-        claim = claims.get(gpu.uuid)
-        rows.append({
-            **gpu.as_dict(),
-            "cdi_names": list(gpu.cdi_names(settings.cdi_kind)),
-            "claim": None if claim is None else {
-                "job_id": claim.job_id,
-                "driver": claim.driver,
-                "worker_id": claim.worker_id,
-                "worker_alive": worker_alive(settings.state_dir, claim.worker_id),
-                "sandbox_id": claim.sandbox_id,
-                "device": claim.devices[claim.gpus.index(gpu.uuid)],
-                "since": claim.claimed_at,
-            },
-        })  # fmt: skip
-    if as_json:
-        print(json.dumps({"host": settings.host, "source": inventory.source, "gpus": rows}))
-        return
-    # Cells are Text, never markup: a GPU name or job id prints as itself.
-    console = Console(markup=False, emoji=False, highlight=False)
-    title = Text(f"GPUs on {settings.host} (from {inventory.source})")
-    table = Table(title=title, title_justify="left")
-    for column in ("index", "uuid", "pci", "name", "held by", "driver", "since"):
-        table.add_column(column)
-    for row in rows:
-        claim = row["claim"]
-        holder = Text("free", style="green") if claim is None else Text(claim["job_id"])
-        if claim is not None and not claim["worker_alive"]:
-            holder.append(" (worker gone)", style="yellow")
-        cells = (row["index"], row["uuid"], row["pci_bus_id"], row["name"], holder,
-                 claim["driver"] if claim else "", claim["since"] if claim else "")  # fmt: skip
-        table.add_row(*(cell if isinstance(cell, Text) else Text(str(cell)) for cell in cells))
-    console.print(table)
-    if not rows:
-        console.print("no GPUs found (NVML, nvidia-smi and SANDFLEET_GPU_INVENTORY gave none)")

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sandfleet.workers.gpu.health import GpuStates
 from sandfleet.workers.state_files import open_private, private_dir, read_private, write_private
 
 ClaimKey = tuple[str, str]  # (driver, job id)
@@ -66,11 +67,35 @@ class GpuBusy(Exception):
         super().__init__(", ".join(f"{gpu} held by job {job}" for gpu, job in holders.items()))
 
 
+class GpuUnavailable(Exception):
+    """Asked-for GPUs that no claim may take now: drained, or marked unhealthy."""
+
+    def __init__(self, unavailable: dict[str, str]) -> None:
+        self.unavailable = unavailable  # GPU UUID -> why (`GpuStates.unavailable`)
+        super().__init__(", ".join(f"{gpu} {why}" for gpu, why in unavailable.items()))
+
+
 class NotEnoughGpus(Exception):
-    def __init__(self, wanted: int, free: int, holders: dict[str, str]) -> None:
+    def __init__(
+        self,
+        wanted: int,
+        free: int,
+        holders: dict[str, str],
+        unavailable: dict[str, str] | None = None,
+    ) -> None:
         self.wanted, self.free, self.holders = wanted, free, holders
-        held = ", ".join(f"{gpu} held by job {job}" for gpu, job in holders.items())
-        super().__init__(f"{wanted} GPU(s) wanted, {free} free ({held})")
+        self.unavailable = unavailable or {}
+        held = [f"{gpu} held by job {job}" for gpu, job in holders.items()]
+        held += [f"{gpu} {why}" for gpu, why in self.unavailable.items()]
+        super().__init__(f"{wanted} GPU(s) wanted, {free} free ({', '.join(held)})")
+
+
+@dataclass
+class _Document:
+    """The store's file: the claims, and the GPUs' drain and health states."""
+
+    claims: dict[ClaimKey, Claim]
+    states: GpuStates
 
 
 def _open_locked(path: Path, *, blocking: bool = True) -> int | None:
@@ -131,36 +156,45 @@ class GpuClaimStore:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[dict[ClaimKey, Claim]]:
         """The claims, read under the lock; written back if the block changed them."""
+        with self._document() as document:
+            yield document.claims
+
+    @contextlib.contextmanager
+    def _document(self) -> Iterator[_Document]:
+        """The whole file, read under the lock; written back if the block changed it."""
         private_dir(self._dir)
         fd = _open_locked(self._lock_path)
         assert fd is not None
         try:
-            claims = self._read()
-            before = dict(claims)
-            yield claims
-            if claims != before:
-                self._write(claims)
+            document = self._read()
+            claims, states = dict(document.claims), document.states
+            yield document
+            if document.claims != claims or document.states != states:
+                self._write(document)
         finally:
             os.close(fd)  # closing the last fd of the open file description unlocks
 
-    def _read(self) -> dict[ClaimKey, Claim]:
+    def _read(self) -> _Document:
         try:
             raw = json.loads(read_private(self._data_path))
         except FileNotFoundError:
-            return {}
+            return _Document({}, GpuStates())
         records = raw["claims"]
         if isinstance(records, dict):  # the layout before version 2: keyed by job id
             records = [{"job_id": job_id, **data} for job_id, data in records.items()]
         claims = (Claim.from_dict(data) for data in records)
-        return {claim.key: claim for claim in claims}
+        # No `gpu_states` (a file from before drains): every GPU healthy and undrained.
+        states = GpuStates.from_json(raw.get("gpu_states"))
+        return _Document({claim.key: claim for claim in claims}, states)
 
-    def _write(self, claims: dict[ClaimKey, Claim]) -> None:
+    def _write(self, document: _Document) -> None:
         # Write-then-rename: a crash leaves the old file or the new one, never half of one.
-        records = [asdict(claim) for claim in claims.values()]
+        records = [asdict(claim) for claim in document.claims.values()]
         # Left by a writer killed mid-write: none is under way, as writes hold the lock.
         for stale in self._dir.glob(f"{self._data_path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-        write_private(self._data_path, json.dumps({"version": 2, "claims": records}).encode())
+        raw = {"version": 2, "claims": records, "gpu_states": document.states.to_json()}
+        write_private(self._data_path, json.dumps(raw).encode())
 
     def claims(self) -> list[Claim]:
         with self._transaction() as claims:
@@ -177,7 +211,9 @@ class GpuClaimStore:
     ) -> Claim:
         """Claim exactly these GPUs (UUIDs) for `job_id`, all or none."""
 
-        def choose(held: dict[str, str]) -> list[tuple[str, str]]:
+        def choose(held: dict[str, str], unavailable: dict[str, str]) -> list[tuple[str, str]]:
+            if out := {gpu: unavailable[gpu] for gpu in gpus if gpu in unavailable}:
+                raise GpuUnavailable(out)
             busy = {gpu: held[gpu] for gpu in gpus if gpu in held}
             if busy:
                 raise GpuBusy(busy)
@@ -197,11 +233,12 @@ class GpuClaimStore:
     ) -> Claim:
         """Claim any `count` free GPUs among `candidates` (UUIDs, in preference order)."""
 
-        def choose(held: dict[str, str]) -> list[tuple[str, str]]:
-            free = [gpu for gpu in candidates if gpu not in held]
+        def choose(held: dict[str, str], unavailable: dict[str, str]) -> list[tuple[str, str]]:
+            free = [gpu for gpu in candidates if gpu not in held and gpu not in unavailable]
             if len(free) < count:
                 busy = {gpu: held[gpu] for gpu in candidates if gpu in held}
-                raise NotEnoughGpus(count, len(free), busy)
+                out = {gpu: unavailable[gpu] for gpu in candidates if gpu in unavailable}
+                raise NotEnoughGpus(count, len(free), busy, out)
             return [(gpu, device_for(gpu)) for gpu in free[:count]]
 
         return self._claim(job_id, driver, worker_id, choose)
@@ -211,20 +248,22 @@ class GpuClaimStore:
         job_id: str,
         driver: str,
         worker_id: str,
-        choose: Callable[[dict[str, str]], list[tuple[str, str]]],
+        choose: Callable[[dict[str, str], dict[str, str]], list[tuple[str, str]]],
     ) -> Claim:
-        """One atomic claim: `choose` picks (UUID, device) pairs given the held GPUs.
+        """One atomic claim: `choose` picks (UUID, device) pairs given the held GPUs and
+        those no claim may take (drained, unhealthy: `GpuStates.unavailable`).
 
         A job that already holds a claim (a redelivery) gets it back, now owned by
         `worker_id`.
         """
         key = (driver, job_id)
-        with self._transaction() as claims:
+        with self._document() as document:
+            claims = document.claims
             existing = claims.get(key)
             if existing is not None:
                 claims[key] = replace(existing, worker_id=worker_id)
                 return claims[key]
-            chosen = choose(_holders(claims.values()))
+            chosen = choose(_holders(claims.values()), document.states.unavailable())
             claims[key] = Claim(
                 job_id=job_id,
                 driver=driver,
@@ -256,9 +295,40 @@ class GpuClaimStore:
             return claims.pop((driver, job_id), None)
 
     def free(self, candidates: Collection[str]) -> list[str]:
-        with self._transaction() as claims:
-            held = _holders(claims.values())
-            return [gpu for gpu in candidates if gpu not in held]
+        """The candidates a claim could take now: not held, drained or unhealthy."""
+        with self._document() as document:
+            taken = _holders(document.claims.values()).keys() | document.states.unavailable()
+            return [gpu for gpu in candidates if gpu not in taken]
+
+    # ---- drain and health (sandfleet.workers.gpu.health): changed under the claims' lock
+
+    def states(self) -> GpuStates:
+        with self._document() as document:
+            return document.states
+
+    def unavailable(self) -> dict[str, str]:
+        """GPU UUID -> why no new claim may take it."""
+        return self.states().unavailable()
+
+    def drain(self, uuid: str, *, reason: str, by: str) -> GpuStates:
+        """No claim that commits from now on takes `uuid`; claims made already stay."""
+        return self._change_states(lambda states: states.drain(uuid, reason, by))
+
+    def undrain(self, uuid: str) -> GpuStates:
+        return self._change_states(lambda states: states.undrain(uuid))
+
+    def mark_unhealthy(self, uuid: str, reason: str) -> GpuStates:
+        """Idempotent: a GPU stays unhealthy since its first mark, until `mark_healthy`."""
+        return self._change_states(lambda states: states.mark_unhealthy(uuid, reason))
+
+    def mark_healthy(self, uuid: str) -> GpuStates:
+        return self._change_states(lambda states: states.mark_healthy(uuid))
+
+    def _change_states(self, change: Callable[[GpuStates], GpuStates]) -> GpuStates:
+        """The states after `change`, written if it changed them."""
+        with self._document() as document:
+            document.states = change(document.states)
+            return document.states
 
     def reconcile(self, *, driver: str, live_jobs: Collection[str]) -> list[Claim]:
         """Release `driver`'s claims whose worker is dead and whose job is over.
