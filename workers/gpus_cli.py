@@ -16,9 +16,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from sandfleet.common.errors import SandfleetError
 from sandfleet.common.settings import Settings
 from sandfleet.workers.gpu.claims import GpuClaimStore, worker_alive
-from sandfleet.workers.gpu.inventory import Gpu, GpuInventory, UnknownGpu, discover
+from sandfleet.workers.gpu.inventory import (
+    Gpu,
+    GpuInventory,
+    InventoryError,
+    UnknownGpu,
+    discover,
+)
 
 GpuArgument = Annotated[
     str, typer.Argument(help="The GPU, by any alias: index, UUID, PCI address or CDI name.")
@@ -27,7 +34,10 @@ GpuArgument = Annotated[
 
 def _host() -> tuple[Settings, GpuInventory, GpuClaimStore]:
     settings = Settings()
-    inventory = discover(settings.gpu_inventory, cdi_kind=settings.cdi_kind)
+    try:
+        inventory = discover(settings.gpu_inventory, cdi_kind=settings.cdi_kind)
+    except InventoryError as exc:  # a static inventory file that does not read
+        raise SandfleetError(f"SANDFLEET_GPU_INVENTORY: {exc}") from None
     return settings, inventory, GpuClaimStore(settings.state_dir)
 
 

@@ -239,7 +239,9 @@ async def test_the_watch_marks_the_store_until_cancelled(tmp_path: Path) -> None
 
 
 def gpu_health(h: Harness, tmp_path: Path, action: GpuUnhealthyAction) -> GpuHealth:
-    settings = Settings(state_dir=tmp_path / "state", gpu_unhealthy_action=action)
+    settings = Settings(
+        state_dir=tmp_path / "state", gpu_unhealthy_action=action, gpu_health_seconds=0.1
+    )
     identity = WorkerIdentity(worker_id=WORKER, driver=h.driver.name, host=HOST)
     return GpuHealth(settings, h.inventory, h.claims, identity)
 
@@ -305,3 +307,46 @@ async def test_a_drained_gpus_job_runs_on_untold(tmp_path: Path) -> None:
     assert not [e for e in h.events.of("a") if e.reason == "GpuUnhealthy"]
     assert health.rows()[0]["drained"] is True
     await end(h, task)
+
+
+async def test_a_job_asking_for_a_drained_gpu_is_parked_holding_nothing(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    h.claims.drain(UUIDS[2], reason="maintenance", by="ops")
+    await within(h.runner.handle(h.delivery(job("a", gpus=1, gpu_ids=["nvidia.com/gpu=2"]))))
+    waiting = h.events.last("a")
+    assert (waiting.phase, waiting.reason) == (Phase.WAITING, "GpusUnavailable")
+    assert waiting.message == f"{UUIDS[2]} drained: maintenance"
+    assert [parked.job_id for parked, _, _ in h.queues.parked] == ["a"]
+    assert h.gpus_held() == {}
+
+
+class FailingNvml(FakeNvml):
+    def nvmlInit(self) -> None:
+        raise NVMLError("NVML Shared Library Not Found")
+
+
+async def test_the_worker_runs_the_watch_and_says_so(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    health = gpu_health(h, tmp_path, GpuUnhealthyAction.NOTE)
+    assert health.source == "none"
+    nvml = FakeNvml(UUIDS)
+    nvml.lost = {UUIDS[1]}
+    health.start(nvml)
+    assert health.source == "nvml"
+
+    async def marked() -> None:
+        while UUIDS[1] not in h.claims.states().unhealthy:  # noqa: ASYNC110 - a file
+            await asyncio.sleep(0.02)
+
+    await within(marked())
+    await health.aclose()
+    assert health.source == "none" and nvml.shut
+    broken = gpu_health(h, tmp_path, GpuUnhealthyAction.NOTE)
+    broken.start(FailingNvml(UUIDS))
+
+    async def off() -> None:  # at once: NVML did not start
+        while broken.source != "none":  # noqa: ASYNC110 - the watch task's end
+            await asyncio.sleep(0.01)
+
+    await within(off())
+    await broken.aclose()
