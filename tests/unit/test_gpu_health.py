@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from types import SimpleNamespace
@@ -350,3 +352,34 @@ async def test_the_worker_runs_the_watch_and_says_so(tmp_path: Path) -> None:
 
     await within(off())
     await broken.aclose()
+
+
+class SlowNvml(FakeNvml):
+    """Each wait lasts its whole timeout, as NVML's does with no event; records a free of
+    the event set while a wait still runs (a use-after-free in real NVML)."""
+
+    def __init__(self, uuids: list[str]) -> None:
+        super().__init__(uuids)
+        self.waiting = threading.Event()
+        self.freed_while_waiting = False
+
+    def nvmlEventSetWait(self, events: str, timeout_ms: int) -> Any:
+        self.waiting.set()
+        time.sleep(timeout_ms / 1000)
+        self.waiting.clear()
+        raise NVMLError_Timeout()
+
+    def nvmlEventSetFree(self, events: str) -> None:
+        self.freed_while_waiting = self.waiting.is_set()
+
+
+async def test_a_cancelled_watch_frees_nvml_only_after_its_wait_ends(tmp_path: Path) -> None:
+    nvml = SlowNvml(UUIDS)
+    task = asyncio.create_task(
+        watch_gpu_health(NvmlHealthWatch(nvml, UUIDS), GpuClaimStore(tmp_path), 0.3)
+    )
+    await within(asyncio.to_thread(nvml.waiting.wait, 5))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await within(task)
+    assert nvml.shut and not nvml.freed_while_waiting

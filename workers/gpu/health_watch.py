@@ -158,16 +158,21 @@ async def watch_gpu_health(watch: NvmlHealthWatch, store: GpuClaimStore, seconds
     except Exception as exc:
         log.warning("GPU health watch is off: NVML did not start (%s)", exc)
         return
+    checking: asyncio.Future[list[Mark]] | None = None
     try:
         while True:
+            checking = asyncio.ensure_future(asyncio.to_thread(watch.check, int(seconds * 1000)))
             try:
-                marks = await asyncio.to_thread(watch.check, int(seconds * 1000))
-                for uuid, reason in marks:
+                for uuid, reason in await asyncio.shield(checking):
                     await _mark(store, uuid, reason)
             except Exception:  # one failed round must not end the watch
                 log.exception("GPU health watch")
                 await asyncio.sleep(seconds)
     finally:
+        # A cancelled wait still runs in its thread (for at most `seconds`): NVML's
+        # event set is freed only after it.
+        if checking is not None:
+            await asyncio.wait([checking])
         await asyncio.to_thread(watch.close)
 
 
