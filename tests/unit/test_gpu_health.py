@@ -1,15 +1,14 @@
 """GPU drain and health: the store's section (serialised with claims, backward
-compatible), the NVML watcher over a fake NVML, and jobs told of unhealthy GPUs."""
+compatible), and jobs told of unhealthy GPUs (the watcher: test_gpu_health_watch.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
+import multiprocessing
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -19,9 +18,9 @@ from sandfleet.common.models import CancelRequest
 from sandfleet.common.settings import GpuUnhealthyAction, Settings
 from sandfleet.workers.gpu.claims import GpuClaimStore, GpuUnavailable, NotEnoughGpus
 from sandfleet.workers.gpu.health import MAX_REASON_CHARS, GpuStates
-from sandfleet.workers.gpu.health_watch import NvmlHealthWatch, nvml_watch, watch_gpu_health
 from sandfleet.workers.gpu_health import GpuHealth
 from sandfleet.workers.identity import WorkerIdentity
+from tests.support.claim_race import claim_through_a_drain
 from tests.support.fakes import HOST, WORKER, Harness, harness, job
 from tests.support.gpus import FOUR_UUIDS
 
@@ -33,6 +32,11 @@ def claim_any(store: GpuClaimStore, job_id: str, count: int) -> tuple[str, ...]:
     return store.claim_any(
         job_id=job_id, count=count, candidates=UUIDS, device_for=str, driver="d", worker_id="w"
     ).gpus
+
+
+async def within(step: Awaitable[T], seconds: float = 5) -> T:
+    async with asyncio.timeout(seconds):
+        return await step
 
 
 # ---- the store ----
@@ -102,139 +106,6 @@ def test_a_reason_is_bounded_and_one_line(tmp_path: Path) -> None:
     drain = states.drained[UUIDS[0]]
     assert len(drain.reason) == MAX_REASON_CHARS and drain.reason.startswith("a b")
     assert drain.by == "o ps"
-
-
-# ---- the watcher, over a fake NVML ----
-
-
-class NVMLError(Exception):
-    pass
-
-
-class NVMLError_Timeout(NVMLError):
-    pass
-
-
-class NVMLError_GpuIsLost(NVMLError):
-    pass
-
-
-class NVMLError_NotSupported(NVMLError):
-    pass
-
-
-class FakeNvml:
-    """pynvml's names the watcher uses: GPUs by UUID, a queue of Xid events."""
-
-    NVMLError = NVMLError
-    NVMLError_Timeout = NVMLError_Timeout
-    NVMLError_GpuIsLost = NVMLError_GpuIsLost
-    nvmlEventTypeXidCriticalError = 8
-    NVML_TEMPERATURE_GPU = 0
-
-    def __init__(self, uuids: list[str]) -> None:
-        self.uuids = uuids
-        self.xids: list[tuple[str, int]] = []
-        self.lost: set[str] = set()
-        self.no_sensor: set[str] = set()
-        self.no_events: set[str] = set()
-        self.registered: list[tuple[str, int]] = []
-        self.shut = False
-
-    def nvmlInit(self) -> None: ...
-
-    def nvmlShutdown(self) -> None:
-        self.shut = True
-
-    def nvmlEventSetCreate(self) -> str:
-        return "set"
-
-    def nvmlEventSetFree(self, events: str) -> None: ...
-
-    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
-        return uuid
-
-    def nvmlDeviceGetUUID(self, handle: str) -> bytes:
-        return handle.encode()
-
-    def nvmlDeviceRegisterEvents(self, handle: str, types: int, events: str) -> None:
-        if handle in self.no_events:
-            raise NVMLError_NotSupported()
-        self.registered.append((handle, types))
-
-    def nvmlEventSetWait(self, events: str, timeout_ms: int) -> Any:
-        if not self.xids:
-            raise NVMLError_Timeout()
-        uuid, xid = self.xids.pop(0)
-        return SimpleNamespace(device=uuid, eventData=xid, eventType=8)
-
-    def nvmlDeviceGetTemperature(self, handle: str, sensor: int) -> int:
-        if handle in self.lost:
-            raise NVMLError_GpuIsLost()
-        if handle in self.no_sensor:
-            raise NVMLError_NotSupported()
-        return 40
-
-
-def opened(nvml: FakeNvml) -> NvmlHealthWatch:
-    watch = NvmlHealthWatch(nvml, nvml.uuids)
-    watch.open()
-    return watch
-
-
-def test_critical_xids_mark_their_gpu_and_others_do_not() -> None:
-    nvml = FakeNvml(UUIDS)
-    watch = opened(nvml)
-    assert nvml.registered == [(uuid, 8) for uuid in UUIDS]
-    nvml.xids = [(UUIDS[0], 13), (UUIDS[1], 79), (UUIDS[2], 63), (UUIDS[3], 48)]
-    assert watch.check(100) == [
-        (UUIDS[1], "Xid 79: GPU has fallen off the bus"),
-        (UUIDS[3], "Xid 48: double-bit ECC error"),
-    ]
-    assert watch.check(100) == []  # each event counted once
-
-
-def test_a_gpu_that_stops_answering_is_marked_one_without_a_sensor_is_not() -> None:
-    nvml = FakeNvml(UUIDS)
-    nvml.no_events = {UUIDS[2]}
-    watch = opened(nvml)
-    assert watch.registered == [UUIDS[0], UUIDS[1], UUIDS[3]]  # GPU 2 only polled
-    nvml.lost, nvml.no_sensor = {UUIDS[2]}, {UUIDS[1]}
-    assert watch.check(10) == [(UUIDS[2], "stopped answering NVML: NVMLError_GpuIsLost")]
-    watch.close()
-    assert nvml.shut
-
-
-def test_no_watcher_without_gpus_or_without_pynvml() -> None:
-    assert nvml_watch([]) is None
-    try:
-        import pynvml  # noqa: F401, PLC0415
-    except ImportError:
-        assert nvml_watch(UUIDS) is None
-    assert nvml_watch(UUIDS, FakeNvml(UUIDS)) is not None
-
-
-async def within(step: Awaitable[T], seconds: float = 5) -> T:
-    async with asyncio.timeout(seconds):
-        return await step
-
-
-async def test_the_watch_marks_the_store_until_cancelled(tmp_path: Path) -> None:
-    store = GpuClaimStore(tmp_path)
-    nvml = FakeNvml(UUIDS)
-    nvml.xids = [(UUIDS[3], 95)]
-    task = asyncio.create_task(watch_gpu_health(NvmlHealthWatch(nvml, UUIDS), store, 0.1))
-
-    async def marked() -> None:
-        while UUIDS[3] not in store.states().unhealthy:  # noqa: ASYNC110 - another thread's file
-            await asyncio.sleep(0.02)
-
-    await within(marked())
-    assert store.states().unhealthy[UUIDS[3]].reason == "Xid 95: uncontained ECC error"
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await within(task)
-    assert nvml.shut
 
 
 # ---- jobs on GPUs turned unhealthy ----
@@ -322,64 +193,41 @@ async def test_a_job_asking_for_a_drained_gpu_is_parked_holding_nothing(tmp_path
     assert h.gpus_held() == {}
 
 
-class FailingNvml(FakeNvml):
-    def nvmlInit(self) -> None:
-        raise NVMLError("NVML Shared Library Not Found")
+def test_no_claim_started_after_a_drain_returns_takes_the_gpu(tmp_path: Path) -> None:
+    """A drain and claims in other processes are serialised by the store's one lock."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    counts = [context.Value("i", 0) for _ in range(2)]
+    outputs = [tmp_path / f"claims-{i}.json" for i in range(2)]
+    processes = [
+        context.Process(
+            target=claim_through_a_drain,
+            args=(str(tmp_path), f"w{i}", str(outputs[i]), counts[i], stop),
+        )
+        for i in range(2)
+    ]
+    for process in processes:
+        process.start()
+    store = GpuClaimStore(tmp_path)
+    try:
+        wait_for_claims(counts, at_least=50)
+        store.drain("GPU-0", reason="race", by="test")
+        drained_at = time.monotonic_ns()
+        wait_for_claims(counts, at_least=max(c.value for c in counts) + 200)
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(timeout=30)
+    claims = [claim for out in outputs for claim in json.loads(out.read_text())]
+    before = [gpus for start, gpus in claims if start < drained_at]
+    after = [gpus for start, gpus in claims if start > drained_at]
+    assert ["GPU-0"] in before  # it was being claimed until the drain
+    assert len(after) >= 200
+    assert ["GPU-0"] not in after
 
 
-async def test_the_worker_runs_the_watch_and_says_so(tmp_path: Path) -> None:
-    h = harness(tmp_path)
-    health = gpu_health(h, tmp_path, GpuUnhealthyAction.NOTE)
-    assert health.source == "none"
-    nvml = FakeNvml(UUIDS)
-    nvml.lost = {UUIDS[1]}
-    health.start(nvml)
-    assert health.source == "nvml"
-
-    async def marked() -> None:
-        while UUIDS[1] not in h.claims.states().unhealthy:  # noqa: ASYNC110 - a file
-            await asyncio.sleep(0.02)
-
-    await within(marked())
-    await health.aclose()
-    assert health.source == "none" and nvml.shut
-    broken = gpu_health(h, tmp_path, GpuUnhealthyAction.NOTE)
-    broken.start(FailingNvml(UUIDS))
-
-    async def off() -> None:  # at once: NVML did not start
-        while broken.source != "none":  # noqa: ASYNC110 - the watch task's end
-            await asyncio.sleep(0.01)
-
-    await within(off())
-    await broken.aclose()
-
-
-class SlowNvml(FakeNvml):
-    """Each wait lasts its whole timeout, as NVML's does with no event; records a free of
-    the event set while a wait still runs (a use-after-free in real NVML)."""
-
-    def __init__(self, uuids: list[str]) -> None:
-        super().__init__(uuids)
-        self.waiting = threading.Event()
-        self.freed_while_waiting = False
-
-    def nvmlEventSetWait(self, events: str, timeout_ms: int) -> Any:
-        self.waiting.set()
-        time.sleep(timeout_ms / 1000)
-        self.waiting.clear()
-        raise NVMLError_Timeout()
-
-    def nvmlEventSetFree(self, events: str) -> None:
-        self.freed_while_waiting = self.waiting.is_set()
-
-
-async def test_a_cancelled_watch_frees_nvml_only_after_its_wait_ends(tmp_path: Path) -> None:
-    nvml = SlowNvml(UUIDS)
-    task = asyncio.create_task(
-        watch_gpu_health(NvmlHealthWatch(nvml, UUIDS), GpuClaimStore(tmp_path), 0.3)
-    )
-    await within(asyncio.to_thread(nvml.waiting.wait, 5))
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await within(task)
-    assert nvml.shut and not nvml.freed_while_waiting
+def wait_for_claims(counts: list[Any], *, at_least: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while any(count.value < at_least for count in counts):
+        assert time.monotonic() < deadline, [count.value for count in counts]
+        time.sleep(0.01)  # other processes' progress: no event to wait on
