@@ -60,9 +60,12 @@ class WorkerHealth(BaseModel):
     jobs_finished: int = 0
     started_at: datetime
     heartbeat_seconds: float
-    gpus: list[dict[str, Any]] = Field(default_factory=list)  # the host's inventory
-    gpus_free: int = 0
+    # The host's inventory, each GPU with its health ("healthy"/"unhealthy",
+    # health_reason) and drain state (drained, drain_reason, drained_by, drained_since)
+    gpus: list[dict[str, Any]] = Field(default_factory=list)
+    gpus_free: int = 0  # claimable now: not held, drained or unhealthy
     gpu_source: str = ""
+    gpu_health_source: str = ""  # what marks GPUs unhealthy: "nvml", or "none"
     # Its warm pools: per profile, {"pool", "image", "ready", "target", "error"}
     warm_pools: list[dict[str, Any]] = Field(default_factory=list)
     jobs_warm: int = 0  # jobs it started in a warm sandbox

@@ -32,6 +32,13 @@ class SandboxPolicy(StrEnum):
     STOP = "stop"
 
 
+class GpuUnhealthyAction(StrEnum):
+    """What a worker does with a running job whose GPU turns unhealthy."""
+
+    NOTE = "note"  # a `running` event, reason GpuUnhealthy; the job runs on
+    STOP = "stop"  # that note, then the job is stopped and fails, reason GpuUnhealthy
+
+
 # Ten years: far past any job, far short of what datetime and the runtimes' clocks can hold.
 MAX_TIMEOUT_CEILING_SECONDS = 10 * 365 * 86400
 
@@ -91,6 +98,13 @@ class Settings(BaseSettings):
     gpu_max_wait_seconds: float = Field(default=3600.0, ge=0)
     output_tail_lines: int = Field(default=50, gt=0)
     stop_grace_seconds: float = Field(default=5.0, ge=0)
+    # A running job whose GPU turns unhealthy (a critical Xid, a GPU that stopped
+    # answering, `sandfleet.workers.gpu.health_watch`): "note" tells its events; "stop"
+    # also stops it, failed with reason GpuUnhealthy. Drained GPUs' jobs run on either way.
+    gpu_unhealthy_action: GpuUnhealthyAction = GpuUnhealthyAction.NOTE
+    # The NVML health watcher: how long one wait for Xid events lasts, and so how often
+    # each GPU is asked whether it still answers.
+    gpu_health_seconds: float = Field(default=5.0, ge=0.1, le=300)
     # What a worker told to stop (SIGTERM) does with sandboxes still running after its
     # drain time: "adopt" leaves them running for the next worker on this host to adopt;
     # "stop" stops them and reports them `cancelled`.

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from sandfleet.common.errors import SandfleetError
 from sandfleet.common.lifecycle import until_signalled
@@ -19,8 +15,6 @@ from sandfleet.common.metrics import MetricsPort, metrics_served
 from sandfleet.common.settings import SandboxPolicy, Settings
 from sandfleet.workers import registry
 from sandfleet.workers.drivers.base import DriverHost, DriverPlugin, SandboxDriver
-from sandfleet.workers.gpu.claims import GpuClaimStore, worker_alive
-from sandfleet.workers.gpu.inventory import GpuInventory, discover
 from sandfleet.workers.runtime import Worker
 from sandfleet.workers.warm_profiles import warm_profiles
 
@@ -126,82 +120,3 @@ def worker(
             await sandbox_driver.aclose()
 
     asyncio.run(until_signalled(serve()))
-
-
-def gpus(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """This host's GPUs, their NUMA nodes, NVLink peers and MIG instances, and who holds
-    each (every driver's claims, since when)."""
-    settings = Settings()
-    inventory = discover(settings.gpu_inventory, cdi_kind=settings.cdi_kind)
-    rows = _gpu_rows(settings, inventory)
-    if as_json:
-        print(json.dumps({"host": settings.host, "source": inventory.source, "gpus": rows}))
-        return
-    # Cells are Text, never markup: a GPU name or job id prints as itself.
-    console = Console(markup=False, emoji=False, highlight=False)
-    title = Text(f"GPUs on {settings.host} (from {inventory.source})")
-    table = Table(title=title, title_justify="left")
-    columns = ("index", "uuid", "pci", "name", "numa", "nvlink", "held by", "driver", "since")
-    for column in columns:
-        table.add_column(column)
-    index_of = {row["uuid"]: row["index"] for row in rows}
-    for row in rows:
-        peers = ",".join(str(i) for i in sorted(index_of.get(p, -1) for p in row["nvlink_peers"]))
-        numa = "" if row["numa_node"] is None else str(row["numa_node"])
-        cells = (row["index"], row["uuid"], row["pci_bus_id"], row["name"], numa, peers)
-        in_part = any(mig["claim"] for mig in row["mig"])
-        _add_gpu_row(table, cells, row["claim"], free="MIG instances held" if in_part else "free")
-        for mig in row["mig"]:
-            cells = (f"  {mig['cdi_name']}", mig["uuid"], "", f"MIG {mig['profile']}", "", "")
-            _add_gpu_row(table, cells, mig["claim"])
-    console.print(table)
-    if not rows:
-        console.print("no GPUs found (NVML, nvidia-smi and SANDFLEET_GPU_INVENTORY gave none)")
-
-
-def _gpu_rows(settings: Settings, inventory: GpuInventory) -> list[dict[str, Any]]:
-    """Each GPU's record and claim; each of its MIG instances' too (under `mig`)."""
-    held = [
-        (gpu, device, claim)
-        for claim in GpuClaimStore(settings.state_dir).claims()
-        for gpu, device in zip(claim.gpus, claim.devices, strict=True)
-    ]
-    claims = {
-        gpu: None if claim is None else {
-            "job_id": claim.job_id,
-            "driver": claim.driver,
-            "worker_id": claim.worker_id,
-            "worker_alive": worker_alive(settings.state_dir, claim.worker_id),
-            "sandbox_id": claim.sandbox_id,
-            "device": device,
-            "since": claim.claimed_at,
-        }
-        for gpu, device, claim in held
-    }  # fmt: skip
-    rows = []
-    for gpu in inventory:
-        row = {**gpu.as_dict(), "cdi_names": list(gpu.cdi_names(settings.cdi_kind))}
-        row["claim"] = claims.get(gpu.uuid)
-        row["mig"] = [
-            {
-                **m.as_dict(),
-                "cdi_names": list(m.cdi_names(settings.cdi_kind)),
-                "claim": claims.get(m.uuid),
-            }
-            for m in gpu.mig
-        ]
-        rows.append(row)
-    return rows
-
-
-def _add_gpu_row(
-    table: Table, cells: tuple[Any, ...], claim: dict[str, Any] | None, *, free: str = "free"
-) -> None:
-    style = "green" if free == "free" else "yellow"
-    holder = Text(free, style=style) if claim is None else Text(claim["job_id"])
-    if claim is not None and not claim["worker_alive"]:
-        holder.append(" (worker gone)", style="yellow")
-    held = (holder, claim["driver"] if claim else "", claim["since"] if claim else "")
-    table.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in (*cells, *held)))

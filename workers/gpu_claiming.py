@@ -1,5 +1,9 @@
 """Claiming a job's GPUs, all or none: the `claimed` event, or the job parked
-(RetryLater) while they are busy, or `Unschedulable` once it has waited too long."""
+(RetryLater) while they are busy, or `Unschedulable` once it has waited too long.
+
+A job asking for a drained or unhealthy GPU by name waits like one asking for a busy
+GPU (reason `GpusUnavailable`): a drain is mostly a maintenance window, and the wait is
+bounded by SANDFLEET_GPU_MAX_WAIT_SECONDS all the same."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from sandfleet.common.errors import RetryLater, Unschedulable
 from sandfleet.common.events import GpuPlacement, Phase
 from sandfleet.workers.attempt import Attempt, RunPolicy
 from sandfleet.workers.gpu.allocator import GpuAllocator, GpuRequest
-from sandfleet.workers.gpu.claims import Claim, GpuBusy, NotEnoughGpus
+from sandfleet.workers.gpu.claims import Claim, GpuBusy, GpuUnavailable, NotEnoughGpus
 from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.stage_timings import CLAIMED
 from sandfleet.workers.supervision import Emit
@@ -41,7 +45,7 @@ class GpuClaiming:
             raise Unschedulable(f"{request.count} {what} wanted; host {host} has {capacity}")
         try:
             claim, placement = await self._gpus.claim_placed(attempt.job_id, request)
-        except (GpuBusy, NotEnoughGpus) as exc:
+        except (GpuBusy, GpuUnavailable, NotEnoughGpus) as exc:
             raise await self._busy(attempt, exc) from exc
         attempt.devices = claim.devices
         attempt.placement = GpuPlacement(gpus=list(claim.gpus), why=placement.why)
@@ -61,5 +65,6 @@ class GpuClaiming:
             return Unschedulable(
                 f"no GPUs after waiting {waited:.0f}s (limit {limit:.0f}s): {busy}"
             )
-        await self._emit(attempt, Phase.WAITING, "GpusBusy", str(busy))
+        reason = "GpusUnavailable" if isinstance(busy, GpuUnavailable) else "GpusBusy"
+        await self._emit(attempt, Phase.WAITING, reason, str(busy))
         return RetryLater(str(busy), delay=self._policy.gpu_retry_seconds, waiting_since=since)

@@ -104,6 +104,9 @@ class JobRunner:
     def working_on(self, job_id: str) -> bool:
         return self._working[job_id] > 0
 
+    def in_hand(self, job_id: str) -> Attempt | None:
+        return self._in_hand.get(job_id)
+
     # ---- the ways in: a delivery, a dead worker's job, a stop ----
 
     async def handle(self, message: JobMessage) -> None:

@@ -3,8 +3,9 @@
     sandfleet_jobs_total{phase,driver,host}             terminal events it published
     sandfleet_job_stage_seconds{stage,driver}           their `timings`, as histograms
     sandfleet_worker_slots{state}                       running, queued, free
-    sandfleet_gpus{state}                               free, held, unhealthy (always 0:
-                                                        the inventory has no notion of it)
+    sandfleet_gpus{state}                               free (claimable now), held,
+                                                        unhealthy, drained (these two
+                                                        may count held GPUs too)
     sandfleet_gpu_holder_info{gpu,job}                  1 for each GPU a job holds
     sandfleet_warm_sandboxes{pool,image,state}          per warm pool: ready, target
     sandfleet_job_starts_total{start}                   jobs started warm, or cold
@@ -127,10 +128,13 @@ class WorkerState(Collector):
             for gpu in claim.physical  # a GPU one of whose MIG instances is held counts held
             if gpu in on_host
         }
+        states = self._claims.states()
+        unavailable = on_host & states.unavailable().keys()
         gpus = GaugeMetricFamily("sandfleet_gpus", "This host's GPUs, by state", labels=["state"])
-        gpus.add_metric(["free"], len(on_host) - len(holders))
+        gpus.add_metric(["free"], len(on_host - holders.keys() - unavailable))
         gpus.add_metric(["held"], len(holders))
-        gpus.add_metric(["unhealthy"], 0)  # the inventory knows no unhealthy GPU
+        gpus.add_metric(["unhealthy"], len(on_host & states.unhealthy.keys()))
+        gpus.add_metric(["drained"], len(on_host & states.drained.keys()))
         yield gpus
         info = GaugeMetricFamily(
             "sandfleet_gpu_holder_info", "The job holding each held GPU", labels=["gpu", "job"]

@@ -56,6 +56,7 @@ from sandfleet.workers.drivers.base import SandboxDriver, SandboxStatus
 from sandfleet.workers.gpu.allocator import GpuAllocator
 from sandfleet.workers.gpu.claims import GpuClaimStore, WorkerLease, worker_alive
 from sandfleet.workers.gpu.inventory import GpuInventory, discover
+from sandfleet.workers.gpu_health import GpuHealth
 from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.intake import JobIntake
 from sandfleet.workers.job_queues import HostJobQueues
@@ -115,6 +116,7 @@ class Worker(AsyncCloseable):
         )
         self.inventory = inventory or discover(settings.gpu_inventory, cdi_kind=settings.cdi_kind)
         self.claims = GpuClaimStore(settings.state_dir)
+        self.gpu_health = GpuHealth(settings, self.inventory, self.claims, self.identity)
         alive = functools.partial(worker_alive, settings.state_dir)
         self.journal = JobJournal(settings.journal_dir, driver.name, alive=alive)
         self._lease = WorkerLease(settings.state_dir, self.identity.worker_id)
@@ -167,6 +169,7 @@ class Worker(AsyncCloseable):
         self._consuming = True
         settings = self._settings
         self._heartbeats = asyncio.create_task(every(settings.heartbeat_seconds, self._beat))
+        self.gpu_health.start()  # the NVML watcher, where NVML is present
         self._reconciler = asyncio.create_task(
             every(settings.reconcile_seconds, self._reconcile_unwatched, wait_first=True)
         )
@@ -186,6 +189,7 @@ class Worker(AsyncCloseable):
             await self._drain(self._connected)
         await self.warm.aclose()
         await cancel_and_wait(self._heartbeats)
+        await self.gpu_health.aclose()
         if self._connected is not None:
             with contextlib.suppress(Exception):  # logged by the publisher's retries
                 await self._heartbeat(HEARTBEAT_STOPPED)  # listed as stopped, not lost
@@ -371,16 +375,20 @@ class Worker(AsyncCloseable):
             jobs_finished=runner.finished,
             started_at=self._started_at,
             heartbeat_seconds=self._settings.heartbeat_seconds,
-            gpus=[gpu.as_dict() for gpu in self.inventory],
+            gpus=self.gpu_health.rows(),  # with each GPU's health and drain state
             gpus_free=self._free_gpus,
             gpu_source=self.inventory.source,
+            gpu_health_source=self.gpu_health.source,
             warm_pools=self.warm.health(),
             jobs_warm=self.warm.served_warm,
             jobs_cold=self.warm.served_cold,
         )
 
     async def _beat(self) -> None:
-        await self._heartbeat(HEARTBEAT_ALIVE)
+        try:  # jobs on GPUs turned unhealthy are told (stopped by setting); then the beat
+            await self.gpu_health.check(self.runner, self._online().events)
+        finally:
+            await self._heartbeat(HEARTBEAT_ALIVE)
 
     async def _heartbeat(self, reason: str) -> None:
         self._free_gpus = await self._gpus.free_count()

@@ -10,7 +10,9 @@ from sandfleet import __version__
 from sandfleet.gateway import cli as gateway_cli
 from sandfleet.gateway import logs_cli, operator_cli, top_cli, view_cli
 from sandfleet.gateway.exits import exits_mapped
+from sandfleet.gateway.gpus_fleet import fleet_gpus
 from sandfleet.workers import cli as workers_cli
+from sandfleet.workers import gpus_cli
 
 app = typer.Typer(
     name="sandfleet",
@@ -41,6 +43,33 @@ def _root(
     """Run sandboxes (containers and VMs, with or without GPUs) on a fleet of hosts."""
 
 
+gpus_app = typer.Typer(help="GPUs: this host's (run on it), or the fleet's (--fleet).")
+
+
+def gpus(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    fleet: Annotated[
+        bool, typer.Option("--fleet", help="Every host's GPUs, from their workers' heartbeats.")
+    ] = False,
+    since: Annotated[
+        int, typer.Option(min=1, help="With --fleet: heartbeats of this many minutes back.")
+    ] = 10,
+) -> None:
+    """This host's GPUs: health, drain state, who holds them (every driver's claims)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if fleet:
+        fleet_gpus(as_json, since)
+    else:
+        gpus_cli.local_gpus(as_json)
+
+
+gpus_app.callback(invoke_without_command=True)(exits_mapped(gpus))
+gpus_app.command()(exits_mapped(gpus_cli.drain))
+gpus_app.command()(exits_mapped(gpus_cli.undrain))
+gpus_app.command()(exits_mapped(gpus_cli.healthy))
+
 # Every command's errors become exit codes in one place: sandfleet.gateway.exits.
 app.command()(exits_mapped(gateway_cli.gateway))
 app.command(context_settings={"allow_interspersed_args": False})(exits_mapped(gateway_cli.submit))
@@ -54,7 +83,7 @@ app.command()(exits_mapped(gateway_cli.cancel))
 app.command()(exits_mapped(top_cli.top))
 app.command()(exits_mapped(logs_cli.logs))
 app.command()(exits_mapped(workers_cli.worker))
-app.command()(exits_mapped(workers_cli.gpus))
+app.add_typer(gpus_app, name="gpus")
 app.add_typer(operator_cli.keys_app, name="keys")
 app.add_typer(operator_cli.broker_app, name="broker")
 

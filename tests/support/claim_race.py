@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from sandfleet.workers.gpu.allocator import GpuAllocator
 from sandfleet.workers.gpu.claims import Claim, GpuBusy, GpuClaimStore, NotEnoughGpus
@@ -134,3 +135,28 @@ def mig_units(inventory: GpuInventory) -> dict[str, set[str]]:
     itself and every instance of it (so a whole GPU and any of its instances overlap)."""
     units = {gpu.uuid: {gpu.uuid, *(m.uuid for m in gpu.mig)} for gpu in inventory}
     return units | {m.uuid: {m.uuid} for m in inventory.mig_devices()}
+
+
+def claim_through_a_drain(state_dir: str, worker: str, out: str, done: Any, stop: Any) -> None:
+    """Claim any one of GPU-0..3 and release it, over and over until `stop` is set;
+    write each claim's (start_ns, GPUs) to `out`, the start taken before `claim_any`
+    was called. `done` (a shared int) counts the claims tried."""
+    store = GpuClaimStore(Path(state_dir))
+    gpus = [f"GPU-{i}" for i in range(4)]
+    claims: list[tuple[int, list[str]]] = []
+    n = 0
+    while not stop.is_set():
+        n += 1
+        job, start = f"{worker}-{n}", time.monotonic_ns()
+        try:
+            claim = store.claim_any(
+                job_id=job, count=1, candidates=gpus, device_for=str, driver="d", worker_id=worker
+            )
+        except NotEnoughGpus:
+            continue
+        finally:
+            with done.get_lock():
+                done.value += 1
+        claims.append((start, list(claim.gpus)))
+        store.release(job, driver="d")
+    Path(out).write_text(json.dumps(claims))

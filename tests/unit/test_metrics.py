@@ -122,6 +122,13 @@ def test_gpus_by_state_and_who_holds_them(tmp_path: Path) -> None:
     assert holders == {(f"gpu={uuid}", "job=j1") for uuid in FOUR_UUIDS[:2]}
     assert samples[("sandfleet_worker_slots", ("state=running",))] == 1
     assert samples[("sandfleet_worker_slots", ("state=free",))] == 2
+    claims.mark_unhealthy(FOUR_UUIDS[0], "Xid 79")  # held, and unhealthy
+    claims.drain(FOUR_UUIDS[3], reason="fan swap", by="ops")
+    samples = scraped(WorkerMetrics(slots, inventory, claims).registry)
+    assert samples[("sandfleet_gpus", ("state=free",))] == 1  # only GPU 2 is claimable
+    assert samples[("sandfleet_gpus", ("state=held",))] == 2
+    assert samples[("sandfleet_gpus", ("state=unhealthy",))] == 1
+    assert samples[("sandfleet_gpus", ("state=drained",))] == 1
 
 
 def test_only_terminal_events_are_counted_and_timed() -> None:

@@ -13,7 +13,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from sandfleet.common.errors import FieldError, RequestInvalid
-from sandfleet.workers.gpu.claims import Claim, GpuClaimStore, Holdings, NotEnoughGpus, Pick
+from sandfleet.workers.gpu.claims import Claim, GpuClaimStore, NotEnoughGpus
+from sandfleet.workers.gpu.holdings import Holdings, Pick
 from sandfleet.workers.gpu.inventory import Gpu, GpuInventory, MigDevice, UnknownGpu
 from sandfleet.workers.gpu.placement import Placement, Topology, place
 
@@ -145,12 +146,15 @@ class GpuAllocator:
     def _choose(self, held: Holdings, request: GpuRequest, placed: list[Placement]) -> list[Pick]:
         """Runs under the store's lock: the placement is made on the claims as they are."""
         parent = self.topology.parent
-        free = {i for i, gpu in parent.items() if held.holder(i, gpu) is None}
+        # Drained and unhealthy GPUs (and their MIG instances) are no candidates at all.
+        free = {i for i, gpu in parent.items() if held.takeable(i, gpu)}
         placement = place(self.topology, free, request.count, request.mig_profile)
         if placement is None:
             wanted = self._candidates(request)
             busy = {i: job for i in wanted if (job := held.holder(i, parent[i])) is not None}
-            raise NotEnoughGpus(request.count, len(wanted) - len(busy), busy)
+            out = {i: why for i in wanted if (why := held.out_of_service(i, parent[i]))}
+            free_count = sum(1 for i in wanted if i in free)
+            raise NotEnoughGpus(request.count, free_count, busy, out)
         placed.append(placement)
         return [(i, self._device_for(i), parent[i]) for i in placement.ids]
 

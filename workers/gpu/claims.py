@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sandfleet.workers.gpu.health import GpuStates
+from sandfleet.workers.gpu.holdings import Holdings, Pick
 from sandfleet.workers.state_files import open_private, private_dir, read_private, write_private
 
 ClaimKey = tuple[str, str]  # (driver, job id)
@@ -78,37 +80,41 @@ class Claim:
         return record
 
 
-# One chosen device: (claimed id, the driver's name for it, its physical GPU's UUID).
-Pick = tuple[str, str, str]
-
-
-@dataclass(frozen=True)
-class Holdings:
-    """Who holds what, for the conflict check made under the lock."""
-
-    by_id: dict[str, str]  # claimed id (GPU or MIG UUID) -> job id
-    by_gpu: dict[str, str]  # physical GPU -> a job holding it whole or a part of it
-
-    def holder(self, claimable: str, parent: str) -> str | None:
-        """The job whose claim conflicts with claiming `claimable` on GPU `parent`: for
-        a whole GPU (`claimable == parent`) any claim on it or on one of its instances;
-        for a MIG instance, a claim on that instance or on the whole GPU."""
-        if claimable == parent:
-            return self.by_gpu.get(parent)
-        return self.by_id.get(claimable) or self.by_id.get(parent)
-
-
 class GpuBusy(Exception):
     def __init__(self, holders: dict[str, str]) -> None:
         self.holders = holders  # GPU UUID -> job id holding it
         super().__init__(", ".join(f"{gpu} held by job {job}" for gpu, job in holders.items()))
 
 
+class GpuUnavailable(Exception):
+    """Asked-for GPUs that no claim may take now: drained, or marked unhealthy."""
+
+    def __init__(self, unavailable: dict[str, str]) -> None:
+        self.unavailable = unavailable  # GPU UUID -> why (`GpuStates.unavailable`)
+        super().__init__(", ".join(f"{gpu} {why}" for gpu, why in unavailable.items()))
+
+
 class NotEnoughGpus(Exception):
-    def __init__(self, wanted: int, free: int, holders: dict[str, str]) -> None:
+    def __init__(
+        self,
+        wanted: int,
+        free: int,
+        holders: dict[str, str],
+        unavailable: dict[str, str] | None = None,
+    ) -> None:
         self.wanted, self.free, self.holders = wanted, free, holders
-        held = ", ".join(f"{gpu} held by job {job}" for gpu, job in holders.items())
-        super().__init__(f"{wanted} GPU(s) wanted, {free} free ({held})")
+        self.unavailable = unavailable or {}
+        held = [f"{gpu} held by job {job}" for gpu, job in holders.items()]
+        held += [f"{gpu} {why}" for gpu, why in self.unavailable.items()]
+        super().__init__(f"{wanted} GPU(s) wanted, {free} free ({', '.join(held)})")
+
+
+@dataclass
+class _Document:
+    """The store's file: the claims, and the GPUs' drain and health states."""
+
+    claims: dict[ClaimKey, Claim]
+    states: GpuStates
 
 
 def _open_locked(path: Path, *, blocking: bool = True) -> int | None:
@@ -169,36 +175,45 @@ class GpuClaimStore:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[dict[ClaimKey, Claim]]:
         """The claims, read under the lock; written back if the block changed them."""
+        with self._document() as document:
+            yield document.claims
+
+    @contextlib.contextmanager
+    def _document(self) -> Iterator[_Document]:
+        """The whole file, read under the lock; written back if the block changed it."""
         private_dir(self._dir)
         fd = _open_locked(self._lock_path)
         assert fd is not None
         try:
-            claims = self._read()
-            before = dict(claims)
-            yield claims
-            if claims != before:
-                self._write(claims)
+            document = self._read()
+            claims, states = dict(document.claims), document.states
+            yield document
+            if document.claims != claims or document.states != states:
+                self._write(document)
         finally:
             os.close(fd)  # closing the last fd of the open file description unlocks
 
-    def _read(self) -> dict[ClaimKey, Claim]:
+    def _read(self) -> _Document:
         try:
             raw = json.loads(read_private(self._data_path))
         except FileNotFoundError:
-            return {}
+            return _Document({}, GpuStates())
         records = raw["claims"]
         if isinstance(records, dict):  # the layout before version 2: keyed by job id
             records = [{"job_id": job_id, **data} for job_id, data in records.items()]
         claims = (Claim.from_dict(data) for data in records)
-        return {claim.key: claim for claim in claims}
+        # No `gpu_states` (a file from before drains): every GPU healthy and undrained.
+        states = GpuStates.from_json(raw.get("gpu_states"))
+        return _Document({claim.key: claim for claim in claims}, states)
 
-    def _write(self, claims: dict[ClaimKey, Claim]) -> None:
+    def _write(self, document: _Document) -> None:
         # Write-then-rename: a crash leaves the old file or the new one, never half of one.
-        records = [claim.as_record() for claim in claims.values()]
+        records = [claim.as_record() for claim in document.claims.values()]
         # Left by a writer killed mid-write: none is under way, as writes hold the lock.
         for stale in self._dir.glob(f"{self._data_path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-        write_private(self._data_path, json.dumps({"version": 2, "claims": records}).encode())
+        raw = {"version": 2, "claims": records, "gpu_states": document.states.to_json()}
+        write_private(self._data_path, json.dumps(raw).encode())
 
     def claims(self) -> list[Claim]:
         with self._transaction() as claims:
@@ -219,7 +234,10 @@ class GpuClaimStore:
         physical = list(parents or gpus)
 
         def choose(held: Holdings) -> list[Pick]:
-            holders = {g: held.holder(g, p) for g, p in zip(gpus, physical, strict=True)}
+            pairs = list(zip(gpus, physical, strict=True))
+            if out := {g: why for g, p in pairs if (why := held.out_of_service(g, p))}:
+                raise GpuUnavailable(out)
+            holders = {g: held.holder(g, p) for g, p in pairs}
             busy = {gpu: job for gpu, job in holders.items() if job is not None}
             if busy:
                 raise GpuBusy(busy)
@@ -240,10 +258,11 @@ class GpuClaimStore:
         """Claim any `count` free GPUs among `candidates` (UUIDs, in preference order)."""
 
         def choose(held: Holdings) -> list[Pick]:
-            free = [gpu for gpu in candidates if held.holder(gpu, gpu) is None]
+            free = [gpu for gpu in candidates if held.takeable(gpu, gpu)]
             if len(free) < count:
                 busy = {gpu: held.by_gpu[gpu] for gpu in candidates if gpu in held.by_gpu}
-                raise NotEnoughGpus(count, len(free), busy)
+                out = {gpu: held.unavailable[gpu] for gpu in candidates if gpu in held.unavailable}
+                raise NotEnoughGpus(count, len(free), busy, out)
             return [(gpu, device_for(gpu), gpu) for gpu in free[:count]]
 
         return self._claim(job_id, driver, worker_id, choose)
@@ -262,18 +281,20 @@ class GpuClaimStore:
         worker_id: str,
         choose: Callable[[Holdings], list[Pick]],
     ) -> Claim:
-        """One atomic claim: `choose` picks (id, device, GPU) given the holdings.
+        """One atomic claim: `choose` picks (id, device, GPU) given the holdings, which
+        say who holds what and which GPUs no claim may take (drained, unhealthy).
 
         A job that already holds a claim (a redelivery) gets it back, now owned by
         `worker_id`.
         """
         key = (driver, job_id)
-        with self._transaction() as claims:
+        with self._document() as document:
+            claims = document.claims
             existing = claims.get(key)
             if existing is not None:
                 claims[key] = replace(existing, worker_id=worker_id)
                 return claims[key]
-            chosen = choose(_holders(claims.values()))
+            chosen = choose(_holders(claims.values(), document.states.unavailable()))
             ids = tuple(gpu for gpu, _, _ in chosen)
             parents = tuple(parent for _, _, parent in chosen)
             claims[key] = Claim(
@@ -308,10 +329,41 @@ class GpuClaimStore:
             return claims.pop((driver, job_id), None)
 
     def free(self, candidates: Collection[str]) -> list[str]:
-        """The whole GPUs among `candidates` (UUIDs) that no claim holds, whole or in part."""
-        with self._transaction() as claims:
-            held = _holders(claims.values())
-            return [gpu for gpu in candidates if held.holder(gpu, gpu) is None]
+        """The whole GPUs among `candidates` (UUIDs) a claim could take now: held by
+        no claim, whole or in part, and neither drained nor unhealthy."""
+        with self._document() as document:
+            held = _holders(document.claims.values(), document.states.unavailable())
+            return [gpu for gpu in candidates if held.takeable(gpu, gpu)]
+
+    # ---- drain and health (sandfleet.workers.gpu.health): changed under the claims' lock
+
+    def states(self) -> GpuStates:
+        with self._document() as document:
+            return document.states
+
+    def unavailable(self) -> dict[str, str]:
+        """GPU UUID -> why no new claim may take it."""
+        return self.states().unavailable()
+
+    def drain(self, uuid: str, *, reason: str, by: str) -> GpuStates:
+        """No claim that commits from now on takes `uuid`; claims made already stay."""
+        return self._change_states(lambda states: states.drain(uuid, reason, by))
+
+    def undrain(self, uuid: str) -> GpuStates:
+        return self._change_states(lambda states: states.undrain(uuid))
+
+    def mark_unhealthy(self, uuid: str, reason: str) -> GpuStates:
+        """Idempotent: a GPU stays unhealthy since its first mark, until `mark_healthy`."""
+        return self._change_states(lambda states: states.mark_unhealthy(uuid, reason))
+
+    def mark_healthy(self, uuid: str) -> GpuStates:
+        return self._change_states(lambda states: states.mark_healthy(uuid))
+
+    def _change_states(self, change: Callable[[GpuStates], GpuStates]) -> GpuStates:
+        """The states after `change`, written if it changed them."""
+        with self._document() as document:
+            document.states = change(document.states)
+            return document.states
 
     def reconcile(self, *, driver: str, live_jobs: Collection[str]) -> list[Claim]:
         """Release `driver`'s claims whose worker is dead and whose job is over.
@@ -333,9 +385,9 @@ class GpuClaimStore:
             return released
 
 
-def _holders(claims: Collection[Claim]) -> Holdings:
+def _holders(claims: Collection[Claim], unavailable: dict[str, str] | None = None) -> Holdings:
     by_id, by_gpu = {}, {}
     for claim in claims:
         for gpu, parent in zip(claim.gpus, claim.physical, strict=True):
             by_id[gpu] = by_gpu[parent] = claim.job_id
-    return Holdings(by_id, by_gpu)
+    return Holdings(by_id, by_gpu, unavailable or {})
