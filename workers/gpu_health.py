@@ -88,10 +88,13 @@ class GpuHealth:
         for claim in claims:
             if claim.driver != me.driver or claim.worker_id != me.worker_id:
                 continue
-            bad = [gpu for gpu in claim.gpus if gpu in unhealthy]
+            # A MIG instance is as sick as its GPU (the watcher marks whole GPUs).
+            held = zip(claim.gpus, claim.physical, strict=True)
+            bad = {gpu: unhealthy.get(gpu) or unhealthy[parent] for gpu, parent in held
+                   if gpu in unhealthy or parent in unhealthy}  # fmt: skip
             if bad:
                 sick[claim.job_id] = "; ".join(
-                    f"GPU {gpu} is unhealthy: {unhealthy[gpu].reason}" for gpu in bad
+                    f"GPU {gpu} is unhealthy: {mark.reason}" for gpu, mark in bad.items()
                 )
         return sick
 

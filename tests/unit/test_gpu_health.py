@@ -231,3 +231,15 @@ def wait_for_claims(counts: list[Any], *, at_least: int, timeout: float = 30) ->
     while any(count.value < at_least for count in counts):
         assert time.monotonic() < deadline, [count.value for count in counts]
         time.sleep(0.01)  # other processes' progress: no event to wait on
+
+
+def test_a_job_on_a_mig_instance_is_as_sick_as_its_gpu(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    health = gpu_health(h, tmp_path, GpuUnhealthyAction.NOTE)
+    mig = "MIG-11111111-2222-3333-4444-555555555555"
+    h.claims.claim(
+        job_id="m", gpus=[mig], devices=["nvidia.com/gpu=2:0"], parents=[UUIDS[2]],
+        driver=h.driver.name, worker_id=WORKER,
+    )  # fmt: skip
+    health.states = h.claims.mark_unhealthy(UUIDS[2], "Xid 79")
+    assert health._sick_jobs(h.claims.claims()) == {"m": f"GPU {mig} is unhealthy: Xid 79"}
