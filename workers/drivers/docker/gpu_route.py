@@ -57,8 +57,8 @@ def gpu_support(version: str, info: Mapping[str, Any]) -> GpuSupport:
         )
     else:
         detail = (
-            f"Docker Engine {version} has CDI turned off; enable it in daemon.json "
-            f'({{"features": {{"cdi": true}}}}) and restart dockerd, {or_else}'
+            f"Docker Engine {version} has CDI turned off; enable it ({_ENABLE_CDI}) "
+            f"and restart dockerd, {or_else}"
         )
     return GpuSupport(None, detail)
 
