@@ -16,10 +16,11 @@ to compare a run on the cluster with one on the single default node. --rate pace
 the submissions (jobs/s), so that latency is a job's own rather than its wait behind
 the whole burst, and node stops fall while jobs are still being submitted.
 
-A share of the jobs asks for 1 or 2 of a static 3-GPU inventory. With `--driver
-podman` the GPUs are the test CDI devices (tests/fixtures/cdi, installed for the run)
-and the jobs really get them; Docker 20.10 has no CDI, so there its GPU jobs are
-claimed, then fail `CapabilityMissing` and release. A double-hold is two jobs whose
+A share of the jobs asks for 1 or 2 of a static 3-GPU inventory. The GPUs are the
+test CDI devices (tests/fixtures/cdi, installed for the run), and the jobs really get
+them on either driver (Docker needs CDI on: Docker >= 25, as `./dev setup` installs;
+on a daemon without it the GPU jobs are claimed, then fail `CapabilityMissing` and
+release; the checks hold all the same). A double-hold is two jobs whose
 [claimed, terminal] event intervals overlap on one GPU: each interval lies inside the
 job's real claim, so an overlap means a GPU was handed out twice.
 
@@ -376,7 +377,7 @@ def fleet_vhost(*, cluster: bool) -> Iterator[str]:
 
 @contextlib.contextmanager
 def test_cdi_spec() -> Iterator[None]:
-    """The test CDI spec where Podman looks for specs, for the run (if not there)."""
+    """The test CDI spec where Podman and Docker look for specs, for the run (if not there)."""
     CDI_DIR.mkdir(parents=True, exist_ok=True)
     cdi_spec = CDI_DIR / CDI_SPEC.name
     installed = not cdi_spec.exists()

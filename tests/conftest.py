@@ -69,14 +69,21 @@ def podman_image() -> str:
     return TEST_IMAGE
 
 
-@pytest.fixture(scope="session")
-def test_cdi_spec() -> Iterator[Path]:
-    """Install the test CDI spec where Podman looks for specs, for this session."""
+@pytest.fixture
+def test_cdi_spec() -> Path:
+    """The test CDI spec, installed where Podman and Docker look for specs, before each
+    test that wants it.
+
+    Written whole under a temporary name, then renamed over the old one, so a runtime
+    resolving devices never reads half a file; and left in place afterwards (its
+    devices are /dev/null): test sessions running side by side on one host share it,
+    and one's removal failed another's GPU jobs with "unresolvable CDI devices"."""
     CDI_DIR.mkdir(parents=True, exist_ok=True)
     installed = CDI_DIR / CDI_SPEC.name
-    shutil.copyfile(CDI_SPEC, installed)
-    yield installed
-    installed.unlink(missing_ok=True)
+    partial = CDI_DIR / f".{CDI_SPEC.name}.{os.getpid()}"
+    shutil.copyfile(CDI_SPEC, partial)
+    partial.replace(installed)
+    return installed
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """A worker killed with SIGKILL mid-job: its GPU claim outlives it while the sandbox
 runs, and reconciliation frees it once the sandbox is gone; a real worker process
-killed with a GPU job in hand leaves it to the next worker, which finishes it on the
-same GPU, once."""
+(Podman's or Docker's) killed with a GPU job in hand leaves it to the next worker,
+which finishes it on the same GPU, once."""
 
 from __future__ import annotations
 
@@ -26,7 +26,13 @@ from sandfleet.workers.journal import JobJournal
 from tests.support import eventually, until_terminal
 from tests.support.gpus import FOUR_UUIDS, write_inventory
 from tests.support.processes import signal_and_wait, worker_in_phase
-from tests.support.runtimes import TEST_CDI_KIND, WorkerFactory, containers_of, sandboxes_created
+from tests.support.runtimes import (
+    TEST_CDI_KIND,
+    TEST_IMAGE,
+    WorkerFactory,
+    containers_of,
+    sandboxes_created,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -77,40 +83,42 @@ async def test_sigkilled_workers_claim_stays_while_its_container_runs_then_is_fr
             await container.delete(force=True)
 
 
+@pytest.mark.parametrize("driver", ["podman", "docker"])
 @pytest.mark.parametrize("kill_after", [Phase.CLAIMED, Phase.RUNNING])
-async def test_sigkilled_podman_worker_with_a_gpu_job_leaves_it_to_the_next_worker(
+async def test_sigkilled_worker_with_a_gpu_job_leaves_it_to_the_next_worker(
     kill_after: Phase,
+    driver: str,
     settings: Settings,
     client: Client,
-    podman_worker: WorkerFactory,
-    podman_image: str,
+    request: pytest.FixtureRequest,
     test_cdi_spec: Path,
     tmp_path: Path,
 ) -> None:
+    next_worker: WorkerFactory = request.getfixturevalue(f"{driver}_worker")
     inventory = write_inventory(tmp_path / "gpus.json")
     gpu_env = {"SANDFLEET_GPU_INVENTORY": str(inventory), "SANDFLEET_CDI_KIND": TEST_CDI_KIND}
-    job_id = f"gk-{kill_after.value}-{uuid.uuid4().hex[:6]}"
-    request: dict[str, Any] = {
+    job_id = f"gk-{driver[0]}-{kill_after.value}-{uuid.uuid4().hex[:6]}"
+    body: dict[str, Any] = {
         "job_id": job_id,
-        "driver": "podman",
+        "driver": driver,
         "resource_requirements": {"gpu": {"count": 1}},
         "template": {
-            "image": podman_image,
+            "image": TEST_IMAGE,
             "command": ["sh", "-c", "sleep 2; ls /dev | grep sandfleet-gpu"],
-            "driver_config": {"podman": {"gpu_device_ids": ["test.sandfleet/gpu=2"]}},
+            "driver_config": {driver: {"gpu_device_ids": ["test.sandfleet/gpu=2"]}},
         },
     }
     store = GpuClaimStore(settings.state_dir)
     since = time.time()
     async with client.events(job_id=job_id) as stream:
         async with worker_in_phase(
-            settings, client, stream, request, phase=kill_after, driver="podman", env=gpu_env
+            settings, client, stream, body, phase=kill_after, driver=driver, env=gpu_env
         ) as worker:
             await signal_and_wait(worker, signal.SIGKILL)
         [claim] = store.claims()  # the dead worker's claim stands
         assert (claim.job_id, claim.gpus) == (job_id, (FOUR_UUIDS[2],))
 
-        async with podman_worker(gpu_inventory=inventory, cdi_kind=TEST_CDI_KIND):
+        async with next_worker(gpu_inventory=inventory, cdi_kind=TEST_CDI_KIND):
             history = await client.history(job_id)
             if not history[-1].phase.is_terminal:
                 history += await until_terminal(stream, job_id, timeout=60)
@@ -119,7 +127,7 @@ async def test_sigkilled_podman_worker_with_a_gpu_job_leaves_it_to_the_next_work
     terminal = [e for e in history if e.phase.is_terminal]
     assert [e.phase for e in terminal] == [Phase.SUCCEEDED], [e.phase for e in history]
     assert terminal[0].output == "sandfleet-gpu2\n"  # seen from inside: the one claimed GPU
-    assert sandboxes_created("podman", since)[job_id] == 1
+    assert sandboxes_created(driver, since)[job_id] == 1
     assert store.claims() == []
 
 

@@ -1,7 +1,7 @@
-"""GPU jobs on a real Docker worker with a static 4-GPU inventory.
-
-Debian 12's Docker 20.10 cannot inject CDI devices, so no GPU container can run here:
-these tests prove claiming, waiting, the clear failure and the release of claims.
+"""GPU jobs on a real Docker worker (Docker >= 25, CDI on) with a static 4-GPU inventory
+and the test CDI spec: claiming, waiting, the devices seen from inside the container,
+and the release of claims. A daemon without CDI (CapabilityMissing) and one with only
+the NVIDIA runtime are in test_docker_gpus.py.
 """
 
 from __future__ import annotations
@@ -24,16 +24,18 @@ from sandfleet.gateway.client import Client
 from sandfleet.workers.gpu.claims import GpuClaimStore, WorkerLease
 from tests.support import eventually, until_terminal
 from tests.support.broker import ready_messages
-from tests.support.gpus import FOUR_UUIDS, write_inventory
-from tests.support.runtimes import WorkerFactory, containers_of
+from tests.support.gpus import FOUR_UUIDS, GPU_PROBE, write_inventory
+from tests.support.runtimes import TEST_CDI_KIND, WorkerFactory, containers_of
 
 pytestmark = pytest.mark.integration
 
 UUIDS = FOUR_UUIDS
 
 
-def gpu_request(image: str, count: int, ids: list[str] | None = None) -> dict[str, Any]:
-    template: dict[str, Any] = {"image": image, "command": ["true"]}
+def gpu_request(
+    image: str, count: int, ids: list[str] | None = None, command: str = GPU_PROBE
+) -> dict[str, Any]:
+    template: dict[str, Any] = {"image": image, "command": ["sh", "-c", command]}
     if ids:
         template["driver_config"] = {"docker": {"gpu_device_ids": ids}}
     return {
@@ -49,16 +51,23 @@ def inventory_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def gpu_worker(docker_worker: WorkerFactory, inventory_file: Path) -> WorkerFactory:
+def gpu_worker(
+    docker_worker: WorkerFactory, inventory_file: Path, test_cdi_spec: Path
+) -> WorkerFactory:
     def start(**overrides: Any) -> Any:
         return docker_worker(
-            **{"gpu_inventory": inventory_file, "gpu_retry_seconds": 0.3, **overrides}
+            **{
+                "gpu_inventory": inventory_file,
+                "cdi_kind": TEST_CDI_KIND,
+                "gpu_retry_seconds": 0.3,
+                **overrides,
+            }
         )
 
     return start
 
 
-async def test_docker_without_cdi_fails_clearly_and_releases_the_claim(
+async def test_docker_gpu_job_gets_exactly_its_claimed_devices(
     settings: Settings,
     client: Client,
     gpu_worker: WorkerFactory,
@@ -74,12 +83,16 @@ async def test_docker_without_cdi_fails_clearly_and_releases_the_claim(
         Phase.ACCEPTED,
         Phase.CLAIMED,
         Phase.STARTING,
-        Phase.FAILED,
-    ]
-    claimed, failed = events[1], events[-1]
-    assert claimed.gpus == ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]
-    assert failed.reason == "CapabilityMissing"
-    assert "CDI" in failed.message and '"cdi": true' in failed.message
+        Phase.RUNNING,
+        Phase.SUCCEEDED,
+    ], events[-1].message
+    claimed, done = events[1], events[-1]
+    assert claimed.gpus == ["test.sandfleet/gpu=0", "test.sandfleet/gpu=1"]
+    assert claimed.message == f"physical GPUs {UUIDS[0]}, {UUIDS[1]}"
+    # Seen from inside the container: the two claimed devices and their env, nothing else.
+    assert done.output == (
+        "sandfleet-gpu0\nsandfleet-gpu1\nSANDFLEET_TEST_GPU_0=present\nSANDFLEET_TEST_GPU_1=present\n"
+    )
     assert worker.claims.claims() == []
     assert not await containers_of(docker, req["job_id"])
 
@@ -87,19 +100,42 @@ async def test_docker_without_cdi_fails_clearly_and_releases_the_claim(
 async def test_exact_ids_claim_those_gpus_by_any_alias(
     client: Client, gpu_worker: WorkerFactory, test_image: str
 ) -> None:
-    req = gpu_request(test_image, 2, ids=["nvidia.com/gpu=3", f"nvidia.com/gpu={UUIDS[1]}"])
+    ids = [f"{TEST_CDI_KIND}=2", f"{TEST_CDI_KIND}={UUIDS[1]}"]
+    req = gpu_request(test_image, 2, ids=ids)
     async with gpu_worker(), client.events(job_id=req["job_id"]) as stream:
         assert (await client.submit(req)).accepted
         events = await until_terminal(stream, req["job_id"])
     claimed = next(e for e in events if e.phase is Phase.CLAIMED)
-    assert claimed.gpus == ["nvidia.com/gpu=3", f"nvidia.com/gpu={UUIDS[1]}"]
-    assert claimed.message == f"physical GPUs {UUIDS[3]}, {UUIDS[1]}"
+    assert claimed.gpus == ids
+    assert claimed.message == f"physical GPUs {UUIDS[2]}, {UUIDS[1]}"
+    assert events[-1].phase is Phase.SUCCEEDED
+    assert events[-1].output == (
+        "sandfleet-gpu1\nsandfleet-gpu2\nSANDFLEET_TEST_GPU_1=present\nSANDFLEET_TEST_GPU_2=present\n"
+    )
+
+
+async def test_a_gpu_the_cdi_spec_lacks_fails_with_dockers_reason_and_frees_the_claim(
+    settings: Settings,
+    client: Client,
+    gpu_worker: WorkerFactory,
+    docker: aiodocker.Docker,
+    test_image: str,
+) -> None:
+    # GPU 3 is in the inventory, but the test CDI spec has no device 3.
+    req = gpu_request(test_image, 1, ids=[f"{TEST_CDI_KIND}=3"])
+    async with gpu_worker() as worker, client.events(job_id=req["job_id"]) as stream:
+        assert (await client.submit(req)).accepted
+        events = await until_terminal(stream, req["job_id"])
+    assert events[-1].phase is Phase.FAILED
+    assert f"{TEST_CDI_KIND}=3" in events[-1].message
+    assert worker.claims.claims() == []
+    assert not await containers_of(docker, req["job_id"])
 
 
 async def test_unknown_gpu_id_is_rejected_with_its_field_path(
     client: Client, gpu_worker: WorkerFactory, test_image: str
 ) -> None:
-    req = gpu_request(test_image, 1, ids=["nvidia.com/gpu=7"])
+    req = gpu_request(test_image, 1, ids=[f"{TEST_CDI_KIND}=7"])
     async with gpu_worker() as worker, client.events(job_id=req["job_id"]) as stream:
         assert (await client.submit(req)).accepted
         events = await until_terminal(stream, req["job_id"])
@@ -107,7 +143,7 @@ async def test_unknown_gpu_id_is_rejected_with_its_field_path(
     assert [(e.field, e.message) for e in events[-1].errors] == [
         (
             "template.driver_config.docker.gpu_device_ids.0",
-            f"no GPU 'nvidia.com/gpu=7' on host {worker.identity.host}",
+            f"no GPU '{TEST_CDI_KIND}=7' on host {worker.identity.host}",
         )
     ]
 
@@ -155,11 +191,36 @@ async def test_busy_gpus_make_a_job_wait_then_proceed_when_freed(
             store.release("vm-job", driver="vm")  # the first job finishes
             claimed = await next_phase(stream, req["job_id"], Phase.CLAIMED)
             events = await until_terminal(stream, req["job_id"])
-        assert claimed.gpus == ["nvidia.com/gpu=0"]
-        assert events[-1].reason == "CapabilityMissing"  # Docker 20.10: see module docstring
+        assert claimed.gpus == [f"{TEST_CDI_KIND}=0"]
+        assert events[-1].phase is Phase.SUCCEEDED
+        assert events[-1].output == "sandfleet-gpu0\nSANDFLEET_TEST_GPU_0=present\n"
         assert store.claims() == []
     finally:
         holder.release()
+
+
+async def test_two_docker_jobs_never_hold_the_same_gpu_at_once(
+    client: Client, gpu_worker: WorkerFactory, test_image: str
+) -> None:
+    # Both want GPU 1 on a worker with two slots; the first holds it for a few seconds.
+    first = gpu_request(test_image, 1, ids=[f"{TEST_CDI_KIND}=1"], command="sleep 3")
+    second = gpu_request(test_image, 1, ids=[f"{TEST_CDI_KIND}=1"])
+    async with (
+        gpu_worker(slots=2, gpu_retry_seconds=0.5),
+        client.events(job_id=first["job_id"]) as first_events,
+        client.events(job_id=second["job_id"]) as second_events,
+    ):
+        assert (await client.submit(first)).accepted
+        await next_phase(first_events, first["job_id"], Phase.RUNNING)
+        assert (await client.submit(second)).accepted
+        second_history = await until_terminal(second_events, second["job_id"], timeout=60)
+        first_history = await until_terminal(first_events, first["job_id"])
+    assert first_history[-1].phase is Phase.SUCCEEDED
+    assert Phase.WAITING in [e.phase for e in second_history]
+    claimed = next(e for e in second_history if e.phase is Phase.CLAIMED)
+    assert claimed.timestamp >= first_history[-1].timestamp  # only after the first let go
+    assert second_history[-1].phase is Phase.SUCCEEDED
+    assert second_history[-1].output == "sandfleet-gpu1\nSANDFLEET_TEST_GPU_1=present\n"
 
 
 async def test_waiting_past_the_maximum_is_unschedulable(

@@ -18,7 +18,7 @@ from sandfleet.workers.drivers.podman.client import LibpodClient
 from sandfleet.workers.drivers.podman.plugin import PodmanSettings
 from sandfleet.workers.gpu.claims import GpuClaimStore
 from tests.support import eventually, submit_and_wait, until_phase, until_terminal
-from tests.support.gpus import write_inventory
+from tests.support.gpus import GPU_PROBE, write_inventory
 from tests.support.runtimes import TEST_CDI_KIND, WorkerFactory
 
 pytestmark = pytest.mark.integration
@@ -120,9 +120,6 @@ def gpu_settings(tmp_path: Path, test_cdi_spec: Path) -> dict[str, Any]:
     return {"gpu_inventory": write_inventory(tmp_path / "gpus.json"), "cdi_kind": TEST_CDI_KIND}
 
 
-GPU_PROBE = "ls /dev | grep sandfleet-gpu; env | grep SANDFLEET_TEST_GPU | sort"
-
-
 async def test_gpu_job_gets_exactly_its_claimed_devices(
     settings: Settings,
     client: Client,
@@ -196,7 +193,11 @@ async def test_docker_and_podman_jobs_never_hold_the_same_gpu_at_once(
         "job_id": f"d-{uuid.uuid4().hex[:10]}",
         "driver": "docker",
         "resource_requirements": {"gpu": {"count": 1}},
-        "template": {"image": podman_image, "command": ["true"], "driver_config": {"docker": gpu}},
+        "template": {
+            "image": podman_image,
+            "command": ["sh", "-c", GPU_PROBE],
+            "driver_config": {"docker": gpu},
+        },
     }
     async with (
         podman_worker(**gpu_settings),
@@ -216,8 +217,9 @@ async def test_docker_and_podman_jobs_never_hold_the_same_gpu_at_once(
     assert Phase.WAITING in docker_phases
     docker_claimed = next(e for e in docker_history if e.phase is Phase.CLAIMED)
     assert docker_claimed.timestamp >= podman_done.timestamp
-    # Docker 20.10 then cannot inject the device; the point here is the exclusion.
-    assert docker_history[-1].reason == "CapabilityMissing"
+    # Then Docker (CDI on) runs it on that GPU, seen from inside its container.
+    assert docker_history[-1].phase is Phase.SUCCEEDED
+    assert docker_history[-1].output == "sandfleet-gpu0\nSANDFLEET_TEST_GPU_0=present\n"
 
 
 async def test_busy_gpus_make_a_job_wait_then_run_when_the_first_finishes(

@@ -3,7 +3,8 @@ test module, or bench/).
 
 Here: waiting on conditions and events, never sleeping blindly. Beside it: `broker`
 (AMQP as any client or operator), `cli` (the `sandfleet` command as a subprocess),
-`runtimes` (real dockerd/podman/libvirt, workers on them), `processes` (worker processes
+`runtimes` (real dockerd/podman/libvirt, workers on them), `private_dockerd` (extra
+dockerds of a test's own: no CDI, the NVIDIA runtime), `processes` (worker processes
 to signal), `gpus` (inventories, double-hold checks), `nvml` (a stand-in for pynvml),
 `fakes` (the job runner on the in-memory driver), `claim_race` and `crashing_holder`
 (processes for claim tests),

@@ -2,8 +2,8 @@
 
 It does what a Docker worker does for a GPU job up to `running` — takes its lease,
 claims a GPU, creates and starts a labelled `sandfleet-<job>` container, records the
-sandbox on the claim — then says "ready" and sleeps until killed. (A real worker
-cannot get this far on Docker 20.10, which has no CDI to pass the GPU.)
+sandbox on the claim — then says "ready" and sleeps until killed: a worker stopped at
+a known point, with no device request (the container is the claim's, not the GPU's).
 
     python -m tests.support.crashing_holder STATE_DIR WORKER_ID JOB_ID GPU_UUID IMAGE
 """

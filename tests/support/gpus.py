@@ -15,6 +15,9 @@ from sandfleet.common.events import Event, Phase
 H200_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "gpu-host-h200"
 H200_UUID = "GPU-49431ef3-0f4f-2e8f-6567-eca72c1acedc"
 
+# Run in a container: the test CDI devices (tests/fixtures/cdi) it sees and their env.
+GPU_PROBE = "ls /dev | grep sandfleet-gpu; env | grep SANDFLEET_TEST_GPU | sort"
+
 FOUR_UUIDS: list[str] = [f"GPU-0000000{i}-aaaa-bbbb-cccc-00000000000{i}" for i in range(4)]
 FOUR_GPUS: dict[str, Any] = {
     "gpus": [

@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CDI_SPEC = ROOT / "tests" / "fixtures" / "cdi" / "sandfleet-test-gpu.json"
 CDI_DIR = Path("/var/run/cdi")
 # A test vendor/class whose CDI spec maps harmless nodes (/dev/null) and sets one env
-# var per device. The spec defines devices 0-2; the test inventory has 4 GPUs, so
-# test.sandfleet/gpu=3 is a GPU the host has but CDI cannot resolve.
+# var per device. The spec defines devices 0-2, each also under its UUID in the test
+# inventory (tests/support/gpus.py), as nvidia-ctk's specs name a GPU both ways; the
+# test inventory has 4 GPUs, so test.sandfleet/gpu=3 is a GPU the host has but CDI
+# cannot resolve.
 TEST_CDI_KIND = "test.sandfleet/gpu"
 GUEST_DIR = Path("/var/lib/sandfleet/guest")
 

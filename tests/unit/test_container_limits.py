@@ -17,6 +17,7 @@ from sandfleet.workers.drivers.container_settings import (
     host_cpus,
     host_memory,
 )
+from sandfleet.workers.drivers.docker.gpu_route import GpuRoute
 from sandfleet.workers.drivers.docker.plugin import DockerSettings
 from sandfleet.workers.drivers.docker.spec import container_config
 from sandfleet.workers.drivers.podman.plugin import PodmanSettings
@@ -145,6 +146,22 @@ def test_the_smallest_cpu_share_is_never_unlimited() -> None:
 
 def test_gpus_go_as_cdi_devices() -> None:
     gpus = (ClaimedGpu("GPU-1", "nvidia.com/gpu=0"),)
-    host = container_config(spec(gpus=gpus), LIMITS)["HostConfig"]
+    host = container_config(spec(gpus=gpus), LIMITS, gpu_route=GpuRoute.CDI)["HostConfig"]
     assert host["DeviceRequests"] == [{"Driver": "cdi", "DeviceIDs": ["nvidia.com/gpu=0"]}]
     assert spec_generator(spec(gpus=gpus), LIMITS)["devices"] == [{"path": "nvidia.com/gpu=0"}]
+
+
+def test_no_job_names_its_own_gpus_to_the_nvidia_runtime() -> None:
+    hostile = SandboxSpec.for_job(
+        Job.model_validate({
+            "job_id": "j2", "driver": "docker",
+            "template": {"image": "busybox", "environment": {"NVIDIA_VISIBLE_DEVICES": "all"}},
+        }),
+        ContainerBlock(), driver="docker", worker_id="w",
+    )  # fmt: skip
+    for made in (spec(), hostile):
+        env = container_config(made, LIMITS)["Env"]
+        assert [e for e in env if e.startswith("NVIDIA_VISIBLE_DEVICES=")] == [
+            "NVIDIA_VISIBLE_DEVICES=void"
+        ]
+        assert spec_generator(made, LIMITS)["env"]["NVIDIA_VISIBLE_DEVICES"] == "void"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Self
 
@@ -190,3 +191,16 @@ class ContainerRuntimeSettings(BaseSettings):
             log_max_files=self.log_max_files,
             capabilities=self.capabilities,
         )
+
+
+# The NVIDIA container runtime (legacy mode, e.g. a host whose default runtime is
+# `nvidia`) gives a container the GPUs its environment names here: a job setting
+# `NVIDIA_VISIBLE_DEVICES=all` would get every GPU around the claim store. Every
+# container is made with it set to `void` (as nvidia-ctk's CDI specs do); claimed GPUs
+# reach a container by CDI, or by Docker's `nvidia` device request, which sets it after.
+NVIDIA_DEVICES_VARIABLE = "NVIDIA_VISIBLE_DEVICES"
+
+
+def container_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """The job's environment as a container gets it: no GPU by a variable of its own."""
+    return {**environment, NVIDIA_DEVICES_VARIABLE: "void"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import aiodocker
@@ -32,6 +32,7 @@ from sandfleet.workers.drivers.cdi import ContainerBlock, checked_image, parse_c
 from sandfleet.workers.drivers.container_settings import ContainerLimits
 from sandfleet.workers.drivers.container_state import state_from_inspect
 from sandfleet.workers.drivers.docker.attached_stdin import DockerStdin
+from sandfleet.workers.drivers.docker.gpu_route import GpuRoute, GpuSupport, gpu_support
 from sandfleet.workers.drivers.docker.log_entries import since_param, split_entries
 from sandfleet.workers.drivers.docker.spec import container_config, warm_container_config
 from sandfleet.workers.drivers.errors import error_translator
@@ -43,16 +44,9 @@ from sandfleet.workers.drivers.warm_containers import (
 )
 from sandfleet.workers.gpu.inventory import DEFAULT_CDI_KIND, Gpu, MigDevice
 
-# Docker takes CDI device requests from Engine 25 (API 1.44), when its CDI feature is on.
-_CDI_MIN_ENGINE = (25, 0)
-
-
-@dataclass(frozen=True)
-class _GpuSupport:
-    """Whether this engine can hand GPUs to a container, and if not, what to enable."""
-
-    available: bool
-    detail: str = ""
+# How long an engine's GPU route is trusted before it is asked again: dockerd can be
+# restarted with CDI turned on (or off) under a running worker.
+GPU_SUPPORT_TTL_SECONDS = 30.0
 
 
 _translated = error_translator(
@@ -60,15 +54,6 @@ _translated = error_translator(
     DockerError,
     lambda exc: exc.message,
 )
-
-
-def _engine_version(version: str) -> tuple[int, int]:
-    major, _, rest = version.partition(".")
-    minor = rest.split(".", 1)[0]
-    try:
-        return int(major), int(minor)
-    except ValueError:
-        return (0, 0)
 
 
 def _client(url: str) -> aiodocker.Docker:
@@ -98,7 +83,7 @@ class DockerDriver:
         self._pull_timeout = pull_timeout_seconds
         self._create_timeout = create_timeout_seconds
         self._limits = limits or ContainerLimits()
-        self._gpu_support: _GpuSupport | None = None
+        self._gpu_support: tuple[float, GpuSupport] | None = None  # (asked at, answer)
         self._waiting = WaitingContainers("docker")
         self._images: dict[str, ImageDefaults] = {}  # by image id
 
@@ -117,33 +102,19 @@ class DockerDriver:
         """A MIG instance by its CDI name, as nvidia-ctk names it (`…=0:1`)."""
         return f"{self._cdi_kind}={mig.cdi_name}"
 
-    async def _gpus_supported(self) -> _GpuSupport:
-        if self._gpu_support is None:
-            self._gpu_support = await self._probe_gpu_support()
-        return self._gpu_support
-
-    async def _probe_gpu_support(self) -> _GpuSupport:
-        async with _translated("version", "of the engine"):
-            version = str((await self._docker.version()).get("Version", "0.0"))
-            info = await self._docker.system.info()
-        if _engine_version(version) < _CDI_MIN_ENGINE:
-            return _GpuSupport(
-                available=False,
-                detail=(
-                    f"Docker Engine {version} cannot inject CDI devices; GPU jobs need "
-                    "Docker >= 25 with the CDI feature enabled "
-                    '(daemon.json: {"features": {"cdi": true}}), or the podman driver'
-                ),
-            )
-        if not info.get("CDISpecDirs"):
-            return _GpuSupport(
-                available=False,
-                detail=(
-                    f"Docker Engine {version} has CDI turned off; enable it in daemon.json "
-                    '({"features": {"cdi": true}}) and restart dockerd'
-                ),
-            )
-        return _GpuSupport(available=True)
+    async def _gpu_route(self) -> GpuRoute:
+        """This engine's way of taking GPUs (asked at most every GPU_SUPPORT_TTL_SECONDS);
+        none: CapabilityMissing, saying what to enable."""
+        now = time.monotonic()
+        if self._gpu_support is None or now - self._gpu_support[0] > GPU_SUPPORT_TTL_SECONDS:
+            async with _translated("version", "of the engine"):
+                version = str((await self._docker.version()).get("Version", "0.0"))
+                info = await self._docker.system.info()
+            self._gpu_support = (now, gpu_support(version, info))
+        support = self._gpu_support[1]
+        if support.route is None:
+            raise CapabilityMissing(support.detail)
+        return support.route
 
     async def _ensure_image(self, image: str) -> None:
         """The image, pulled if missing, within the pull timeout: the look-up too, so
@@ -178,12 +149,15 @@ class DockerDriver:
         return True
 
     async def create(self, spec: SandboxSpec[ContainerBlock]) -> SandboxState:
-        if spec.gpus:
-            support = await self._gpus_supported()
-            if not support.available:
-                raise CapabilityMissing(support.detail)
+        gpu_route = await self._gpu_route() if spec.gpus else None
         await self._ensure_image(checked_image(spec.image))
-        container = await self._create_container(container_config(spec, self._limits), spec.name)
+        config = container_config(spec, self._limits, gpu_route=gpu_route)
+        try:
+            container = await self._create_container(config, spec.name)
+        except SandboxError:
+            if gpu_route is not None:
+                self._gpu_support = None  # as for a failed start (below)
+            raise
         state = await self._state(container.id)
         if state is None:
             raise SandboxError(f"docker create {spec.name}: the container vanished after creation")
@@ -257,8 +231,14 @@ class DockerDriver:
             raise error(f"docker rename {sandbox_id} {name}: {exc.message}") from exc
 
     async def start(self, sandbox_id: str) -> None:
-        async with _translated("start", sandbox_id):
-            await self._container(sandbox_id).start()
+        try:
+            async with _translated("start", sandbox_id):
+                await self._container(sandbox_id).start()
+        except SandboxError:
+            # Docker resolves device requests at start: a GPU route that failed here may
+            # be stale (dockerd restarted with CDI off), so the next GPU job asks again.
+            self._gpu_support = None
+            raise
 
     async def wait(self, sandbox_id: str) -> int:
         async with _translated("wait", sandbox_id):

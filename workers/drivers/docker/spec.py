@@ -6,23 +6,35 @@ from typing import Any
 
 from sandfleet.workers.drivers.base import SandboxSpec
 from sandfleet.workers.drivers.cdi import ContainerBlock
-from sandfleet.workers.drivers.container_settings import ContainerLimits
+from sandfleet.workers.drivers.container_settings import ContainerLimits, container_environment
+from sandfleet.workers.drivers.docker.gpu_route import GpuRoute, device_requests
 from sandfleet.workers.drivers.warm_shim import SHIM_ENTRYPOINT
 
 
-def container_config(spec: SandboxSpec[ContainerBlock], limits: ContainerLimits) -> dict[str, Any]:
+def container_config(
+    spec: SandboxSpec[ContainerBlock],
+    limits: ContainerLimits,
+    *,
+    gpu_route: GpuRoute | None = None,
+) -> dict[str, Any]:
+    """`gpu_route`: how this engine takes GPUs; a spec with GPUs needs one."""
     config: dict[str, Any] = {
         "Image": spec.image,
-        "Env": [f"{k}={v}" for k, v in spec.environment.items()],
+        "Env": [f"{k}={v}" for k, v in container_environment(spec.environment).items()],
         "Labels": dict(spec.labels),
-        "HostConfig": host_config(spec, limits),
+        "HostConfig": host_config(spec, limits, gpu_route=gpu_route),
     }
     if spec.command:
         config["Cmd"] = list(spec.command)
     return config
 
 
-def host_config(spec: SandboxSpec[ContainerBlock], limits: ContainerLimits) -> dict[str, Any]:
+def host_config(
+    spec: SandboxSpec[ContainerBlock],
+    limits: ContainerLimits,
+    *,
+    gpu_route: GpuRoute | None = None,
+) -> dict[str, Any]:
     """Every container is bounded: cpu, memory, processes and log size; it holds only
     the host's capability set and can never gain privileges (setuid binaries)."""
     host: dict[str, Any] = {
@@ -42,8 +54,10 @@ def host_config(spec: SandboxSpec[ContainerBlock], limits: ContainerLimits) -> d
             },
         },
     }
-    if spec.gpu_devices:
-        host["DeviceRequests"] = [{"Driver": "cdi", "DeviceIDs": list(spec.gpu_devices)}]
+    if spec.gpus:
+        if gpu_route is None:
+            raise ValueError("a sandbox with GPUs needs the engine's GPU route")
+        host["DeviceRequests"] = device_requests(gpu_route, spec.gpus)
     return host
 
 

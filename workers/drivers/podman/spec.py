@@ -6,7 +6,7 @@ from typing import Any
 
 from sandfleet.workers.drivers.base import SandboxSpec
 from sandfleet.workers.drivers.cdi import ContainerBlock
-from sandfleet.workers.drivers.container_settings import ContainerLimits
+from sandfleet.workers.drivers.container_settings import ContainerLimits, container_environment
 from sandfleet.workers.drivers.warm_shim import SHIM_ENTRYPOINT
 
 CPU_PERIOD_US = 100_000
@@ -18,7 +18,7 @@ def spec_generator(spec: SandboxSpec[ContainerBlock], limits: ContainerLimits) -
     body: dict[str, Any] = {
         "name": spec.name,
         "image": spec.image,
-        "env": dict(spec.environment),
+        "env": container_environment(spec.environment),
         "labels": dict(spec.labels),
         "devices": [{"path": device} for device in spec.gpu_devices],
         "resource_limits": resource_limits(spec, limits),
