@@ -314,8 +314,10 @@ def from_nvidia_smi_xml(text: str, *, cdi_kind: str = DEFAULT_CDI_KIND) -> GpuIn
         except ValueError as exc:
             raise InventoryError(f"nvidia-smi GPU {index}: {exc}") from exc
         # MIG mode, though this source names no instance: the GPU is not to be had whole.
-        mig_mode = (node.findtext("mig_mode/current_mig") or "").strip()
-        gpus.append(replace(gpu, mig_enabled=mig_mode == "Enabled"))
+        if (node.findtext("mig_mode/current_mig") or "").strip() == "Enabled":
+            log.warning("GPU %d is in MIG mode: nvidia-smi names no instances to claim", index)
+            gpu = replace(gpu, mig_enabled=True)
+        gpus.append(gpu)
     check_unique(gpus)
     return GpuInventory(tuple(gpus), source="nvidia-smi", cdi_kind=cdi_kind)
 
