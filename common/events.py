@@ -63,7 +63,9 @@ class WorkerHealth(BaseModel):
     # The host's inventory, each GPU with its health ("healthy"/"unhealthy",
     # health_reason) and drain state (drained, drain_reason, drained_by, drained_since)
     gpus: list[dict[str, Any]] = Field(default_factory=list)
-    gpus_free: int = 0  # claimable now: not held, drained or unhealthy
+    # whole GPUs a count-only job could claim now: not held (in whole or in part),
+    # drained, unhealthy, nor in MIG mode
+    gpus_free: int = 0
     gpu_source: str = ""
     gpu_health_source: str = ""  # what marks GPUs unhealthy: "nvml", or "none"
     # Its warm pools: per profile, {"pool", "image", "ready", "target", "error"}

@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from sandfleet.common.errors import FieldError
 from sandfleet.common.events import Phase
@@ -94,7 +95,12 @@ class GpuRequirement(_Strict):
     @model_validator(mode="after")
     def _mig_needs_a_count(self) -> GpuRequirement:
         if self.mig_profile is not None and self.count is None:
-            raise ValueError("mig_profile needs count (how many instances)")
+            # At `count`, the field to fill in: a ValueError here would name the model.
+            message = "mig_profile needs count (how many instances)"
+            error = PydanticCustomError("value_error", message)
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [InitErrorDetails(type=error, loc=("count",), input=None)]
+            )
         return self
 
 

@@ -3,9 +3,11 @@
     sandfleet_jobs_total{phase,driver,host}             terminal events it published
     sandfleet_job_stage_seconds{stage,driver}           their `timings`, as histograms
     sandfleet_worker_slots{state}                       running, queued, free
-    sandfleet_gpus{state}                               free (claimable now), held,
-                                                        unhealthy, drained (these two
-                                                        may count held GPUs too)
+    sandfleet_gpus{state}                               free (claimable whole now),
+                                                        mig (in MIG mode, none of it
+                                                        held), held, unhealthy,
+                                                        drained (these two may count
+                                                        held GPUs too)
     sandfleet_gpu_holder_info{gpu,job}                  1 for each GPU a job holds
     sandfleet_warm_sandboxes{pool,image,state}          per warm pool: ready, target
     sandfleet_job_starts_total{start}                   jobs started warm, or cold
@@ -130,8 +132,12 @@ class WorkerState(Collector):
         }
         states = self._claims.states()
         unavailable = on_host & states.unavailable().keys()
+        idle = on_host - holders.keys() - unavailable
+        # A GPU in MIG mode is claimed by instance only: not free to a count-only job.
+        mig = {gpu.uuid for gpu in self._inventory if gpu.mig_enabled}
         gpus = GaugeMetricFamily("sandfleet_gpus", "This host's GPUs, by state", labels=["state"])
-        gpus.add_metric(["free"], len(on_host - holders.keys() - unavailable))
+        gpus.add_metric(["free"], len(idle - mig))
+        gpus.add_metric(["mig"], len(idle & mig))
         gpus.add_metric(["held"], len(holders))
         gpus.add_metric(["unhealthy"], len(on_host & states.unhealthy.keys()))
         gpus.add_metric(["drained"], len(on_host & states.drained.keys()))

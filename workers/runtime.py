@@ -149,7 +149,7 @@ class Worker(AsyncCloseable):
         self._consuming = False
         self._heartbeats: asyncio.Task[None] | None = None
         self._reconciler: asyncio.Task[None] | None = None
-        self._free_gpus = len(self.inventory)
+        self._free_gpus = len(self._gpus.topology.whole)  # until first counted
         self._started_at = datetime.now(UTC)
         self._closed = False
 

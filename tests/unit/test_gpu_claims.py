@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -262,3 +263,47 @@ def test_a_claim_file_of_the_layout_keyed_by_job_id_is_read_by_each_records_driv
     assert [(c.driver, c.job_id) for c in store.claims()] == [(UNKNOWN_DRIVER, "b")]
     written = json.loads((tmp_path / "gpu" / "claims.json").read_text())
     assert written["version"] == 2 and [c["job_id"] for c in written["claims"]] == ["b"]
+
+
+def write_claims(tmp_path: Path, records: list[dict[str, Any]]) -> Path:
+    (tmp_path / "gpu").mkdir(mode=0o700)
+    path = tmp_path / "gpu" / "claims.json"
+    path.write_text(json.dumps({"version": 3, "claims": records}))
+    path.chmod(0o600)
+    return path
+
+
+RECORD: dict[str, Any] = {
+    "driver": "docker",
+    "worker_id": "w",
+    "sandbox_id": None,
+    "claimed_at": "2026-01-01",
+}
+
+
+def test_mig_claims_write_version_3_and_records_from_newer_versions_are_read(
+    tmp_path: Path,
+) -> None:
+    newer = {**RECORD, "job_id": "new", "gpus": [UUIDS[3]], "devices": ["d"], "priority": 9}
+    path = write_claims(tmp_path, [newer])
+    store = GpuClaimStore(tmp_path)
+    [claim_read] = store.claims()  # a key this version does not know is no TypeError
+    assert claim_read.gpus == (UUIDS[3],)
+    store.claim(
+        job_id="m", gpus=["MIG-a"], devices=["d"], parents=[UUIDS[0]], driver="d", worker_id="w"
+    )
+    assert json.loads(path.read_text())["version"] == 3  # an older worker cannot read it
+    store.release("m", driver="d")
+    assert json.loads(path.read_text())["version"] == 2  # no MIG claim: as before MIG
+
+
+def test_a_record_whose_ids_and_parents_differ_holds_all_of_them_whole(tmp_path: Path) -> None:
+    damaged = {**RECORD, "job_id": "x", "gpus": ["MIG-a"], "devices": ["d"]}
+    write_claims(tmp_path, [{**damaged, "parents": [UUIDS[0], UUIDS[1]]}])
+    store = GpuClaimStore(tmp_path)
+    for gpus, parents in (([UUIDS[0]], [UUIDS[0]]), (["MIG-b"], [UUIDS[0]]), (["MIG-a"], None)):
+        with pytest.raises(GpuBusy):
+            store.claim(
+                job_id="y", gpus=gpus, devices=gpus, parents=parents, driver="d", worker_id="w"
+            )
+    assert store.free(UUIDS) == [UUIDS[2], UUIDS[3]]

@@ -4,7 +4,9 @@ profile, the request's validation; the claims file before MIG; NVML's records.""
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,18 +15,22 @@ import pytest
 from pydantic import ValidationError
 
 from sandfleet.common.errors import RequestInvalid
-from sandfleet.common.models import MIG_PROFILE_PATTERN, GpuRequirement
+from sandfleet.common.models import MIG_PROFILE_PATTERN, GpuRequirement, field_errors
 from sandfleet.workers.gpu import inventory as inventory_module
 from sandfleet.workers.gpu.allocator import GpuAllocator
 from sandfleet.workers.gpu.claims import GpuBusy, GpuClaimStore, NotEnoughGpus
 from sandfleet.workers.gpu.inventory import (
+    GpuInventory,
     InventoryError,
     MigDevice,
+    SourceAbsent,
     UnknownGpu,
+    discover,
     from_records,
     from_static_file,
 )
-from sandfleet.workers.gpu.nvml import records_from
+from sandfleet.workers.gpu.nvml import read_nvml, records_from
+from sandfleet.workers.gpu.placement import Topology, place
 from tests.support.gpus import MIG_DIR, fixture_records
 
 MIG = from_static_file(MIG_DIR / "inventory.json")
@@ -101,6 +107,7 @@ async def test_profile_requests_take_slices_packed_onto_one_gpu(tmp_path: Path) 
     with pytest.raises(NotEnoughGpus) as none:
         await gpus.claim("d", big)
     assert none.value.holders == {SLICE_A: "a", SLICE_B: "b", BIG: "c"}
+    assert str(none.value).startswith("1 MIG instance(s) wanted, 0 free")
     # GPU2's small instances are still free: its 3g.40gb instance does not hold them
     small = await gpus.claim("e", gpus.request([], 2, path="p", host="h", mig_profile="1g.10gb"))
     assert set(small.gpus) == {SMALL_A, SMALL_B}
@@ -118,7 +125,7 @@ async def test_exact_mig_ids_are_claimed_with_their_parent(tmp_path: Path) -> No
     with pytest.raises(GpuBusy):
         await gpus.claim("b", gpus.request(["nvidia.com/gpu=0"], 1, path="p", host="h"))
     await gpus.claim("c", gpus.request([f"nvidia.com/gpu={SLICE_A}"], 1, path="p", host="h"))
-    assert await gpus.free_count() == 2  # GPU1 and GPU2; GPU0 is held in part
+    assert await gpus.free_count() == 1  # GPU1: GPU0 is held in part, GPU2 is in MIG mode
 
 
 def test_requests_naming_what_cannot_be_had_are_field_errors(tmp_path: Path) -> None:
@@ -170,7 +177,7 @@ def test_static_mig_records_are_checked() -> None:
     for key, bad in (("uuid", "GPU-x"), ("profile", "3g"), ("cdi_name", "0/1")):
         with pytest.raises(InventoryError, match=rf"gpus\[0\]\.mig\[0\]\.{key}"):
             from_records([{**base, "mig": [{**instance, key: bad}]}])
-    with pytest.raises(InventoryError, match="share a cdi_name"):
+    with pytest.raises(InventoryError, match=r"mig\[1\]\.cdi_name: .* is also gpus\[0\]\.mig\[0\]"):
         from_records([{**base, "mig": [instance, {**instance, "uuid": "MIG-other"}]}])
     with pytest.raises(InventoryError, match=r"gpus\[0\]\.mig"):
         from_records([{**base, "mig": [instance] * 17}])
@@ -187,9 +194,11 @@ def test_mig_profiles_refused(profile: str) -> None:
         GpuRequirement(count=1, mig_profile=profile)
 
 
-def test_a_mig_profile_needs_a_count() -> None:
-    with pytest.raises(ValidationError, match="needs count"):
+def test_a_mig_profile_needs_a_count_and_the_error_names_count() -> None:
+    with pytest.raises(ValidationError, match="needs count") as missing:
         GpuRequirement(mig_profile="3g.40gb")
+    [error] = field_errors(missing.value, prefix="resource_requirements.gpu")
+    assert error.field == "resource_requirements.gpu.count"
 
 
 def test_the_two_profile_patterns_agree() -> None:
@@ -210,6 +219,7 @@ class FakeNvml:
             {"uuid": "GPU-b", "pci": b, "links": {3: a}},
             {"uuid": "GPU-c", "pci": c, "links": {}, "mig": ["MIG-c0", None, "MIG-c2"]},
         ]
+        self.broken_uuids: set[str] = set()  # MIG instances whose UUID query fails
 
     def nvmlDeviceGetCount(self) -> int:
         return len(self.gpus)
@@ -218,6 +228,8 @@ class FakeNvml:
         return self.gpus[index]
 
     def nvmlDeviceGetUUID(self, handle: Any) -> bytes:
+        if handle["uuid"] in self.broken_uuids:
+            raise self.NVMLError("Unknown Error")
         return str(handle["uuid"]).encode()
 
     def nvmlDeviceGetName(self, handle: Any) -> str:
@@ -265,3 +277,66 @@ def test_nvml_records_carry_numa_nvlink_and_mig(tmp_path: Path) -> None:
         MigDevice(uuid="MIG-c2", profile="3g.40gb", cdi_name="2:2", parent="GPU-c"),
     )
     assert re.fullmatch(MIG_PROFILE_PATTERN, gpus[2].mig[0].profile)
+
+
+def test_nvml_skips_an_instance_it_cannot_read_and_keeps_its_gpu_in_mig_mode() -> None:
+    nvml = FakeNvml()
+    nvml.broken_uuids.add("MIG-c0")
+    nvml.gpus[0]["links"][1] = "garbled"  # a remote end NVML gives no PCI address for
+    gpus = from_records(records_from(nvml))  # before: NVMLError / ValueError, no NVML source
+    assert [m.uuid for m in gpus[2].mig] == ["MIG-c2"]
+    assert gpus[2].mig_enabled
+    assert [g.nvlink_peers for g in gpus] == [("GPU-b",), ("GPU-a",), ()]
+
+
+def test_a_gpu_in_mig_mode_with_no_instance_is_never_handed_out_whole(tmp_path: Path) -> None:
+    nvml = FakeNvml()
+    nvml.gpus[2]["mig"] = [None, None]  # MIG on, no instance created yet
+    gpus = from_records(records_from(nvml))
+    assert gpus[2].mig == () and gpus[2].mig_enabled
+    inventory = GpuInventory(gpus, source="nvml")
+    topology = Topology.of(inventory)
+    assert topology.whole == ("GPU-a", "GPU-b")
+    assert place(topology, {"GPU-c"}, 1) is None
+    store = GpuClaimStore(tmp_path)
+    gpus_of = GpuAllocator(inventory, store, driver="d", worker_id="w", device_id=lambda g: "x")
+    request = gpus_of.request([], 3, path="p", host="h")
+    assert gpus_of.capacity(request) == 2
+
+
+class FakePynvml(FakeNvml):
+    """The pynvml module as `read_nvml` imports it, its nvmlInit failing as told."""
+
+    class NVMLError_LibraryNotFound(FakeNvml.NVMLError):
+        pass
+
+    def __init__(self, init_error: Exception | None) -> None:
+        super().__init__()
+        self.init_error = init_error
+
+    def nvmlInit(self) -> None:
+        if self.init_error is not None:
+            raise self.init_error
+
+    def nvmlShutdown(self) -> None: ...
+
+
+def test_nvml_that_is_there_but_fails_is_a_warning_not_a_quiet_fallback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi either
+    no_driver = FakePynvml(FakePynvml.NVMLError_LibraryNotFound("no libnvidia-ml"))
+    monkeypatch.setitem(sys.modules, "pynvml", no_driver)
+    with pytest.raises(SourceAbsent):
+        read_nvml()
+    with caplog.at_level(logging.DEBUG, logger="sandfleet.workers.gpu.inventory"):
+        assert discover(None).source == "none"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    monkeypatch.setitem(sys.modules, "pynvml", FakePynvml(FakeNvml.NVMLError("Unknown Error")))
+    with caplog.at_level(logging.DEBUG, logger="sandfleet.workers.gpu.inventory"):
+        assert discover(None).source == "none"
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "NVML: Unknown Error" in warning.getMessage()
+    working = FakePynvml(None)
+    monkeypatch.setitem(sys.modules, "pynvml", working)
+    assert [gpu.uuid for gpu in discover(None)] == ["GPU-a", "GPU-b", "GPU-c"]

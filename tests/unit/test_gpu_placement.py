@@ -3,8 +3,11 @@ nodes), and the topology's sources: static file, `nvidia-smi topo -m`, NVML."""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -13,6 +16,7 @@ from sandfleet.common.events import GpuPlacement
 from sandfleet.workers.gpu.allocator import GpuAllocator
 from sandfleet.workers.gpu.claims import GpuClaimStore
 from sandfleet.workers.gpu.inventory import (
+    MAX_GPUS,
     GpuInventory,
     InventoryError,
     from_nvidia_smi_xml,
@@ -133,7 +137,6 @@ def test_topo_matrix_gives_the_static_files_topology() -> None:
     ("text", "error"),
     [
         ("no matrix here\n", "no header"),
-        ("\tGPU0\tGPU1\nGPU0\t X \tNVX\n", "GPU1 is 'NVX'"),
         ("\tGPU0\tNUMA Affinity\nGPU0\t X \tbanana\n", "NUMA Affinity 'banana'"),
         ("\tGPU0\tGPU1\tNUMA Affinity\nGPU0\t X \n", "line 2: 2 cells"),
     ],
@@ -195,3 +198,67 @@ def test_the_claimed_events_placement_is_bounded() -> None:
         GpuPlacement(gpus=["x" * 129], why="any")
     with pytest.raises(ValidationError):
         GpuPlacement(gpus=[], why="because")
+
+
+def linked_gpus(count: int, *, unlinked: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """`count` GPUs every two of which are NVLinked, but for the pair `unlinked`."""
+    uuids = [f"GPU-{i:04d}" for i in range(count)]
+    return [
+        {
+            "index": i,
+            "uuid": uuids[i],
+            "pci_bus_id": f"0000:{i // 32:02x}:{i % 32:02x}.0",
+            "nvlink_peers": [u for j, u in enumerate(uuids) if {i, j} != set(unlinked or ())],
+        }
+        for i in range(count)
+    ]
+
+
+def test_an_obvious_clique_in_a_big_island_is_found() -> None:
+    # 64 GPUs, all linked but 0-1: the first 2000 subsets in order all hold 0 and 1
+    topology = Topology.of(GpuInventory(from_records(linked_gpus(64, unlinked=(0, 1))), "t"))
+    assert topology.complete == (False,)
+    placement = place(topology, set(topology.whole), 16)
+    assert placement is not None and placement.why == "nvlink"
+    assert len(set(placement.ids)) == 16 and not {"GPU-0000", "GPU-0001"} <= set(placement.ids)
+
+
+def test_the_largest_inventory_reads_and_places_quickly() -> None:
+    # MAX_GPUS GPUs in NVLink islands of 64 (the most peers a GPU may name), one link
+    # missing in each, so no island is complete; generous bounds: a shared CI machine
+    one_island = linked_gpus(64, unlinked=(0, 1))
+    records = []
+    for record in linked_gpus(MAX_GPUS):
+        island, index = divmod(record["index"], 64)
+        peers = [f"GPU-{island * 64 + int(p[4:]):04d}" for p in one_island[index]["nvlink_peers"]]
+        records.append({**record, "nvlink_peers": peers})
+    started = time.monotonic()
+    topology = Topology.of(GpuInventory(from_records(records), source="t"))
+    for count in (1, 8, 63, 64, 65):
+        assert place(topology, set(topology.whole), count) is not None
+    assert time.monotonic() - started < 10
+
+
+def test_topo_matrix_with_a_header_ending_in_a_tab() -> None:
+    rows = parse_topo_matrix(
+        "\tGPU0\tGPU1\tNUMA Affinity\t\nGPU0\t X \tNV4\t0\nGPU1\tNV4\t X \t0\n"
+    )
+    assert rows[0].nvlink_peers == {1} and rows[1].numa_node == 0
+
+
+def test_topo_matrix_unknown_links_are_no_nvlink_and_the_rest_is_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    text = "\tGPU0\tGPU1\tGPU2\nGPU0\t X \tNV4\tC2C\nGPU1\tNV4\t X \tPIX\nGPU2\tC2C\tPIX\t X \n"
+    with caplog.at_level(logging.WARNING):
+        rows = parse_topo_matrix(text)
+    assert [rows[i].nvlink_peers for i in range(3)] == [{1}, {0}, set()]
+    assert "GPU2 is 'C2C'; taken for no NVLink" in caplog.text
+
+
+def test_topo_matrix_links_count_both_ways() -> None:
+    # GPU0's row names NV4 to GPU1; GPU1's row says SYS (a torn or odd reading)
+    rows = parse_topo_matrix("\tGPU0\tGPU1\nGPU0\t X \tNV4\nGPU1\tSYS\t X \n")
+    bare = GpuInventory(tuple(replace(g, nvlink_peers=()) for g in DGX.gpus[:2]), source="smi")
+    linked = with_matrix(bare, rows)
+    assert [g.nvlink_peers for g in linked] == [(UUID[1],), (UUID[0],)]

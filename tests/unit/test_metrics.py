@@ -21,7 +21,7 @@ from sandfleet.workers.gpu.inventory import GpuInventory, from_records
 from sandfleet.workers.identity import WorkerIdentity
 from sandfleet.workers.metrics import JobMetrics, WorkerMetrics
 from sandfleet.workers.slots import Slots
-from tests.support.gpus import FOUR_GPUS, FOUR_UUIDS
+from tests.support.gpus import FOUR_GPUS, FOUR_UUIDS, MIG_DIR, fixture_records
 from tests.support.metrics import scraped
 
 
@@ -129,6 +129,23 @@ def test_gpus_by_state_and_who_holds_them(tmp_path: Path) -> None:
     assert samples[("sandfleet_gpus", ("state=held",))] == 2
     assert samples[("sandfleet_gpus", ("state=unhealthy",))] == 1
     assert samples[("sandfleet_gpus", ("state=drained",))] == 1
+
+
+def test_gpus_in_mig_mode_are_not_free_whole(tmp_path: Path) -> None:
+    # GPU0 and GPU2 carry MIG instances; a GPU in MIG mode with none known counts too
+    records = fixture_records(MIG_DIR)
+    records.append({**FOUR_GPUS["gpus"][3], "index": 3, "mig_enabled": True})
+    inventory = GpuInventory(from_records(records), source="test")
+    claims = GpuClaimStore(tmp_path)
+    slice_a = inventory.gpus[0].mig[0]
+    claims.claim(
+        job_id="m", gpus=[slice_a.uuid], devices=["d"], parents=[slice_a.parent],
+        driver="d", worker_id="w",
+    )  # fmt: skip
+    samples = scraped(WorkerMetrics(Slots(1), inventory, claims).registry)
+    assert samples[("sandfleet_gpus", ("state=free",))] == 1  # GPU1, the only whole one
+    assert samples[("sandfleet_gpus", ("state=mig",))] == 2  # GPU2 and GPU3: none held
+    assert samples[("sandfleet_gpus", ("state=held",))] == 1  # GPU0, in part
 
 
 def test_only_terminal_events_are_counted_and_timed() -> None:

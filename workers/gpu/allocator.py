@@ -154,7 +154,8 @@ class GpuAllocator:
             busy = {i: job for i in wanted if (job := held.holder(i, parent[i])) is not None}
             out = {i: why for i in wanted if (why := held.out_of_service(i, parent[i]))}
             free_count = sum(1 for i in wanted if i in free)
-            raise NotEnoughGpus(request.count, free_count, busy, out)
+            what = "GPU(s)" if request.mig_profile is None else "MIG instance(s)"
+            raise NotEnoughGpus(request.count, free_count, busy, out, what=what)
         placed.append(placement)
         return [(i, self._device_for(i), parent[i]) for i in placement.ids]
 
@@ -183,7 +184,8 @@ class GpuAllocator:
         await asyncio.to_thread(self._store.release, job_id, driver=self._driver)
 
     async def free_count(self) -> int:
-        free = await asyncio.to_thread(self._store.free, [gpu.uuid for gpu in self.inventory])
+        """Whole GPUs a count-only job could claim now: a GPU in MIG mode is none."""
+        free = await asyncio.to_thread(self._store.free, self.topology.whole)
         return len(free)
 
     async def reconcile(self, live_jobs: Collection[str]) -> list[Claim]:

@@ -18,6 +18,11 @@ released once its sandbox is gone (`reconcile`), and kept while the sandbox runs
 
 Both directories are 0700 and their files 0600, opened, read and written as
 `sandfleet.workers.state_files` says: never through a link planted in their place.
+
+The file's `version`: 1 keyed claims by job id; 2 lists them; 3 is written once any
+record names `parents` (a MIG claim), which a version-2 worker cannot read. Every
+version is read. Upgrade all the workers on a host together: an older one does not
+know what newer records mean (`sandfleet.workers.gpu.claim_record`).
 """
 
 from __future__ import annotations
@@ -27,86 +32,22 @@ import fcntl
 import json
 import os
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+from sandfleet.workers.gpu.claim_record import (
+    UNKNOWN_DRIVER,
+    Claim,
+    ClaimKey,
+    GpuBusy,
+    GpuUnavailable,
+    NotEnoughGpus,
+    holdings_of,
+)
 from sandfleet.workers.gpu.health import GpuStates
 from sandfleet.workers.gpu.holdings import Holdings, Pick
 from sandfleet.workers.state_files import open_private, private_dir, read_private, write_private
-
-ClaimKey = tuple[str, str]  # (driver, job id)
-
-# The driver of a record that names none. Every version has written the driver into
-# each record; one without it was edited by hand: its GPUs stay held, and no driver's
-# job finds, adopts or releases it (remove it by hand).
-UNKNOWN_DRIVER = "?"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Claim:
-    job_id: str
-    driver: str
-    worker_id: str
-    gpus: tuple[str, ...]  # claimed identities: GPU UUIDs, or MIG instance UUIDs
-    devices: tuple[str, ...]  # the same GPUs as the driver names them
-    sandbox_id: str | None
-    claimed_at: str  # ISO 8601, UTC
-    # Each claimed id's physical GPU, where one is a MIG instance; () when all are whole
-    # GPUs (every record before MIG; left out of the file then, so it reads as before).
-    parents: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> ClaimKey:
-        return (self.driver, self.job_id)
-
-    @property
-    def physical(self) -> tuple[str, ...]:
-        """The physical GPU (UUID) behind each claimed id."""
-        # A hand-edited record whose lists differ in length: its ids are whole GPUs.
-        return self.parents if len(self.parents) == len(self.gpus) else self.gpus
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Claim:
-        fields = {"driver": UNKNOWN_DRIVER, **data}
-        listed = {key: tuple(data.get(key, ())) for key in ("gpus", "devices", "parents")}
-        return cls(**{**fields, **listed})
-
-    def as_record(self) -> dict[str, Any]:
-        record = asdict(self)
-        if not self.parents:
-            del record["parents"]
-        return record
-
-
-class GpuBusy(Exception):
-    def __init__(self, holders: dict[str, str]) -> None:
-        self.holders = holders  # GPU UUID -> job id holding it
-        super().__init__(", ".join(f"{gpu} held by job {job}" for gpu, job in holders.items()))
-
-
-class GpuUnavailable(Exception):
-    """Asked-for GPUs that no claim may take now: drained, or marked unhealthy."""
-
-    def __init__(self, unavailable: dict[str, str]) -> None:
-        self.unavailable = unavailable  # GPU UUID -> why (`GpuStates.unavailable`)
-        super().__init__(", ".join(f"{gpu} {why}" for gpu, why in unavailable.items()))
-
-
-class NotEnoughGpus(Exception):
-    def __init__(
-        self,
-        wanted: int,
-        free: int,
-        holders: dict[str, str],
-        unavailable: dict[str, str] | None = None,
-    ) -> None:
-        self.wanted, self.free, self.holders = wanted, free, holders
-        self.unavailable = unavailable or {}
-        held = [f"{gpu} held by job {job}" for gpu, job in holders.items()]
-        held += [f"{gpu} {why}" for gpu, why in self.unavailable.items()]
-        super().__init__(f"{wanted} GPU(s) wanted, {free} free ({', '.join(held)})")
 
 
 @dataclass
@@ -212,7 +153,8 @@ class GpuClaimStore:
         # Left by a writer killed mid-write: none is under way, as writes hold the lock.
         for stale in self._dir.glob(f"{self._data_path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-        raw = {"version": 2, "claims": records, "gpu_states": document.states.to_json()}
+        version = 3 if any("parents" in record for record in records) else 2
+        raw = {"version": version, "claims": records, "gpu_states": document.states.to_json()}
         write_private(self._data_path, json.dumps(raw).encode())
 
     def claims(self) -> list[Claim]:
@@ -294,7 +236,7 @@ class GpuClaimStore:
             if existing is not None:
                 claims[key] = replace(existing, worker_id=worker_id)
                 return claims[key]
-            chosen = choose(_holders(claims.values(), document.states.unavailable()))
+            chosen = choose(holdings_of(claims.values(), document.states.unavailable()))
             ids = tuple(gpu for gpu, _, _ in chosen)
             parents = tuple(parent for _, _, parent in chosen)
             claims[key] = Claim(
@@ -332,7 +274,7 @@ class GpuClaimStore:
         """The whole GPUs among `candidates` (UUIDs) a claim could take now: held by
         no claim, whole or in part, and neither drained nor unhealthy."""
         with self._document() as document:
-            held = _holders(document.claims.values(), document.states.unavailable())
+            held = holdings_of(document.claims.values(), document.states.unavailable())
             return [gpu for gpu in candidates if held.takeable(gpu, gpu)]
 
     # ---- drain and health (sandfleet.workers.gpu.health): changed under the claims' lock
@@ -385,9 +327,14 @@ class GpuClaimStore:
             return released
 
 
-def _holders(claims: Collection[Claim], unavailable: dict[str, str] | None = None) -> Holdings:
-    by_id, by_gpu = {}, {}
-    for claim in claims:
-        for gpu, parent in zip(claim.gpus, claim.physical, strict=True):
-            by_id[gpu] = by_gpu[parent] = claim.job_id
-    return Holdings(by_id, by_gpu, unavailable or {})
+__all__ = [
+    "UNKNOWN_DRIVER",
+    "Claim",
+    "ClaimKey",
+    "GpuBusy",
+    "GpuClaimStore",
+    "GpuUnavailable",
+    "NotEnoughGpus",
+    "WorkerLease",
+    "worker_alive",
+]

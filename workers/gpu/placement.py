@@ -11,8 +11,9 @@ a GPU unavailable, such as a drain, is left out of `free` by the caller).
 - 1 whole GPU: the lowest-index GPU of the smallest free NVLink-connected group
   (`packed`): on a host with two 4-GPU islands, four single jobs fill one island first.
 - MIG instances of one profile (`mig`): on the GPU with the fewest free instances first.
-- A GPU carrying MIG instances is given out by instance only, never whole to a
-  count-only request (an exact request may still name it).
+- A GPU in MIG mode (`Gpu.mig_enabled`, with or without instances known) is given out
+  by instance only, never whole to a count-only request (an exact request may still
+  name it).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 
 from sandfleet.workers.gpu.inventory import GpuInventory, MigDevice
 
-# Subsets tried when looking for an NVLink clique in an island that is not one itself;
-# past it the island is judged by the greedy best-connected set instead.
+# Subsets tried when looking for an NVLink clique in an island that is not one itself,
+# after the greedy best-connected set (which finds the obvious ones) is not one.
 MAX_CLIQUE_TRIES = 2000
 # Seeds the greedy best-connected search starts from (bounds its cost on a huge host).
 MAX_SEEDS = 16
@@ -50,7 +51,7 @@ class Topology:
 
     @classmethod
     def of(cls, inventory: GpuInventory) -> Topology:
-        whole = tuple(gpu.uuid for gpu in inventory if not gpu.mig)
+        whole = tuple(gpu.uuid for gpu in inventory if not gpu.mig_enabled)
         peers = {gpu.uuid: frozenset(gpu.nvlink_peers) for gpu in inventory}
         islands = tuple(components(whole, peers))
         mig: dict[str, list[MigDevice]] = defaultdict(list)
@@ -125,6 +126,9 @@ def _on_nvlink(topology: Topology, free: Collection[str], count: int) -> Placeme
 
 
 def _clique(members: list[str], count: int, topology: Topology) -> tuple[str, ...] | None:
+    greedy = _best_connected(topology, members, count, "nvlink")
+    if greedy is not None and _edges(greedy.ids, topology.peers) == _pairs(count):
+        return greedy.ids
     tries = itertools.islice(itertools.combinations(members, count), MAX_CLIQUE_TRIES)
     for subset in tries:
         if _edges(subset, topology.peers) == _pairs(count):
