@@ -88,7 +88,9 @@ async def test_docker_gpu_job_gets_exactly_its_claimed_devices(
     ], events[-1].message
     claimed, done = events[1], events[-1]
     assert claimed.gpus == ["test.sandfleet/gpu=0", "test.sandfleet/gpu=1"]
-    assert claimed.message == f"physical GPUs {UUIDS[0]}, {UUIDS[1]}"
+    # Chosen here from GPUs with no topology known: `any`, and said so.
+    assert claimed.message == f"physical GPUs {UUIDS[0]}, {UUIDS[1]} (any)"
+    assert claimed.placement is not None and claimed.placement.why == "any"
     # Seen from inside the container: the two claimed devices and their env, nothing else.
     assert done.output == (
         "sandfleet-gpu0\nsandfleet-gpu1\nSANDFLEET_TEST_GPU_0=present\nSANDFLEET_TEST_GPU_1=present\n"
