@@ -94,10 +94,14 @@ async def measured(name: Scenario, work: Callable[[], Awaitable[Figure]], result
     """Run one scenario; a failure is that scenario's figure, not the end of the run."""
     print(f"… {name.value}", file=sys.stderr, flush=True)
     try:
-        results.figures[name] = await work()
+        figure = await work()
     except Exception as exc:  # reported in the table and the exit status
-        results.figures[name] = Figure(missing="failed", note=f"{type(exc).__name__}: {exc}"[:200])
+        figure = Figure(missing="failed", note=f"{type(exc).__name__}: {exc}"[:200])
         results.failed.append(name.value)
+    results.figures[name] = figure
+    # As it comes, so an interrupted run still shows what it measured.
+    shown = f"{figure.rate:,.0f}/s" if figure.rate is not None else figure.missing
+    print(f"  {name.value}: {shown} {figure.note}", file=sys.stderr, flush=True)
 
 
 async def run_all(run: BenchRun, skip: set[str], log_events: int) -> Results:

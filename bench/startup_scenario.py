@@ -10,6 +10,7 @@ meanwhile). A gateway is stopped with SIGTERM and waited for, its view flushed.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -42,14 +43,22 @@ async def first_reply(
     return seconds, rss
 
 
+def say(line: str) -> None:
+    print(f"  startup: {line}", file=sys.stderr, flush=True)
+
+
 async def startup(run: BenchRun, events: int) -> Startup:
     host = f"bench{uuid.uuid4().hex[:6]}"
     async with vhost(run.base_url) as url, Submitter(url, host) as submitter:
         empty, _ = await first_reply(run, url, submitter, run.kit.view_path())
+        say(f"empty log: {empty:.2f} s to the first reply")
         fill_rate = await fill(url, events, run.window)
+        say(f"{events:,} events in the log, at {fill_rate:,.0f}/s")
         view = run.kit.view_path()
         cold, cold_rss = await first_reply(run, url, submitter, view)
+        say(f"first start: {cold:.2f} s to the first reply, {cold_rss:,.0f} MiB")
         restart, restart_rss = await first_reply(run, url, submitter, view)
+        say(f"restart: {restart:.2f} s to the first reply, {restart_rss:,.0f} MiB")
     return Startup(
         events=events,
         fill_rate=fill_rate,
