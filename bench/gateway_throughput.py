@@ -152,6 +152,9 @@ def main() -> None:
     kit = GatewayKit()
     try:
         results = asyncio.run(bench(args, kit))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # Every scenario's processes and vhost went on the way out.
+        raise SystemExit("interrupted (processes stopped, vhosts deleted)") from None
     finally:
         shutil.rmtree(kit.folder, ignore_errors=True)
     console = Console(width=max(120, shutil.get_terminal_size().columns))
