@@ -1,203 +1,169 @@
-"""Gateway throughput against raw aio-pika on the same broker, in the same run.
+"""Gateway throughput beside what the broker and the alternatives reach, in one run.
 
-    python -m bench.gateway_throughput [-n 5000] [--window 256]
+    python -m bench.gateway_throughput [-n 5000] [--window 256] [--batch 100]
+        [--log-events 1000000] [--skip SCENARIO ...]
 
-baseline: N confirmed, persistent publishes of the job payloads straight into a
-          plain quorum queue (what a client could do with no gateway at all).
-gateway:  N submissions to sandfleet.submit, each validated by a real gateway process
-          (`sandfleet gateway`), routed to a bound quorum job queue with confirms and
-          mandatory routing, plus its `accepted` event; timed until all N replies
-          are back and all N jobs sit in the job queue.
-Both use the broker named by SANDFLEET_BROKER_URL, in a throwaway vhost when the
-local rabbitmqctl can make one.
+Each scenario runs in a throwaway vhost of its own (rabbitmqctl), on the broker of
+SANDFLEET_BROKER_URL, one after another, and the figures come out side by side:
+
+  raw         N confirmed persistent publishes of the job requests to a quorum queue,
+              `--window` in flight (no gateway at all)
+  (limit)     raw ÷ 3: each admission costs three confirmed publishes (the `accepted`
+              event, the job, the reply) plus a delivery
+  relay       bench.naive_relay: consumes sandfleet.submit and, one message at a time,
+              publishes the event (confirmed), the job (confirmed), replies, acks
+  celery      Celery's apply_async, publisher confirms, quorum queue; one thread calling
+              it in a loop (bench.celery_baseline); needs `pip install .[bench]`
+  single      N submissions through a `sandfleet gateway` process, `--window` in flight,
+              each answered `accepted`, all N jobs then in the job queue
+  batched     the same N jobs in submissions of `--batch` (`{"jobs": [...]}`, answered
+              `{"results": [...]}`); "unsupported" from a gateway without batches
+  heartbeats  single, with 1,000 worker heartbeats/s published to the event log
+              (bench.heartbeat_source); the rate they reached is printed
+  two         single, with two gateway processes consuming together
+  startup     a gateway's launch-to-first-reply with an empty log, then with
+              `--log-events` events in it (first time, then restarted), and its RSS
+
+Every client of a gateway (and of the relay) is the same: a submission carries reply_to
+and a correlation id, and its reply is checked. Every gateway gets a signing key (made
+per run) and a job view file of its own. Issue 15's goals are marked met or missed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import subprocess
+import shutil
+import signal
 import sys
-import tempfile
-import time
-import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from rich.console import Console
 
-from sandfleet.common.amqp import broker_login
+from bench.broker_tools import broker_version
+from bench.gateway_processes import GatewayKit
+from bench.startup_scenario import startup
+from bench.throughput_scenarios import (
+    BenchRun,
+    celery,
+    gateway,
+    gateway_batched,
+    gateway_heartbeats,
+    raw,
+    relay,
+)
 from sandfleet.common.settings import Settings
-from sandfleet.common.signing import generate_keys
-from sandfleet.common.topology import SUBMISSIONS_EXCHANGE, declare_topology, job_queue_name
+from tests.support.throughput_goals import (
+    Figure,
+    Results,
+    Scenario,
+    goals_table,
+    rates_table,
+    startup_table,
+)
+
+SKIPPABLE = [s.value for s in Scenario if s is not Scenario.LIMIT]
 
 
-def payloads(n: int, host: str) -> list[bytes]:
-    return [
-        json.dumps({
-            "job_id": f"bench-{i}-{uuid.uuid4().hex[:8]}",
-            "placement": {"host": host},
-            "resource_requirements": {"cpu": 1, "memory": "256Mi"},
-            "template": {
-                "image": "busybox",
-                "command": ["sh", "-c", "echo hi"],
-                "environment": {"RUN": str(i)},
-                "timeout_seconds": 60,
-                "driver_config": {"docker": {}, "vm": {"kernel": "/boot/vmlinuz"}},
-            },
-        }).encode()
-        for i in range(n)
-    ]  # fmt: skip
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", type=int, default=5000, help="jobs per scenario (default 5000)")
+    parser.add_argument(
+        "--window", type=int, default=256, help="submissions/publishes in flight (default 256)"
+    )
+    parser.add_argument("--batch", type=int, default=100, help="jobs a batch (default 100)")
+    parser.add_argument(
+        "--log-events",
+        type=int,
+        default=1_000_000,
+        help="events in the log for the start-up scenario (default 1,000,000)",
+    )
+    parser.add_argument("--skip", nargs="+", default=[], choices=SKIPPABLE, metavar="SCENARIO",
+                        help=f"scenarios to leave out: {', '.join(SKIPPABLE)}")  # fmt: skip
+    args = parser.parse_args(argv)
+    for name in ("n", "window", "batch", "log_events"):
+        if not 1 <= getattr(args, name) <= 100_000_000:
+            parser.error(f"--{name.replace('_', '-')} must be between 1 and 100,000,000")
+    return args
 
 
-async def windowed(n: int, window: int, send: Callable[[int], Awaitable[object]]) -> None:
-    """Run send(0..n-1) with at most `window` in flight."""
-    gate = asyncio.Semaphore(window)
-
-    async def one(i: int) -> None:
-        async with gate:
-            await send(i)
-
-    await asyncio.gather(*(one(i) for i in range(n)))
-
-
-async def baseline(url: str, bodies: list[bytes], window: int) -> float:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        queue = await channel.declare_queue(
-            f"bench.baseline.{uuid.uuid4().hex[:6]}",
-            durable=True,
-            arguments={"x-queue-type": "quorum"},
-        )
-        started = time.perf_counter()
-        await windowed(
-            len(bodies),
-            window,
-            lambda i: channel.default_exchange.publish(
-                aio_pika.Message(bodies[i], delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                routing_key=queue.name,
-            ),
-        )
-        elapsed = time.perf_counter() - started
-        await queue.delete(if_unused=False, if_empty=False)
-    return elapsed
-
-
-async def through_gateway(
-    url: str, bodies: list[bytes], window: int, host: str
-) -> tuple[float, int]:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        await declare_topology(connection, channel, job_queues=[("docker", host)])
-        replies = await channel.declare_queue(exclusive=True)
-        pending: dict[str, asyncio.Future[bytes]] = {}
-
-        async def on_reply(message: AbstractIncomingMessage) -> None:
-            pending.pop(message.correlation_id or "").set_result(message.body)
-
-        await replies.consume(on_reply, no_ack=True)
-
-        submissions = await channel.get_exchange(SUBMISSIONS_EXCHANGE)
-
-        async def submit(i: int) -> None:
-            future = asyncio.get_running_loop().create_future()
-            pending[str(i)] = future
-            await submissions.publish(
-                aio_pika.Message(
-                    bodies[i],
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    correlation_id=str(i),
-                    reply_to=replies.name,
-                    user_id=broker_login(url),
-                ),
-                routing_key="",
-            )
-            reply = json.loads(await future)
-            if reply["status"] != "accepted" or reply.get("duplicate"):
-                raise RuntimeError(f"gateway did not take a benchmark job as new: {reply}")
-
-        started = time.perf_counter()
-        await windowed(len(bodies), window, submit)
-        elapsed = time.perf_counter() - started
-        queued = await _depth(channel, job_queue_name("docker", host))
-        await (await channel.get_queue(job_queue_name("docker", host))).delete(
-            if_unused=False, if_empty=False
-        )
-    return elapsed, queued
-
-
-async def _depth(channel: AbstractChannel, name: str) -> int:
-    queue = await channel.declare_queue(name, passive=True)
-    return int(queue.declaration_result.message_count or 0)
-
-
-def throwaway_vhost(base_url: str) -> tuple[str, Callable[[], None]]:
-    vhost = f"sandfleet-bench-{uuid.uuid4().hex[:8]}"
+async def measured(name: Scenario, work: Callable[[], Awaitable[Figure]], results: Results) -> None:
+    """Run one scenario; a failure is that scenario's figure, not the end of the run."""
+    print(f"… {name.value}", file=sys.stderr, flush=True)
     try:
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
-        subprocess.run(
-            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return base_url, lambda: None
-    url = base_url.rstrip("/") + "/" + vhost
-
-    def cleanup() -> None:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
-
-    return url, cleanup
+        figure = await work()
+    except Exception as exc:  # reported in the table and the exit status
+        figure = Figure(missing="failed", note=f"{type(exc).__name__}: {exc}"[:200])
+        results.failed.append(name.value)
+    results.figures[name] = figure
+    # As it comes, so an interrupted run still shows what it measured.
+    shown = f"{figure.rate:,.0f}/s" if figure.rate is not None else figure.missing
+    print(f"  {name.value}: {shown} {figure.note}", file=sys.stderr, flush=True)
 
 
-async def measure(url: str, n: int, window: int) -> None:
-    host = f"bench{uuid.uuid4().hex[:6]}"
-    bodies = payloads(n, host)
-    # Warm-up (waits for the gateway), with job ids of its own: the gateway answers a
-    # job id it has seen as a duplicate and queues nothing.
-    await through_gateway(url, payloads(50, host), window, host)
-    raw = await baseline(url, bodies, window)
-    gw, queued = await through_gateway(url, bodies, window, host)
+async def run_all(run: BenchRun, skip: set[str], log_events: int) -> Results:
+    results = Results()
+    plain: list[tuple[Scenario, Callable[[], Awaitable[Figure]]]] = [
+        (Scenario.RAW, lambda: raw(run)),
+        (Scenario.RELAY, lambda: relay(run)),
+        (Scenario.CELERY, lambda: celery(run)),
+        (Scenario.SINGLE, lambda: gateway(run)),
+        (Scenario.BATCHED, lambda: gateway_batched(run)),
+    ]
+    for name, work in plain:
+        if name.value not in skip:
+            await measured(name, work, results)
+    if Scenario.HEARTBEATS.value not in skip:
 
-    raw_rate, gw_rate = n / raw, n / gw
-    print(f"submissions:             {n} (window {window})")
-    print(f"raw aio-pika (baseline): {raw_rate:9.0f} msg/s  ({raw:.2f} s)")
-    print(f"through the gateway:     {gw_rate:9.0f} jobs/s ({gw:.2f} s, {queued} jobs queued)")
-    print(f"gateway / baseline:      {gw_rate / raw_rate:9.2f}")
-    if queued != n:
-        raise SystemExit(f"expected {n} jobs in the job queue, found {queued}")
+        async def with_heartbeats() -> Figure:
+            figure, results.heartbeat_rate = await gateway_heartbeats(run)
+            return figure
+
+        await measured(Scenario.HEARTBEATS, with_heartbeats, results)
+    if Scenario.TWO.value not in skip:
+        await measured(Scenario.TWO, lambda: gateway(run, processes=2), results)
+    if Scenario.STARTUP.value not in skip:
+        print(f"… {Scenario.STARTUP.value}", file=sys.stderr, flush=True)
+        try:
+            results.startup = await startup(run, log_events)
+        except Exception as exc:  # reported, and in the exit status
+            print(f"startup failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            results.failed.append(Scenario.STARTUP.value)
+    return results
+
+
+async def bench(args: argparse.Namespace, kit: GatewayKit) -> Results:
+    # SIGTERM ends the run as Ctrl-C does: every scenario's processes and vhost go.
+    main = asyncio.current_task()
+    assert main is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+    url = Settings().broker_url
+    print(f"machine: {os.cpu_count()} cores; broker: {await broker_version(url)}")
+    print(f"jobs per scenario: {args.n:,}, {args.window} in flight, batches of {args.batch}")
+    run = BenchRun(url, args.n, args.window, args.batch, kit)
+    return await run_all(run, set(args.skip), args.log_events)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("-n", type=int, default=5000, help="submissions (default 5000)")
-    parser.add_argument("--window", type=int, default=256, help="publishes in flight (default 256)")
-    args = parser.parse_args()
-
-    url, cleanup = throwaway_vhost(Settings().broker_url)
-    # The gateway signs every job, as in a real fleet (Ed25519: tens of microseconds).
-    signing_key, _ = generate_keys(Path(tempfile.mkdtemp(prefix="sandfleet-bench-")) / "keys")
-    env = {
-        **os.environ,
-        "SANDFLEET_BROKER_URL": url,
-        "SANDFLEET_HOST": "benchgw",
-        "SANDFLEET_LOG_LEVEL": "WARNING",
-        "SANDFLEET_SIGNING_KEY": str(signing_key),
-    }
-    gateway = subprocess.Popen([sys.executable, "-m", "sandfleet", "gateway"], env=env)
+    args = parse_args()
+    kit = GatewayKit()
     try:
-        asyncio.run(measure(url, args.n, args.window))
+        results = asyncio.run(bench(args, kit))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # Every scenario's processes and vhost went on the way out.
+        raise SystemExit("interrupted (processes stopped, vhosts deleted)") from None
     finally:
-        gateway.terminate()
-        gateway.wait(timeout=30)
-        cleanup()
+        shutil.rmtree(kit.folder, ignore_errors=True)
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
+    console.print(rates_table(results))
+    if results.startup is not None:
+        console.print(startup_table(results.startup))
+    console.print(goals_table(results))
+    if results.failed:
+        raise SystemExit(f"failed: {', '.join(results.failed)} (the notes above say why)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.gateway_throughput import throwaway_vhost
+from bench.broker_tools import throwaway_vhost
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings
 from sandfleet.common.signing import generate_keys

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.gateway_throughput import throwaway_vhost
+from bench.broker_tools import throwaway_vhost
 from sandfleet.common.amqp import connect
 from sandfleet.common.broker_urls import vhost_of
 from sandfleet.common.errors import FleetUnreachable

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import aio_pika
 
-from bench.gateway_throughput import throwaway_vhost, windowed
+from bench.broker_tools import throwaway_vhost, windowed
 from sandfleet.common.errors import FleetUnreachable
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings

@@ -9,7 +9,8 @@ to signal), `gpus` (inventories, double-hold checks), `nvml` (a stand-in for pyn
 `fakes` (the job runner on the in-memory driver), `claim_race` and `crashing_holder`
 (processes for claim tests),
 `fuzz_inputs` and `fuzzing` (hostile submissions, and the gateway's answers to them
-judged against an oracle of the rules; bench/fuzz.py runs them by the 100,000).
+judged against an oracle of the rules; bench/fuzz.py runs them by the 100,000), and
+`throughput_goals` (bench/gateway_throughput.py's ratios, goals and tables).
 """
 
 from __future__ import annotations
