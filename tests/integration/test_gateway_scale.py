@@ -135,3 +135,41 @@ async def test_a_heartbeat_storm_is_skipped_unread(gateway: Gateway, settings: S
     assert index.read - read == 1  # the job's event alone was decoded
     await gateway.view.flushed()
     assert gateway.view.applied - applied == 1
+
+
+async def publish_events(url: str, events: list[Event]) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE)
+        for event in events:
+            await exchange.publish(json_message(event), routing_key=event.routing_key)
+
+
+def ended_job(job_id: str) -> list[Event]:
+    fields: dict[str, Any] = {"job_id": job_id, "driver": "docker"}
+    return [
+        Event(phase=Phase.ACCEPTED, host="gw", submitted_by="guest", **fields),
+        Event(phase=Phase.SUCCEEDED, host="w1", worker_id="w1-1", exit_code=0, **fields),
+    ]
+
+
+async def test_a_restarted_gateway_reads_only_what_was_logged_since(settings: Settings) -> None:
+    before = [f"old-{n}-{uuid.uuid4().hex[:6]}" for n in range(200)]
+    async with Gateway(settings) as first:
+        await publish_events(settings.broker_url, [e for j in before for e in ended_job(j)])
+        index = first.jobs
+        assert index is not None
+
+        async def all_read() -> bool:
+            return index.existing(before[-1]) is Phase.SUCCEEDED
+
+        await eventually(all_read, timeout=60)
+    since = [heartbeat(f"w{n}") for n in range(50)] + ended_job(f"new-{uuid.uuid4().hex[:6]}")
+    await publish_events(settings.broker_url, since)
+    async with Gateway(settings) as second:
+        again = second.jobs
+        assert again is not None
+        # Caught up at start: the log since its view's offset, and nothing before it.
+        assert (again.read, again.skipped) == (2, 50)
+        assert all(again.existing(job_id) is Phase.SUCCEEDED for job_id in before)
