@@ -50,6 +50,7 @@ SKIPPED_KEY_PREFIXES = (f"{Phase.HEARTBEAT.value}.",)
 # (common.event_replay: ECHO_AFTER_SECONDS, plus a round of ECHO_EVERY_SECONDS).
 SETTLE_TIMEOUT_SECONDS = 60.0
 MAX_FREED = 10_000  # ids given up, remembered as free until the log speaks of them again
+MAX_BACKLOG = 20_000  # events read but not yet written to the view
 
 
 @dataclass(slots=True)
@@ -163,7 +164,11 @@ class JobIndex:
 
     async def _on_message(self, message: LogMessage, live: bool) -> None:
         assert self._follower is not None and self._follower.next_offset is not None
-        self.take(message, self._follower.next_offset)
+        self.take(message, self._follower.next_offset)  # before any await: in log order
+        if self._view.backlog > MAX_BACKLOG:
+            # Reading a long log faster than the view writes it: its messages are held
+            # (unacked) until the view catches up, so memory does not grow with the log.
+            await self._view.flushed()
 
     def take(self, message: LogMessage, offset: int) -> None:
         """Take in `message`, read from the log just before `offset`."""

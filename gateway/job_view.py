@@ -76,6 +76,11 @@ class JobView:
         """Where in the log to resume (None: from its beginning)."""
         return await self._run(lambda: self._open_store().next_offset())
 
+    @property
+    def backlog(self) -> int:
+        """Events recorded, not yet written."""
+        return len(self._pending)
+
     def lookup(self, job_id: str) -> LoggedJob | None:
         """What the view file holds of `job_id` (not what is recorded but unwritten)."""
         if self._lookups is None:
