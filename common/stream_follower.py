@@ -9,6 +9,7 @@ through the exchange that feeds the log, never amq.default (see common.topology)
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -37,7 +38,19 @@ class LogMessage(Protocol):
     def routing_key(self) -> str | None: ...
 
 
+log = logging.getLogger(__name__)
+
 OnMessage = Callable[[LogMessage, bool], Awaitable[None]]  # (message, live)
+
+PREFETCH = 1000  # streams require a prefetch
+# Acks go out for this many messages at once (multiple=True), well inside the prefetch
+# so the broker never waits for one: an ack per message was a good part of what a
+# reader spent on each heartbeat it skips. A stream redelivers nothing unacked: a
+# reader that reconnects resumes at its own offset.
+ACK_EVERY = 100
+# ...and the last ones this long after they came at the latest: a quiet log must not
+# leave its reader holding a message past the broker's consumer timeout.
+ACK_AFTER_SECONDS = 1.0
 
 
 class StreamFollower:
@@ -55,6 +68,11 @@ class StreamFollower:
         self._on_message = on_message
         self._caught_up = asyncio.Event()
         self._marker = uuid.uuid4().hex
+        self._unacked = 0
+        self._latest: AbstractIncomingMessage | None = None  # the latest handled, unacked
+        self._acked: AbstractIncomingMessage | None = None  # the latest acked
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._acking: set[asyncio.Task[None]] = set()
         # Restored with this same dict after a reconnect: it resumes at the next offset.
         self._arguments: dict[str, object] = {
             "x-stream-offset": "first" if start_at is None else start_at
@@ -68,22 +86,68 @@ class StreamFollower:
 
     async def start(self) -> None:
         """Start reading at the chosen offset; return once caught up with the present."""
-        await self._channel.set_qos(prefetch_count=1000)  # streams require a prefetch
+        await self._channel.set_qos(prefetch_count=PREFETCH)
         stream = await self._channel.declare_queue(self._queue, passive=True)
         await stream.consume(self._deliver, arguments=self._arguments)  # type: ignore[arg-type]
         await publish_log_marker(self._channel, self._queue, self._marker)
         await self._caught_up.wait()
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
-        await message.ack()
+        # Nothing awaited before the callback: each message is a task of its own, and
+        # one that waited here would be overtaken by the next (offsets and all).
         offset = (message.headers or {}).get("x-stream-offset")
         if isinstance(offset, int):
             self._arguments["x-stream-offset"] = offset + 1
-        if is_log_marker(message):
+        marker = is_log_marker(message)
+        if marker:
             if message.message_id == self._marker:
                 self._caught_up.set()
-            return
-        await self._on_message(message, self._caught_up.is_set())
+        else:
+            await self._on_message(message, self._caught_up.is_set())
+        # Acked once handled: a callback that holds its message (a reader that must
+        # write what it has read first) holds the acks, and past the prefetch the
+        # broker sends no more.
+        self._unacked += 1
+        if self._latest is None or _later(message, self._latest):
+            self._latest = message
+        if self._unacked >= ACK_EVERY or marker:
+            await self._ack()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(
+                ACK_AFTER_SECONDS, self._ack_later
+            )
+
+    async def _ack(self) -> None:
+        """Ack every message up to the latest handled (never one acked already: the
+        broker closes the channel on an unknown delivery tag)."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        latest, self._latest, self._unacked = self._latest, None, 0
+        if latest is not None and (self._acked is None or _later(latest, self._acked)):
+            self._acked = latest
+            await latest.ack(multiple=True)
+
+    def _ack_later(self) -> None:
+        self._ack_timer = None
+        task = asyncio.create_task(self._ack())
+        self._acking.add(task)
+        task.add_done_callback(_acked)
+        task.add_done_callback(self._acking.discard)
+
+
+def _later(message: AbstractIncomingMessage, than: AbstractIncomingMessage) -> bool:
+    """Whether `message` came after `than` (a channel reopened since starts its
+    delivery tags afresh: all its messages are later)."""
+    if message.channel is not than.channel:
+        return True
+    return (message.delivery_tag or 0) > (than.delivery_tag or 0)
+
+
+def _acked(task: asyncio.Task[None]) -> None:
+    # An ack lost with its channel is no error: the reader resumes at its own offset.
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("stream ack not sent: %s", task.exception())
 
 
 # The exchange that feeds each log, where its markers go in.

@@ -1,5 +1,5 @@
-"""Which events change what the gateway knows of a job id: one rule for the in-memory
-job index and the job view, so both name the same owner and phase."""
+"""Which events change what the gateway knows of a job id: one rule for the job index's
+unwritten events and the job view, so both name the same owner and phase."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ def counts(current: Phase | None, event: Event) -> bool:
     if current is None:
         return True
     if event.phase is Phase.ACCEPTED:
-        # A terminal phase is final (a late `accepted` does not reopen it), and an
-        # `accepted` for a job already known repeats the first (common.event_replay).
-        return False
+        # The first `accepted` in the log takes the id: a later one (another gateway's
+        # twin, an echo: common.event_replay) repeats it, and an ended job is not
+        # reopened. Only an id whose last word was a rejection is free to take again.
+        return current is Phase.REJECTED
     # After its end, only an end counts: a worker's late or repeated word from before
     # it (an echo, a dead worker's) does not take the job back.
     return not current.is_terminal or event.phase.is_terminal

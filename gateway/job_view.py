@@ -4,9 +4,13 @@ Each gateway keeps its own view file (SANDFLEET_VIEW_PATH). The job index hands 
 message it reads from the log together with the offset after it; the view writes them in
 batches, each in one transaction with that offset (sandfleet.gateway.view_store), so a
 restarted gateway resumes reading the log where its view stopped instead of replaying it.
+A message the view has no use for (a heartbeat) only moves the offset: that is written
+with the next batch, or OFFSET_WRITE_SECONDS later, never a transaction per message.
 
-All SQLite work runs on one thread of its own: the event loop never waits on the disk,
-and the connection is only ever used by the thread that made it.
+All writes and queries run on one thread of its own: the event loop never waits on
+them, and that connection is only ever used by the thread that made it. The job index's
+point look-ups of single job ids (`lookup`) read the file on a connection of the event
+loop's own: microseconds each, and never blocked by a write (WAL).
 """
 
 from __future__ import annotations
@@ -33,10 +37,16 @@ from sandfleet.common.view_queries import (
     ViewStatus,
 )
 from sandfleet.gateway.view_stats import fleet_stats
-from sandfleet.gateway.view_store import Ownership, ViewStore, open_view_file
+from sandfleet.gateway.view_store import LoggedJob, ViewLookups, ViewStore, open_view_file
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+# How long a log offset moved only by messages the view skips waits to be written: a
+# restart reads those messages again (cheaply: skipped on their routing key).
+OFFSET_WRITE_SECONDS = 2.0
+
+Written = Callable[[int], None]  # called with the offset each written batch ends at
 
 
 class JobView:
@@ -48,36 +58,82 @@ class JobView:
         self._host = host
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-view")
         self._store: ViewStore | None = None
+        self._lookups: ViewLookups | None = None
         self._pending: list[Event] = []
         self._pending_offset: int | None = None
         self._flushing: asyncio.Task[None] | None = None
+        self._offset_timer: asyncio.TimerHandle | None = None
+        self._written_offset: int | None = None
+        self.written: Written | None = None
         self.applied = 0  # events that changed the view since this gateway started
+        self.batches = 0  # transactions written since this gateway started
 
     async def open(self) -> None:
         self._store = await self._run(lambda: ViewStore(open_view_file(self._path), log=self._log))
+        self._lookups = ViewLookups(self._path)
 
     async def next_offset(self) -> int | None:
         """Where in the log to resume (None: from its beginning)."""
         return await self._run(lambda: self._open_store().next_offset())
 
-    async def ownerships(self) -> list[Ownership]:
-        return await self._run(lambda: list(self._open_store().ownerships()))
+    @property
+    def backlog(self) -> int:
+        """Events recorded, not yet written."""
+        return len(self._pending)
+
+    def lookup(self, job_id: str) -> LoggedJob | None:
+        """What the view file holds of `job_id` (not what is recorded but unwritten)."""
+        if self._lookups is None:
+            raise RuntimeError("the job view is not open")
+        return self._lookups.job(job_id)
 
     def record(self, event: Event | None, next_offset: int) -> None:
         """Queue `event` (None: a message that is no event) read before `next_offset`."""
         if event is not None and event.job_id is not None and event.phase is not Phase.HEARTBEAT:
             self._pending.append(event)
         self._pending_offset = next_offset
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.create_task(self._flush())
+        if self._pending:
+            self._start_flush()
+        elif self._offset_timer is None and not self._is_flushing():
+            self._offset_timer = asyncio.get_running_loop().call_later(
+                OFFSET_WRITE_SECONDS, self._start_flush
+            )
+
+    def skip(self, next_offset: int) -> None:
+        """Move the offset past a message the view has no use for."""
+        self.record(None, next_offset)
 
     async def flushed(self) -> None:
-        """Return once everything recorded so far is written."""
-        while self._flushing is not None and not self._flushing.done():
+        """Return once everything recorded so far (the offset too) is written, or a
+        write of it failed (and is kept to retry)."""
+        target = self._pending_offset
+        while True:
+            before = self._written_offset
+            if not self._is_flushing():
+                if target is None or self._written(target):
+                    return
+                self._start_flush()
+            assert self._flushing is not None
             await asyncio.shield(self._flushing)
+            if target is None or self._written(target) or self._written_offset == before:
+                return  # all written, or a pass failed (what it held is kept to retry)
+
+    def _written(self, offset: int) -> bool:
+        return self._written_offset is not None and self._written_offset >= offset
+
+    def _is_flushing(self) -> bool:
+        return self._flushing is not None and not self._flushing.done()
+
+    def _start_flush(self) -> None:
+        if self._offset_timer is not None:
+            self._offset_timer.cancel()
+            self._offset_timer = None
+        if not self._is_flushing():
+            self._flushing = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
-        # One batch per pass: whatever arrived while the previous batch was written.
+        # One batch per pass: whatever arrived while the previous batch was written; a
+        # remainder of skipped messages alone waits for the offset timer.
         while self._pending_offset is not None:
             events, offset = self._pending, self._pending_offset
             self._pending, self._pending_offset = [], None
@@ -93,6 +149,16 @@ class JobView:
                 if self._pending_offset is None:
                     self._pending_offset = offset
                 return
+            self.batches += 1
+            self._written_offset = offset
+            if self.written is not None:
+                self.written(offset)
+            if not self._pending:
+                break
+        if self._pending_offset is not None and self._offset_timer is None:
+            self._offset_timer = asyncio.get_running_loop().call_later(
+                OFFSET_WRITE_SECONDS, self._start_flush
+            )
 
     async def answer(self, query: ViewQuery) -> ViewReply:
         store, now = self._open_store(), time.time()
@@ -111,6 +177,11 @@ class JobView:
 
     async def aclose(self) -> None:
         await self.flushed()
+        if self._offset_timer is not None:
+            self._offset_timer.cancel()
+        if self._lookups is not None:
+            self._lookups.close()
+            self._lookups = None
         self._thread.shutdown(wait=True)
 
     def _open_store(self) -> ViewStore:

@@ -3,6 +3,7 @@
 For each submission, in this order:
     identify (the broker-checked AMQP user_id) → decode → admit (envelope rules)
     → the job id is the submitter's to use → check the route exists → `accepted` event
+    → read back as the id's first `accepted` in the log (several gateways: job_index)
     → sign and publish the job (persistent, confirmed, mandatory) → reply.
 The `accepted` event is confirmed before the job is published, so no worker event
 for a job can precede it in the event log. Cancellation requests arrive on the same
@@ -87,7 +88,9 @@ class Gateway(AsyncCloseable):
         self.metrics = GatewayMetrics()
         self._consuming = False
         self._in_hand: set[asyncio.Task[None]] = set()  # submissions being handled
-        self._unqueued: dict[str, Job] = {}  # accepted, but their publish failed
+        # accepted, but not queued yet (their publish failed, or their place in the log
+        # is not known yet): job id → (job, its `accepted` event's id)
+        self._unqueued: dict[str, tuple[Job, str]] = {}
 
     async def __aenter__(self) -> Self:
         await self.view.open()
@@ -126,11 +129,7 @@ class Gateway(AsyncCloseable):
         )
         await self._events.__aenter__()
         self._routes = RouteChecker(self._connection)
-        self._jobs = JobIndex(
-            await self._connection.channel(),
-            self.view,
-            max_age_seconds=settings.events_max_age_seconds,
-        )
+        self._jobs = JobIndex(await self._connection.channel(), self.view)
         await self._jobs.start()  # know every job id in the log before taking submissions
         await ViewDesk(await self._connection.channel(), self.view, host=settings.host).start()
         self._ownership = Ownership(self._jobs, settings.admin_logins)
@@ -153,6 +152,11 @@ class Gateway(AsyncCloseable):
         """Consuming submissions: connected, not reconnecting (`/healthz`)."""
         return self._consuming and connection_up(self._connection)
 
+    @property
+    def jobs(self) -> JobIndex | None:
+        """The job ids this gateway knows, from the event log (None before it starts)."""
+        return self._jobs
+
     async def refresh_metrics(self) -> None:
         """The depths of the submission queue and of the job queues routed to so far."""
         if self._routes is not None and connection_up(self._connection):
@@ -168,13 +172,15 @@ class Gateway(AsyncCloseable):
         await self._disconnect()
         await self.view.aclose()
 
-    @staticmethod
-    async def _echoed(event: Event) -> bool:
+    async def _echoed(self, event: Event) -> bool:
         """Which of its events the gateway publishes again (common.event_replay): each
-        `accepted`. Not a rejection: echoed after the id was accepted since, it would
-        free the id for a second run. (Having read an event from the log proves
-        nothing: a stream can lose a message its readers have already seen.)"""
-        return event.phase is Phase.ACCEPTED
+        `accepted`, but one the log shows another `accepted` took the id before (a
+        twin's, from another gateway). Not a rejection: echoed after the id was accepted
+        since, it would free the id for a second run. (Having read an event from the
+        log proves nothing: a stream can lose a message its readers have already seen.)"""
+        if event.phase is not Phase.ACCEPTED or event.job_id is None or self._jobs is None:
+            return False
+        return self._jobs.accepted_by(event.job_id) in (None, event.event_id)
 
     async def serve_forever(self) -> None:
         """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
@@ -223,23 +229,52 @@ class Gateway(AsyncCloseable):
             raise RequestInvalid([refusal])
         if (phase := self._jobs.existing(job.job_id)) is not None:
             if (accepted := self._unqueued.pop(job.job_id, None)) is not None:
-                await self._queue_or_keep(message, accepted)  # its acceptance stands
+                await self._settle_then_queue(message, *accepted)  # its acceptance stands
                 return
-            reply = SubmitReply(
-                status=ReplyStatus.ACCEPTED, job_id=job.job_id, duplicate=True, phase=phase
-            )
-            await self._reply(message, reply)
+            await self._reply_duplicate(message, job.job_id, phase)
             return
         # No await since the checks: concurrent twins see it.
         self._jobs.reserve(job.job_id, job.submitted_by)
         try:
-            await self._accept(message, job)
+            event_id = await self._accept(message, job)
         except BaseException:
             self._jobs.forget(job.job_id)
             raise
-        await self._queue_or_keep(message, job)
+        await self._settle_then_queue(message, job, event_id)
 
-    async def _queue_or_keep(self, message: AbstractIncomingMessage, job: Job) -> None:
+    async def _settle_then_queue(
+        self, message: AbstractIncomingMessage, job: Job, event_id: str
+    ) -> None:
+        """Queue `job` if its `accepted` event took the id: the first for it in the log,
+        which every gateway reads alike (job_index). A twin accepted by another gateway
+        a moment before is answered as the duplicate it is."""
+        assert self._jobs is not None and self._ownership is not None
+        try:
+            took = await self._jobs.settled(job.job_id, event_id)
+        except BaseException:
+            # Its place in the log not read yet (a timeout, a shutdown): not queued but
+            # kept, and settled when its submission comes back, never accepted twice.
+            self._unqueued[job.job_id] = (job, event_id)
+            raise
+        if took:
+            await self._queue_or_keep(message, job, event_id)
+            return
+        assert job.submitted_by is not None
+        if refusal := self._ownership.submit_refusal(job.job_id, job.submitted_by):
+            await self._reject(message, new_job_id(), [refusal], "JobIdTaken")
+            raise RequestInvalid([refusal])
+        phase = self._jobs.existing(job.job_id) or Phase.ACCEPTED
+        await self._reply_duplicate(message, job.job_id, phase)
+
+    async def _reply_duplicate(
+        self, message: AbstractIncomingMessage, job_id: str, phase: Phase
+    ) -> None:
+        reply = SubmitReply(status=ReplyStatus.ACCEPTED, job_id=job_id, duplicate=True, phase=phase)
+        await self._reply(message, reply)
+
+    async def _queue_or_keep(
+        self, message: AbstractIncomingMessage, job: Job, event_id: str
+    ) -> None:
         assert self._jobs is not None
         try:
             await self._queue(message, job)
@@ -249,15 +284,17 @@ class Gateway(AsyncCloseable):
         except BaseException:
             # Accepted (its event is out) but not queued: kept, and queued when its
             # submission comes back (redelivered, or sent again), never accepted twice.
-            self._unqueued[job.job_id] = job
+            self._unqueued[job.job_id] = (job, event_id)
             raise
 
-    async def _accept(self, message: AbstractIncomingMessage, job: Job) -> None:
+    async def _accept(self, message: AbstractIncomingMessage, job: Job) -> str:
+        """Publish `job`'s `accepted` event (its route checked first); its event_id."""
         assert self._routes is not None
         queue = job_queue_name(job.driver, job.placement.host)
         if not await self._routes.exists(queue):
             raise RequestInvalid(await self._unroutable(message, job))
-        await self._emit(job, Phase.ACCEPTED, "Accepted", f"queued on {queue}")
+        event = await self._emit(job, Phase.ACCEPTED, "Accepted", f"queued on {queue}")
+        return event.event_id
 
     async def _queue(self, message: AbstractIncomingMessage, job: Job) -> None:
         assert self._topology is not None
@@ -316,20 +353,20 @@ class Gateway(AsyncCloseable):
         reply = SubmitReply(status=ReplyStatus.REJECTED, job_id=job_id, errors=errors)
         await self._reply(message, reply)
 
-    async def _emit(self, job: Job, phase: Phase, reason: str, text: str) -> None:
+    async def _emit(self, job: Job, phase: Phase, reason: str, text: str) -> Event:
         assert self._events is not None
-        await self._events.publish(
-            Event(
-                job_id=job.job_id,
-                phase=phase,
-                reason=reason,
-                message=text,
-                driver=job.driver,
-                host=self._settings.host,
-                submitted_by=job.submitted_by,
-                labels=job.labels or None,
-            )
+        event = Event(
+            job_id=job.job_id,
+            phase=phase,
+            reason=reason,
+            message=text,
+            driver=job.driver,
+            host=self._settings.host,
+            submitted_by=job.submitted_by,
+            labels=job.labels or None,
         )
+        await self._events.publish(event)
+        return event
 
     async def _reply(self, message: AbstractIncomingMessage, reply: SubmitReply) -> None:
         assert self._channel is not None

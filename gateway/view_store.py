@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, phase TEXT NOT NULL, driver TEXT, host TEXT, worker_id TEXT,
     gpus TEXT NOT NULL DEFAULT '[]', exit_code INTEGER, submitted_by TEXT,
     labels TEXT NOT NULL DEFAULT '{}', submitted_at REAL NOT NULL, updated_at REAL NOT NULL,
-    timings TEXT
+    timings TEXT, accepted_event TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs (submitted_at);
 CREATE INDEX IF NOT EXISTS jobs_by_updated ON jobs (updated_at);
@@ -58,6 +58,15 @@ MAX_STATS_JOBS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
+class LoggedJob:
+    """What the log says of a job id, as the gateway's job index asks it."""
+
+    phase: Phase
+    owner: str | None
+    accepted_event: str | None  # the event_id of the `accepted` that took the id
+
+
+@dataclass(frozen=True, slots=True)
 class Ownership:
     """What the job index needs of a job at start-up."""
 
@@ -78,7 +87,29 @@ def open_view_file(path: Path) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.executescript(_SCHEMA)
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
+    if "accepted_event" not in columns:  # a view file made before it was kept
+        connection.execute("ALTER TABLE jobs ADD COLUMN accepted_event TEXT")
     return connection
+
+
+class ViewLookups:
+    """Point look-ups of job ids in the view file, on a read-only connection of the
+    caller's thread (the job index's, on the event loop: a primary-key look-up takes
+    microseconds, and WAL readers never wait on the view's writer)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA query_only = 1")
+
+    def job(self, job_id: str) -> LoggedJob | None:
+        row = self._db.execute(
+            "SELECT phase, submitted_by, accepted_event FROM jobs WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        return None if row is None else LoggedJob(Phase(row[0]), row[1], row[2])
+
+    def close(self) -> None:
+        self._db.close()
 
 
 class ViewStore:
@@ -150,6 +181,8 @@ class ViewStore:
         at = event.timestamp.timestamp()
         if current is None:
             self._insert(event, at)
+        elif event.phase is Phase.ACCEPTED:
+            self._reopen(event, at)
         else:
             self._update(event, at)
         self._db.execute(
@@ -168,9 +201,20 @@ class ViewStore:
         # Only an `accepted` event makes a row (job_rules.counts): it names the owner.
         self._db.execute(
             "INSERT INTO jobs (job_id, phase, driver, submitted_by, labels, submitted_at,"
-            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " updated_at, accepted_event) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (event.job_id, event.phase.value, event.driver, event.submitted_by,
-             json.dumps(event.labels or {}), at, at),
+             json.dumps(event.labels or {}), at, at, event.event_id),
+        )  # fmt: skip
+
+    def _reopen(self, event: Event, at: float) -> None:
+        # An id whose last word was a rejection, taken again: a new run of the job. The
+        # id stays its first submitter's (gateway.ownership), who alone may take it again.
+        self._db.execute(
+            "UPDATE jobs SET phase = ?, driver = ?, labels = ?, submitted_at = ?, updated_at = ?,"
+            " accepted_event = ?, submitted_by = COALESCE(submitted_by, ?), host = NULL,"
+            " worker_id = NULL, gpus = '[]', exit_code = NULL, timings = NULL WHERE job_id = ?",
+            (event.phase.value, event.driver, json.dumps(event.labels or {}), at, at,
+             event.event_id, event.submitted_by, event.job_id),
         )  # fmt: skip
 
     def _update(self, event: Event, at: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -15,6 +16,7 @@ from sandfleet.common.events import Phase
 from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.job_index import JobIndex
+from sandfleet.gateway.job_view import JobView
 from tests.support import until_terminal
 from tests.support.runtimes import WorkerFactory, sandboxes_created
 
@@ -26,7 +28,11 @@ def request(image: str, job_id: str, *command: str) -> dict[str, Any]:
 
 
 async def test_resubmitting_a_finished_job_returns_its_state(
-    settings: Settings, client: Client, docker_worker: WorkerFactory, test_image: str
+    settings: Settings,
+    client: Client,
+    docker_worker: WorkerFactory,
+    test_image: str,
+    tmp_path: Path,
 ) -> None:
     job_id = f"i-{uuid.uuid4().hex[:8]}"
     since = time.time()
@@ -41,12 +47,15 @@ async def test_resubmitting_a_finished_job_returns_its_state(
     assert [e.phase for e in history].count(Phase.ACCEPTED) == 1
     assert sandboxes_created("docker", since)[job_id] == 1
 
-    # A gateway started later knows it too: it replays the event log.
+    # A gateway started later, its view empty, knows it too: it reads the event log.
+    view = JobView(tmp_path / "new" / "view.sqlite3", log="new", max_age_seconds=3600, host="g")
+    await view.open()
     connection = await aio_pika.connect(settings.broker_url)
     async with connection:
-        index = JobIndex(await connection.channel())
+        index = JobIndex(await connection.channel(), view)
         await index.start()
         assert index.existing(job_id) is Phase.SUCCEEDED
+    await view.aclose()
 
 
 async def test_concurrent_twins_run_once(

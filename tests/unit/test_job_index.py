@@ -1,18 +1,25 @@
-"""The gateway's job index stays bounded: by the event log's age and by a count, the
-oldest finished jobs forgotten first, a live job only once no finished one is left."""
+"""The gateway's job index over its SQLite job view: who owns an id, what it costs (its
+memory holds no written job; heartbeats go unread), forgetting by age, and settling which
+of several gateways' `accepted` events took an id."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
+import pytest
 from aio_pika.abc import AbstractChannel
 
 from sandfleet.common.events import Event, Phase
-from sandfleet.gateway.job_index import JobIndex, JobRecord, JobRecords
+from sandfleet.gateway.job_index import JobIndex
+from sandfleet.gateway.job_view import JobView
 
 DAY = 86400.0
+LOG = "broker v sandfleet.events.log"
 
 
 @dataclass(frozen=True)
@@ -26,92 +33,157 @@ def logged(event: Event, routing_key: str | None = None) -> LogMessage:
     return LogMessage(event.model_dump_json().encode(), routing_key or event.routing_key)
 
 
-async def test_an_id_is_owned_by_whom_the_gateway_accepted_it_for() -> None:
-    index = JobIndex(cast(AbstractChannel, None))
-    for phase, who in [(Phase.ACCEPTED, "alice"), (Phase.RUNNING, "mallory")]:
-        event = Event(job_id="j", phase=phase, host="h", submitted_by=who)
-        await index._on_message(logged(event), True)
+def accepted(job_id: str, who: str = "alice", **fields: Any) -> Event:
+    return Event(job_id=job_id, phase=Phase.ACCEPTED, host="gw", submitted_by=who, **fields)
+
+
+class Reader:
+    """A job index and its view on one file, fed messages as a follower would."""
+
+    def __init__(self, path: Path, *, max_age_seconds: float = 7 * DAY, **index: Any) -> None:
+        self.view = JobView(path, log=LOG, max_age_seconds=max_age_seconds, host="gw")
+        self.index = JobIndex(cast(AbstractChannel, None), self.view, **index)
+        self.offset = 0
+
+    def read(self, *events: Event | LogMessage) -> None:
+        for event in events:
+            self.offset += 1
+            message = logged(event) if isinstance(event, Event) else event
+            self.index.take(message, self.offset)
+
+
+@pytest.fixture
+async def reader(tmp_path: Path) -> AsyncIterator[Reader]:
+    reader = Reader(tmp_path / "view.sqlite3")
+    await reader.view.open()
+    yield reader
+    await reader.view.aclose()
+
+
+async def test_an_id_is_owned_by_whom_the_gateway_accepted_it_for(reader: Reader) -> None:
+    index = reader.index
+    reader.read(accepted("j"), Event(job_id="j", phase=Phase.RUNNING, host="h", submitted_by="m"))
     # no `accepted` (a rejection, a worker's word), or under another key: no record
-    for event, key in [
-        (Event(job_id="k", phase=Phase.REJECTED, host="h", submitted_by="mallory"), None),
-        (Event(job_id="m", phase=Phase.RUNNING, host="h", submitted_by="mallory"), None),
-        (Event(job_id="n", phase=Phase.ACCEPTED, host="h"), "accepted.none.other"),
-    ]:
-        await index._on_message(logged(event, key), True)
-    assert index.owner("j") == "alice"
+    reader.read(
+        Event(job_id="k", phase=Phase.REJECTED, host="h", submitted_by="mallory"),
+        Event(job_id="m", phase=Phase.RUNNING, host="h", submitted_by="mallory"),
+        logged(accepted("n", "mallory"), "accepted.none.other"),
+    )
+    assert index.owner("j") == "alice" and index.existing("j") is Phase.RUNNING
+    assert not any(index.known(job_id) for job_id in "kmn")
+    await reader.view.flushed()  # the same answers, now from the view's file
+    assert index.owner("j") == "alice" and index.existing("j") is Phase.RUNNING
     assert not any(index.known(job_id) for job_id in "kmn")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def records(max_entries: int = 100, clock: Clock | None = None) -> JobRecords:
-    return JobRecords(max_age_seconds=7 * DAY, max_entries=max_entries, clock=clock or Clock())
-
-
-def test_the_index_never_holds_more_than_max_entries() -> None:
-    # Before: the index kept every job id it ever saw, for the gateway's whole life.
-    index = JobIndex(cast(AbstractChannel, None), max_entries=100)
-    for n in range(1000):
-        index.reserve(f"j{n}", "alice")
-    assert index.existing("j999") is Phase.ACCEPTED
-    assert sum(index.existing(f"j{n}") is not None for n in range(1000)) == 100
+async def test_written_jobs_leave_memory_and_are_answered_from_the_file(
+    reader: Reader, tmp_path: Path
+) -> None:
+    # Before: every job of the view was loaded into a dict at start-up and kept there.
+    reader.read(*(accepted(f"j{n}") for n in range(1000)))
+    assert len(reader.index._unwritten) == 1000
+    await reader.view.flushed()
+    assert reader.index._unwritten == {}
+    assert all(reader.index.existing(f"j{n}") is Phase.ACCEPTED for n in range(1000))
+    restarted = Reader(tmp_path / "view.sqlite3")
+    await restarted.view.open()
+    try:  # a new index knows them without reading the log or loading anything
+        assert restarted.index.owner("j999") == "alice"
+        assert await restarted.view.next_offset() == 1000
+    finally:
+        await restarted.view.aclose()
 
 
-def test_finished_jobs_are_forgotten_before_live_ones() -> None:
-    clock = Clock()
-    table = records(max_entries=3, clock=clock)
-    table.put("live-old", JobRecord(phase=Phase.RUNNING, seen_at=clock.now))
-    table.put("done-1", JobRecord(phase=Phase.SUCCEEDED, seen_at=clock.now))
-    table.put("done-2", JobRecord(phase=Phase.FAILED, seen_at=clock.now))
-    table.put("live-new", JobRecord(phase=Phase.ACCEPTED, seen_at=clock.now))
-    assert table.get("done-1") is None  # the oldest finished one, not the oldest of all
-    assert table.get("live-old") is not None
-    table.put("live-3", JobRecord(phase=Phase.WAITING, seen_at=clock.now))
-    assert table.get("done-2") is None
-    assert len(table) == 3
-    table.put("live-4", JobRecord(phase=Phase.RUNNING, seen_at=clock.now))
-    assert table.get("live-old") is None  # only live jobs left: the oldest of them goes
-    assert [table.get(j) is not None for j in ("live-new", "live-3", "live-4")] == [True] * 3
+async def test_heartbeats_are_skipped_unread_and_only_move_the_offset(reader: Reader) -> None:
+    beat = Event(job_id=None, phase=Phase.HEARTBEAT, host="w1", driver="docker")
+    # Unparseable under a heartbeat's key: never decoded, so never even noticed.
+    reader.read(logged(beat), LogMessage(b"not json", "heartbeat.docker.w1"))
+    assert (reader.index.skipped, reader.index.read) == (2, 0)
+    assert reader.view.batches == 0  # no transaction per heartbeat: the offset waits
+    await reader.view.flushed()
+    assert await reader.view.next_offset() == 2 and reader.view.batches == 1
+    reader.read(accepted("j"))  # an event is read, and a heartbeat's key on it is no excuse
+    assert (reader.index.skipped, reader.index.read) == (2, 1)
 
 
-def test_finished_jobs_older_than_the_log_keeps_are_forgotten() -> None:
-    clock = Clock()
-    table = records(clock=clock)
-    table.put("done", JobRecord(phase=Phase.SUCCEEDED, seen_at=clock.now))
-    table.put("live", JobRecord(phase=Phase.RUNNING, seen_at=clock.now))
-    clock.now += 7 * DAY + 1
-    table.put("new", JobRecord(phase=Phase.CANCELLED, seen_at=clock.now))
-    assert table.get("done") is None
-    # A job still running past the log's age keeps its id: reused, it would run twice.
-    assert table.get("live") is not None
-    assert table.get("new") is not None
-
-
-def test_a_record_moves_between_live_and_finished_and_keeps_one_entry() -> None:
-    clock = Clock()
-    table = records(max_entries=2, clock=clock)
-    table.put("a", JobRecord(phase=Phase.ACCEPTED, seen_at=clock.now))
-    ended = JobRecord(phase=Phase.SUCCEEDED, seen_at=clock.now, owner="alice")
-    table.put("a", ended)
-    assert len(table) == 1
-    assert table.get("a") == ended
-    table.pop("a")
-    assert table.get("a") is None and len(table) == 0
-
-
-async def test_events_replayed_from_the_log_are_bounded_by_their_own_age() -> None:
-    index = JobIndex(cast(AbstractChannel, None), max_age_seconds=DAY)
+async def test_ended_jobs_are_forgotten_as_old_as_the_log_keeps(tmp_path: Path) -> None:
+    reader = Reader(tmp_path / "view.sqlite3", max_age_seconds=DAY)
+    await reader.view.open()
     now = datetime.now(UTC).timestamp()
-    for job_id, phase, age in [("old", Phase.SUCCEEDED, 2 * DAY), ("recent", Phase.FAILED, 0)]:
-        for step in (Phase.ACCEPTED, phase):
-            at = datetime.fromtimestamp(now - age, UTC)
-            event = Event(job_id=job_id, phase=step, host="h", timestamp=at)
-            await index._on_message(logged(event), False)
-    assert index.existing("old") is None
-    assert index.existing("recent") is Phase.FAILED
+    for job_id, end, age in [
+        ("old", Phase.SUCCEEDED, 2 * DAY), ("recent", Phase.FAILED, 0), ("old-live", None, 2 * DAY)
+    ]:  # fmt: skip
+        at = datetime.fromtimestamp(now - age, UTC)
+        reader.read(accepted(job_id, timestamp=at))
+        if end is not None:
+            reader.read(Event(job_id=job_id, phase=end, host="h", timestamp=at))
+    await reader.view.flushed()
+    assert reader.index.existing("old") is None
+    assert reader.index.existing("recent") is Phase.FAILED
+    # A job still live past the log's age keeps its id: reused, it would run twice.
+    assert reader.index.existing("old-live") is Phase.ACCEPTED
+    await reader.view.aclose()
+
+
+async def test_the_first_accepted_in_the_log_takes_the_id(reader: Reader) -> None:
+    index = reader.index
+    mine, theirs = accepted("x"), accepted("x")
+    index.reserve("x", "alice")
+    assert index.existing("x") is Phase.ACCEPTED  # twins here see the reservation
+    reader.read(theirs, mine)  # another gateway's came first
+    assert not await index.settled("x", mine.event_id)
+    assert index.accepted_by("x") == theirs.event_id
+    index.reserve("y", "alice")
+    first = accepted("y")
+    waiting = asyncio.create_task(index.settled("y", first.event_id))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # it waits for its event to be read back
+    reader.read(first, accepted("y"))
+    assert await waiting
+    await reader.view.flushed()
+    assert index.accepted_by("y") == first.event_id  # so says the file too
+
+
+async def test_an_unread_accepted_times_out_and_is_settled_when_it_shows(tmp_path: Path) -> None:
+    reader = Reader(tmp_path / "view.sqlite3", settle_timeout=0.05)
+    await reader.view.open()
+    index, lost = reader.index, accepted("x")
+    index.reserve("x", "alice")
+    with pytest.raises(TimeoutError):
+        await index.settled("x", lost.event_id)
+    assert index.existing("x") is Phase.ACCEPTED  # still held here
+    reader.read(lost, accepted("x"))  # its echo shows, before a twin's
+    assert await index.settled("x", lost.event_id)
+    await reader.view.aclose()
+
+
+async def test_a_rejection_frees_an_id_and_only_a_new_accepted_retakes_it(reader: Reader) -> None:
+    index, first = reader.index, accepted("x")
+    reader.read(first, Event(job_id="x", phase=Phase.REJECTED, host="gw", submitted_by="alice"))
+    assert index.existing("x") is None and index.owner("x") == "alice"
+    reader.read(first)  # its echo does not retake it
+    assert index.existing("x") is None
+    again = accepted("x", "bob")
+    reader.read(again)
+    assert (index.existing("x"), index.owner("x"), index.accepted_by("x")) == (
+        Phase.ACCEPTED, "alice", again.event_id,
+    )  # fmt: skip
+    await reader.view.flushed()  # the view's file agrees
+    assert (index.existing("x"), index.owner("x"), index.accepted_by("x")) == (
+        Phase.ACCEPTED, "alice", again.event_id,
+    )  # fmt: skip
+
+
+async def test_forgetting_frees_a_reservation_or_an_id_given_up(reader: Reader) -> None:
+    index = reader.index
+    index.reserve("r", "alice")
+    index.forget("r")  # its accept failed: never in the log
+    assert not index.known("r")
+    won = accepted("w")
+    index.reserve("w", "alice")
+    reader.read(won)
+    assert await index.settled("w", won.event_id)
+    index.forget("w")  # unroutable after all: its rejection is on its way
+    assert index.existing("w") is None and index.owner("w") == "alice"
+    reader.read(Event(job_id="w", phase=Phase.RUNNING, host="h"))  # the log speaks again
+    assert index.existing("w") is Phase.RUNNING
