@@ -261,18 +261,24 @@ async def send_reply(
     queue: RabbitMQ's direct reply-to or a server-named (`amq.gen-`) queue. Replies go
     by amq.default, which reaches every queue: a `reply_to` naming a job queue or a log
     must not make the gateway write there for a stranger."""
+    answer = _reply_message(message, reply)
+    if answer is not None:
+        await channel.default_exchange.publish(
+            answer,
+            routing_key=message.reply_to or "",
+            mandatory=False,  # a requester that went away is not the job's problem
+        )
+
+
+def _reply_message(message: AbstractIncomingMessage, reply: BaseModel) -> aio_pika.Message | None:
     if not message.reply_to or not message.reply_to.startswith(REPLY_QUEUE_PREFIXES):
         if message.reply_to:
             log.warning("not replying to reply_to %r: not a reply queue", message.reply_to[:80])
-        return
-    await channel.default_exchange.publish(
-        aio_pika.Message(
-            reply.model_dump_json(exclude_none=True).encode(),
-            content_type=JSON,
-            correlation_id=message.correlation_id,
-        ),
-        routing_key=message.reply_to,
-        mandatory=False,  # a requester that went away is not the job's problem
+        return None
+    return aio_pika.Message(
+        reply.model_dump_json(exclude_none=True).encode(),
+        content_type=JSON,
+        correlation_id=message.correlation_id,
     )
 
 
