@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rich.text import Text
 
 from sandfleet.common.errors import SubmissionRejected
+from sandfleet.common.event_loop import run_fast
 from sandfleet.common.events import Event, Phase, worker_state
 from sandfleet.common.lifecycle import until_signalled
 from sandfleet.common.logs import setup_logging
@@ -61,7 +62,7 @@ def gateway(metrics_port: MetricsPort = None) -> None:
     if metrics_port is not None:
         settings = settings.model_copy(update={"metrics_port": metrics_port})
     setup_logging(settings.log_level)
-    asyncio.run(until_signalled(run_gateway(settings)))
+    run_fast(until_signalled(run_gateway(settings)))
 
 
 def submit(
@@ -69,10 +70,7 @@ def submit(
     file: Annotated[
         Path | None,
         typer.Option(
-            "-f",
-            "--file",
-            help="A whole request, JSON or YAML (.yaml/.yml); '-' for stdin. A .jsonl file "
-            "is a sweep: one request per line, sent in batches (no --wait).",
+            "-f", "--file", help="A request: JSON, YAML ('-': stdin); .jsonl: a sweep, one a line"
         ),
     ] = None,
     driver: DriverOption = None,
@@ -116,10 +114,7 @@ def submit(
         )
     out = Output(as_json)
     if file is not None and is_sweep_file(str(file)):
-        if wait:
-            raise typer.BadParameter("a sweep is not waited for", param_hint="--wait")
-        lines, requests = _sweep_from_file(file)
-        _exit_with(_submit_sweep(lines, requests, out))
+        _exit_with(_submit_sweep(*_sweep_from_file(file, wait=wait), out))
     if file is not None:
         request = _request_from_file(file)
     else:
@@ -138,7 +133,9 @@ def _request_from_file(file: Path) -> dict[str, Any]:
         raise typer.BadParameter(str(exc), param_hint="--file") from None
 
 
-def _sweep_from_file(file: Path) -> tuple[list[int], list[dict[str, Any]]]:
+def _sweep_from_file(file: Path, *, wait: bool) -> tuple[list[int], list[dict[str, Any]]]:
+    if wait:
+        raise typer.BadParameter("a sweep is not waited for", param_hint="--wait")
     try:
         return load_sweep_file(str(file))
     except JobFileInvalid as exc:

@@ -17,7 +17,6 @@ from typing import Any, Self
 
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
@@ -34,9 +33,7 @@ from sandfleet.common.models import BatchReply, SubmitReply
 from sandfleet.common.settings import Settings
 from sandfleet.common.topology import (
     CANCEL_TYPE,
-    EVENTS_EXCHANGE,
     EVENTS_LOG_QUEUE,
-    JOBS_EXCHANGE,
     SUBMIT_QUEUE,
     Topology,
     declare_topology,
@@ -116,7 +113,7 @@ class Gateway(AsyncCloseable):
         # submission to be delivered again whose job the next cannot tell from unqueued.
         self._replies = await self._connection.channel(publisher_confirms=False)
         self._events = EchoedEvents(
-            EventPublisher(await self._publishing_exchange(EVENTS_EXCHANGE)),
+            EventPublisher(self._topology.events),
             partial(fresh_events, self._connection),
             echo=self._echoed,
         )
@@ -135,7 +132,7 @@ class Gateway(AsyncCloseable):
             jobs=self._jobs,
             ownership=ownership,
             events=self._events,
-            job_exchange=await self._publishing_exchange(JOBS_EXCHANGE),
+            job_exchange=self._topology.jobs,
             route_exists=self._routes.exists,
             signer=self._signer,
         )
@@ -152,13 +149,6 @@ class Gateway(AsyncCloseable):
         await submit.consume(self._on_submission)
         self._consuming = True
         log.info("gateway on %s consuming %s", settings.host, SUBMIT_QUEUE)
-
-    async def _publishing_exchange(self, name: str) -> AbstractExchange:
-        """`name` on a confirmed channel of its own (returns raised): events and jobs each
-        have one, so their publishes do not queue behind each other and the replies."""
-        assert self._connection is not None
-        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        return await channel.get_exchange(name, ensure=False)
 
     @property
     def healthy(self) -> bool:
