@@ -14,8 +14,10 @@ Two requests for one job id never both run it: the later waits for the earlier's
 (`_in_flight`), then is answered as a duplicate of the job, or admitted anew if the
 earlier was rejected. A submission the broker delivers again (its gateway died, or lost
 its channel, before the ack) whose job was accepted but is not known to be queued has
-its job queued again: nothing accepted is lost. (A job queued just before such a death
-is then queued twice: a host's journal drops the second copy on the same host.)
+its job queued again: nothing accepted is lost. A job confirmed just before such a death
+(before its submission's ack reached the broker) is then queued twice: a host's journal
+drops the second copy on the same host, but a worker of another host taking it from a
+driver's shared queue would run it again (AMQP 0-9-1 has no atomic publish-and-ack).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ event, is in the job queue; no job is there that was not accepted.
 A job may be there twice: a gateway killed after its job's confirm but before the
 submission's ack leaves a submission the broker delivers again, and the next gateway
 cannot tell whether the job went out, so it queues it again (the host journal drops
-the second copy on one host). The copies are bounded by what was in hand at each kill.
+the second copy on one host, not on another). The copies are bounded by what was in
+hand at each kill; the test prints how many there were.
 """
 
 from __future__ import annotations
