@@ -205,6 +205,15 @@ class SubmitReply(_Strict):
         return self.status is ReplyStatus.ACCEPTED
 
 
+class BatchReply(_Strict):
+    """The reply to a batch submission (`{"jobs": [request, …]}`): `results[i]` answers
+    `jobs[i]`. A batch refused as a whole (not a list, too many, too big) has `errors`
+    and no results."""
+
+    results: list[SubmitReply] = Field(default_factory=list)
+    errors: list[FieldError] = Field(default_factory=list)
+
+
 class CancelRequest(_Strict):
     """Sent to the gateway, which checks that the requester owns the job (or is an
     admin) and publishes it, signed, to sandfleet.control; every worker keeps the set of
@@ -235,6 +244,7 @@ def field_errors(
 
 __all__ = [
     "MAX_TIMEOUT_CONTEXT",
+    "BatchReply",
     "CancelRequest",
     "DriverName",
     "GpuRequirement",

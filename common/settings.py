@@ -39,6 +39,9 @@ class GpuUnhealthyAction(StrEnum):
     STOP = "stop"  # that note, then the job is stopped and fails, reason GpuUnhealthy
 
 
+# The most requests one batch submission may carry, whatever SANDFLEET_MAX_BATCH says.
+MAX_BATCH_CEILING = 10_000
+
 # Ten years: far past any job, far short of what datetime and the runtimes' clocks can hold.
 MAX_TIMEOUT_CEILING_SECONDS = 10 * 365 * 86400
 
@@ -79,7 +82,11 @@ class Settings(BaseSettings):
     # gateway
     max_message_bytes: int = Field(default=1 << 20, gt=0)
     max_driver_config_bytes: int = Field(default=64 << 10, gt=0)
-    gateway_concurrency: int = Field(default=64, gt=0)
+    # Submissions admitted at once (the submission queue's prefetch): each waits on its
+    # broker confirms, so more in flight means more confirms awaited together.
+    gateway_concurrency: int = Field(default=64, gt=0, le=65535)
+    # The most requests one batch submission ({"jobs": [...]}) may carry.
+    max_batch: int = Field(default=1000, gt=0, le=MAX_BATCH_CEILING)
     # The longest `template.timeout_seconds` a request may ask for; a job with no timeout
     # still runs unbounded. Capped itself so that no deadline overflows clock arithmetic.
     max_timeout_seconds: int = Field(default=7 * 86400, gt=0, le=MAX_TIMEOUT_CEILING_SECONDS)

@@ -4,6 +4,7 @@ the submitter's side. Exit codes: `sandfleet.gateway.exits`; output: `render.Out
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 from rich.text import Text
 
 from sandfleet.common.errors import SubmissionRejected
+from sandfleet.common.event_loop import run_fast
 from sandfleet.common.events import Event, Phase, worker_state
 from sandfleet.common.lifecycle import until_signalled
 from sandfleet.common.logs import setup_logging
@@ -23,10 +25,16 @@ from sandfleet.common.settings import Settings
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.events_stream import EventFilter, EventStream
 from sandfleet.gateway.exits import ExitCode, exit_code_of
-from sandfleet.gateway.job_file import JobFileInvalid, load_job_file
+from sandfleet.gateway.job_file import (
+    JobFileInvalid,
+    is_sweep_file,
+    load_job_file,
+    load_sweep_file,
+)
 from sandfleet.gateway.render import (
     Output,
     make_console,
+    print_sweep,
     workers_table,
 )
 from sandfleet.gateway.request_flags import build_request
@@ -54,7 +62,7 @@ def gateway(metrics_port: MetricsPort = None) -> None:
     if metrics_port is not None:
         settings = settings.model_copy(update={"metrics_port": metrics_port})
     setup_logging(settings.log_level)
-    asyncio.run(until_signalled(run_gateway(settings)))
+    run_fast(until_signalled(run_gateway(settings)))
 
 
 def submit(
@@ -62,7 +70,7 @@ def submit(
     file: Annotated[
         Path | None,
         typer.Option(
-            "-f", "--file", help="A whole request, JSON or YAML (.yaml/.yml); '-' for stdin."
+            "-f", "--file", help="A request: JSON, YAML ('-': stdin); .jsonl: a sweep, one a line"
         ),
     ] = None,
     driver: DriverOption = None,
@@ -104,6 +112,9 @@ def submit(
             "give the whole request with -f, or describe it with flags, not both",
             param_hint="--file",
         )
+    out = Output(as_json)
+    if file is not None and is_sweep_file(str(file)):
+        _exit_with(_submit_sweep(*_sweep_from_file(file, wait=wait), out))
     if file is not None:
         request = _request_from_file(file)
     else:
@@ -112,7 +123,6 @@ def submit(
             timeout=timeout, gpu_count=gpu_count, gpu_devices=gpu_device or [], host=host,
             job_id=job_id, cpu=cpu, memory=memory,
         )  # fmt: skip
-    out = Output(as_json)
     _exit_with(_submit_and_follow(request, out) if wait else _submit(request, out))
 
 
@@ -121,6 +131,27 @@ def _request_from_file(file: Path) -> dict[str, Any]:
         return load_job_file(str(file))
     except JobFileInvalid as exc:
         raise typer.BadParameter(str(exc), param_hint="--file") from None
+
+
+def _sweep_from_file(file: Path, *, wait: bool) -> tuple[list[int], list[dict[str, Any]]]:
+    if wait:
+        raise typer.BadParameter("a sweep is not waited for", param_hint="--wait")
+    try:
+        return load_sweep_file(str(file))
+    except JobFileInvalid as exc:
+        raise typer.BadParameter(str(exc), param_hint="--file") from None
+
+
+async def _submit_sweep(lines: list[int], requests: list[dict[str, Any]], out: Output) -> int:
+    started = time.monotonic()
+    async with Client() as client:
+        replies = await client.submit_many(requests)
+    if out.as_json:
+        for line, reply in zip(lines, replies, strict=True):
+            out.json_line({"line": line, **reply.model_dump(mode="json", exclude_none=True)})
+    else:
+        print_sweep(out.console, lines, replies, time.monotonic() - started)
+    return ExitCode.SUCCEEDED if all(reply.accepted for reply in replies) else ExitCode.REJECTED
 
 
 async def _submit(request: dict[str, Any], out: Output) -> int:

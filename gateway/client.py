@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
@@ -39,7 +39,7 @@ from sandfleet.common.errors import (
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.models import CancelRequest, SandboxRequest, SubmitReply
-from sandfleet.common.settings import Settings
+from sandfleet.common.settings import MAX_BATCH_CEILING, Settings
 from sandfleet.common.topology import (
     CANCEL_TYPE,
     QUERIES_EXCHANGE,
@@ -50,6 +50,7 @@ from sandfleet.common.view_queries import ViewQuery, ViewReply
 from sandfleet.gateway.events_stream import EventFilter, EventStream
 from sandfleet.gateway.gateway_requests import GatewayRequests
 from sandfleet.gateway.job_log import JobLogStream, job_log_lines
+from sandfleet.gateway.submit_batches import Chunk, all_or_none, chunks, replies_of
 
 __all__ = ["Client", "ClientClosed", "EventFilter", "EventStream", "JobRun", "Request"]
 
@@ -137,6 +138,44 @@ class Client(AsyncCloseable):
         """
         body = _request_body(request)
         return await self._ask(body, SUBMIT_TYPE, timeout, resend=_names_its_job(body))
+
+    async def submit_many(
+        self,
+        requests: Iterable[Request],
+        *,
+        batch_size: int | None = None,
+        in_flight: int = 4,
+        timeout: float = REPLY_TIMEOUT_SECONDS,
+    ) -> list[SubmitReply]:
+        """Submit many requests as batch submissions (`batch_size` each, at most; default
+        SANDFLEET_MAX_BATCH), `in_flight` batches at once; one reply per request, in order.
+
+        Each request is validated and answered on its own, as `submit` would have it.
+        FleetUnreachable when no gateway answers a batch within `timeout` seconds.
+        """
+        size = batch_size or self._settings.max_batch
+        if not 0 < size <= MAX_BATCH_CEILING or in_flight < 1:
+            raise ValueError(f"batch_size must be 1 to {MAX_BATCH_CEILING}, in_flight 1 or more")
+        bodies = [_request_body(request) for request in requests]
+        replies: list[SubmitReply | None] = [None] * len(bodies)
+        gate = asyncio.Semaphore(in_flight)
+        requests_out = self._open_requests()
+
+        async def send(chunk: Chunk) -> None:
+            async with gate:
+                raw = await requests_out.ask(
+                    chunk.body,
+                    SUBMIT_TYPE,
+                    exchange=SUBMISSIONS_EXCHANGE,
+                    timeout=timeout,
+                    resend=chunk.resendable,
+                )
+            for position, reply in zip(chunk.positions, replies_of(chunk, raw), strict=True):
+                replies[position] = reply
+
+        batches = chunks(bodies, batch_size=size, max_bytes=self._settings.max_message_bytes)
+        await all_or_none([send(chunk) for chunk in batches])
+        return [reply for reply in replies if reply is not None]
 
     async def _ask(self, body: bytes, kind: str, timeout: float, *, resend: bool) -> SubmitReply:
         """Send `body` (a `kind` message) to the gateway; its reply."""

@@ -22,6 +22,10 @@ from sandfleet.common.settings import Settings
 # The gateway's default limit on a submission: a bigger file would be rejected anyway.
 MAX_JOB_FILE_BYTES: int = Settings.model_fields["max_message_bytes"].default
 
+# `sandfleet submit -f sweep.jsonl`: one request per line, sent as batch submissions.
+SWEEP_SUFFIXES = {".jsonl", ".ndjson"}
+MAX_SWEEP_REQUESTS = 100_000
+
 _YAML_SUFFIXES = {".yaml", ".yml"}
 _JSON_SUFFIXES = {".json"}
 
@@ -43,6 +47,48 @@ def load_job_file(name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise JobFileInvalid(f"the request must be a mapping at the top, not {_kind(data)}")
     _check_json_value(data, "")
+    return data
+
+
+def is_sweep_file(name: str) -> bool:
+    return Path(name).suffix.lower() in SWEEP_SUFFIXES
+
+
+def load_sweep_file(name: str) -> tuple[list[int], list[dict[str, Any]]]:
+    """The requests of a JSON-lines file (one request per line; blank lines skipped), with
+    their line numbers. Each line is checked as a job file is, its errors named by line."""
+    lines: list[int] = []
+    requests: list[dict[str, Any]] = []
+    try:
+        with open(name, "rb") as file:
+            for number, raw in enumerate(
+                iter(lambda: file.readline(MAX_JOB_FILE_BYTES + 1), b""), 1
+            ):
+                if not raw.strip():
+                    continue
+                if len(requests) == MAX_SWEEP_REQUESTS:
+                    raise JobFileInvalid(f"over {MAX_SWEEP_REQUESTS} requests; split the file")
+                requests.append(_sweep_line(raw, number))
+                lines.append(number)
+    except OSError as exc:
+        raise JobFileInvalid(f"cannot read {name}: {exc.strerror or exc}") from None
+    if not requests:
+        raise JobFileInvalid(f"{name} holds no requests")
+    return lines, requests
+
+
+def _sweep_line(raw: bytes, number: int) -> dict[str, Any]:
+    if len(raw) > MAX_JOB_FILE_BYTES:
+        raise JobFileInvalid(f"line {number}: over {MAX_JOB_FILE_BYTES} bytes, the gateway's limit")
+    try:
+        data = _parse_json(raw.decode("utf-8"))
+        if not isinstance(data, dict):
+            raise JobFileInvalid(f"the request must be a mapping, not {_kind(data)}")
+        _check_json_value(data, "")
+    except UnicodeDecodeError as exc:
+        raise JobFileInvalid(f"line {number}: not UTF-8 text: {exc}") from None
+    except JobFileInvalid as exc:
+        raise JobFileInvalid(f"line {number}: {exc}") from None
     return data
 
 

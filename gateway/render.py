@@ -108,6 +108,32 @@ def print_reply(console: Console, reply: SubmitReply) -> None:
     console.print(reply_text(reply), soft_wrap=True)
 
 
+# A sweep's rejections shown one by one, at most; the rest are counted.
+MAX_SHOWN_REJECTIONS = 20
+
+
+def print_sweep(
+    console: Console, lines: list[int], replies: list[SubmitReply], seconds: float
+) -> None:
+    """A sweep's outcome (`sandfleet submit -f FILE.jsonl`): counts, then each rejected
+    request by its line."""
+    accepted = sum(reply.accepted for reply in replies)
+    duplicates = sum(bool(reply.duplicate) for reply in replies)
+    rejected = [(line, reply) for line, reply in zip(lines, replies, strict=True)
+                if not reply.accepted]  # fmt: skip
+    summary = Text.assemble(
+        f"{len(replies)} submitted in {seconds:.2f} s: ",
+        (f"{accepted} accepted", "green"),
+        f" ({duplicates} already submitted), " if duplicates else ", ",
+        (f"{len(rejected)} rejected", "bold red" if rejected else ""),
+    )
+    console.print(summary, soft_wrap=True)
+    for line, reply in rejected[:MAX_SHOWN_REJECTIONS]:
+        console.print(Text(f"line {line}: ") + reply_text(reply), soft_wrap=True)
+    if len(rejected) > MAX_SHOWN_REJECTIONS:
+        console.print(Text(f"… and {len(rejected) - MAX_SHOWN_REJECTIONS} more rejected"))
+
+
 def status_line(job_id: str, phase: Phase) -> Text:
     return Text.assemble(f"{job_id}: ", (phase.value, "bold"))
 

@@ -1,13 +1,11 @@
 """The gateway: consumes `sandfleet.submit`, admits or rejects, routes jobs to driver queues.
 
-For each submission, in this order:
-    identify (the broker-checked AMQP user_id) → decode → admit (envelope rules)
-    → the job id is the submitter's to use → check the route exists → `accepted` event
-    → read back as the id's first `accepted` in the log (several gateways: job_index)
-    → sign and publish the job (persistent, confirmed, mandatory) → reply.
-The `accepted` event is confirmed before the job is published, so no worker event
-for a job can precede it in the event log. Cancellation requests arrive on the same
-queue and go to `sandfleet.gateway.cancel_desk`.
+A submission is one request or a batch of them (`sandfleet.gateway.batch`); each request
+goes through `sandfleet.gateway.admission` (its `accepted` event confirmed, then read back
+as the id's first `accepted` in the log before its job is published, the job confirmed
+before the reply says `accepted`), and many go at once: up to SANDFLEET_GATEWAY_CONCURRENCY submissions in hand, each batch's requests
+together. Cancellation requests arrive on the same queue and go to
+`sandfleet.gateway.cancel_desk`.
 """
 
 from __future__ import annotations
@@ -15,48 +13,38 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
-from typing import Self
+from typing import Any, Self
 
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import PublishError
 
-from sandfleet.common.amqp import (
-    EventPublisher,
-    connect,
-    job_message,
-    publish_through_outages,
-    send_reply,
-    settle,
-)
+from sandfleet.common.amqp import EventPublisher, connect, send_reply, settle
 from sandfleet.common.broker_urls import node_address, split_broker_urls, vhost_of
 from sandfleet.common.cluster_start import start_when_cluster_ready
-from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
+from sandfleet.common.errors import RequestInvalid
 from sandfleet.common.event_replay import EchoedEvents, fresh_events
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.metrics import connection_up, metrics_served
-from sandfleet.common.models import Job, ReplyStatus, SubmitReply
+from sandfleet.common.models import BatchReply, SubmitReply
 from sandfleet.common.settings import Settings
-from sandfleet.common.signing import signed
 from sandfleet.common.topology import (
     CANCEL_TYPE,
     EVENTS_LOG_QUEUE,
     SUBMIT_QUEUE,
     Topology,
     declare_topology,
-    job_queue_name,
-    job_routing_key,
 )
+from sandfleet.gateway.admission import Admission
+from sandfleet.gateway.batch import answer_batch, batch_items, refused_batch
 from sandfleet.gateway.cancel_desk import CancelDesk
-from sandfleet.gateway.envelope import admit, decode, new_job_id
 from sandfleet.gateway.job_index import JobIndex
 from sandfleet.gateway.job_view import JobView
 from sandfleet.gateway.metrics import GatewayMetrics
-from sandfleet.gateway.ownership import UNIDENTIFIED, Ownership
+from sandfleet.gateway.ownership import Ownership
 from sandfleet.gateway.route_checker import RouteChecker
 from sandfleet.gateway.signer import job_signer, say_how_signed
 from sandfleet.gateway.view_desk import ViewDesk
@@ -71,6 +59,7 @@ class Gateway(AsyncCloseable):
         self._settings = settings
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
+        self._replies: AbstractChannel | None = None
         self._topology: Topology | None = None
         self._events: EchoedEvents | None = None
         self._routes: RouteChecker | None = None
@@ -82,15 +71,12 @@ class Gateway(AsyncCloseable):
             max_age_seconds=settings.events_max_age_seconds,
             host=settings.host,
         )
-        self._ownership: Ownership | None = None
+        self._admission: Admission | None = None
         self._cancels: CancelDesk | None = None
         self._signer = job_signer(settings)
         self.metrics = GatewayMetrics()
         self._consuming = False
         self._in_hand: set[asyncio.Task[None]] = set()  # submissions being handled
-        # accepted, but not queued yet (their publish failed, or their place in the log
-        # is not known yet): job id → (job, its `accepted` event's id)
-        self._unqueued: dict[str, tuple[Job, str]] = {}
 
     async def __aenter__(self) -> Self:
         await self.view.open()
@@ -122,6 +108,10 @@ class Gateway(AsyncCloseable):
             publisher_confirms=True, on_return_raises=True
         )
         self._topology = await declare_topology(self._connection, self._channel)
+        # Replies unconfirmed (a lost one is asked again): no broker round trip between
+        # a job's confirm and its submission's ack, where a gateway that dies leaves a
+        # submission to be delivered again whose job the next cannot tell from unqueued.
+        self._replies = await self._connection.channel(publisher_confirms=False)
         self._events = EchoedEvents(
             EventPublisher(self._topology.events),
             partial(fresh_events, self._connection),
@@ -132,12 +122,21 @@ class Gateway(AsyncCloseable):
         self._jobs = JobIndex(await self._connection.channel(), self.view)
         await self._jobs.start()  # know every job id in the log before taking submissions
         await ViewDesk(await self._connection.channel(), self.view, host=settings.host).start()
-        self._ownership = Ownership(self._jobs, settings.admin_logins)
+        ownership = Ownership(self._jobs, settings.admin_logins)
+        self._admission = Admission(
+            settings,
+            jobs=self._jobs,
+            ownership=ownership,
+            events=self._events,
+            job_exchange=self._topology.jobs,
+            route_exists=self._routes.exists,
+            signer=self._signer,
+        )
         self._cancels = CancelDesk(
             self._channel,
             self._topology.control,
             self._events,
-            self._ownership,
+            ownership,
             signer=self._signer,
             host=settings.host,
         )
@@ -151,11 +150,6 @@ class Gateway(AsyncCloseable):
     def healthy(self) -> bool:
         """Consuming submissions: connected, not reconnecting (`/healthz`)."""
         return self._consuming and connection_up(self._connection)
-
-    @property
-    def jobs(self) -> JobIndex | None:
-        """The job ids this gateway knows, from the event log (None before it starts)."""
-        return self._jobs
 
     async def refresh_metrics(self) -> None:
         """The depths of the submission queue and of the job queues routed to so far."""
@@ -171,6 +165,11 @@ class Gateway(AsyncCloseable):
     async def aclose(self) -> None:
         await self._disconnect()
         await self.view.aclose()
+
+    @property
+    def jobs(self) -> JobIndex | None:
+        """The job ids this gateway knows, from the event log (None before it starts)."""
+        return self._jobs
 
     async def _echoed(self, event: Event) -> bool:
         """Which of its events the gateway publishes again (common.event_replay): each
@@ -203,175 +202,51 @@ class Gateway(AsyncCloseable):
             assert self._cancels is not None
             await self._cancels.handle(message)
             return
-        assert self._ownership is not None
-        submitter, data = message.user_id, None
+        assert self._admission is not None
+        settings = self._settings
         try:
-            if not submitter:
-                raise RequestInvalid([UNIDENTIFIED])
-            data = decode(message.body, max_bytes=self._settings.max_message_bytes)
-            job = admit(message.body, self._settings)
-        except MessageUndecodable as exc:
-            error = FieldError(field="request", message=str(exc))
-            rejection_id = self._ownership.rejection_id(data, submitter)
-            await self._reject(message, rejection_id, [error], "MalformedMessage")
-            raise
+            items = batch_items(
+                message.body,
+                max_bytes=settings.max_message_bytes,
+                max_batch=settings.max_batch,
+            )
         except RequestInvalid as exc:
-            rejection_id = self._ownership.rejection_id(data, submitter)
-            await self._reject(message, rejection_id, exc.errors, "InvalidRequest")
+            await self._admission.refuse(message.user_id, exc)
+            await self._reply(message, refused_batch(exc))
             raise
-        await self._route(message, job.model_copy(update={"submitted_by": submitter}))
-
-    async def _route(self, message: AbstractIncomingMessage, job: Job) -> None:
-        assert self._jobs is not None and self._ownership is not None
-        assert job.submitted_by is not None
-        if refusal := self._ownership.submit_refusal(job.job_id, job.submitted_by):
-            await self._reject(message, new_job_id(), [refusal], "JobIdTaken")
-            raise RequestInvalid([refusal])
-        if (phase := self._jobs.existing(job.job_id)) is not None:
-            if (accepted := self._unqueued.pop(job.job_id, None)) is not None:
-                await self._settle_then_queue(message, *accepted)  # its acceptance stands
-                return
-            await self._reply_duplicate(message, job.job_id, phase)
+        if items is not None:
+            await self._handle_batch(message, items)
             return
-        # No await since the checks: concurrent twins see it.
-        self._jobs.reserve(job.job_id, job.submitted_by)
-        try:
-            event_id = await self._accept(message, job)
-        except BaseException:
-            self._jobs.forget(job.job_id)
-            raise
-        await self._settle_then_queue(message, job, event_id)
-
-    async def _settle_then_queue(
-        self, message: AbstractIncomingMessage, job: Job, event_id: str
-    ) -> None:
-        """Queue `job` if its `accepted` event took the id: the first for it in the log,
-        which every gateway reads alike (job_index). A twin accepted by another gateway
-        a moment before is answered as the duplicate it is."""
-        assert self._jobs is not None and self._ownership is not None
-        try:
-            took = await self._jobs.settled(job.job_id, event_id)
-        except BaseException:
-            # Its place in the log not read yet (a timeout, a shutdown): not queued but
-            # kept, and settled when its submission comes back, never accepted twice.
-            self._unqueued[job.job_id] = (job, event_id)
-            raise
-        if took:
-            await self._queue_or_keep(message, job, event_id)
-            return
-        assert job.submitted_by is not None
-        if refusal := self._ownership.submit_refusal(job.job_id, job.submitted_by):
-            await self._reject(message, new_job_id(), [refusal], "JobIdTaken")
-            raise RequestInvalid([refusal])
-        phase = self._jobs.existing(job.job_id) or Phase.ACCEPTED
-        await self._reply_duplicate(message, job.job_id, phase)
-
-    async def _reply_duplicate(
-        self, message: AbstractIncomingMessage, job_id: str, phase: Phase
-    ) -> None:
-        reply = SubmitReply(status=ReplyStatus.ACCEPTED, job_id=job_id, duplicate=True, phase=phase)
-        await self._reply(message, reply)
-
-    async def _queue_or_keep(
-        self, message: AbstractIncomingMessage, job: Job, event_id: str
-    ) -> None:
-        assert self._jobs is not None
-        try:
-            await self._queue(message, job)
-        except RequestInvalid:  # unroutable after all: rejected, and the id free again
-            self._jobs.forget(job.job_id)
-            raise
-        except BaseException:
-            # Accepted (its event is out) but not queued: kept, and queued when its
-            # submission comes back (redelivered, or sent again), never accepted twice.
-            self._unqueued[job.job_id] = (job, event_id)
-            raise
-
-    async def _accept(self, message: AbstractIncomingMessage, job: Job) -> str:
-        """Publish `job`'s `accepted` event (its route checked first); its event_id."""
-        assert self._routes is not None
-        queue = job_queue_name(job.driver, job.placement.host)
-        if not await self._routes.exists(queue):
-            raise RequestInvalid(await self._unroutable(message, job))
-        event = await self._emit(job, Phase.ACCEPTED, "Accepted", f"queued on {queue}")
-        return event.event_id
-
-    async def _queue(self, message: AbstractIncomingMessage, job: Job) -> None:
-        assert self._topology is not None
-        host = job.placement.host
-        message_out = job_message(signed(job, self._signer))
-        jobs = self._topology.jobs
-        try:
-            # Through a lost node too: the connection moves to another and the publish
-            # is made again. A copy that did land before is run once (the host journal).
-            await publish_through_outages(
-                lambda: jobs.publish(
-                    message_out, routing_key=job_routing_key(job.driver, host), mandatory=True
-                ),
-                what=f"job {job.job_id}",
-            )
-        except PublishError as exc:
-            log.warning("job %s unroutable after acceptance: %s", job.job_id, exc)
-            raise RequestInvalid(await self._unroutable(message, job)) from exc
-        await self._reply(message, SubmitReply(status=ReplyStatus.ACCEPTED, job_id=job.job_id))
-
-    async def _unroutable(self, message: AbstractIncomingMessage, job: Job) -> list[FieldError]:
-        if job.placement.host:
-            error = FieldError(
-                field="placement.host",
-                message=f"no {job.driver} worker serves host {job.placement.host!r}",
-            )
-        else:
-            error = FieldError(field="driver", message=f"no worker serves driver {job.driver!r}")
-        await self._reject(message, job.job_id, [error], "Unroutable", driver=job.driver)
-        return [error]
-
-    async def _reject(
-        self,
-        message: AbstractIncomingMessage,
-        job_id: str,
-        errors: list[FieldError],
-        reason: str,
-        *,
-        driver: str | None = None,
-    ) -> None:
-        assert self._events is not None
-        errors = bounded_errors(errors)  # a huge request must not make a huge event
-        summary = "; ".join(str(e) for e in errors)
-        await self._events.publish(
-            Event(
-                job_id=job_id,
-                phase=Phase.REJECTED,
-                reason=reason,
-                message=summary,
-                driver=driver,
-                host=self._settings.host,
-                submitted_by=message.user_id,
-                errors=errors,
-            )
+        reply = await self._admission.answer(
+            message.body, message.user_id, redelivered=bool(message.redelivered)
         )
-        reply = SubmitReply(status=ReplyStatus.REJECTED, job_id=job_id, errors=errors)
         await self._reply(message, reply)
+        if not reply.accepted:
+            raise RequestInvalid(reply.errors)  # dead-lettered, as the event says
 
-    async def _emit(self, job: Job, phase: Phase, reason: str, text: str) -> Event:
-        assert self._events is not None
-        event = Event(
-            job_id=job.job_id,
-            phase=phase,
-            reason=reason,
-            message=text,
-            driver=job.driver,
-            host=self._settings.host,
-            submitted_by=job.submitted_by,
-            labels=job.labels or None,
-        )
-        await self._events.publish(event)
-        return event
+    async def _handle_batch(self, message: AbstractIncomingMessage, items: list[Any]) -> None:
+        assert self._admission is not None
+        admission, submitter = self._admission, message.user_id
 
-    async def _reply(self, message: AbstractIncomingMessage, reply: SubmitReply) -> None:
-        assert self._channel is not None
-        await send_reply(self._channel, message, reply)
-        self.metrics.answered(reply)
+        async def one(body: bytes, data: Any) -> SubmitReply:
+            reply = await admission.answer(
+                body, submitter, redelivered=bool(message.redelivered), data=data
+            )
+            self.metrics.answered(reply)
+            return reply
+
+        await self._reply(message, await answer_batch(items, one))
+
+    def _channel_for_replies(self) -> AbstractChannel:
+        assert self._replies is not None
+        return self._replies
+
+    async def _reply(
+        self, message: AbstractIncomingMessage, reply: SubmitReply | BatchReply
+    ) -> None:
+        await send_reply(self._channel_for_replies(), message, reply)
+        if isinstance(reply, SubmitReply):
+            self.metrics.answered(reply)
 
 
 def mirrored_log(broker_url: str) -> str:

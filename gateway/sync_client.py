@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Coroutine, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, Protocol, Self, TypeVar
 
@@ -138,6 +138,21 @@ class SyncClient(Closeable):
     def submit(self, request: Request, *, timeout: float = REPLY_TIMEOUT_SECONDS) -> SubmitReply:
         """See `Client.submit`."""
         return self._call(self._client.submit(request, timeout=timeout))
+
+    def submit_many(
+        self,
+        requests: Iterable[Request],
+        *,
+        batch_size: int | None = None,
+        in_flight: int = 4,
+        timeout: float = REPLY_TIMEOUT_SECONDS,
+    ) -> list[SubmitReply]:
+        """See `Client.submit_many`."""
+        return self._call(
+            self._client.submit_many(
+                requests, batch_size=batch_size, in_flight=in_flight, timeout=timeout
+            )
+        )
 
     def wait(self, job_id: str, *, timeout: float | None = None) -> Event:
         """See `Client.wait`."""
