@@ -3,9 +3,9 @@
 A submission is one request or a batch of them (`sandfleet.gateway.batch`); each request
 goes through `sandfleet.gateway.admission` (its `accepted` event confirmed, then read back
 as the id's first `accepted` in the log before its job is published, the job confirmed
-before the reply says `accepted`), and many go at once: up to SANDFLEET_GATEWAY_CONCURRENCY submissions in hand, each batch's requests
-together. Cancellation requests arrive on the same queue and go to
-`sandfleet.gateway.cancel_desk`.
+before the reply says `accepted`), and many go at once: up to
+SANDFLEET_GATEWAY_CONCURRENCY submissions in hand, each batch's requests together.
+Cancellation requests arrive on the same queue and go to `sandfleet.gateway.cancel_desk`.
 """
 
 from __future__ import annotations
