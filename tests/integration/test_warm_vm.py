@@ -138,7 +138,9 @@ async def test_a_taken_warm_guest_runs_the_job_as_its_own(
     value = "line one\nline $two 'three'"
     job = job_for(
         vm_guest,
-        ["sh", "-c", 'printf "%s\\n" "$VALUE"; exit 7'],
+        # Long enough to be running still when the take returns at its begin marker (a
+        # job ending at once was once past its exit marker when the state was read).
+        ["sh", "-c", 'printf "%s\\n" "$VALUE"; sleep 3; exit 7'],
         environment={"VALUE": value},
         labels={"team": "warm"},
     )
