@@ -22,7 +22,7 @@ from sandfleet.common.settings import Settings
 from sandfleet.common.topology import job_routing_key, retry_queue_name
 from sandfleet.gateway.client import Client
 from sandfleet.workers.gpu.claims import GpuClaimStore, WorkerLease
-from tests.support import eventually, until_terminal
+from tests.support import eventually, submit_and_wait, until_terminal
 from tests.support.broker import ready_messages
 from tests.support.gpus import FOUR_UUIDS, GPU_PROBE, write_inventory
 from tests.support.runtimes import TEST_CDI_KIND, WorkerFactory, containers_of
@@ -75,9 +75,8 @@ async def test_docker_gpu_job_gets_exactly_its_claimed_devices(
     test_image: str,
 ) -> None:
     req = gpu_request(test_image, 2)
-    async with gpu_worker() as worker, client.events(job_id=req["job_id"]) as stream:
-        assert (await client.submit(req)).accepted
-        events = await until_terminal(stream, req["job_id"])
+    async with gpu_worker() as worker:
+        events = await submit_and_wait(client, req, timeout=30)
 
     assert [e.phase for e in events] == [
         Phase.ACCEPTED,
@@ -104,9 +103,8 @@ async def test_exact_ids_claim_those_gpus_by_any_alias(
 ) -> None:
     ids = [f"{TEST_CDI_KIND}=2", f"{TEST_CDI_KIND}={UUIDS[1]}"]
     req = gpu_request(test_image, 2, ids=ids)
-    async with gpu_worker(), client.events(job_id=req["job_id"]) as stream:
-        assert (await client.submit(req)).accepted
-        events = await until_terminal(stream, req["job_id"])
+    async with gpu_worker():
+        events = await submit_and_wait(client, req, timeout=30)
     claimed = next(e for e in events if e.phase is Phase.CLAIMED)
     assert claimed.gpus == ids
     assert claimed.message == f"physical GPUs {UUIDS[2]}, {UUIDS[1]}"
@@ -125,9 +123,8 @@ async def test_a_gpu_the_cdi_spec_lacks_fails_with_dockers_reason_and_frees_the_
 ) -> None:
     # GPU 3 is in the inventory, but the test CDI spec has no device 3.
     req = gpu_request(test_image, 1, ids=[f"{TEST_CDI_KIND}=3"])
-    async with gpu_worker() as worker, client.events(job_id=req["job_id"]) as stream:
-        assert (await client.submit(req)).accepted
-        events = await until_terminal(stream, req["job_id"])
+    async with gpu_worker() as worker:
+        events = await submit_and_wait(client, req, timeout=30)
     assert events[-1].phase is Phase.FAILED
     assert f"{TEST_CDI_KIND}=3" in events[-1].message
     assert worker.claims.claims() == []
@@ -138,9 +135,8 @@ async def test_unknown_gpu_id_is_rejected_with_its_field_path(
     client: Client, gpu_worker: WorkerFactory, test_image: str
 ) -> None:
     req = gpu_request(test_image, 1, ids=[f"{TEST_CDI_KIND}=7"])
-    async with gpu_worker() as worker, client.events(job_id=req["job_id"]) as stream:
-        assert (await client.submit(req)).accepted
-        events = await until_terminal(stream, req["job_id"])
+    async with gpu_worker() as worker:
+        events = await submit_and_wait(client, req, timeout=30)
     assert events[-1].phase is Phase.REJECTED
     assert [(e.field, e.message) for e in events[-1].errors] == [
         (
@@ -254,9 +250,8 @@ async def test_more_gpus_than_the_host_has_is_unschedulable_at_once(
     client: Client, gpu_worker: WorkerFactory, test_image: str
 ) -> None:
     req = gpu_request(test_image, 5)
-    async with gpu_worker(), client.events(job_id=req["job_id"]) as stream:
-        assert (await client.submit(req)).accepted
-        events = await until_terminal(stream, req["job_id"])
+    async with gpu_worker():
+        events = await submit_and_wait(client, req, timeout=30)
     assert [e.phase for e in events] == [Phase.ACCEPTED, Phase.FAILED]
     assert events[-1].reason == "Unschedulable"
 
