@@ -16,13 +16,13 @@ from datetime import UTC, datetime
 
 import aio_pika
 
-from bench.broker_tools import windowed
+from bench.broker_tools import EVENT_ID_MARK, templated_event, windowed
 from sandfleet.common.events import HEARTBEAT_ALIVE, Event, Phase, WorkerHealth
 from sandfleet.common.topology import declare_topology
 
 JOB_PHASES = (Phase.ACCEPTED, Phase.STARTING, Phase.RUNNING, Phase.SUCCEEDED)
 HEARTBEAT_EVERY = 10
-JOB_MARK, EVENT_MARK = "JOB-ID-HERE", "0" * 31 + "e"
+JOB_MARK = "JOB-ID-HERE"
 
 
 def _event(phase: Phase) -> Event:
@@ -30,14 +30,14 @@ def _event(phase: Phase) -> Event:
         health = WorkerHealth(
             slots=8, free_slots=8, started_at=datetime.now(UTC), heartbeat_seconds=10.0
         )
-        return Event(event_id=EVENT_MARK, job_id=None, phase=phase, reason=HEARTBEAT_ALIVE,
+        return Event(event_id=EVENT_ID_MARK, job_id=None, phase=phase, reason=HEARTBEAT_ALIVE,
                      driver="docker", host="fillworker", worker_id="fillworker-1",
                      health=health)  # fmt: skip
     if phase is Phase.ACCEPTED:
-        return Event(event_id=EVENT_MARK, job_id=JOB_MARK, phase=phase, reason="Accepted",
+        return Event(event_id=EVENT_ID_MARK, job_id=JOB_MARK, phase=phase, reason="Accepted",
                      driver="docker", host="fillgw", submitted_by="guest", labels={})  # fmt: skip
     done = {"exit_code": 0, "timings": {"queued": 0.1, "running": 1.0}}
-    return Event(event_id=EVENT_MARK, job_id=JOB_MARK, phase=phase, reason=phase.value.title(),
+    return Event(event_id=EVENT_ID_MARK, job_id=JOB_MARK, phase=phase, reason=phase.value.title(),
                  driver="docker", host="fillworker", worker_id="fillworker-1",
                  **(done if phase is Phase.SUCCEEDED else {}))  # fmt: skip
 
@@ -59,17 +59,8 @@ class EventTemplates:
             job_event = i - i // HEARTBEAT_EVERY
             phase = JOB_PHASES[job_event % len(JOB_PHASES)]
             job_id = f"fill-{self.run}-{job_event // len(JOB_PHASES):07d}"
-        event_id = uuid.uuid4().hex
         template, routing_key = self._templates[phase]
-        body = template.replace(EVENT_MARK, event_id).replace(JOB_MARK, job_id)
-        message = aio_pika.Message(
-            body.encode(),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=event_id,
-            type="sandfleet.event",
-        )
-        return message, routing_key
+        return templated_event(template, uuid.uuid4().hex, **{JOB_MARK: job_id}), routing_key
 
 
 async def fill(url: str, n: int, window: int) -> float:

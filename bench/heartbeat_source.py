@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 import aio_pika
 from aio_pika.abc import AbstractExchange
 
+from bench.broker_tools import EVENT_ID_MARK, templated_event
 from sandfleet.common.events import HEARTBEAT_ALIVE, Event, Phase, WorkerHealth
 from sandfleet.common.topology import declare_topology
 
@@ -28,7 +29,7 @@ WORKERS = 1000
 WINDOW = 256  # publishes awaiting their confirms
 BACKLOG_LIMIT = 10_000  # behind by more than this, the source skips ahead (and says so)
 STARTED = datetime.now(UTC)
-EVENT_MARK, TIME_MARK = "0" * 31 + "e", "TIME-HERE"
+TIME_MARK = "TIME-HERE"
 TEMPLATE_TIME = datetime(2000, 1, 1, tzinfo=UTC)
 
 
@@ -42,7 +43,7 @@ class Heartbeats:
         self._templates = []
         for i in range(WORKERS):
             event = Event(
-                event_id=EVENT_MARK,
+                event_id=EVENT_ID_MARK,
                 job_id=None,
                 phase=Phase.HEARTBEAT,
                 reason=HEARTBEAT_ALIVE,
@@ -60,16 +61,8 @@ class Heartbeats:
 
     def message(self, i: int) -> tuple[aio_pika.Message, str]:
         template, routing_key = self._templates[i % WORKERS]
-        event_id, now = uuid.uuid4().hex, datetime.now(UTC).isoformat()
-        body = template.replace(EVENT_MARK, event_id).replace(TIME_MARK, now)
-        message = aio_pika.Message(
-            body.encode(),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=event_id,
-            type="sandfleet.event",
-        )
-        return message, routing_key
+        now = datetime.now(UTC).isoformat()
+        return templated_event(template, uuid.uuid4().hex, **{TIME_MARK: now}), routing_key
 
 
 class Pacer:
