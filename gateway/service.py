@@ -232,17 +232,14 @@ class Gateway(AsyncCloseable):
 
         await self._reply(message, await answer_batch(items, one))
 
-    def _channel_for_replies(self) -> AbstractChannel:
-        # The confirmed channel: a channel of replies' own, unconfirmed, saved a round
-        # trip, but was left closed after a cluster node's loss (no gateway answered
-        # again: tests/faults/test_cluster_failover.py).
-        assert self._channel is not None
-        return self._channel
-
     async def _reply(
         self, message: AbstractIncomingMessage, reply: SubmitReply | BatchReply
     ) -> None:
-        await send_reply(self._channel_for_replies(), message, reply)
+        # On the confirmed channel: a channel of replies' own, unconfirmed, saved a round
+        # trip, but was left closed after a cluster node's loss (no gateway answered
+        # again: tests/faults/test_cluster_failover.py).
+        assert self._channel is not None
+        await send_reply(self._channel, message, reply)
         if isinstance(reply, SubmitReply):
             self.metrics.answered(reply)
 
