@@ -8,13 +8,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from bench.broker_tools import vhost
 from bench.celery_baseline import celery_rate
 from bench.gateway_processes import GatewayKit, start_gateway, stop
+from bench.process_cpu import CpuMeter, broker_pids
 from bench.throughput_client import (
     BatchesUnsupported,
     Submitter,
@@ -74,28 +75,58 @@ async def _consuming(submitter: Submitter, count: int) -> None:
         await asyncio.sleep(0.1)
 
 
+@dataclass(frozen=True)
+class Timed:
+    """A timed run: its seconds, and the CPU seconds its answering processes and the
+    broker (where it runs on this machine) spent meanwhile."""
+
+    seconds: float
+    cpu: float | None  # None: no process of its own answered (raw, Celery)
+    broker_cpu: float | None
+
+    def figure(self, jobs: int, note: str) -> Figure:
+        return Figure(
+            jobs / self.seconds, note, _per_job(self.cpu, jobs), _per_job(self.broker_cpu, jobs)
+        )
+
+
+def _per_job(seconds: float | None, jobs: int) -> float | None:
+    return None if seconds is None else seconds * 1000 / jobs
+
+
+async def timed(work: Awaitable[float], processes: list[subprocess.Popen[bytes]]) -> Timed:
+    """`work`'s seconds (bench.throughput_client.answered), metered."""
+    brokers = broker_pids()
+    answering, broker = CpuMeter.of(p.pid for p in processes), CpuMeter.of(brokers)
+    answering.start()
+    broker.start()
+    seconds = await answered(work, processes, RUN_TIMEOUT)
+    cpu = answering.seconds() if processes else None
+    return Timed(seconds, cpu, broker.seconds() if brokers else None)
+
+
 async def _timed_jobs(
     submitter: Submitter, processes: list[subprocess.Popen[bytes]], run: BenchRun, *, warmed: int
-) -> float:
-    """Seconds for run.n single-job submissions, the job queue checked after."""
+) -> Timed:
+    """run.n single-job submissions, timed, the job queue checked after."""
     bodies = payloads(run.n, submitter.host)
-    seconds = await answered(submitter.submit_all(bodies, run.window), processes, RUN_TIMEOUT)
+    outcome = await timed(submitter.submit_all(bodies, run.window), processes)
     queued = await submitter.queued()
     if queued != warmed + run.n:
         raise RuntimeError(f"expected {warmed + run.n} jobs in the job queue, found {queued}")
-    return seconds
+    return outcome
 
 
 async def raw(run: BenchRun) -> Figure:
     async with vhost(run.base_url) as url:
-        seconds = await raw_publishes(url, payloads(run.n, "raw"), run.window)
-    return Figure(run.n / seconds, f"window {run.window}")
+        outcome = await timed(raw_publishes(url, payloads(run.n, "raw"), run.window), [])
+    return outcome.figure(run.n, f"window {run.window}")
 
 
 async def relay(run: BenchRun) -> Figure:
     async with served(run, naive_relay) as (_, submitter, processes):
-        seconds = await _timed_jobs(submitter, processes, run, warmed=WARM_UP)
-    return Figure(run.n / seconds, "its own process, prefetch 64")
+        outcome = await _timed_jobs(submitter, processes, run, warmed=WARM_UP)
+    return outcome.figure(run.n, "its own process, prefetch 64")
 
 
 async def celery(run: BenchRun) -> Figure:
@@ -108,8 +139,8 @@ async def celery(run: BenchRun) -> Figure:
 
 async def gateway(run: BenchRun, *, processes: int = 1) -> Figure:
     async with served(run, run.gateway, processes) as (_, submitter, started):
-        seconds = await _timed_jobs(submitter, started, run, warmed=WARM_UP * processes)
-    return Figure(run.n / seconds, f"window {run.window}")
+        outcome = await _timed_jobs(submitter, started, run, warmed=WARM_UP * processes)
+    return outcome.figure(run.n, f"window {run.window}")
 
 
 async def gateway_batched(run: BenchRun) -> Figure:
@@ -120,13 +151,11 @@ async def gateway_batched(run: BenchRun) -> Figure:
         except BatchesUnsupported:
             return Figure(missing="unsupported", note="the reply has no `results`")
         bodies = batch_bodies(run.n, submitter.host, run.batch)
-        seconds = await answered(
-            submitter.submit_batches(bodies, run.window), processes, RUN_TIMEOUT
-        )
+        outcome = await timed(submitter.submit_batches(bodies, run.window), processes)
         queued = await submitter.queued()
     if queued != WARM_UP + 2 + run.n:
         raise RuntimeError(f"expected {WARM_UP + 2 + run.n} jobs queued, found {queued}")
-    return Figure(run.n / seconds, f"{run.batch} jobs a submission")
+    return outcome.figure(run.n, f"{run.batch} jobs a submission")
 
 
 async def gateway_heartbeats(run: BenchRun) -> tuple[Figure, float]:
@@ -137,10 +166,10 @@ async def gateway_heartbeats(run: BenchRun) -> tuple[Figure, float]:
     ):
         await meter.flowing(HEARTBEATS_PER_SECOND)  # about a second of them, first
         before = meter.latest
-        seconds = await _timed_jobs(submitter, processes, run, warmed=WARM_UP)
+        outcome = await _timed_jobs(submitter, processes, run, warmed=WARM_UP)
         after = meter.latest
     beats = (after[0] - before[0]) / max(after[1] - before[1], 1e-3)
-    return Figure(run.n / seconds, f"{beats:,.0f} heartbeats/s during the run"), beats
+    return outcome.figure(run.n, f"{beats:,.0f} heartbeats/s during the run"), beats
 
 
 class HeartbeatMeter:

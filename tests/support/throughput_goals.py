@@ -52,6 +52,8 @@ class Figure:
 
     rate: float | None = None
     note: str = ""
+    cpu_ms: float | None = None  # CPU ms per job of the processes that answered
+    broker_cpu_ms: float | None = None  # the broker's CPU ms per job, where it is local
     missing: str = ""  # "unsupported", "skipped (...)", "failed: ...": why no rate
 
 
@@ -116,6 +118,7 @@ def goals(results: Results) -> list[Goal]:
             BATCHED_VS_CELERY,
         ),
         _heartbeat_goal(results),
+        _heartbeat_cpu_goal(results),
         _startup_goal(results.startup),
     ]
 
@@ -134,6 +137,18 @@ def _heartbeat_goal(results: Results) -> Goal:
     return Goal(label, goal.met, f"{goal.detail} at {beats:,.0f} heartbeats/s")
 
 
+def _heartbeat_cpu_goal(results: Results) -> Goal:
+    """What the rate goal stands for, without the heartbeat source's and the broker's
+    share of a small machine's cores: the gateway's own CPU per admitted job."""
+    label = f"gateway CPU/job with heartbeats within {HEARTBEAT_SLOWDOWN:.0%} of without"
+    flowing, quiet = results.figures.get(Scenario.HEARTBEATS), results.figures.get(Scenario.SINGLE)
+    if flowing is None or quiet is None or flowing.cpu_ms is None or quiet.cpu_ms is None:
+        return Goal(label, None, "not measured")
+    share = flowing.cpu_ms / quiet.cpu_ms
+    detail = f"{flowing.cpu_ms:.2f} vs {quiet.cpu_ms:.2f} ms ({share:.2f}x)"
+    return Goal(label, share <= 1 + HEARTBEAT_SLOWDOWN, detail)
+
+
 def _startup_goal(startup: Startup | None) -> Goal:
     if startup is None:
         return Goal(f"restart ≤ {STARTUP_SECONDS:g} s with the log full", None, "not measured")
@@ -148,7 +163,9 @@ def _times(share: float | None) -> str:
 
 def rates_table(results: Results) -> Table:
     table = Table(title="Admissions per second, one broker, one run")
-    for column in ("scenario", "per second", "x broker limit", "x Celery", "note"):
+    columns = ("scenario", "per second", "x broker limit", "x Celery", "CPU ms/job",
+               "broker ms/job", "note")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column in {"scenario", "note"} else "right")
     limit, celery = results.rate(Scenario.LIMIT), results.rate(Scenario.CELERY)
     for scenario, label in LABELS.items():
@@ -159,9 +176,18 @@ def rates_table(results: Results) -> Table:
         rate = figure.rate
         shown = f"{rate:,.0f}" if rate is not None else figure.missing
         table.add_row(
-            label, shown, _times(ratio(rate, limit)), _times(ratio(rate, celery)), figure.note
-        )
+            label, shown, _times(ratio(rate, limit)), _times(ratio(rate, celery)),
+            _ms(figure.cpu_ms), _ms(figure.broker_cpu_ms), figure.note,
+        )  # fmt: skip
+    table.caption = (
+        "CPU ms/job: the answering processes' CPU (user + system) per job; broker ms/job:"
+        " RabbitMQ's, where it runs on this machine (raw: per publish)"
+    )
     return table
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def startup_table(startup: Startup) -> Table:
