@@ -44,7 +44,7 @@ EVERYTHING = ".*"
 # Markers carry a uuid4().hex (common.stream_follower).
 _MARKER_KEYS = f"^{re.escape(LOG_MARKER_KEY_PREFIX)}[0-9a-f]{{32}}$"
 _SHARED = (
-    r"submit|submissions|jobs|retry|dead|events|events\.log|control|control\.log"
+    r"submit|submissions|jobs|retry|dead|events|events\.log|heartbeats\.log|control|control\.log"
     r"|queries|view|logs|logs\.log"
 )
 WORKER_PHASES = "|".join(phase.value for phase in Phase if phase not in (Phase.ACCEPTED,))
@@ -118,7 +118,7 @@ def submitter() -> Permissions:
         # sandfleet.queries only: the gateways alone consume sandfleet.view, so nobody
         # reads another's questions or answers in their place
         write=r"^sandfleet\.(submissions|events|queries|logs)$",
-        read=r"^sandfleet\.(events|logs)\.log$",
+        read=r"^sandfleet\.(events|heartbeats|logs)\.log$",
         events_write=_MARKER_KEYS,
         logs_write=_MARKER_KEYS,
     )
@@ -128,7 +128,7 @@ def observer() -> Permissions:
     return Permissions(
         configure=NOTHING,
         write=r"^sandfleet\.(events|queries|logs)$",  # events, logs: markers only (*_write)
-        read=r"^sandfleet\.(events|logs)\.log$",
+        read=r"^sandfleet\.(events|heartbeats|logs)\.log$",
         events_write=_MARKER_KEYS,
         logs_write=_MARKER_KEYS,
     )

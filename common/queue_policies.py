@@ -33,6 +33,9 @@ from sandfleet.common.topology import (
     DEAD_QUEUE,
     EVENTS_LOG_QUEUE,
     EVENTS_MAX_LENGTH_BYTES,
+    HEARTBEATS_LOG_QUEUE,
+    HEARTBEATS_MAX_AGE,
+    HEARTBEATS_MAX_LENGTH_BYTES,
     JOBS_EXCHANGE,
     LOGS_LOG_QUEUE,
     LOGS_MAX_LENGTH_BYTES,
@@ -89,6 +92,7 @@ def fleet_policies(settings: Settings) -> list[QueuePolicy]:
             "sandfleet-view", _exactly(VIEW_QUEUE), {"max-length": VIEW_MAX_LENGTH, **replicated}
         ),
         _log_policy(EVENTS_LOG_QUEUE, settings.events_max_age, EVENTS_MAX_LENGTH_BYTES),
+        _log_policy(HEARTBEATS_LOG_QUEUE, HEARTBEATS_MAX_AGE, HEARTBEATS_MAX_LENGTH_BYTES),
         _log_policy(CONTROL_LOG_QUEUE, settings.events_max_age, CONTROL_MAX_LENGTH_BYTES),
         _log_policy(LOGS_LOG_QUEUE, settings.logs_max_age, LOGS_MAX_LENGTH_BYTES),
     ]

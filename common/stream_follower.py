@@ -22,6 +22,7 @@ from sandfleet.common.topology import (
     CONTROL_LOG_QUEUE,
     EVENTS_EXCHANGE,
     EVENTS_LOG_QUEUE,
+    HEARTBEATS_LOG_QUEUE,
     LOG_MARKER_KEY_PREFIX,
     LOG_MARKER_TYPE,
     LOGS_EXCHANGE,
@@ -153,6 +154,7 @@ def _acked(task: asyncio.Task[None]) -> None:
 # The exchange that feeds each log, where its markers go in.
 _LOG_EXCHANGES = {
     EVENTS_LOG_QUEUE: EVENTS_EXCHANGE,
+    HEARTBEATS_LOG_QUEUE: EVENTS_EXCHANGE,  # a marker there lands in the event log too
     CONTROL_LOG_QUEUE: CONTROL_EXCHANGE,
     LOGS_LOG_QUEUE: LOGS_EXCHANGE,
 }

@@ -37,6 +37,7 @@ from aiormq.abc import FieldTable
 from aiormq.exceptions import ChannelAccessRefused
 
 from sandfleet.common.errors import SandfleetError
+from sandfleet.common.events import Phase
 
 SUBMIT_QUEUE = "sandfleet.submit"
 SUBMISSIONS_EXCHANGE = "sandfleet.submissions"
@@ -45,6 +46,10 @@ DEAD_EXCHANGE = "sandfleet.dead"
 DEAD_QUEUE = "sandfleet.dead"
 EVENTS_EXCHANGE = "sandfleet.events"
 EVENTS_LOG_QUEUE = "sandfleet.events.log"
+# Workers' heartbeats have a log of their own: the gateway follows the event log for the
+# jobs' events, and a fleet's heartbeats (one per worker every few seconds, carrying its
+# GPU inventory) would make every gateway's cost grow with the fleet's size.
+HEARTBEATS_LOG_QUEUE = "sandfleet.heartbeats.log"
 LOGS_EXCHANGE = "sandfleet.logs"
 LOGS_LOG_QUEUE = "sandfleet.logs.log"
 CONTROL_EXCHANGE = "sandfleet.control"
@@ -60,6 +65,10 @@ VIEW_QUERY_TTL_MS = 30_000
 VIEW_MAX_LENGTH = 10_000
 
 EVENTS_MAX_LENGTH_BYTES = 1 << 30
+# Heartbeats say how the fleet is now: an hour of them is plenty for `top --since` and
+# `workers`, and the size cap bounds a big fleet's (1,000 workers: ~4 GiB a day).
+HEARTBEATS_MAX_AGE = "1h"
+HEARTBEATS_MAX_LENGTH_BYTES = 512 << 20
 DEAD_MAX_LENGTH_BYTES = 1 << 30
 # Cancellations are small (a bounded CancelRequest), so this holds millions.
 CONTROL_MAX_LENGTH_BYTES = 256 << 20
@@ -146,9 +155,7 @@ async def declare_topology(
     await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
     for driver, host in job_queues:
         await declare_job_queue(connection, channel, driver, host)
-    events = await _declare_logged_exchange(
-        connection, channel, EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, EVENTS_LOG_QUEUE
-    )
+    events = await _declare_events_exchange(connection, channel)
     control = await _declare_logged_exchange(
         connection, channel, CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, CONTROL_LOG_QUEUE
     )
@@ -219,6 +226,37 @@ async def _declare_logged_exchange(
     exchange = await channel.declare_exchange(name, kind, durable=True)
     log = await _queue(connection, channel, log_queue, STREAM_ARGS)
     await log.bind(exchange, routing_key="#")
+    return exchange
+
+
+def event_log_keys() -> list[str]:
+    """The routing keys (topic patterns) the event log is bound to: every job phase's
+    events and the markers that find the log's end; not heartbeats."""
+    phases = [phase for phase in Phase if phase is not Phase.HEARTBEAT]
+    return [f"{phase.value}.#" for phase in phases] + [f"{LOG_MARKER_KEY_PREFIX}#"]
+
+
+def heartbeat_log_keys() -> list[str]:
+    """The routing keys the heartbeat log is bound to: heartbeats, and the markers."""
+    return [f"{Phase.HEARTBEAT.value}.#", f"{LOG_MARKER_KEY_PREFIX}#"]
+
+
+async def _declare_events_exchange(
+    connection: AbstractConnection, channel: AbstractChannel
+) -> AbstractExchange:
+    """sandfleet.events and its two logs: the jobs' events, and the heartbeats."""
+    exchange = await channel.declare_exchange(
+        EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    log = await _queue(connection, channel, EVENTS_LOG_QUEUE, STREAM_ARGS)
+    for key in event_log_keys():
+        await log.bind(exchange, routing_key=key)
+    # A fleet set up by an older release bound the event log to everything (heartbeats
+    # too); unbinding a binding that is not there is no error.
+    await log.unbind(exchange, routing_key="#")
+    beats = await _queue(connection, channel, HEARTBEATS_LOG_QUEUE, STREAM_ARGS)
+    for key in heartbeat_log_keys():
+        await beats.bind(exchange, routing_key=key)
     return exchange
 
 

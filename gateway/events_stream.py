@@ -1,11 +1,15 @@
 """Reading the event log: live, or replayed from its start, filtered by job, driver,
 host and phase.
 
-A reader declares nothing. It finds the log with a passive declare, which RabbitMQ
+Jobs' events are in `sandfleet.events.log`, workers' heartbeats in
+`sandfleet.heartbeats.log` (common.topology); a reader reads the one its filter needs,
+or both (`EventFilter.logs`).
+
+A reader declares nothing. It finds a log with a passive declare, which RabbitMQ
 3.10 allows with no permission at all (tests/integration/test_client.py measures it),
-and needs read permission on `sandfleet.events.log` to consume it and write
-permission on `sandfleet.events` for routing keys `log-marker.*` to mark where the
-history ends.
+and needs read permission on the log to consume it and write permission on
+`sandfleet.events` for routing keys `log-marker.*` to mark where the history ends (one
+marker lands in both logs).
 
 An event counts only if it came under its own routing key (`<phase>.<driver>.<host>`):
 the broker's topic authorisation lets a worker publish only its own host's keys, so an
@@ -20,6 +24,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection
 from datetime import datetime
+from functools import partial
 from typing import Any, Self
 
 from aio_pika.abc import (
@@ -34,7 +39,7 @@ from sandfleet.common.errors import FleetUnreachable
 from sandfleet.common.events import Event, Phase, event_from_log
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.stream_follower import is_log_marker, publish_log_marker
-from sandfleet.common.topology import EVENTS_LOG_QUEUE
+from sandfleet.common.topology import EVENTS_LOG_QUEUE, HEARTBEATS_LOG_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,16 @@ class EventFilter:
         phases: Collection[Phase] = (),
     ) -> None:
         self.job_id, self.driver, self.host, self.phases = job_id, driver, host, frozenset(phases)
+
+    def logs(self) -> tuple[str, ...]:
+        """The logs whose events can match: heartbeats (no job's) only in theirs."""
+        phases = self.phases or frozenset(Phase)
+        logs = []
+        if phases - {Phase.HEARTBEAT}:
+            logs.append(EVENTS_LOG_QUEUE)
+        if Phase.HEARTBEAT in phases and self.job_id is None:
+            logs.append(HEARTBEATS_LOG_QUEUE)
+        return tuple(logs) or (EVENTS_LOG_QUEUE,)  # nothing can match: read one anyway
 
     def __call__(self, event: Event) -> bool:
         return (
@@ -91,6 +106,7 @@ class EventStream(AsyncCloseable):
         self._channel: AbstractChannel | None = None
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._marker: str | None = None
+        self._markers_due = 0  # the marker's copies not read yet: one per log read
         # A worker that takes over a dead one's job re-publishes its terminal event under
         # the same event_id; a reader sees it once.
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -105,21 +121,26 @@ class EventStream(AsyncCloseable):
     async def _open_consumer(self) -> None:
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=500)  # streams require a prefetch
+        for log_queue in self._match.logs():
+            await self._consume(self._channel, log_queue)
+
+    async def _consume(self, channel: AbstractChannel, log_queue: str) -> None:
         try:
             # Passive: needs no permission, and the robust channel restores the consumer
             # after a reconnect (a queue made with get_queue(ensure=False) it forgets).
-            stream = await self._channel.declare_queue(EVENTS_LOG_QUEUE, passive=True)
+            stream = await channel.declare_queue(log_queue, passive=True)
         except ChannelNotFoundEntity:
             await self.aclose()  # else the robust channel reopens itself, unused
             raise FleetUnreachable(
-                self._shown_url, f"no event log ({EVENTS_LOG_QUEUE}): no gateway has run here"
+                self._shown_url,
+                f"no event log ({log_queue}): no gateway (of this sandfleet version) has run here",
             ) from None
         # aio-pika re-consumes with this same dict after a reconnect; keeping the next
         # offset in it makes the stream resume where it was, not at "next" (a gap).
-        self._arguments: dict[str, Any] = {"x-stream-offset": self._offset}
-        await stream.consume(self._receive, arguments=self._arguments)
+        arguments: dict[str, Any] = {"x-stream-offset": self._offset}
+        await stream.consume(partial(self._receive, arguments), arguments=arguments)
 
-    async def _receive(self, message: AbstractIncomingMessage) -> None:
+    async def _receive(self, arguments: dict[str, Any], message: AbstractIncomingMessage) -> None:
         if self._channel is None:
             # Closing: an ack written after channel.close makes the broker close the
             # whole connection (504 "expected 'channel.open'").
@@ -129,7 +150,7 @@ class EventStream(AsyncCloseable):
         await message.ack()
         offset = (message.headers or {}).get("x-stream-offset")
         if isinstance(offset, int):
-            self._arguments["x-stream-offset"] = offset + 1
+            arguments["x-stream-offset"] = offset + 1
         await self._inbox.put(message)
 
     async def aclose(self) -> None:
@@ -143,6 +164,7 @@ class EventStream(AsyncCloseable):
             await self._subscribe()
         assert self._channel is not None
         self._marker = uuid.uuid4().hex
+        self._markers_due = len(self._match.logs())
         await publish_log_marker(self._channel, EVENTS_LOG_QUEUE, self._marker)
 
     async def history(self) -> AsyncIterator[Event]:
@@ -185,7 +207,9 @@ class EventStream(AsyncCloseable):
             message = await self._inbox.get()
             if is_log_marker(message):
                 if message.message_id == self._marker:
-                    return
+                    self._markers_due -= 1
+                    if self._markers_due <= 0:
+                        return  # every log read up to the marker
                 continue
             event = self._decode(message)
             if event is not None and self._first_sight(event) and self._match(event):

@@ -26,6 +26,7 @@ from sandfleet.common.topology import (
     DEAD_QUEUE,
     EVENTS_EXCHANGE,
     EVENTS_LOG_QUEUE,
+    HEARTBEATS_LOG_QUEUE,
     JOBS_EXCHANGE,
     LOG_MARKER_KEY_PREFIX,
     LOGS_EXCHANGE,
@@ -317,6 +318,7 @@ async def test_every_log_the_fleet_keeps_is_bounded(fleet: Fleet) -> None:
     found = dict(line.split("\t", 1) for line in listed.strip().splitlines()[1:])
     policies = {
         EVENTS_LOG_QUEUE: "sandfleet-events-log",
+        HEARTBEATS_LOG_QUEUE: "sandfleet-heartbeats-log",
         CONTROL_LOG_QUEUE: "sandfleet-control-log",
         LOGS_LOG_QUEUE: "sandfleet-logs-log",
         SUBMIT_QUEUE: "sandfleet-intake",

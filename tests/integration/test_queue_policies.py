@@ -16,6 +16,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 import sandfleet
+from sandfleet.common.broker_urls import vhost_of
 from sandfleet.common.events import Phase
 from sandfleet.common.queue_policies import fleet_policies
 from sandfleet.common.settings import Settings
@@ -26,6 +27,7 @@ from sandfleet.common.topology import (
     DEAD_QUEUE,
     EVENTS_EXCHANGE,
     EVENTS_LOG_QUEUE,
+    HEARTBEATS_LOG_QUEUE,
     JOBS_EXCHANGE,
     LOGS_EXCHANGE,
     LOGS_LOG_QUEUE,
@@ -42,12 +44,12 @@ from sandfleet.common.topology import (
 from sandfleet.gateway.broker_setup import DEFAULT_ADMIN_URL, CredentialsFile, set_up_broker
 from sandfleet.gateway.service import Gateway
 from tests.support import eventually
-from tests.support.broker import managed_queue
+from tests.support.broker import managed_queue, rabbitmqctl
 from tests.support.runtimes import registered_driver, worker_factory
 
 pytestmark = pytest.mark.integration
 
-STREAMS = (EVENTS_LOG_QUEUE, CONTROL_LOG_QUEUE, LOGS_LOG_QUEUE)
+STREAMS = (EVENTS_LOG_QUEUE, HEARTBEATS_LOG_QUEUE, CONTROL_LOG_QUEUE, LOGS_LOG_QUEUE)
 
 
 async def until_policy(settings: Settings, queue: str, key: str, value: object) -> dict[str, Any]:
@@ -185,3 +187,13 @@ async def test_a_fleet_whose_queues_the_old_release_declared_keeps_working(
     async with Gateway(settings), start(), sandfleet.Client(settings=settings) as client:
         done = await client.run(request, timeout=60)
     assert done.phase is Phase.SUCCEEDED
+    # The old release bound the event log to everything; heartbeats now leave it alone.
+    listed = await asyncio.to_thread(
+        rabbitmqctl, "list_bindings", "-p", vhost_of(settings.broker_url),
+        "source_name", "destination_name", "routing_key",
+    )  # fmt: skip
+    keys = {tuple(line.split("\t")[1:]) for line in listed.splitlines() if "\t" in line}
+    assert (EVENTS_LOG_QUEUE, "#") not in keys
+    assert (EVENTS_LOG_QUEUE, "heartbeat.#") not in keys
+    assert (HEARTBEATS_LOG_QUEUE, "heartbeat.#") in keys
+    assert (EVENTS_LOG_QUEUE, "running.#") in keys
