@@ -7,6 +7,13 @@ restarted gateway resumes reading the log where its view stopped instead of repl
 A message the view has no use for (a heartbeat) only moves the offset: that is written
 with the next batch, or OFFSET_WRITE_SECONDS later, never a transaction per message.
 
+Batches are gathered for FLUSH_SECONDS (or until FLUSH_EVENTS wait) before they are
+written: a transaction's own cost (its commit, the offset) is then shared by many events
+instead of the few a live gateway reads between two writes. Nothing waits on that: the
+job index answers from what it read until the view says it is written, and `flushed()`
+writes at once. Ended jobs past the log's age are forgotten every FORGET_EVERY_SECONDS,
+not in every batch.
+
 All writes and queries run on one thread of its own: the event loop never waits on
 them, and that connection is only ever used by the thread that made it. The job index's
 point look-ups of single job ids (`lookup`) read the file on a connection of the event
@@ -25,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from time import monotonic
 from typing import Any, TypeVar
 
 from sandfleet.common.events import Event, Phase
@@ -45,6 +53,13 @@ log = logging.getLogger(__name__)
 # How long a log offset moved only by messages the view skips waits to be written: a
 # restart reads those messages again (cheaply: skipped on their routing key).
 OFFSET_WRITE_SECONDS = 2.0
+# How long recorded events wait to be written with those that follow, unless FLUSH_EVENTS
+# wait already; at 600 events/s a transaction holds some 60 of them.
+FLUSH_SECONDS = 0.1
+FLUSH_EVENTS = 1000
+# How often a batch also forgets the ended jobs older than the log keeps (two DELETEs
+# that cost as much as a small batch's events).
+FORGET_EVERY_SECONDS = 10.0
 
 Written = Callable[[int], None]  # called with the offset each written batch ends at
 
@@ -62,7 +77,8 @@ class JobView:
         self._pending: list[Event] = []
         self._pending_offset: int | None = None
         self._flushing: asyncio.Task[None] | None = None
-        self._offset_timer: asyncio.TimerHandle | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._forgotten_at: float | None = None  # monotonic(); None: not since start
         self._written_offset: int | None = None
         self.written: Written | None = None
         self.applied = 0  # events that changed the view since this gateway started
@@ -92,12 +108,10 @@ class JobView:
         if event is not None and event.job_id is not None and event.phase is not Phase.HEARTBEAT:
             self._pending.append(event)
         self._pending_offset = next_offset
-        if self._pending:
+        if len(self._pending) >= FLUSH_EVENTS:
             self._start_flush()
-        elif self._offset_timer is None and not self._is_flushing():
-            self._offset_timer = asyncio.get_running_loop().call_later(
-                OFFSET_WRITE_SECONDS, self._start_flush
-            )
+        elif not self._is_flushing():  # else the flush running sees to what it leaves
+            self._flush_within(FLUSH_SECONDS if self._pending else OFFSET_WRITE_SECONDS)
 
     def skip(self, next_offset: int) -> None:
         """Move the offset past a message the view has no use for."""
@@ -124,20 +138,39 @@ class JobView:
     def _is_flushing(self) -> bool:
         return self._flushing is not None and not self._flushing.done()
 
+    def _flush_within(self, seconds: float) -> None:
+        """Start a flush `seconds` from now, unless one is due sooner already."""
+        loop = asyncio.get_running_loop()
+        if self._flush_timer is not None:
+            if self._flush_timer.when() <= loop.time() + seconds:
+                return
+            self._flush_timer.cancel()
+        self._flush_timer = loop.call_later(seconds, self._start_flush)
+
     def _start_flush(self) -> None:
-        if self._offset_timer is not None:
-            self._offset_timer.cancel()
-            self._offset_timer = None
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if not self._is_flushing():
             self._flushing = asyncio.create_task(self._flush())
 
+    def _forget_horizon(self) -> float | None:
+        """What a batch written now forgets ended jobs last updated before (wall clock);
+        None: nothing, they were looked for lately."""
+        if self._forgotten_at is not None and monotonic() - self._forgotten_at < (
+            FORGET_EVERY_SECONDS
+        ):
+            return None
+        return time.time() - self._max_age_seconds
+
     async def _flush(self) -> None:
-        # One batch per pass: whatever arrived while the previous batch was written; a
-        # remainder of skipped messages alone waits for the offset timer.
+        # One batch per pass: whatever arrived while the previous batch was written. A
+        # remainder under FLUSH_EVENTS waits to be joined by more (FLUSH_SECONDS), one of
+        # skipped messages alone for the offset timer; `flushed()` starts it sooner.
         while self._pending_offset is not None:
             events, offset = self._pending, self._pending_offset
             self._pending, self._pending_offset = [], None
-            horizon = time.time() - self._max_age_seconds
+            horizon, started = self._forget_horizon(), monotonic()
             apply = functools.partial(self._open_store().apply, events, offset, horizon=horizon)
             try:
                 self.applied += await self._run(apply)
@@ -150,15 +183,15 @@ class JobView:
                     self._pending_offset = offset
                 return
             self.batches += 1
+            if horizon is not None:
+                self._forgotten_at = started
             self._written_offset = offset
             if self.written is not None:
                 self.written(offset)
-            if not self._pending:
+            if len(self._pending) < FLUSH_EVENTS:
                 break
-        if self._pending_offset is not None and self._offset_timer is None:
-            self._offset_timer = asyncio.get_running_loop().call_later(
-                OFFSET_WRITE_SECONDS, self._start_flush
-            )
+        if self._pending_offset is not None:
+            self._flush_within(FLUSH_SECONDS if self._pending else OFFSET_WRITE_SECONDS)
 
     async def answer(self, query: ViewQuery) -> ViewReply:
         store, now = self._open_store(), time.time()
@@ -177,8 +210,8 @@ class JobView:
 
     async def aclose(self) -> None:
         await self.flushed()
-        if self._offset_timer is not None:
-            self._offset_timer.cancel()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
         if self._lookups is not None:
             self._lookups.close()
             self._lookups = None

@@ -228,6 +228,12 @@ def test_one_event_that_fails_to_apply_does_not_take_the_batch_with_it(
     batch += [event(Phase.ACCEPTED, "b", submitted_by="bob")]
     assert store.apply(batch, 42, horizon=0) == 2
     assert {o.job_id: o.owner for o in store.ownerships()} == {"a": "alice", "b": "bob"}
+    # Written once each, though the batch was tried whole before it was tried event by
+    # event; and its offset with it.
+    for job_id in "ab":
+        found = store.job(job_id)
+        assert found is not None and [entry["phase"] for entry in found[1]] == ["accepted"]
+    assert store.next_offset() == 42
 
 
 def test_a_forged_giant_exit_code_is_no_event() -> None:
