@@ -8,7 +8,7 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
@@ -33,6 +33,8 @@ from sandfleet.common.tls import TLSSettingsInvalid, tls_context_for, why_tls_fa
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+EVENT_TYPE = "sandfleet.event"
+JOB_TYPE = "sandfleet.job"
 
 
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -178,12 +180,56 @@ def json_message(model: BaseModel, **properties: object) -> aio_pika.Message:
     )
 
 
+def json_properties(
+    *,
+    message_id: str | None = None,
+    message_type: str | None = None,
+    correlation_id: str | None = None,
+    persistent: bool = True,
+) -> aiormq.spec.Basic.Properties:
+    """A JSON message's properties, as `publish_body` takes them."""
+    return aiormq.spec.Basic.Properties(
+        content_type=JSON,
+        delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT) if persistent else None,
+        message_id=message_id,
+        message_type=message_type,
+        correlation_id=correlation_id,
+    )
+
+
+async def publish_body(
+    exchange: AbstractExchange,
+    body: bytes,
+    properties: aiormq.spec.Basic.Properties,
+    *,
+    routing_key: str,
+    mandatory: bool,
+) -> None:
+    """`exchange.publish` for the gateway's hot path (an event, a job, a reply each
+    admission): no aio-pika Message to build, and no wait for the frame to be written,
+    which the broker's confirm (on a confirming channel) says anyway. A return (an
+    unroutable mandatory message) or a nack raises as with `exchange.publish`."""
+    # Every aio-pika exchange has its channel; the ABC does not declare it.
+    on: AbstractChannel = exchange.channel  # type: ignore[attr-defined]
+    if on.is_closed:
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{on!r} closed")
+    channel = cast(aiormq.Channel, await on.get_underlay_channel())  # the ABC lacks `wait`
+    await channel.basic_publish(
+        body,
+        exchange=exchange.name,
+        routing_key=routing_key,
+        properties=properties,
+        mandatory=mandatory,
+        wait=False,
+    )
+
+
 def job_message(
     job: Job, *, headers: dict[str, Any] | None = None, expiration: float | None = None
 ) -> aio_pika.Message:
     """A job as it travels on the job queues (gateway → driver queue → host queue → retry)."""
     return json_message(
-        job, message_id=job.job_id, type="sandfleet.job", headers=headers, expiration=expiration
+        job, message_id=job.job_id, type=JOB_TYPE, headers=headers, expiration=expiration
     )
 
 
@@ -244,12 +290,15 @@ class EventPublisher:
         self._retry_seconds = retry_seconds
 
     async def publish(self, event: Event) -> None:
-        message = json_message(event, message_id=event.event_id, type="sandfleet.event")
+        body = event.model_dump_json().encode()
+        properties = json_properties(message_id=event.event_id, message_type=EVENT_TYPE)
         await publish_through_outages(
-            lambda: self._exchange.publish(
-                message,
+            lambda: publish_body(
+                self._exchange,
+                body,
+                properties,
                 routing_key=event.routing_key,
-                mandatory=False,  # the log is bound to '#'; no listener: not an error
+                mandatory=False,  # the logs take every event; no listener: not an error
             ),
             what=f"event {event.event_id}",
             retry_seconds=self._retry_seconds,
@@ -267,24 +316,16 @@ async def send_reply(
     queue: RabbitMQ's direct reply-to or a server-named (`amq.gen-`) queue. Replies go
     by amq.default, which reaches every queue: a `reply_to` naming a job queue or a log
     must not make the gateway write there for a stranger."""
-    answer = _reply_message(message, reply)
-    if answer is not None:
-        await channel.default_exchange.publish(
-            answer,
-            routing_key=message.reply_to or "",
-            mandatory=False,  # a requester that went away is not the job's problem
-        )
-
-
-def _reply_message(message: AbstractIncomingMessage, reply: BaseModel) -> aio_pika.Message | None:
     if not message.reply_to or not message.reply_to.startswith(REPLY_QUEUE_PREFIXES):
         if message.reply_to:
             log.warning("not replying to reply_to %r: not a reply queue", message.reply_to[:80])
-        return None
-    return aio_pika.Message(
+        return
+    await publish_body(
+        channel.default_exchange,
         reply.model_dump_json(exclude_none=True).encode(),
-        content_type=JSON,
-        correlation_id=message.correlation_id,
+        json_properties(correlation_id=message.correlation_id, persistent=False),
+        routing_key=message.reply_to,
+        mandatory=False,  # a requester that went away is not the job's problem
     )
 
 

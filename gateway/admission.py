@@ -32,7 +32,13 @@ from typing import Any
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import PublishError
 
-from sandfleet.common.amqp import EventSink, job_message, publish_through_outages
+from sandfleet.common.amqp import (
+    JOB_TYPE,
+    EventSink,
+    json_properties,
+    publish_body,
+    publish_through_outages,
+)
 from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInvalid, bounded_errors
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.models import Job, ReplyStatus, SubmitReply
@@ -203,13 +209,16 @@ class Admission:
         return SubmitReply(status=ReplyStatus.ACCEPTED, job_id=job.job_id)
 
     async def _queue(self, job: Job) -> None:
-        message = job_message(signed(job, self._signer))
+        body = signed(job, self._signer).model_dump_json().encode()
+        properties = json_properties(message_id=job.job_id, message_type=JOB_TYPE)
         key = job_routing_key(job.driver, job.placement.host)
         try:
             # Through a lost node too: the connection moves to another and the publish
             # is made again. A copy that did land before is run once (the host journal).
             await publish_through_outages(
-                lambda: self._job_exchange.publish(message, routing_key=key, mandatory=True),
+                lambda: publish_body(
+                    self._job_exchange, body, properties, routing_key=key, mandatory=True
+                ),
                 what=f"job {job.job_id}",
             )
         except PublishError as exc:

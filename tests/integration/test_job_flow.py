@@ -12,7 +12,7 @@ import pytest
 
 from sandfleet.common.events import Phase
 from sandfleet.common.settings import Settings
-from sandfleet.common.topology import job_queue_name
+from sandfleet.common.topology import declare_job_queue, job_queue_name
 from sandfleet.gateway.client import Client
 from tests.support import eventually, until_phase, until_terminal
 from tests.support.broker import dead_letters, raw_submit, ready_messages
@@ -189,6 +189,26 @@ async def test_job_for_unserved_host_or_driver_is_rejected_not_lost(
     ]
     dead = [json.loads(b)["job_id"] for b in await dead_letters(settings.broker_url)]
     assert sorted(dead) == sorted([pinned.job_id, podman.job_id])
+
+
+async def test_a_job_queue_deleted_after_its_route_was_checked_is_rejected_not_lost(
+    settings: Settings, client: Client
+) -> None:
+    """The gateway remembers which job queues exist; one deleted since (an operator's
+    act) returns the job's mandatory publish, and its job is rejected, not lost."""
+    pinned = request("img", placement={"host": "gone"})
+    async with await aio_pika.connect(settings.broker_url) as connection:
+        channel = await connection.channel()
+        await declare_job_queue(connection, channel, "docker", "gone")
+        assert (await client.submit(pinned)).accepted  # its route is known from now on
+        await channel.queue_delete(job_queue_name("docker", "gone"))
+    reply = await client.submit(request("img", placement={"host": "gone"}))
+    assert [(e.field, e.message) for e in reply.errors] == [
+        ("placement.host", "no docker worker serves host 'gone'")
+    ]
+    async with client.events(job_id=reply.job_id, from_start=True) as stream:
+        phases = [event.phase async for event in stream.history()]
+    assert phases == [Phase.ACCEPTED, Phase.REJECTED]  # accepted, then returned
 
 
 async def test_concurrent_jobs_for_missing_queues_are_each_rejected_at_once(
