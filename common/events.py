@@ -31,6 +31,8 @@ class Phase(StrEnum):
         return self in TERMINAL_PHASES
 
 
+# Every phase of a job's life: all but workers' heartbeats.
+JOB_PHASES = frozenset(phase for phase in Phase if phase is not Phase.HEARTBEAT)
 TERMINAL_PHASES = frozenset(
     {Phase.REJECTED, Phase.SUCCEEDED, Phase.FAILED, Phase.TIMED_OUT, Phase.CANCELLED}
 )

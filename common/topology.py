@@ -248,15 +248,24 @@ async def _declare_events_exchange(
     exchange = await channel.declare_exchange(
         EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
     )
+    # The heartbeat log first: an account set up by an older release may not declare it
+    # (run this release's `broker setup` first), and until it exists the event log must
+    # keep the heartbeats it took before.
+    try:
+        beats = await _queue(connection, channel, HEARTBEATS_LOG_QUEUE, STREAM_ARGS)
+        for key in heartbeat_log_keys():
+            await beats.bind(exchange, routing_key=key)
+    except ChannelAccessRefused as exc:
+        raise TopologyUndeclared(
+            f"the broker refused {HEARTBEATS_LOG_QUEUE} to this account ({exc.args[-1]}): "
+            "set up by an older release? Run this release's `sandfleet broker setup` first"
+        ) from None
     log = await _queue(connection, channel, EVENTS_LOG_QUEUE, STREAM_ARGS)
     for key in event_log_keys():
         await log.bind(exchange, routing_key=key)
     # A fleet set up by an older release bound the event log to everything (heartbeats
     # too); unbinding a binding that is not there is no error.
     await log.unbind(exchange, routing_key="#")
-    beats = await _queue(connection, channel, HEARTBEATS_LOG_QUEUE, STREAM_ARGS)
-    for key in heartbeat_log_keys():
-        await beats.bind(exchange, routing_key=key)
     return exchange
 
 
@@ -290,8 +299,8 @@ async def declare_worker_queues(connection: AbstractConnection, *, driver: str, 
     """
     async with connection.channel() as channel:
         try:
-            # The log stream is the newest part: a broker set up before it gets it too.
-            if not await _exists(connection, LOGS_LOG_QUEUE):
+            # The heartbeat log is the newest part: a broker set up before it gets it too.
+            if not await _exists(connection, HEARTBEATS_LOG_QUEUE):
                 await declare_topology(connection, channel)
             for queue_host in (None, host):
                 if not await _exists(connection, job_queue_name(driver, queue_host)):

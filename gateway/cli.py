@@ -16,7 +16,7 @@ from rich.text import Text
 
 from sandfleet.common.errors import SubmissionRejected
 from sandfleet.common.event_loop import run_fast
-from sandfleet.common.events import Event, Phase, worker_state
+from sandfleet.common.events import JOB_PHASES, Event, Phase, worker_state
 from sandfleet.common.lifecycle import until_signalled
 from sandfleet.common.logs import setup_logging
 from sandfleet.common.metrics import MetricsPort
@@ -218,7 +218,7 @@ def watch(
     """Follow events live (Ctrl-C to stop); with --job, until that job ends: exit by its outcome."""
     phases = set(phase or [])
     if not heartbeats and not phases:
-        phases = set(Phase) - {Phase.HEARTBEAT}
+        phases = set(JOB_PHASES)
     # Shown events are filtered here, not in the stream: with --job, the job's terminal
     # event ends the watch even when its phase, driver or host is not shown.
     shown = EventFilter(driver=driver, host=host, phases=phases)
@@ -232,7 +232,13 @@ def watch(
         # One job's history is read even without --from-start (and shown only with it):
         # a job that has ended ends the watch at once.
         replay = from_start or job is not None
-        async with Client() as client, client.events(job_id=job, from_start=replay) as stream:
+        # Every job phase is read (a --job watch ends on any terminal one), heartbeats
+        # (their own log: EventFilter.logs) only when they are shown.
+        read = set(Phase) if heartbeats or Phase.HEARTBEAT in phases else JOB_PHASES
+        async with (
+            Client() as client,
+            client.events(job_id=job, from_start=replay, phases=read) as stream,
+        ):
             if job is not None:
                 return await _watch_one_job(stream, show, show_past=from_start)
             async for event in stream:

@@ -36,7 +36,7 @@ from sandfleet.common.errors import (
     JobNotFound,
     SubmissionRejected,
 )
-from sandfleet.common.events import Event, Phase
+from sandfleet.common.events import JOB_PHASES, Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.models import CancelRequest, SandboxRequest, SubmitReply
 from sandfleet.common.settings import MAX_BATCH_CEILING, Settings
@@ -231,7 +231,7 @@ class Client(AsyncCloseable):
 
         SubmissionRejected when the gateway refuses the request.
         """
-        async with self.events() as stream:
+        async with self.events(phases=JOB_PHASES) as stream:  # not the heartbeat log
             reply = await self.submit(request)
             if not reply.accepted:
                 raise SubmissionRejected(reply)

@@ -123,6 +123,11 @@ class EventStream(AsyncCloseable):
         await self._channel.set_qos(prefetch_count=500)  # streams require a prefetch
         for log_queue in self._match.logs():
             await self._consume(self._channel, log_queue)
+        if self._offset == "next":
+            # A live reader resumes after a reconnect at the offset after the last message
+            # it read, and before its first at "next" again, which skips what was logged
+            # during the outage. A marker of its own, read at once, gives it an offset.
+            await publish_log_marker(self._channel, EVENTS_LOG_QUEUE, uuid.uuid4().hex)
 
     async def _consume(self, channel: AbstractChannel, log_queue: str) -> None:
         try:

@@ -23,6 +23,7 @@ loop's own: microseconds each, and never blocked by a write (WAL).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -79,6 +80,7 @@ class JobView:
         self._flushing: asyncio.Task[None] | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._forgotten_at: float | None = None  # monotonic(); None: not since start
+        self._forgetting: asyncio.Task[None] | None = None
         self._written_offset: int | None = None
         self.written: Written | None = None
         self.applied = 0  # events that changed the view since this gateway started
@@ -87,6 +89,23 @@ class JobView:
     async def open(self) -> None:
         self._store = await self._run(lambda: ViewStore(open_view_file(self._path), log=self._log))
         self._lookups = ViewLookups(self._path)
+        self._forgetting = asyncio.create_task(self._forget_while_quiet())
+
+    async def _forget_while_quiet(self) -> None:
+        """Forget ended jobs past the log's age on a log with no events to write for a
+        while (batches forget them otherwise): their ids are free to submit again."""
+        while True:
+            await asyncio.sleep(FORGET_EVERY_SECONDS)  # a pace, not a wait on an event
+            horizon = self._forget_horizon()
+            if horizon is None or self._is_flushing():
+                continue
+            started = monotonic()
+            try:
+                await self._run(functools.partial(self._open_store().forget_ended, horizon))
+            except sqlite3.Error:
+                log.exception("job view: ended jobs not forgotten; tried again later")
+                continue
+            self._forgotten_at = started
 
     async def next_offset(self) -> int | None:
         """Where in the log to resume (None: from its beginning)."""
@@ -181,6 +200,8 @@ class JobView:
                 self._pending = events + self._pending
                 if self._pending_offset is None:
                     self._pending_offset = offset
+                # Tried again soon, whether or not more events come (a quiet log).
+                self._flush_within(OFFSET_WRITE_SECONDS)
                 return
             self.batches += 1
             if horizon is not None:
@@ -209,6 +230,11 @@ class JobView:
         return ViewReply(status=ViewStatus.OK, gateway=self._host, stats=fleet_stats(timings))
 
     async def aclose(self) -> None:
+        if self._forgetting is not None:
+            self._forgetting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._forgetting
+            self._forgetting = None
         await self.flushed()
         if self._flush_timer is not None:
             self._flush_timer.cancel()

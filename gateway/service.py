@@ -180,17 +180,19 @@ class Gateway(AsyncCloseable):
         """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
         await asyncio.Event().wait()
 
-    async def _on_submission(self, message: AbstractIncomingMessage) -> None:
+    def _on_submission(self, message: AbstractIncomingMessage) -> asyncio.Task[None]:
         # In a task of the gateway's own: aiormq cancels a consumer's callback when its
         # connection is lost, which would cut a submission between its `accepted` event
         # and its job's publish, and the redelivered submission would then be answered
         # as a duplicate of a job never queued. The task rides the outage out (the
         # publish is retried on the new connection); its ack, on the lost channel, fails,
-        # and the redelivered copy is answered as the duplicate it is.
+        # and the redelivered copy is answered as the duplicate it is. A plain function,
+        # not a coroutine: aio-pika then calls it without a task of its own per
+        # submission (the prefetch still bounds how many are in hand).
         task = asyncio.create_task(settle(message, self._handle))
         self._in_hand.add(task)
         task.add_done_callback(self._in_hand.discard)
-        await asyncio.shield(task)
+        return task
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         if message.type == CANCEL_TYPE:

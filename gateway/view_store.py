@@ -251,6 +251,11 @@ class ViewStore:
              None if event.timings is None else json.dumps(event.timings), event.job_id),
         )  # fmt: skip
 
+    def forget_ended(self, horizon: float) -> None:
+        """Forget ended jobs last updated before `horizon`, in a transaction of its own."""
+        with self._transaction():
+            self._forget_before(horizon)
+
     def _forget_before(self, horizon: float) -> None:
         ended = f"phase IN ({', '.join('?' * len(_TERMINAL))}) AND updated_at < ?"
         self._db.execute(

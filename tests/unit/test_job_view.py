@@ -17,6 +17,7 @@ from sandfleet.common.view_queries import ViewQuery
 from sandfleet.gateway import job_view
 from sandfleet.gateway.job_view import JobView
 from sandfleet.gateway.view_store import ViewStore
+from tests.support import eventually
 
 
 def accepted(job_id: str, **fields: Any) -> Event:
@@ -109,4 +110,54 @@ async def test_ended_jobs_are_forgotten_every_so_often_not_in_every_batch(
     view.record(accepted("later"), 4)
     await view.flushed()
     assert await listed(view) == ["first", "later"]
+    await view.aclose()
+
+
+async def test_a_batch_the_disk_refused_is_tried_again_without_another_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet log brings no next event to write the refused batch with."""
+    monkeypatch.setattr(job_view, "OFFSET_WRITE_SECONDS", 0.05)
+    view = JobView(tmp_path / "view.sqlite3", log="test", max_age_seconds=3600, host="gw")
+    await view.open()
+    offsets = written_offsets(view)
+    real_apply = ViewStore.apply
+    refusals = [sqlite3.OperationalError("database is locked")]
+
+    def apply_once_refused(store: ViewStore, *args: Any, **kwargs: Any) -> int:
+        if refusals:
+            raise refusals.pop()
+        return real_apply(store, *args, **kwargs)
+
+    monkeypatch.setattr(ViewStore, "apply", apply_once_refused)
+    view.record(accepted("a"), 1)
+    await view.flushed()  # refused
+    assert await asyncio.wait_for(offsets.get(), timeout=5) == 1  # and written since
+    assert await listed(view) == ["a"]
+    await view.aclose()
+
+
+async def test_a_quiet_view_still_forgets_ended_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches forget ended jobs past the log's age; with no events to write (heartbeats
+    have a log of their own), the view still does, and their ids are free again."""
+    clock = [1000.0]
+    monkeypatch.setattr(job_view, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(job_view, "FORGET_EVERY_SECONDS", 0.05)
+    view = JobView(tmp_path / "view.sqlite3", log="test", max_age_seconds=3600, host="gw")
+    await view.open()
+    old = datetime.fromtimestamp(datetime.now(UTC).timestamp() - 7200, UTC)
+    view.record(accepted("first"), 1)
+    await view.flushed()  # looks for old jobs: none yet
+    view.record(accepted("old", timestamp=old), 2)
+    view.record(Event(job_id="old", phase=Phase.SUCCEEDED, host="w", timestamp=old), 3)
+    await view.flushed()
+    assert await listed(view) == ["first", "old"]  # looked for a moment ago: kept for now
+    clock[0] += 1.0  # past FORGET_EVERY_SECONDS, and nothing more is read
+
+    async def forgotten() -> bool:
+        return await listed(view) == ["first"]
+
+    await eventually(forgotten, timeout=5)
     await view.aclose()
