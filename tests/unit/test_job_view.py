@@ -31,6 +31,19 @@ def written_offsets(view: JobView) -> asyncio.Queue[int]:
     return offsets
 
 
+def refuse_once(monkeypatch: pytest.MonkeyPatch, error: sqlite3.Error) -> None:
+    """The view's next batch fails with `error` (the disk, a lock); later ones go in."""
+    real_apply = ViewStore.apply
+    refusals = [error]
+
+    def apply_once_refused(store: ViewStore, *args: Any, **kwargs: Any) -> int:
+        if refusals:
+            raise refusals.pop()
+        return real_apply(store, *args, **kwargs)
+
+    monkeypatch.setattr(ViewStore, "apply", apply_once_refused)
+
+
 async def listed(view: JobView) -> list[str]:
     reply = await view.answer(ViewQuery(kind="jobs"))
     return sorted(job.job_id for job in reply.jobs or [])
@@ -41,15 +54,7 @@ async def test_a_batch_the_disk_refused_is_written_with_the_next(
 ) -> None:
     view = JobView(tmp_path / "view.sqlite3", log="test", max_age_seconds=3600, host="gw")
     await view.open()
-    real_apply = ViewStore.apply
-    refusals = [sqlite3.OperationalError("disk I/O error")]
-
-    def apply_once_refused(store: ViewStore, *args: Any, **kwargs: Any) -> int:
-        if refusals:
-            raise refusals.pop()
-        return real_apply(store, *args, **kwargs)
-
-    monkeypatch.setattr(ViewStore, "apply", apply_once_refused)
+    refuse_once(monkeypatch, sqlite3.OperationalError("disk I/O error"))
     view.record(accepted("a"), 1)
     view.record(None, 2)  # a message that is no event still moves the offset
     await view.flushed()
@@ -121,15 +126,7 @@ async def test_a_batch_the_disk_refused_is_tried_again_without_another_event(
     view = JobView(tmp_path / "view.sqlite3", log="test", max_age_seconds=3600, host="gw")
     await view.open()
     offsets = written_offsets(view)
-    real_apply = ViewStore.apply
-    refusals = [sqlite3.OperationalError("database is locked")]
-
-    def apply_once_refused(store: ViewStore, *args: Any, **kwargs: Any) -> int:
-        if refusals:
-            raise refusals.pop()
-        return real_apply(store, *args, **kwargs)
-
-    monkeypatch.setattr(ViewStore, "apply", apply_once_refused)
+    refuse_once(monkeypatch, sqlite3.OperationalError("database is locked"))
     view.record(accepted("a"), 1)
     await view.flushed()  # refused
     assert await asyncio.wait_for(offsets.get(), timeout=5) == 1  # and written since
