@@ -37,7 +37,11 @@ log = logging.getLogger(__name__)
 
 ECHO_AFTER_SECONDS = 30.0
 ECHO_EVERY_SECONDS = 10.0
-MAX_REMEMBERED_JOBS = 20_000  # a bound on memory; past it the oldest go unechoed
+# A bound on memory (each kept as its JSON, ~0.5 KB: 50 MB at most); past it the oldest
+# go unechoed, and `unechoed` counts them. An event waits up to ECHO_AFTER_SECONDS +
+# ECHO_EVERY_SECONDS: this holds that long of 2,500 jobs' events a second.
+MAX_REMEMBERED_JOBS = 100_000
+ECHO_WINDOW = 256  # echoes awaiting their confirms at once
 
 Echo = Callable[[Event], Awaitable[bool]]
 
@@ -61,8 +65,11 @@ class EchoedEvents:
         self._sink = sink
         self._fresh = fresh
         self._echo = echo
-        self._latest: OrderedDict[str, tuple[float, Event]] = OrderedDict()
+        # job id → (when, its latest event's JSON): bytes, a quarter of an Event's memory
+        self._latest: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._echoing: asyncio.Task[None] | None = None
+        self.unechoed = 0  # events forgotten unechoed past MAX_REMEMBERED_JOBS
+        self._unechoed_said = 0  # ...of which the log has been told
 
     async def __aenter__(self) -> EchoedEvents:
         self._echoing = asyncio.create_task(self._echo_forever())
@@ -82,9 +89,10 @@ class EchoedEvents:
         await self._sink.publish(event)
         if event.job_id is not None and event.phase is not Phase.HEARTBEAT:
             self._latest.pop(event.job_id, None)
-            self._latest[event.job_id] = (time.monotonic(), event)
+            self._latest[event.job_id] = (time.monotonic(), event.model_dump_json().encode())
             if len(self._latest) > MAX_REMEMBERED_JOBS:
                 self._latest.popitem(last=False)
+                self.unechoed += 1
 
     async def _echo_forever(self) -> None:
         while True:
@@ -98,17 +106,24 @@ class EchoedEvents:
         """Publish again each job's latest event older than ECHO_AFTER_SECONDS (that
         `echo` picks); how many."""
         cutoff = (time.monotonic() if now is None else now) - ECHO_AFTER_SECONDS
-        due = [(job_id, event) for job_id, (at, event) in self._latest.items() if at <= cutoff]
+        due = [(job_id, body) for job_id, (at, body) in self._latest.items() if at <= cutoff]
+        if self.unechoed > self._unechoed_said:
+            log.warning("%d events left unechoed: over %d jobs' in flight",
+                        self.unechoed - self._unechoed_said, MAX_REMEMBERED_JOBS)  # fmt: skip
+            self._unechoed_said = self.unechoed
         if not due:
             return 0
         echoed = 0
         async with self._fresh() as sink:
-            for job_id, event in due:
-                if await self._echo(event):
-                    await sink.publish(event)
-                    echoed += 1
-                if self._latest.get(job_id, (None, None))[1] is event:
-                    del self._latest[job_id]
+            for start in range(0, len(due), ECHO_WINDOW):
+                window = due[start : start + ECHO_WINDOW]
+                events = [Event.model_validate_json(body) for _, body in window]
+                picked = [event for event in events if await self._echo(event)]
+                await asyncio.gather(*(sink.publish(event) for event in picked))
+                echoed += len(picked)
+                for job_id, body in window:  # unless a later event took its place
+                    if self._latest.get(job_id, (None, None))[1] is body:
+                        del self._latest[job_id]
         return echoed
 
 

@@ -8,7 +8,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-from sandfleet.common.event_replay import ECHO_AFTER_SECONDS, EchoedEvents
+import pytest
+
+from sandfleet.common import event_replay
+from sandfleet.common.event_replay import ECHO_AFTER_SECONDS, ECHO_WINDOW, EchoedEvents
 from sandfleet.common.events import Event, Phase
 from sandfleet.gateway.job_rules import counts
 
@@ -89,3 +92,29 @@ def test_an_echo_never_takes_a_job_back() -> None:
     assert not counts(Phase.SUCCEEDED, event("a", Phase.RUNNING))  # a word from before
     assert counts(Phase.RUNNING, event("a", Phase.SUCCEEDED))
     assert counts(Phase.SUCCEEDED, event("a", Phase.SUCCEEDED))  # the end again: same end
+
+
+async def test_a_round_echoes_many_jobs_each_once() -> None:
+    """More than one window of echoes in flight (a busy gateway's 30 s of `accepted`)."""
+    sink = Sink()
+    echoed = EchoedEvents(sink, fresh(sink))
+    sent = [event(f"job-{n}", Phase.ACCEPTED) for n in range(3 * ECHO_WINDOW + 5)]
+    for each in sent:
+        await echoed.publish(each)
+    assert await echoed.echo_due(now=time.monotonic() + LATER) == len(sent)
+    again = sorted(e.event_id for e in sink.published[len(sent) :])
+    assert again == sorted(e.event_id for e in sent)
+    assert await echoed.echo_due(now=time.monotonic() + 2 * LATER) == 0
+
+
+async def test_past_the_bound_the_oldest_go_unechoed_and_are_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(event_replay, "MAX_REMEMBERED_JOBS", 10)
+    sink = Sink()
+    echoed = EchoedEvents(sink, fresh(sink))
+    for n in range(15):
+        await echoed.publish(event(f"job-{n}", Phase.ACCEPTED))
+    assert echoed.unechoed == 5
+    assert await echoed.echo_due(now=time.monotonic() + LATER) == 10
+    assert {e.job_id for e in sink.published[15:]} == {f"job-{n}" for n in range(5, 15)}
