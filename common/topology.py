@@ -37,7 +37,7 @@ from aiormq.abc import FieldTable
 from aiormq.exceptions import ChannelAccessRefused
 
 from sandfleet.common.errors import SandfleetError
-from sandfleet.common.events import Phase
+from sandfleet.common.events import JOB_PHASES, Phase
 
 SUBMIT_QUEUE = "sandfleet.submit"
 SUBMISSIONS_EXCHANGE = "sandfleet.submissions"
@@ -232,8 +232,8 @@ async def _declare_logged_exchange(
 def event_log_keys() -> list[str]:
     """The routing keys (topic patterns) the event log is bound to: every job phase's
     events and the markers that find the log's end; not heartbeats."""
-    phases = [phase for phase in Phase if phase is not Phase.HEARTBEAT]
-    return [f"{phase.value}.#" for phase in phases] + [f"{LOG_MARKER_KEY_PREFIX}#"]
+    keys = [f"{phase.value}.#" for phase in Phase if phase in JOB_PHASES]  # in Phase's order
+    return [*keys, f"{LOG_MARKER_KEY_PREFIX}#"]
 
 
 def heartbeat_log_keys() -> list[str]:

@@ -36,7 +36,7 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 
 from sandfleet.common.channel_lifecycle import close_whole, set_up_whole
 from sandfleet.common.errors import FleetUnreachable
-from sandfleet.common.events import Event, Phase, event_from_log
+from sandfleet.common.events import JOB_PHASES, Event, Phase, event_from_log
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.stream_follower import is_log_marker, publish_log_marker
 from sandfleet.common.topology import EVENTS_LOG_QUEUE, HEARTBEATS_LOG_QUEUE
@@ -63,7 +63,7 @@ class EventFilter:
         """The logs whose events can match: heartbeats (no job's) only in theirs."""
         phases = self.phases or frozenset(Phase)
         logs = []
-        if phases - {Phase.HEARTBEAT}:
+        if phases & JOB_PHASES:
             logs.append(EVENTS_LOG_QUEUE)
         if Phase.HEARTBEAT in phases and self.job_id is None:
             logs.append(HEARTBEATS_LOG_QUEUE)
