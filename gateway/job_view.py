@@ -130,7 +130,7 @@ class JobView:
         if len(self._pending) >= FLUSH_EVENTS:
             self._start_flush()
         elif not self._is_flushing():  # else the flush running sees to what it leaves
-            self._flush_within(FLUSH_SECONDS if self._pending else OFFSET_WRITE_SECONDS)
+            self._flush_later()
 
     def skip(self, next_offset: int) -> None:
         """Move the offset past a message the view has no use for."""
@@ -156,6 +156,11 @@ class JobView:
 
     def _is_flushing(self) -> bool:
         return self._flushing is not None and not self._flushing.done()
+
+    def _flush_later(self) -> None:
+        """A flush when what is recorded is due: events FLUSH_SECONDS from now, a moved
+        offset alone OFFSET_WRITE_SECONDS."""
+        self._flush_within(FLUSH_SECONDS if self._pending else OFFSET_WRITE_SECONDS)
 
     def _flush_within(self, seconds: float) -> None:
         """Start a flush `seconds` from now, unless one is due sooner already."""
@@ -212,7 +217,7 @@ class JobView:
             if len(self._pending) < FLUSH_EVENTS:
                 break
         if self._pending_offset is not None:
-            self._flush_within(FLUSH_SECONDS if self._pending else OFFSET_WRITE_SECONDS)
+            self._flush_later()
 
     async def answer(self, query: ViewQuery) -> ViewReply:
         store, now = self._open_store(), time.time()
