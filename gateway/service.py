@@ -88,14 +88,18 @@ class Gateway(AsyncCloseable):
 
     async def _disconnect(self) -> None:
         self._consuming = False
-        if self._events is not None:
-            await self._events.aclose()
-        for task in self._in_hand:
-            task.cancel()
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
-        self._depths = None  # on the connection just closed
+        try:
+            if self._events is not None:
+                await self._events.aclose()
+            for task in self._in_hand:
+                task.cancel()
+        finally:
+            # Always: a robust connection left open goes on reconnecting in a task that
+            # ignores cancellation (aio-pika#414), and the process would never exit.
+            if self._connection is not None:
+                await self._connection.close()
+                self._connection = None
+            self._depths = None  # on the connection just closed
 
     async def _start(self) -> None:
         settings = self._settings
@@ -158,8 +162,10 @@ class Gateway(AsyncCloseable):
             await self.metrics.refresh_depths(self._depths.message_count, queues)
 
     async def aclose(self) -> None:
-        await self._disconnect()
-        await self.view.aclose()
+        try:
+            await self._disconnect()
+        finally:
+            await self.view.aclose()
 
     @property
     def jobs(self) -> JobIndex | None:

@@ -27,6 +27,7 @@ from sandfleet.common.signing import generate_keys
 from sandfleet.gateway.broker_setup import DEFAULT_ADMIN_URL, apply_fleet_policies
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.service import Gateway
+from tests.support.hang_report import pytest_timeout_set_timer  # noqa: F401  (a hook)
 from tests.support.runtimes import (
     CDI_DIR,
     CDI_SPEC,

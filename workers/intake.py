@@ -59,7 +59,13 @@ class JobIntake:
     async def stop(self) -> None:
         """Take no more jobs; those in hand go on."""
         self._closed = True
-        await self._pause()
+        try:
+            await self._pause()
+        except Exception:
+            # The channel is closed or not yet restored after a lost connection: its
+            # consumers went with it, and a robust queue asked to cancel one forgets it,
+            # so none comes back when the channel is restored. The drain goes on.
+            log.warning("job consumers not cancelled: their channel is down", exc_info=True)
 
     def run_taken_over(self, job: Coroutine[Any, Any, None]) -> None:
         """Run a job taken over from a dead worker: its sandbox exists, so it starts now."""
@@ -112,11 +118,20 @@ class JobIntake:
                 log.warning("could not pause the job consumers", exc_info=True)
 
     async def _pause(self) -> None:
+        """Cancel every consumer, each even if another's cancel fails (the first
+        failure is raised after)."""
         async with self._toggle:
+            failure: Exception | None = None
             for queue in self._queues:
                 tag = self._consumer_tags.pop(queue.name, None)
-                if tag is not None:
+                if tag is None:
+                    continue
+                try:
                     await queue.cancel(tag)
+                except Exception as exc:
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
 
     async def _resume(self) -> None:
         async with self._toggle:

@@ -28,14 +28,13 @@ import functools
 import logging
 import os
 import secrets
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Self
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from sandfleet.common.amqp import EventPublisher, EventSink, connect, settle
+from sandfleet.common.amqp import EventPublisher, connect, settle
 from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.event_replay import EchoedEvents, fresh_events
 from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, WorkerHealth
@@ -51,6 +50,7 @@ from sandfleet.common.topology import (
     job_routing_key,
 )
 from sandfleet.workers.attempt import RunPolicy, StopRequest
+from sandfleet.workers.broker_session import BrokerSession
 from sandfleet.workers.cancellations import CancellationLog
 from sandfleet.workers.drivers.base import SandboxDriver, SandboxStatus
 from sandfleet.workers.gpu.allocator import GpuAllocator
@@ -74,21 +74,6 @@ log = logging.getLogger(__name__)
 
 def new_worker_id(host: str, driver: str) -> str:
     return f"{host}-{driver}-{os.getpid()}-{secrets.token_hex(2)}"
-
-
-@dataclass
-class _Connected:
-    """What a worker holds while it is connected to the broker."""
-
-    connection: AbstractRobustConnection
-    events: EventSink
-    echoed: EchoedEvents  # under `events`: closed with the connection
-    runner: JobRunner
-    intake: JobIntake
-    logs: LogShipper
-    # Jobs' output goes over a connection of its own: a job printing flat out must not
-    # hold up the events and acks on `connection` (TCP back-pressure is per connection).
-    logs_connection: AbstractRobustConnection
 
 
 class Worker(AsyncCloseable):
@@ -145,7 +130,7 @@ class Worker(AsyncCloseable):
             alive=alive,
         )
         self.metrics = WorkerMetrics(self.slots, self.inventory, self.claims, self.warm)
-        self._connected: _Connected | None = None
+        self._connected: BrokerSession | None = None
         self._consuming = False
         self._heartbeats: asyncio.Task[None] | None = None
         self._reconciler: asyncio.Task[None] | None = None
@@ -164,7 +149,12 @@ class Worker(AsyncCloseable):
             await self._take_over_unwatched()
             await connected.intake.start()
         except BaseException:
-            await self.warm.aclose()  # its refilling stops, its sandboxes go
+            try:
+                await self.warm.aclose()  # its refilling stops, its sandboxes go
+            finally:
+                if self._connected is not None:
+                    await self._connected.aclose()
+                self._lease.release()
             raise
         self._consuming = True
         settings = self._settings
@@ -182,22 +172,21 @@ class Worker(AsyncCloseable):
             return
         self._closed = True
         self._consuming = False
-        # Reconciliation stops first, so no take-over starts a job behind the drain's
-        # back; heartbeats go on through the drain.
-        await cancel_and_wait(self._reconciler)
-        if self._connected is not None:
-            await self._drain(self._connected)
-        await self.warm.aclose()
-        await cancel_and_wait(self._heartbeats)
-        await self.gpu_health.aclose()
-        if self._connected is not None:
-            with contextlib.suppress(Exception):  # logged by the publisher's retries
-                await self._heartbeat(HEARTBEAT_STOPPED)  # listed as stopped, not lost
-            await self._connected.echoed.aclose()
-            await self._connected.logs.aclose()
-            await self._connected.logs_connection.close()
-            await self._connected.connection.close()
-        self._lease.release()
+        try:
+            # Reconciliation stops first, so no take-over starts a job behind the
+            # drain's back; heartbeats go on through the drain.
+            await cancel_and_wait(self._reconciler)
+            if self._connected is not None:
+                await self._drain(self._connected)
+            await self.warm.aclose()
+            await cancel_and_wait(self._heartbeats)
+            await self.gpu_health.aclose()
+        finally:  # whatever failed above, the connections close (BrokerSession.aclose)
+            if self._connected is not None:
+                with contextlib.suppress(Exception):  # logged by the publisher's retries
+                    await self._heartbeat(HEARTBEAT_STOPPED)  # listed as stopped, not lost
+                await self._connected.aclose()
+            self._lease.release()
 
     @property
     def healthy(self) -> bool:
@@ -213,12 +202,12 @@ class Worker(AsyncCloseable):
     def runner(self) -> JobRunner:
         return self._online().runner
 
-    def _online(self) -> _Connected:
+    def _online(self) -> BrokerSession:
         if self._connected is None:
             raise RuntimeError("use the Worker inside 'async with'")
         return self._connected
 
-    async def _connect(self) -> _Connected:
+    async def _connect(self) -> BrokerSession:
         """Connected and subscribed; nothing left open if that fails."""
         settings, worker_id = self._settings, self.identity.worker_id
         connection = await connect(
@@ -240,7 +229,7 @@ class Worker(AsyncCloseable):
 
     async def _subscribe(
         self, connection: AbstractRobustConnection, logs_connection: AbstractRobustConnection
-    ) -> _Connected:
+    ) -> BrokerSession:
         settings, name, host = self._settings, self._driver.name, self._settings.host
         # A returned job (bound to the host, parked) raises: it must not vanish unseen.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -282,7 +271,7 @@ class Worker(AsyncCloseable):
         queues = [await channel.get_queue(name) for name in self._queue_names()]
         intake = JobIntake(channel, queues, self.slots, handle)
         await echoed.__aenter__()  # last: nothing after it can fail and leave it running
-        return _Connected(
+        return BrokerSession(
             connection=connection,
             events=events,
             echoed=echoed,
@@ -304,7 +293,7 @@ class Worker(AsyncCloseable):
         name = self._driver.name
         return [job_queue_name(name), job_queue_name(name, self._settings.host)]
 
-    async def _drain(self, connected: _Connected) -> None:
+    async def _drain(self, connected: BrokerSession) -> None:
         """Stop taking jobs; give jobs in hand `drain_seconds`; then, by the shutdown
         policy, stop their sandboxes (`stop`) or leave them running (`adopt`): their
         journal entries let the next worker of this host finish them."""
