@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 import typer
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -53,6 +53,15 @@ class MetricsUnavailable(SandfleetError):
 def connection_up(connection: AbstractRobustConnection | None) -> bool:
     """Whether the robust connection is connected now, not reconnecting or closed."""
     return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+
+def consuming_on(
+    connection: AbstractRobustConnection | None, channel: AbstractChannel | None
+) -> bool:
+    """Whether `channel`, the one a process consumes its work on, is open on a connection
+    that is up. The connection counts as up again before its channels are restored (and
+    a restore can fail and wait for the next try): until then no work arrives."""
+    return connection_up(connection) and channel is not None and not channel.is_closed
 
 
 class MetricsServer:

@@ -28,7 +28,7 @@ from sandfleet.common.errors import RequestInvalid
 from sandfleet.common.event_replay import EchoedEvents, fresh_events
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
-from sandfleet.common.metrics import connection_up, metrics_served
+from sandfleet.common.metrics import connection_up, consuming_on, metrics_served
 from sandfleet.common.models import BatchReply, SubmitReply
 from sandfleet.common.settings import Settings
 from sandfleet.common.topology import (
@@ -147,8 +147,8 @@ class Gateway(AsyncCloseable):
 
     @property
     def healthy(self) -> bool:
-        """Consuming submissions: connected, not reconnecting (`/healthz`)."""
-        return self._consuming and connection_up(self._connection)
+        """Consuming submissions: connected, the submissions' channel open (`/healthz`)."""
+        return self._consuming and consuming_on(self._connection, self._channel)
 
     async def refresh_metrics(self) -> None:
         """The depths of the submission queue and of the job queues routed to so far."""

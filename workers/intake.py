@@ -49,6 +49,11 @@ class JobIntake:
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
+    def channel(self) -> AbstractChannel:
+        """The channel the job queues are consumed on."""
+        return self._channel
+
+    @property
     def in_hand(self) -> set[asyncio.Task[None]]:
         """The tasks running jobs right now, taken-over ones included."""
         return set(self._tasks)

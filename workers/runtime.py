@@ -39,7 +39,7 @@ from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.event_replay import EchoedEvents, fresh_events
 from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, WorkerHealth
 from sandfleet.common.lifecycle import AsyncCloseable, cancel_and_wait, every
-from sandfleet.common.metrics import connection_up
+from sandfleet.common.metrics import consuming_on
 from sandfleet.common.settings import SandboxPolicy, Settings
 from sandfleet.common.topology import (
     LOGS_EXCHANGE,
@@ -190,10 +190,11 @@ class Worker(AsyncCloseable):
 
     @property
     def healthy(self) -> bool:
-        """Taking jobs: connected, not reconnecting, not draining (`/healthz`)."""
-        return self._consuming and connection_up(
-            None if self._connected is None else self._connected.connection
-        )
+        """Taking jobs: connected, the job queues' channel open, not draining (`/healthz`)."""
+        session = self._connected
+        if session is None or not self._consuming:
+            return False
+        return consuming_on(session.connection, session.intake.channel)
 
     async def serve_forever(self) -> None:
         await asyncio.Event().wait()

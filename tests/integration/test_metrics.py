@@ -186,6 +186,32 @@ async def test_healthz_says_503_while_the_broker_connection_is_down(
     await eventually(lambda: says(200), timeout=30)
 
 
+@pytest.mark.parametrize("process", ["gateway", "worker"])
+async def test_healthz_says_503_until_the_channel_work_comes_on_is_reopened(
+    fleet: Fleet, process: str
+) -> None:
+    """A connection is up again before its channels are restored, and a restore can fail
+    and wait for the next try: until the channel submissions or jobs come on is open,
+    none come, and health says so (a CI run saw a worker at 200 with it closed)."""
+    if process == "gateway":
+        url, channel = fleet.gateway_url, fleet.gateway._channel
+        healthy: Callable[[], bool] = lambda: fleet.gateway.healthy  # noqa: E731
+    else:
+        assert fleet.worker._connected is not None
+        url, channel = fleet.worker_url, fleet.worker._connected.intake.channel
+        healthy = lambda: fleet.worker.healthy  # noqa: E731
+    assert channel is not None and healthy()
+    # Closed under the robust channel, as a broker's channel error would: it reopens it.
+    await (await channel.get_underlay_channel()).close()
+    assert not healthy()
+
+    async def says_200() -> bool:
+        return await health(fleet, url) == 200
+
+    await eventually(says_200, timeout=30)
+    assert not channel.is_closed
+
+
 async def test_the_gateway_reads_queue_depths_under_its_own_role(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
