@@ -58,13 +58,13 @@ async def measure(
         view = JobView(Path(folder) / "view.sqlite3", log="bench", max_age_seconds=3600, host="gw")
         await view.open()
         for offset, event in enumerate(before, start=1):
-            view.record(event, offset)
+            view.record([event], offset)
             if offset % 100 == 0:
                 await asyncio.sleep(0)
         await view.flushed()
         thread_before, process_before = await view_cpu(view), time.process_time()
         for offset, event in enumerate(events, start=len(before) + 1):
-            view.record(event, offset)
+            view.record([event], offset)
             if burst and offset % burst == 0:
                 await asyncio.sleep(burst / rate)
             elif not burst and offset % 100 == 0:

@@ -33,7 +33,6 @@ from sandfleet.common.tls import TLSSettingsInvalid, tls_context_for, why_tls_fa
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
-EVENT_TYPE = "sandfleet.event"
 JOB_TYPE = "sandfleet.job"
 
 
@@ -275,34 +274,6 @@ async def publish_through_outages(
         with attempt:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
                 await publish()
-
-
-class EventPublisher:
-    """Publishes status events to the events exchange, each confirmed by the broker.
-
-    A publish that meets a broker outage is retried until the robust connection is
-    back (`retry_seconds` at most): an event, terminal ones above all, is not dropped
-    because the broker restarted. A repeat carries the same event_id.
-    """
-
-    def __init__(self, exchange: AbstractExchange, *, retry_seconds: float = 120.0) -> None:
-        self._exchange = exchange
-        self._retry_seconds = retry_seconds
-
-    async def publish(self, event: Event) -> None:
-        body = event.model_dump_json().encode()
-        properties = json_properties(message_id=event.event_id, message_type=EVENT_TYPE)
-        await publish_through_outages(
-            lambda: publish_body(
-                self._exchange,
-                body,
-                properties,
-                routing_key=event.routing_key,
-                mandatory=False,  # the logs take every event; no listener: not an error
-            ),
-            what=f"event {event.event_id}",
-            retry_seconds=self._retry_seconds,
-        )
 
 
 # Names only the broker gives out: a client may not declare a queue whose name starts "amq.".

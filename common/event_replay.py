@@ -28,8 +28,9 @@ from contextlib import AbstractAsyncContextManager
 
 from aio_pika.abc import AbstractConnection
 
-from sandfleet.common.amqp import EventPublisher, EventSink
+from sandfleet.common.amqp import EventSink
 from sandfleet.common.channel_lifecycle import close_whole
+from sandfleet.common.event_publisher import EventBatchSink, EventPublisher
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.topology import EVENTS_EXCHANGE
 
@@ -41,7 +42,7 @@ ECHO_EVERY_SECONDS = 10.0
 # go unechoed, and `unechoed` counts them. An event waits up to ECHO_AFTER_SECONDS +
 # ECHO_EVERY_SECONDS: this holds that long of 2,500 jobs' events a second.
 MAX_REMEMBERED_JOBS = 100_000
-ECHO_WINDOW = 256  # echoes awaiting their confirms at once
+ECHO_WINDOW = 500  # echoes published together (packed into a few messages)
 
 Echo = Callable[[Event], Awaitable[bool]]
 
@@ -57,7 +58,7 @@ class EchoedEvents:
     def __init__(
         self,
         sink: EventSink,
-        fresh: Callable[[], AbstractAsyncContextManager[EventSink]],
+        fresh: Callable[[], AbstractAsyncContextManager[EventBatchSink]],
         *,
         echo: Echo = _every_event,
     ) -> None:
@@ -119,7 +120,7 @@ class EchoedEvents:
                 window = due[start : start + ECHO_WINDOW]
                 events = [Event.model_validate_json(body) for _, body in window]
                 picked = [event for event in events if await self._echo(event)]
-                await asyncio.gather(*(sink.publish(event) for event in picked))
+                await sink.publish_many(picked)  # packed: a few messages a window
                 echoed += len(picked)
                 for job_id, body in window:  # unless a later event took its place
                     if self._latest.get(job_id, (None, None))[1] is body:
@@ -128,7 +129,7 @@ class EchoedEvents:
 
 
 @contextlib.asynccontextmanager
-async def fresh_events(connection: AbstractConnection) -> AsyncIterator[EventSink]:
+async def fresh_events(connection: AbstractConnection) -> AsyncIterator[EventBatchSink]:
     """An event publisher on a channel of its own, closed afterwards."""
     channel = await connection.channel(publisher_confirms=True)
     try:

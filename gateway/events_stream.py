@@ -36,7 +36,8 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 
 from sandfleet.common.channel_lifecycle import close_whole, set_up_whole
 from sandfleet.common.errors import FleetUnreachable
-from sandfleet.common.events import JOB_PHASES, Event, Phase, event_from_log
+from sandfleet.common.event_batches import events_from_log
+from sandfleet.common.events import JOB_PHASES, Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
 from sandfleet.common.stream_follower import is_log_marker, publish_log_marker
 from sandfleet.common.topology import EVENTS_LOG_QUEUE, HEARTBEATS_LOG_QUEUE
@@ -216,13 +217,9 @@ class EventStream(AsyncCloseable):
                     if self._markers_due <= 0:
                         return  # every log read up to the marker
                 continue
-            event = self._decode(message)
-            if event is not None and self._first_sight(event) and self._match(event):
-                yield event
-
-    @staticmethod
-    def _decode(message: AbstractIncomingMessage) -> Event | None:
-        return event_from_log(message.body, message.routing_key)
+            for event in events_from_log(message.body, message.routing_key, message.type):
+                if self._first_sight(event) and self._match(event):
+                    yield event
 
     def _first_sight(self, event: Event) -> bool:
         if event.event_id in self._seen:

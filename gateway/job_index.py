@@ -15,7 +15,7 @@ live job never.
 
 The cost of the fleet's other traffic: a message under a heartbeat's routing key is
 skipped unread (its key names its phase, and a message whose key is not its own event's
-counts for nothing: common.events.event_from_log), and the view writes the offset it moves
+counts for nothing: common.event_batches.events_from_log), and the view writes the offset it moves
 now and then, not per message. Every other event is read once, for the view.
 
 Several gateways: the log decides. Every gateway reads the same log in the same order
@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractChannel
 
-from sandfleet.common.events import Event, Phase, event_from_log
+from sandfleet.common.event_batches import events_from_log
+from sandfleet.common.events import Event, Phase
 from sandfleet.common.stream_follower import LogMessage, StreamFollower
 from sandfleet.common.topology import EVENTS_LOG_QUEUE
 from sandfleet.gateway.job_rules import counts
@@ -177,10 +178,11 @@ class JobIndex:
             self._view.skip(offset)
             return
         self.read += 1
-        event = event_from_log(message.body, message.routing_key)
-        self._view.record(event, offset)
-        if event is not None and event.job_id is not None:
-            self._apply(event, event.job_id, offset)
+        events = events_from_log(message.body, message.routing_key, message.type)
+        self._view.record(events, offset)
+        for event in events:
+            if event.job_id is not None:
+                self._apply(event, event.job_id, offset)
 
     def _apply(self, event: Event, job_id: str, offset: int) -> None:
         self._freed.pop(job_id, None)

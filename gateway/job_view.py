@@ -29,7 +29,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,10 +122,15 @@ class JobView:
             raise RuntimeError("the job view is not open")
         return self._lookups.job(job_id)
 
-    def record(self, event: Event | None, next_offset: int) -> None:
-        """Queue `event` (None: a message that is no event) read before `next_offset`."""
-        if event is not None and event.job_id is not None and event.phase is not Phase.HEARTBEAT:
-            self._pending.append(event)
+    def record(self, events: Iterable[Event], next_offset: int) -> None:
+        """Queue the `events` of a message read before `next_offset` (none: a message that
+        is no event). All in one step: a flush never writes the offset past a message
+        while leaving some of its events behind."""
+        self._pending.extend(
+            event
+            for event in events
+            if event.job_id is not None and event.phase is not Phase.HEARTBEAT
+        )
         self._pending_offset = next_offset
         if len(self._pending) >= FLUSH_EVENTS:
             self._start_flush()
@@ -134,7 +139,7 @@ class JobView:
 
     def skip(self, next_offset: int) -> None:
         """Move the offset past a message the view has no use for."""
-        self.record(None, next_offset)
+        self.record((), next_offset)
 
     async def flushed(self) -> None:
         """Return once everything recorded so far (the offset too) is written, or a

@@ -22,6 +22,7 @@ class RouteChecker:
         # One look-up at a time: a missing queue closes the shared channel, which would
         # fail a concurrent handler's look-up on it ("Channel closed").
         self._look_up = asyncio.Lock()
+        self._asking: dict[str, asyncio.Future[bool]] = {}  # look-ups under way, by queue
 
     @property
     def known(self) -> frozenset[str]:
@@ -31,6 +32,15 @@ class RouteChecker:
     async def exists(self, queue_name: str) -> bool:
         if queue_name in self._known:
             return True
+        # One look-up for all who ask at once: they are answered together, and go on
+        # together (their `accepted` events then share a message: common.event_coalescing).
+        asking = self._asking.get(queue_name)
+        if asking is None:
+            asking = self._asking[queue_name] = asyncio.ensure_future(self._ask(queue_name))
+            asking.add_done_callback(lambda _: self._asking.pop(queue_name, None))
+        return await asyncio.shield(asking)
+
+    async def _ask(self, queue_name: str) -> bool:
         if await self.message_count(queue_name) is None:
             return False
         self._known.add(queue_name)

@@ -21,10 +21,12 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from sandfleet.common.amqp import EventPublisher, connect, send_reply, settle
+from sandfleet.common.amqp import connect, send_reply, settle
 from sandfleet.common.broker_urls import node_address, split_broker_urls, vhost_of
 from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.errors import RequestInvalid
+from sandfleet.common.event_coalescing import CoalescedEvents
+from sandfleet.common.event_publisher import EventPublisher
 from sandfleet.common.event_replay import EchoedEvents, fresh_events
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.lifecycle import AsyncCloseable
@@ -61,6 +63,7 @@ class Gateway(AsyncCloseable):
         self._channel: AbstractChannel | None = None
         self._topology: Topology | None = None
         self._events: EchoedEvents | None = None
+        self._coalesced: CoalescedEvents | None = None
         self._routes: RouteChecker | None = None
         self._depths: RouteChecker | None = None
         self._jobs: JobIndex | None = None
@@ -91,6 +94,8 @@ class Gateway(AsyncCloseable):
         try:
             if self._events is not None:
                 await self._events.aclose()
+            if self._coalesced is not None:
+                await self._coalesced.aclose()
             for task in self._in_hand:
                 task.cancel()
         finally:
@@ -111,8 +116,10 @@ class Gateway(AsyncCloseable):
             publisher_confirms=True, on_return_raises=True
         )
         self._topology = await declare_topology(self._connection, self._channel)
+        # Each admission's `accepted` goes out with those of the submissions in hand.
+        self._coalesced = CoalescedEvents(EventPublisher(self._topology.events))
         self._events = EchoedEvents(
-            EventPublisher(self._topology.events),
+            self._coalesced,
             partial(fresh_events, self._connection),
             echo=self._echoed,
         )

@@ -34,8 +34,9 @@ from typing import Any, Self
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from sandfleet.common.amqp import EventPublisher, connect, settle
+from sandfleet.common.amqp import connect, settle
 from sandfleet.common.cluster_start import start_when_cluster_ready
+from sandfleet.common.event_publisher import EventPublisher
 from sandfleet.common.event_replay import EchoedEvents, fresh_events
 from sandfleet.common.events import HEARTBEAT_ALIVE, HEARTBEAT_STOPPED, Phase, WorkerHealth
 from sandfleet.common.lifecycle import AsyncCloseable, cancel_and_wait, every

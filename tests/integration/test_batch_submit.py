@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,27 @@ async def test_submit_many_queues_every_accepted_job_once(
     again = await client.submit_many(requests[:300], batch_size=100)
     assert all(r.duplicate for i, r in enumerate(again) if i != 7)
     assert await queued_jobs(settings.broker_url, queue) == {}
+
+
+async def test_a_sweeps_accepted_events_are_packed_into_few_messages_each_read_once(
+    settings: Settings, gateway: Gateway, client: Client
+) -> None:
+    """The `accepted` events of a batch's jobs go into the log together (a few messages,
+    not one each: common.event_coalescing), and every reader still sees each once."""
+    await job_queue(settings.broker_url)  # a route for the jobs
+    index = gateway.jobs
+    assert index is not None
+    read = index.read
+    requests = [request(new_id()) for _ in range(300)]
+    replies = await client.submit_many(requests, batch_size=100)
+    assert all(reply.accepted and not reply.duplicate for reply in replies)
+    # The gateway read every one back (each job was queued only after that)...
+    assert 1 <= index.read - read <= 30
+    seen = Counter[str]()
+    async with client.events(phases={Phase.ACCEPTED}, from_start=True) as stream:
+        async for event in stream.history():
+            seen[event.job_id or ""] += 1
+    assert seen == Counter({r["job_id"]: 1 for r in requests})  # ...and so does any reader
 
 
 async def test_submit_many_cuts_batches_by_size_in_bytes(

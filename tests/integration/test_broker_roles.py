@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
 
 import sandfleet
+from sandfleet.common.event_batches import EVENTS_TYPE, EventBatch
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.job_logs import log_message
 from sandfleet.common.settings import Settings
@@ -274,6 +275,26 @@ async def test_an_event_under_another_hosts_key_is_not_believed(fleet: Fleet) ->
         await events.publish(aio_pika.Message(body), routing_key=f"succeeded.inmemory.{host}")
     async with sandfleet.Client(fleet.users.observer) as observer:
         assert await observer.history("victim") == []
+
+
+async def test_an_event_batch_cannot_carry_another_hosts_event(fleet: Fleet) -> None:
+    """Packed with an event of its own host, under its own key (common.event_batches),
+    another host's event is skipped alone: readers check each event of a batch."""
+    host = fleet.settings.host
+    mine = Event(job_id=f"own-{uuid.uuid4().hex[:6]}", phase=Phase.SUCCEEDED, driver="inmemory",
+                 host=host)  # fmt: skip
+    forged = Event(job_id="batch-victim", phase=Phase.SUCCEEDED, driver="inmemory", host=ELSEWHERE)
+    body = EventBatch(events=[mine, forged]).model_dump_json().encode()
+    connection = await aio_pika.connect(fleet.users.workers[host])
+    async with connection, connection.channel(publisher_confirms=True) as channel:
+        events = await channel.get_exchange(EVENTS_EXCHANGE)
+        batch = aio_pika.Message(body, type=EVENTS_TYPE)
+        await events.publish(batch, routing_key=f"succeeded.inmemory.{host}")
+    async with sandfleet.Client(fleet.users.observer) as observer:
+        assert await observer.history("batch-victim") == []
+        assert [event.event_id for event in await observer.history(mine.job_id or "")] == [
+            mine.event_id
+        ]
 
 
 async def test_the_observer_only_reads(fleet: Fleet) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from sandfleet.common.amqp import EventPublisher, connect
+from sandfleet.common.amqp import connect
+from sandfleet.common.event_publisher import EventPublisher
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.settings import Settings
 from sandfleet.common.topology import existing_topology

@@ -5,7 +5,7 @@ heartbeats, and only those the publisher picks."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
@@ -22,6 +22,9 @@ class Sink:
 
     async def publish(self, event: Event) -> None:
         self.published.append(event)
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        self.published.extend(events)
 
 
 def fresh(sink: Sink) -> Callable[[], AbstractAsyncContextManager[Sink]]:

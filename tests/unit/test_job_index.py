@@ -14,6 +14,7 @@ from typing import Any, cast
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from sandfleet.common.event_batches import packed
 from sandfleet.common.events import Event, Phase
 from sandfleet.gateway.job_index import JobIndex
 from sandfleet.gateway.job_view import JobView
@@ -26,6 +27,7 @@ LOG = "broker v sandfleet.events.log"
 class LogMessage:
     body: bytes
     routing_key: str | None
+    type: str | None = None
 
 
 def logged(event: Event, routing_key: str | None = None) -> LogMessage:
@@ -187,3 +189,13 @@ async def test_forgetting_frees_a_reservation_or_an_id_given_up(reader: Reader) 
     assert index.existing("w") is None and index.owner("w") == "alice"
     reader.read(Event(job_id="w", phase=Phase.RUNNING, host="h"))  # the log speaks again
     assert index.existing("w") is Phase.RUNNING
+
+
+async def test_every_event_of_a_packed_message_is_taken(reader: Reader) -> None:
+    events = [accepted(f"p{n}", f"owner{n}") for n in range(3)]
+    [message] = packed(events)
+    reader.read(LogMessage(message.body, message.routing_key, message.message_type))
+    assert [reader.index.owner(f"p{n}") for n in range(3)] == ["owner0", "owner1", "owner2"]
+    assert reader.index.read == 1
+    await reader.view.flushed()
+    assert [reader.index.owner(f"p{n}") for n in range(3)] == ["owner0", "owner1", "owner2"]

@@ -55,11 +55,11 @@ async def test_a_batch_the_disk_refused_is_written_with_the_next(
     view = JobView(tmp_path / "view.sqlite3", log="test", max_age_seconds=3600, host="gw")
     await view.open()
     refuse_once(monkeypatch, sqlite3.OperationalError("disk I/O error"))
-    view.record(accepted("a"), 1)
-    view.record(None, 2)  # a message that is no event still moves the offset
+    view.record([accepted("a")], 1)
+    view.record([], 2)  # a message that is no event still moves the offset
     await view.flushed()
     assert await listed(view) == [] and await view.next_offset() is None
-    view.record(accepted("b"), 3)
+    view.record([accepted("b")], 3)
     await view.flushed()
     assert await listed(view) == ["a", "b"] and await view.next_offset() == 3
     assert view.applied == 2
@@ -73,7 +73,7 @@ async def test_events_read_close_together_are_written_in_one_transaction(tmp_pat
     await view.open()
     offsets = written_offsets(view)
     for offset, job_id in enumerate("abc", start=1):
-        view.record(accepted(job_id), offset)
+        view.record([accepted(job_id)], offset)
         await asyncio.sleep(0)  # the event loop runs between messages, as when following
     assert await asyncio.wait_for(offsets.get(), timeout=5) == 3  # unasked: FLUSH_SECONDS
     assert view.batches == 1 and await listed(view) == ["a", "b", "c"]
@@ -88,8 +88,8 @@ async def test_a_full_batch_is_written_without_waiting(
     view = JobView(tmp_path / "view.sqlite3", log="test", max_age_seconds=3600, host="gw")
     await view.open()
     offsets = written_offsets(view)
-    view.record(accepted("a"), 1)
-    view.record(accepted("b"), 2)
+    view.record([accepted("a")], 1)
+    view.record([accepted("b")], 2)
     assert await asyncio.wait_for(offsets.get(), timeout=5) == 2
     await view.aclose()
 
@@ -102,17 +102,17 @@ async def test_ended_jobs_are_forgotten_every_so_often_not_in_every_batch(
     view = JobView(tmp_path / "view.sqlite3", log="test", max_age_seconds=3600, host="gw")
     await view.open()
     old = datetime.fromtimestamp(datetime.now(UTC).timestamp() - 7200, UTC)
-    view.record(accepted("first"), 1)
+    view.record([accepted("first")], 1)
     await view.flushed()  # the first batch looks for old jobs: none yet
     for offset, event in enumerate(
         [accepted("old", timestamp=old),
          Event(job_id="old", phase=Phase.SUCCEEDED, host="w", timestamp=old)], start=2
     ):  # fmt: skip
-        view.record(event, offset)
+        view.record([event], offset)
     await view.flushed()
     assert await listed(view) == ["first", "old"]  # looked for a moment ago: kept for now
     clock[0] += job_view.FORGET_EVERY_SECONDS
-    view.record(accepted("later"), 4)
+    view.record([accepted("later")], 4)
     await view.flushed()
     assert await listed(view) == ["first", "later"]
     await view.aclose()
@@ -127,7 +127,7 @@ async def test_a_batch_the_disk_refused_is_tried_again_without_another_event(
     await view.open()
     offsets = written_offsets(view)
     refuse_once(monkeypatch, sqlite3.OperationalError("database is locked"))
-    view.record(accepted("a"), 1)
+    view.record([accepted("a")], 1)
     await view.flushed()  # refused
     assert await asyncio.wait_for(offsets.get(), timeout=5) == 1  # and written since
     assert await listed(view) == ["a"]
@@ -145,10 +145,10 @@ async def test_a_quiet_view_still_forgets_ended_jobs(
     view = JobView(tmp_path / "view.sqlite3", log="test", max_age_seconds=3600, host="gw")
     await view.open()
     old = datetime.fromtimestamp(datetime.now(UTC).timestamp() - 7200, UTC)
-    view.record(accepted("first"), 1)
+    view.record([accepted("first")], 1)
     await view.flushed()  # looks for old jobs: none yet
-    view.record(accepted("old", timestamp=old), 2)
-    view.record(Event(job_id="old", phase=Phase.SUCCEEDED, host="w", timestamp=old), 3)
+    view.record([accepted("old", timestamp=old)], 2)
+    view.record([Event(job_id="old", phase=Phase.SUCCEEDED, host="w", timestamp=old)], 3)
     await view.flushed()
     assert await listed(view) == ["first", "old"]  # looked for a moment ago: kept for now
     clock[0] += 1.0  # past FORGET_EVERY_SECONDS, and nothing more is read

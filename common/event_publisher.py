@@ -1,0 +1,65 @@
+"""Status events onto the events exchange, each confirmed by the broker, one at a time
+or many together (common.event_batches packs them)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol
+
+from aio_pika.abc import AbstractExchange
+
+from sandfleet.common.amqp import json_properties, publish_body, publish_through_outages
+from sandfleet.common.event_batches import packed
+from sandfleet.common.events import Event
+
+
+class EventBatchSink(Protocol):
+    """Takes events one at a time or many at once (EventPublisher does)."""
+
+    async def publish(self, event: Event) -> None: ...
+    async def publish_many(self, events: Sequence[Event]) -> None: ...
+
+
+class EventPublisher:
+    """A publish that meets a broker outage is retried until the robust connection is
+    back (`retry_seconds` at most): an event, terminal ones above all, is not dropped
+    because the broker restarted. A repeat carries the same event_id."""
+
+    def __init__(self, exchange: AbstractExchange, *, retry_seconds: float = 120.0) -> None:
+        self._exchange = exchange
+        self._retry_seconds = retry_seconds
+
+    async def publish(self, event: Event) -> None:
+        await self.publish_many([event])
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """Publish `events` in as few messages as their routing keys allow, each job's in
+        the order given; returns once the broker has confirmed every one."""
+        if not events:
+            return
+        messages = packed(events)
+        what = f"event {events[0].event_id}" + (
+            f" and {len(events) - 1} more" if len(events) > 1 else ""
+        )
+
+        async def publish_all() -> None:
+            # Written in order on one channel (the log keeps it); confirmed together.
+            await asyncio.gather(
+                *(
+                    publish_body(
+                        self._exchange,
+                        message.body,
+                        # The message's id is its first event's: a repeat (an outage's
+                        # retry) carries the same ids.
+                        json_properties(
+                            message_id=message.message_id, message_type=message.message_type
+                        ),
+                        routing_key=message.routing_key,
+                        mandatory=False,  # the logs take every event; no listener: no error
+                    )
+                    for message in messages
+                )
+            )
+
+        await publish_through_outages(publish_all, what=what, retry_seconds=self._retry_seconds)
