@@ -18,9 +18,9 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from sandfleet.common.events import Event, event_from_log
+from sandfleet.common.events import Event, event_from_log, logged_model
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,8 @@ def events_from_log(body: bytes, routing_key: str | None, message_type: str | No
     if message_type != EVENTS_TYPE:
         event = event_from_log(body, routing_key)
         return [] if event is None else [event]
-    try:
-        batch = EventBatch.model_validate_json(body)
-    except ValidationError as exc:
-        log.warning(
-            "skipped a %d-byte event batch in the event log that does not hold events (%d errors)",
-            len(body),
-            exc.error_count(),
-        )
+    batch = logged_model(EventBatch, body, "a batch of events")
+    if batch is None:
         return []
     kept = [event for event in batch.events if event.routing_key == routing_key]
     if len(kept) < len(batch.events):
@@ -72,13 +66,14 @@ def events_from_log(body: bytes, routing_key: str | None, message_type: str | No
     return kept
 
 
-def packed(events: Sequence[Event]) -> list[Packed]:
+def packed(events: Sequence[Event], *, max_events: int = MAX_EVENTS_PER_MESSAGE) -> list[Packed]:
     """`events` as messages, in an order that keeps each job's events in the order given:
-    one message per routing key (bounded in count and bytes), a lone event as itself."""
-    return [_pack(run) for run in _runs(events)]
+    one message per routing key (at most `max_events` and MAX_BYTES_PER_MESSAGE), a lone
+    event as itself."""
+    return [_pack(run) for run in _runs(events, max_events)]
 
 
-def _runs(events: Iterable[Event]) -> Iterator[list[tuple[Event, bytes]]]:
+def _runs(events: Iterable[Event], max_events: int) -> Iterator[list[tuple[Event, bytes]]]:
     """Runs of events under one key, each within the bounds, in the order their first
     events came. Every open run is closed (and a new set begun) when one is full, or
     when a job's event would go under another key than the run holding its last one:
@@ -92,9 +87,7 @@ def _runs(events: Iterable[Event]) -> Iterator[list[tuple[Event, bytes]]]:
         job = event.job_id
         if (job is not None and job_keys.get(job, key) != key) or (
             run is not None
-            and (
-                len(run) >= MAX_EVENTS_PER_MESSAGE or sizes[key] + len(body) > MAX_BYTES_PER_MESSAGE
-            )
+            and (len(run) >= max_events or sizes[key] + len(body) > MAX_BYTES_PER_MESSAGE)
         ):
             yield from open_runs.values()
             open_runs.clear()

@@ -10,7 +10,7 @@ from typing import Protocol
 from aio_pika.abc import AbstractExchange
 
 from sandfleet.common.amqp import json_properties, publish_body, publish_through_outages
-from sandfleet.common.event_batches import packed
+from sandfleet.common.event_batches import MAX_EVENTS_PER_MESSAGE, packed
 from sandfleet.common.events import Event
 
 
@@ -26,8 +26,13 @@ class EventPublisher:
     back (`retry_seconds` at most): an event, terminal ones above all, is not dropped
     because the broker restarted. A repeat carries the same event_id."""
 
-    def __init__(self, exchange: AbstractExchange, *, retry_seconds: float = 120.0) -> None:
+    def __init__(
+        self, exchange: AbstractExchange, *, pack: bool = True, retry_seconds: float = 120.0
+    ) -> None:
+        """`pack`: several events a message where they share a routing key; otherwise
+        one message each, still confirmed together."""
         self._exchange = exchange
+        self._max_packed = MAX_EVENTS_PER_MESSAGE if pack else 1
         self._retry_seconds = retry_seconds
 
     async def publish(self, event: Event) -> None:
@@ -38,7 +43,7 @@ class EventPublisher:
         the order given; returns once the broker has confirmed every one."""
         if not events:
             return
-        messages = packed(events)
+        messages = packed(events, max_events=self._max_packed)
         what = f"event {events[0].event_id}" + (
             f" and {len(events) - 1} more" if len(events) > 1 else ""
         )

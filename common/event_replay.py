@@ -129,10 +129,12 @@ class EchoedEvents:
 
 
 @contextlib.asynccontextmanager
-async def fresh_events(connection: AbstractConnection) -> AsyncIterator[EventBatchSink]:
+async def fresh_events(
+    connection: AbstractConnection, *, pack: bool = True
+) -> AsyncIterator[EventBatchSink]:
     """An event publisher on a channel of its own, closed afterwards."""
     channel = await connection.channel(publisher_confirms=True)
     try:
-        yield EventPublisher(await channel.get_exchange(EVENTS_EXCHANGE, ensure=False))
+        yield EventPublisher(await channel.get_exchange(EVENTS_EXCHANGE, ensure=False), pack=pack)
     finally:
         await close_whole(channel)

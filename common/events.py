@@ -6,7 +6,7 @@ import logging
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -128,6 +128,21 @@ class Event(BaseModel):
 
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+
+def logged_model(model: type[M], body: bytes, what: str) -> M | None:
+    """`body` read from a log as `model`; None, logged, when it is not `what`."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        log.warning(
+            "skipped a %d-byte message in a log that is not %s (%d errors)",
+            len(body),
+            what,
+            exc.error_count(),
+        )
+        return None
 
 
 def event_from_log(body: bytes, routing_key: str | None) -> Event | None:
@@ -137,14 +152,8 @@ def event_from_log(body: bytes, routing_key: str | None) -> Event | None:
     use only its own keys (workers: their host's), so an event that names another host
     or phase than its key, or a marker dressed as an event, was forged.
     """
-    try:
-        event = Event.model_validate_json(body)
-    except ValidationError as exc:
-        log.warning(
-            "skipped a %d-byte message in the event log that is not an event (%d errors)",
-            len(body),
-            exc.error_count(),
-        )
+    event = logged_model(Event, body, "an event")
+    if event is None:
         return None
     if routing_key != event.routing_key:
         log.warning(

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     # Submissions admitted at once (the submission queue's prefetch): each waits on its
     # broker confirms, so more in flight means more confirms awaited together.
     gateway_concurrency: int = Field(default=64, gt=0, le=65535)
+    # Events published together go into the log packed, one message per routing key
+    # (common.event_batches); false: one message per event, for consumers of
+    # sandfleet.events other than sandfleet's own readers that expect nothing else.
+    pack_events: bool = True
     # The most requests one batch submission ({"jobs": [...]}) may carry.
     max_batch: int = Field(default=1000, gt=0, le=MAX_BATCH_CEILING)
     # The longest `template.timeout_seconds` a request may ask for; a job with no timeout

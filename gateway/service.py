@@ -117,10 +117,11 @@ class Gateway(AsyncCloseable):
         )
         self._topology = await declare_topology(self._connection, self._channel)
         # Each admission's `accepted` goes out with those of the submissions in hand.
-        self._coalesced = CoalescedEvents(EventPublisher(self._topology.events))
+        pack = settings.pack_events
+        self._coalesced = CoalescedEvents(EventPublisher(self._topology.events, pack=pack))
         self._events = EchoedEvents(
             self._coalesced,
-            partial(fresh_events, self._connection),
+            partial(fresh_events, self._connection, pack=pack),
             echo=self._echoed,
         )
         await self._events.__aenter__()

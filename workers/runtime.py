@@ -238,7 +238,11 @@ class Worker(AsyncCloseable):
         await declare_worker_queues(connection, driver=name, host=host)
         topology = await existing_topology(channel)
         # Echoed beneath the count: a repeat was counted when first published.
-        echoed = EchoedEvents(EventPublisher(topology.events), partial(fresh_events, connection))
+        pack = self._settings.pack_events
+        echoed = EchoedEvents(
+            EventPublisher(topology.events, pack=pack),
+            partial(fresh_events, connection, pack=pack),
+        )
         events = CountedEvents(echoed, self.metrics.jobs)
         logs = await self._log_shipper(logs_connection)
         cancellations = CancellationLog(

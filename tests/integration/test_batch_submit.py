@@ -115,24 +115,28 @@ async def test_submit_many_queues_every_accepted_job_once(
     assert await queued_jobs(settings.broker_url, queue) == {}
 
 
-async def test_a_sweeps_accepted_events_are_packed_into_few_messages_each_read_once(
-    settings: Settings, gateway: Gateway, client: Client
+@pytest.mark.parametrize(("pack", "messages"), [(True, range(1, 31)), (False, [300])])
+async def test_a_sweeps_accepted_events_go_packed_unless_told_not_and_are_each_read_once(
+    make_settings: Callable[..., Settings], pack: bool, messages: range | list[int]
 ) -> None:
     """The `accepted` events of a batch's jobs go into the log together (a few messages,
-    not one each: common.event_coalescing), and every reader still sees each once."""
+    not one each: common.event_coalescing), or one message each with SANDFLEET_PACK_EVENTS
+    false; every reader sees each event once either way."""
+    settings = make_settings(pack_events=pack)
     await job_queue(settings.broker_url)  # a route for the jobs
-    index = gateway.jobs
-    assert index is not None
-    read = index.read
-    requests = [request(new_id()) for _ in range(300)]
-    replies = await client.submit_many(requests, batch_size=100)
-    assert all(reply.accepted and not reply.duplicate for reply in replies)
-    # The gateway read every one back (each job was queued only after that)...
-    assert 1 <= index.read - read <= 30
-    seen = Counter[str]()
-    async with client.events(phases={Phase.ACCEPTED}, from_start=True) as stream:
-        async for event in stream.history():
-            seen[event.job_id or ""] += 1
+    async with Gateway(settings) as gateway, Client(settings=settings) as client:
+        index = gateway.jobs
+        assert index is not None
+        read = index.read
+        requests = [request(new_id()) for _ in range(300)]
+        replies = await client.submit_many(requests, batch_size=100)
+        assert all(reply.accepted and not reply.duplicate for reply in replies)
+        # The gateway read every one back (each job was queued only after that)...
+        assert index.read - read in messages
+        seen = Counter[str]()
+        async with client.events(phases={Phase.ACCEPTED}, from_start=True) as stream:
+            async for event in stream.history():
+                seen[event.job_id or ""] += 1
     assert seen == Counter({r["job_id"]: 1 for r in requests})  # ...and so does any reader
 
 

@@ -45,6 +45,13 @@ def test_events_under_one_key_go_as_one_message_and_read_back_whole() -> None:
     assert read_back(messages) == events
 
 
+def test_unpacked_each_event_goes_as_itself() -> None:
+    events = [accepted(f"j{n}") for n in range(3)]
+    messages = packed(events, max_events=1)
+    assert [(m.message_type, m.count) for m in messages] == [(EVENT_TYPE, 1)] * 3
+    assert [Event.model_validate_json(m.body) for m in messages] == events
+
+
 def test_a_lone_event_goes_as_itself_as_every_reader_reads_it() -> None:
     event = accepted("j")
     [message] = packed([event])
