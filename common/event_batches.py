@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 EVENT_TYPE = "sandfleet.event"
 EVENTS_TYPE = "sandfleet.events"
-# Bounds on one message: a reader validates all of it at once, and a stream's readers
-# fetch whole messages (a terminal event carries up to 64 KiB of output).
-MAX_EVENTS_PER_MESSAGE = 500
-MAX_BYTES_PER_MESSAGE = 1024 * 1024
+# Bounds on one message: a reader validates all of it at once, and holds a prefetch of
+# messages (the job index: 100) and their events in memory before its view writes them.
+MAX_EVENTS_PER_MESSAGE = 200
+MAX_BYTES_PER_MESSAGE = 256 * 1024
+_OPENING, _CLOSING = b'{"events":[', b"]}"
 
 
 class EventBatch(BaseModel):
@@ -53,6 +54,9 @@ def events_from_log(body: bytes, routing_key: str | None, message_type: str | No
     if message_type != EVENTS_TYPE:
         event = event_from_log(body, routing_key)
         return [] if event is None else [event]
+    if len(body) > MAX_BYTES_PER_MESSAGE:
+        log.warning("skipped a %d-byte event batch: over the bound of packed events", len(body))
+        return []
     batch = logged_model(EventBatch, body, "a batch of events")
     if batch is None:
         return []
@@ -96,9 +100,9 @@ def _runs(events: Iterable[Event], max_events: int) -> Iterator[list[tuple[Event
             run = None
         if run is None:
             run = open_runs[key] = []
-            sizes[key] = 0
+            sizes[key] = len(_OPENING) + len(_CLOSING) - 1  # less the first's comma
         run.append((event, body))
-        sizes[key] += len(body)
+        sizes[key] += len(body) + 1
         if job is not None:
             job_keys[job] = key
     yield from open_runs.values()
@@ -108,7 +112,7 @@ def _pack(run: list[tuple[Event, bytes]]) -> Packed:
     if len(run) == 1:
         body, message_type = run[0][1], EVENT_TYPE
     else:
-        body = b'{"events":[' + b",".join(body for _, body in run) + b"]}"
+        body = _OPENING + b",".join(body for _, body in run) + _CLOSING
         message_type = EVENTS_TYPE
     return Packed(
         routing_key=run[0][0].routing_key,

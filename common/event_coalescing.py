@@ -10,21 +10,29 @@ published alone goes as soon as it did before, as a lone event.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from sandfleet.common.event_publisher import EventBatchSink
 from sandfleet.common.events import Event
 
+log = logging.getLogger(__name__)
+
+Batch = list[tuple[Event, asyncio.Future[None]]]
+
 
 class CoalescedEvents:
     """`await events.publish(event)`: returns once `event` is confirmed (or raises what
-    its message's publish raised)."""
+    its batch's publish raised)."""
 
     def __init__(self, publisher: EventBatchSink) -> None:
         self._publisher = publisher
-        self._pending: list[tuple[Event, asyncio.Future[None]]] = []
-        self._publishing: set[asyncio.Task[None]] = set()
+        self._pending: Batch = []
+        self._publishing: dict[asyncio.Task[None], Batch] = {}
+        self._closed = False
 
     async def publish(self, event: Event) -> None:
+        if self._closed:
+            raise ConnectionError("the event publisher is closed")
         loop = asyncio.get_running_loop()
         if not self._pending:
             loop.call_soon(self._send_pending)
@@ -38,31 +46,50 @@ class CoalescedEvents:
 
     def _send_pending(self) -> None:
         batch, self._pending = self._pending, []
+        if not batch or self._closed:
+            _settle(batch, None, cancelled=True)
+            return
         task = asyncio.create_task(self._send(batch))
-        self._publishing.add(task)
-        task.add_done_callback(self._publishing.discard)
+        self._publishing[task] = batch
+        task.add_done_callback(self._sent)
 
-    async def _send(self, batch: list[tuple[Event, asyncio.Future[None]]]) -> None:
+    async def _send(self, batch: Batch) -> None:
         try:
             await self._publisher.publish_many([event for event, _ in batch])
-        except asyncio.CancelledError:
-            for _, confirmed in batch:
-                confirmed.cancel()  # the sink closed: so are its callers, about to be
+        except Exception:
+            log.warning("%d events not published", len(batch), exc_info=True)
             raise
-        except Exception as exc:
-            for _, confirmed in batch:
-                if not confirmed.done():
-                    confirmed.set_exception(exc)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        # Here, not in `_send`: a task cancelled before it ran never enters its body.
+        batch = self._publishing.pop(task)
+        if task.cancelled():
+            _settle(batch, None, cancelled=True)
         else:
-            for _, confirmed in batch:
-                if not confirmed.done():
-                    confirmed.set_result(None)
+            _settle(batch, task.exception(), cancelled=False)
 
     async def aclose(self) -> None:
-        """Cancel the publishes in flight, and with them their callers' waits."""
-        for task in list(self._publishing):
+        """Publish nothing more; cancel the publishes in flight, and with them their
+        callers' waits (and those of events not sent yet)."""
+        self._closed = True
+        _settle(self._pending, None, cancelled=True)
+        self._pending = []
+        tasks = list(self._publishing)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._publishing, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _settle(batch: Batch, error: BaseException | None, *, cancelled: bool) -> None:
+    for _, confirmed in batch:
+        if confirmed.done():
+            continue
+        if cancelled:
+            confirmed.cancel()
+        elif error is not None:
+            confirmed.set_exception(error)
+        else:
+            confirmed.set_result(None)
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:

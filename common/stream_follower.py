@@ -16,6 +16,7 @@ from typing import Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq.exceptions import ChannelInvalidStateError
 
 from sandfleet.common.topology import (
     CONTROL_EXCHANGE,
@@ -50,7 +51,7 @@ PREFETCH = 1000  # streams require a prefetch
 # so the broker never waits for one: an ack per message was a good part of what a
 # reader spent on each heartbeat it skips. A stream redelivers nothing unacked: a
 # reader that reconnects resumes at its own offset.
-ACK_EVERY = 100
+ACK_EVERY = 100  # ...or a tenth of a smaller prefetch
 # ...and the last ones this long after they came at the latest: a quiet log must not
 # leave its reader holding a message past the broker's consumer timeout.
 ACK_AFTER_SECONDS = 1.0
@@ -64,9 +65,13 @@ class StreamFollower:
         on_message: OnMessage,
         *,
         start_at: int | None = None,
+        prefetch: int = PREFETCH,
     ) -> None:
-        """`start_at`: the stream offset to start reading at (None: the first message)."""
+        """`start_at`: the stream offset to start reading at (None: the first message);
+        `prefetch`: the messages delivered and not yet acked, at most."""
         self._channel = channel
+        self._prefetch = prefetch
+        self._ack_every = max(1, min(ACK_EVERY, prefetch // 10))
         self._queue = queue
         self._on_message = on_message
         self._caught_up = asyncio.Event()
@@ -89,7 +94,7 @@ class StreamFollower:
 
     async def start(self) -> None:
         """Start reading at the chosen offset; return once caught up with the present."""
-        await self._channel.set_qos(prefetch_count=PREFETCH)
+        await self._channel.set_qos(prefetch_count=self._prefetch)
         stream = await self._channel.declare_queue(self._queue, passive=True)
         await stream.consume(self._deliver, arguments=self._arguments)  # type: ignore[arg-type]
         await publish_log_marker(self._channel, self._queue, self._marker)
@@ -113,7 +118,7 @@ class StreamFollower:
         self._unacked += 1
         if self._latest is None or _later(message, self._latest):
             self._latest = message
-        if self._unacked >= ACK_EVERY or marker:
+        if self._unacked >= self._ack_every or marker:
             await self._ack()
         elif self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(
@@ -129,7 +134,12 @@ class StreamFollower:
         latest, self._latest, self._unacked = self._latest, None, 0
         if latest is not None and (self._acked is None or _later(latest, self._acked)):
             self._acked = latest
-            await latest.ack(multiple=True)
+            try:
+                await latest.ack(multiple=True)
+            except ChannelInvalidStateError:
+                # Lost with its channel, which is no error: the reader resumes at its
+                # own offset on the channel reopened.
+                log.debug("stream ack not sent: its channel closed")
 
     def _ack_later(self) -> None:
         self._ack_timer = None
@@ -142,9 +152,25 @@ class StreamFollower:
 def _later(message: AbstractIncomingMessage, than: AbstractIncomingMessage) -> bool:
     """Whether `message` came after `than` (a channel reopened since starts its
     delivery tags afresh: all its messages are later)."""
+    # aio-pika will not name a closed channel (it raises): a message whose channel has
+    # closed since is earlier than any on the channel open now, and none is later than
+    # it could be acked. Before, that raise on every ack after a reopen left the reader
+    # acking nothing, and the broker stopped delivering past the prefetch.
+    if _channel_closed(than):
+        return True
+    if _channel_closed(message):
+        return False
     if message.channel is not than.channel:
         return True
     return (message.delivery_tag or 0) > (than.delivery_tag or 0)
+
+
+def _channel_closed(message: AbstractIncomingMessage) -> bool:
+    try:
+        message.channel  # noqa: B018 (the property raises on a closed channel)
+    except ChannelInvalidStateError:
+        return True
+    return False
 
 
 def _acked(task: asyncio.Task[None]) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Collection
 from datetime import datetime
 from functools import partial
@@ -106,6 +106,9 @@ class EventStream(AsyncCloseable):
         self._shown_url = shown_url  # for errors: the broker URL, password hidden
         self._channel: AbstractChannel | None = None
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        # The rest of a packed message's events: a loop broken off amid them and begun
+        # again goes on from there.
+        self._unread: deque[Event] = deque()
         self._marker: str | None = None
         self._markers_due = 0  # the marker's copies not read yet: one per log read
         # A worker that takes over a dead one's job re-publishes its terminal event under
@@ -210,6 +213,10 @@ class EventStream(AsyncCloseable):
         if self._channel is None:
             await self._subscribe()
         while True:
+            while self._unread:
+                event = self._unread.popleft()
+                if self._first_sight(event) and self._match(event):
+                    yield event
             message = await self._inbox.get()
             if is_log_marker(message):
                 if message.message_id == self._marker:
@@ -217,9 +224,7 @@ class EventStream(AsyncCloseable):
                     if self._markers_due <= 0:
                         return  # every log read up to the marker
                 continue
-            for event in events_from_log(message.body, message.routing_key, message.type):
-                if self._first_sight(event) and self._match(event):
-                    yield event
+            self._unread.extend(events_from_log(message.body, message.routing_key, message.type))
 
     def _first_sight(self, event: Event) -> bool:
         if event.event_id in self._seen:

@@ -52,6 +52,10 @@ SKIPPED_KEY_PREFIXES = (f"{Phase.HEARTBEAT.value}.",)
 SETTLE_TIMEOUT_SECONDS = 60.0
 MAX_FREED = 10_000  # ids given up, remembered as free until the log speaks of them again
 MAX_BACKLOG = 20_000  # events read but not yet written to the view
+# Messages in hand at once: each is taken before the backlog is checked, and a packed
+# one holds up to 200 events (common.event_batches), so this bounds what the backlog can
+# overshoot by (20,000 events more at most).
+PREFETCH = 100
 
 
 @dataclass(slots=True)
@@ -89,7 +93,7 @@ class JobIndex:
         return once caught up with the present."""
         start_at = await self._view.next_offset()
         self._follower = StreamFollower(
-            self._channel, EVENTS_LOG_QUEUE, self._on_message, start_at=start_at
+            self._channel, EVENTS_LOG_QUEUE, self._on_message, start_at=start_at, prefetch=PREFETCH
         )
         await self._follower.start()
 

@@ -37,8 +37,13 @@ class RouteChecker:
         asking = self._asking.get(queue_name)
         if asking is None:
             asking = self._asking[queue_name] = asyncio.ensure_future(self._ask(queue_name))
-            asking.add_done_callback(lambda _: self._asking.pop(queue_name, None))
+            asking.add_done_callback(lambda done: self._asked(queue_name, done))
         return await asyncio.shield(asking)
+
+    def _asked(self, queue_name: str, done: asyncio.Future[bool]) -> None:
+        del self._asking[queue_name]
+        if not done.cancelled():
+            done.exception()  # read: its askers may all have gone (no "never retrieved")
 
     async def _ask(self, queue_name: str) -> bool:
         if await self.message_count(queue_name) is None:

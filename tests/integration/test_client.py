@@ -17,9 +17,16 @@ from aiormq.exceptions import ChannelAccessRefused
 
 import sandfleet
 from sandfleet.common import broker_roles as roles
+from sandfleet.common.event_publisher import EventPublisher
+from sandfleet.common.events import Event
 from sandfleet.common.models import SandboxRequest
 from sandfleet.common.settings import Settings
-from sandfleet.common.topology import CONTROL_EXCHANGE, EVENTS_LOG_QUEUE, SUBMIT_QUEUE
+from sandfleet.common.topology import (
+    CONTROL_EXCHANGE,
+    EVENTS_EXCHANGE,
+    EVENTS_LOG_QUEUE,
+    SUBMIT_QUEUE,
+)
 from sandfleet.gateway.gateway_requests import DIRECT_REPLY_TO
 from sandfleet.gateway.service import Gateway
 from tests.support import eventually, until_phase, until_terminal
@@ -323,3 +330,41 @@ async def test_an_unreachable_broker_raises_fleet_unreachable_with_the_password_
     with pytest.raises(sandfleet.FleetUnreachable, match=r"someone:\*\*\*@"):
         sandfleet.SyncClient(url).history("x")
     assert not any(t.name == "sandfleet-client" for t in threading.enumerate())
+
+
+async def test_a_loop_broken_off_amid_a_packed_message_goes_on_from_there(
+    settings: Settings, gateway: Gateway
+) -> None:
+    """Three events in one log message (common.event_batches): a reader that breaks out
+    after the first and iterates again gets the other two, not the next message."""
+    events = [
+        Event(
+            job_id=f"p-{uuid.uuid4().hex[:8]}",
+            phase=Phase.ACCEPTED,
+            host="gw",
+            driver="docker",
+            submitted_by="guest",
+        )
+        for _ in range(3)
+    ]
+    connection = await aio_pika.connect(settings.broker_url)
+    async with connection, connection.channel(publisher_confirms=True) as channel:
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE)
+        await EventPublisher(exchange).publish_many(events)
+    wanted = {event.job_id for event in events}
+    read: list[str] = []
+    async with (
+        sandfleet.Client(settings=settings) as client,
+        client.events(phases={Phase.ACCEPTED}, from_start=True) as stream,
+        asyncio.timeout(60),
+    ):
+        async for event in stream:
+            if event.job_id in wanted:
+                read.append(event.event_id)
+                break
+        async for event in stream:
+            if event.job_id in wanted:
+                read.append(event.event_id)
+            if len(read) == 3:
+                break
+    assert read == [event.event_id for event in events]

@@ -25,6 +25,7 @@ from sandfleet.common.topology import (
     declare_topology,
     job_queue_name,
 )
+from sandfleet.gateway.job_index import PREFETCH as JOB_INDEX_PREFETCH
 from sandfleet.gateway.service import Gateway
 from tests.support import eventually
 from tests.support.metrics import scraped
@@ -185,3 +186,30 @@ async def test_a_restarted_gateway_reads_only_what_was_logged_since(settings: Se
         # Caught up at start: the log since its view's offset, and nothing before it.
         assert (again.read, again.skipped) == (2, 0)  # heartbeats: in their own log
         assert all(again.existing(job_id) is Phase.SUCCEEDED for job_id in before)
+
+
+async def test_the_job_index_reads_on_after_its_channel_is_reopened(
+    gateway: Gateway, settings: Settings
+) -> None:
+    """A channel error closes the index's stream channel under its robust channel, which
+    reopens it: the index still acks what it reads there, so the broker goes on delivering
+    past the prefetch (before, every ack raised on the old channel's last message, and
+    the index stalled for good after PREFETCH messages: a gateway then answered nobody)."""
+    index = gateway.jobs
+    assert index is not None
+
+    def accepted(n: int) -> Event:
+        return Event(job_id=f"ro-{n}-{uuid.uuid4().hex[:6]}", phase=Phase.ACCEPTED, host="gw",
+                     driver="docker", submitted_by="guest")  # fmt: skip
+
+    async def read(job_id: str) -> bool:
+        return index.existing(job_id) is Phase.ACCEPTED
+
+    before = [accepted(n) for n in range(3 * JOB_INDEX_PREFETCH // 10)]  # acked some
+    await publish_events(settings.broker_url, before)
+    await eventually(lambda: read(before[-1].job_id or ""), timeout=30)
+    channel = index._channel  # a robust channel
+    await (await channel.get_underlay_channel()).close()
+    after = [accepted(n) for n in range(3 * JOB_INDEX_PREFETCH)]
+    await publish_events(settings.broker_url, after)
+    await eventually(lambda: read(after[-1].job_id or ""), timeout=60)

@@ -93,7 +93,8 @@ def test_a_message_holds_at_most_its_bound_of_bytes() -> None:
     ]
     messages = packed(events)
     assert len(messages) > 1
-    assert all(len(m.body) <= MAX_BYTES_PER_MESSAGE + 64 for m in messages)
+    assert all(len(m.body) <= MAX_BYTES_PER_MESSAGE for m in messages)
+    assert max(len(m.body) for m in messages) > MAX_BYTES_PER_MESSAGE - MAX_OUTPUT_CHARS - 1024
     assert read_back(messages) == events
 
 
@@ -111,7 +112,12 @@ def test_an_event_of_a_batch_under_another_key_is_not_believed() -> None:
 def test_a_batch_that_is_no_batch_of_events_holds_none() -> None:
     key = "accepted.docker.gw"
     too_many = batch_body(*(accepted(f"j{n}") for n in range(MAX_EVENTS_PER_MESSAGE + 1)))
-    for body in (b"{}", b'{"events": []}', b'{"events": [{}]}', b"not json", too_many):
+    big = "x" * MAX_OUTPUT_CHARS
+    too_big = batch_body(
+        *(accepted(f"j{n}", output=big) for n in range(MAX_BYTES_PER_MESSAGE // MAX_OUTPUT_CHARS))
+    )
+    assert len(too_big) > MAX_BYTES_PER_MESSAGE
+    for body in (b"{}", b'{"events": []}', b'{"events": [{}]}', b"not json", too_many, too_big):
         assert events_from_log(body, key, EVENTS_TYPE) == []
     # ...and a batch under a lone event's type is no event
     assert events_from_log(batch_body(accepted("a"), accepted("b")), key, EVENT_TYPE) == []

@@ -90,3 +90,17 @@ async def test_closing_cancels_the_publishes_in_flight_and_their_callers() -> No
     with pytest.raises(asyncio.CancelledError):
         async with asyncio.timeout(5):
             await caller
+
+
+async def test_closing_before_the_pass_ends_cancels_the_waiting_callers_and_sends_nothing() -> None:
+    publisher = Publisher()
+    events = CoalescedEvents(publisher)
+    caller = asyncio.create_task(events.publish(accepted("a")))
+    await asyncio.sleep(0)  # the caller has handed its event over; the pass has not ended
+    await events.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await caller
+    assert publisher.calls == []
+    with pytest.raises(ConnectionError):
+        await events.publish(accepted("after"))
