@@ -9,15 +9,19 @@ from typing import Protocol
 
 from aio_pika.abc import AbstractExchange
 
-from sandfleet.common.amqp import json_properties, publish_body, publish_through_outages
+from sandfleet.common.amqp import (
+    EventSink,
+    json_properties,
+    publish_body,
+    publish_through_outages,
+)
 from sandfleet.common.event_batches import MAX_EVENTS_PER_MESSAGE, packed
 from sandfleet.common.events import Event
 
 
-class EventBatchSink(Protocol):
-    """Takes events one at a time or many at once (EventPublisher does)."""
+class EventBatchSink(EventSink, Protocol):
+    """An `EventSink` that also takes many events at once (EventPublisher is one)."""
 
-    async def publish(self, event: Event) -> None: ...
     async def publish_many(self, events: Sequence[Event]) -> None: ...
 
 
