@@ -31,6 +31,7 @@ from sandfleet.gateway.job_file import (
     load_job_file,
     load_sweep_file,
 )
+from sandfleet.gateway.process_tuning import tune_gateway_process
 from sandfleet.gateway.render import (
     Output,
     make_console,
@@ -62,6 +63,7 @@ def gateway(metrics_port: MetricsPort = None) -> None:
     if metrics_port is not None:
         settings = settings.model_copy(update={"metrics_port": metrics_port})
     setup_logging(settings.log_level)
+    tune_gateway_process()
     run_fast(until_signalled(run_gateway(settings)))
 
 
