@@ -9,6 +9,10 @@ canonical form (sorted keys, no spaces, ASCII), so a worker that re-publishes a 
 (bound to its host, parked for GPUs) carries the gateway's signature along with it.
 Gateway and workers must run the same sandfleet version: a field one side knows and
 the other does not changes the canonical form.
+
+Jobs signed together (a batch's, admitted in one pass) share one signature over a hash
+tree of them, each carrying its proof (`sandfleet.common.signature_trees`); a job
+signed alone carries a signature over itself, as before.
 """
 
 from __future__ import annotations
@@ -17,16 +21,32 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+)
 
 from sandfleet.common.errors import SandfleetError
+from sandfleet.common.signature_trees import (
+    MAX_PROOF_STEPS,
+    MAX_TREE_LEAVES,
+    PROOF_STEP_PATTERN,
+    leaf_hash,
+    root_of,
+    signed_message,
+    tree,
+)
 
 PRIVATE_KEY_FILE = "signing.key"
 PUBLIC_KEY_FILE = "signing.pub"
@@ -39,13 +59,26 @@ class KeyFileError(SandfleetError):
     """A key file that cannot be used (missing, unreadable, not an Ed25519 PEM key)."""
 
 
+ProofStep = Annotated[str, StringConstraints(pattern=PROOF_STEP_PATTERN)]
+
+
 class Signature(BaseModel):
-    """Who signed (`key_id`) and the signature, base64."""
+    """Who signed (`key_id`) and the signature, base64; `proof` for a message signed
+    with others: the way from it to the signed root of their tree."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
     value: str = Field(min_length=1, max_length=128)
+    proof: list[ProofStep] | None = Field(default=None, min_length=1, max_length=MAX_PROOF_STEPS)
+
+    @model_serializer(mode="wrap")
+    def _absent_proof_left_out(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Left out, not null: a message signed alone reads as it always has.
+        data = handler(self)
+        if self.proof is None and isinstance(data, dict):
+            data.pop("proof", None)
+        return data
 
 
 class SignatureInvalid(Exception):
@@ -85,6 +118,22 @@ class JobSigner:
         value = self._key.sign(canonical_bytes(data))
         return Signature(key_id=self.key_id, value=base64.b64encode(value).decode())
 
+    def sign_many(self, many: Sequence[Mapping[str, Any]]) -> list[Signature]:
+        """A signature for each of `many`: one over a tree of them (MAX_TREE_LEAVES at a
+        time), each with its proof; a lone one signed as `sign` does."""
+        signatures: list[Signature] = []
+        for start in range(0, len(many), MAX_TREE_LEAVES):
+            chunk = many[start : start + MAX_TREE_LEAVES]
+            if len(chunk) == 1:
+                signatures.append(self.sign(chunk[0]))
+                continue
+            root, proofs = tree([leaf_hash(canonical_bytes(data)) for data in chunk])
+            value = base64.b64encode(self._key.sign(signed_message(root))).decode()
+            signatures.extend(
+                Signature(key_id=self.key_id, value=value, proof=proof) for proof in proofs
+            )
+        return signatures
+
 
 class SignatureVerifier:
     """Checks signatures against the keys a worker trusts (`SANDFLEET_TRUSTED_KEYS`);
@@ -117,8 +166,11 @@ class SignatureVerifier:
         key = self._keys.get(signature.key_id)
         if key is None:
             raise SignatureInvalid(f"signed by key {signature.key_id}, which is not trusted here")
+        signed = canonical_bytes(data)
+        if signature.proof is not None:
+            signed = signed_message(root_of(leaf_hash(signed), signature.proof))
         try:
-            key.verify(value, canonical_bytes(data))
+            key.verify(value, signed)
         except InvalidSignature:
             raise SignatureInvalid(
                 f"the signature by key {signature.key_id} does not match the message"

@@ -43,10 +43,11 @@ from sandfleet.common.errors import FieldError, MessageUndecodable, RequestInval
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.models import Job, ReplyStatus, SubmitReply
 from sandfleet.common.settings import Settings
-from sandfleet.common.signing import JobSigner, signed
+from sandfleet.common.signing import JobSigner
 from sandfleet.common.topology import job_queue_name, job_routing_key
 from sandfleet.gateway.envelope import admit, decode, new_job_id
 from sandfleet.gateway.job_index import JobIndex
+from sandfleet.gateway.job_signing import JobsSignedTogether
 from sandfleet.gateway.ownership import UNIDENTIFIED, Ownership
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class Admission:
         self._events = events
         self._job_exchange = job_exchange  # on a channel with confirms, returns raised
         self._route_exists = route_exists
-        self._signer = signer
+        self._signing = JobsSignedTogether(signer)
         # Accepted, but not queued yet (their publish failed, or their place in the log is
         # not known yet): job id → (job, its `accepted` event's id).
         self._unqueued: dict[str, tuple[Job, str]] = {}
@@ -209,7 +210,7 @@ class Admission:
         return SubmitReply(status=ReplyStatus.ACCEPTED, job_id=job.job_id)
 
     async def _queue(self, job: Job) -> None:
-        body = signed(job, self._signer).model_dump_json().encode()
+        body = await self._signing.body(job)
         properties = json_properties(message_id=job.job_id, message_type=JOB_TYPE)
         key = job_routing_key(job.driver, job.placement.host)
         try:

@@ -18,7 +18,7 @@ from sandfleet_inmemory.driver import InMemoryDriver
 from sandfleet.common.events import Event, Phase
 from sandfleet.common.models import CancelRequest, Job, JobTemplate, Placement
 from sandfleet.common.settings import Settings
-from sandfleet.common.signing import JobSigner, signed
+from sandfleet.common.signing import JobSigner, SignatureVerifier, signed
 from sandfleet.common.topology import CONTROL_EXCHANGE, JOBS_EXCHANGE
 from sandfleet.gateway.client import Client
 from sandfleet.gateway.events_stream import EventStream
@@ -27,6 +27,7 @@ from sandfleet.workers.job_signatures import BAD_SIGNATURE, WRONG_HOST, Unsigned
 from sandfleet.workers.runtime import Worker
 from tests.support import until_phase, until_terminal
 from tests.support.broker import dead_letters
+from tests.support.job_queues import job_queue
 from tests.support.runtimes import registered_driver, worker_factory
 
 pytestmark = pytest.mark.integration
@@ -169,3 +170,60 @@ async def test_a_signed_job_placed_on_another_host_never_runs_here(
     assert refusal.reason == WRONG_HOST and "elsewhere" in refusal.message
     assert not any(operation == "create" for operation, _ in driver.calls)
     assert await client.history(job.job_id) == []
+
+
+async def read_and_return(url: str, queue_name: str) -> list[bytes]:
+    """The bodies of the messages in a queue, left there (requeued unacked)."""
+    bodies: list[bytes] = []
+    connection = await aio_pika.connect(url)
+    async with connection:
+        queue = await (await connection.channel()).get_queue(queue_name)
+        while (message := await queue.get(fail=False)) is not None:
+            bodies.append(message.body)
+    return bodies
+
+
+async def test_a_batchs_jobs_share_one_signature_and_each_runs_on_its_own_proof(
+    settings: Settings, client: Client
+) -> None:
+    """Jobs admitted together are signed under one signature over a tree of them: each on
+    the queue carries its own proof and runs; a copy changed on the way, its proof kept,
+    is refused as any forged job is."""
+    queue_name = await job_queue(settings.broker_url, "inmemory")
+    ids = [f"t-{uuid.uuid4().hex[:8]}" for _ in range(6)]
+    replies = await client.submit_many(
+        {"job_id": i, "driver": "inmemory", "template": {"image": "none", "command": ["true"]}}
+        for i in ids
+    )
+    assert all(reply.accepted for reply in replies)
+    queued = {
+        json.loads(body)["job_id"]: body
+        for body in await read_and_return(settings.broker_url, queue_name)
+    }
+    assert set(queued) == set(ids)
+    signatures = [json.loads(body)["signature"] for body in queued.values()]
+    assert len({s["value"] for s in signatures}) == 1 and all(s["proof"] for s in signatures)
+    assert settings.trusted_keys
+    verifier = SignatureVerifier.from_files([Path(settings.trusted_keys)])
+    for body in queued.values():
+        verifier.verify(json.loads(body))
+    changed = json.loads(queued[ids[0]])
+    changed["job_id"], changed["template"]["command"] = f"x-{ids[0]}", ["evil"]
+    driver = InMemoryDriver()
+    # The stream first: the worker runs what is queued as soon as it starts.
+    async with client.events() as stream, worker_factory(settings, lambda s: driver)():
+        await publish_job(settings.broker_url, Job.model_validate_json(json.dumps(changed)))
+        ended: dict[str, Phase] = {}
+        refusal: Event | None = None
+        async with asyncio.timeout(60):
+            async for event in stream:
+                if event.phase is Phase.REJECTED and event.job_id is None:
+                    refusal = event
+                elif event.job_id in ids and event.phase.is_terminal:
+                    ended[event.job_id] = event.phase
+                if len(ended) == len(ids) and refusal is not None:
+                    break
+    assert refusal is not None and refusal.reason == BAD_SIGNATURE
+    assert "does not match" in refusal.message
+    assert ended == dict.fromkeys(ids, Phase.SUCCEEDED)
+    assert not any(changed["job_id"] in name for _, name in driver.calls)
