@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sandfleet.common.models import Job, JobTemplate
@@ -21,11 +20,6 @@ def a_job(i: int) -> Job:
         submitted_by="alice",
         template=JobTemplate(image="busybox", command=["echo", str(i)]),
     )
-
-
-@pytest.fixture
-def signer() -> JobSigner:
-    return JobSigner(Ed25519PrivateKey.generate())
 
 
 def checked(signer: JobSigner, body: bytes, i: int) -> Signature:

@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sandfleet.common import signing
 from sandfleet.common.models import Job, JobTemplate
@@ -41,16 +40,6 @@ def signed_together(signer: JobSigner, n: int) -> list[dict[str, Any]]:
     for data, signature in zip(many, signer.sign_many(many), strict=True):
         data[SIGNATURE_FIELD] = signature.model_dump()
     return [json.loads(json.dumps(data)) for data in many]  # through the wire
-
-
-@pytest.fixture
-def signer() -> JobSigner:
-    return JobSigner(Ed25519PrivateKey.generate())
-
-
-@pytest.fixture
-def verifier(signer: JobSigner) -> SignatureVerifier:
-    return SignatureVerifier([signer._key.public_key()])
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 8, 100])

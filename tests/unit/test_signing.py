@@ -37,16 +37,6 @@ def wire(job: Job) -> dict[str, object]:
     return data
 
 
-@pytest.fixture
-def signer() -> JobSigner:
-    return JobSigner(Ed25519PrivateKey.generate())
-
-
-@pytest.fixture
-def verifier(signer: JobSigner) -> SignatureVerifier:
-    return SignatureVerifier([signer._key.public_key()])
-
-
 def test_a_signed_job_verifies_as_the_worker_reads_it(
     signer: JobSigner, verifier: SignatureVerifier
 ) -> None:
