@@ -9,8 +9,11 @@ folds the proof into a root, and verifies the signature on that root, so every j
 stands alone as before: a changed byte in any job, or a proof taken from another job,
 yields another root.
 
-- A leaf is `SHA-256(0x00 ‖ canonical job)`, an inner node `SHA-256(0x01 ‖ left ‖
-  right)`: no inner node can pass for a job (RFC 6962's second-preimage guard).
+- A leaf is `SHA-256(0x00 ‖ salt ‖ canonical job)`, an inner node `SHA-256(0x01 ‖ left
+  ‖ right)`: no inner node can pass for a job (RFC 6962's second-preimage guard).
+- Each job's salt (SALT_BYTES random bytes) travels only inside that job's message. A
+  proof shows its reader the leaf hashes of other jobs (other submitters', other
+  hosts'), and without their salts a hash confirms no guess of what a job holds.
 - What is signed is `TREE_CONTEXT ‖ root`: it starts with bytes no canonical JSON
   object does (`{`), so a root's signature is never a job's, nor the other way round.
 - A level's odd node out moves up unhashed; its proof has no step for that level.
@@ -27,11 +30,13 @@ TREE_CONTEXT = b"sandfleet job tree v1\x00"
 MAX_TREE_LEAVES = 4096
 MAX_PROOF_STEPS = 12
 PROOF_STEP_PATTERN = r"^[lr][0-9a-f]{64}$"  # the sibling's side, then its hash
+SALT_BYTES = 16
+SALT_PATTERN = rf"^[0-9a-f]{{{2 * SALT_BYTES}}}$"
 _LEAF, _NODE = b"\x00", b"\x01"
 
 
-def leaf_hash(canonical: bytes) -> bytes:
-    return hashlib.sha256(_LEAF + canonical).digest()
+def leaf_hash(salt: bytes, canonical: bytes) -> bytes:
+    return hashlib.sha256(_LEAF + salt + canonical).digest()
 
 
 def _node_hash(left: bytes, right: bytes) -> bytes:

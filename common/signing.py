@@ -21,6 +21,7 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -35,6 +36,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     StringConstraints,
     model_serializer,
+    model_validator,
 )
 
 from sandfleet.common.errors import SandfleetError
@@ -42,6 +44,8 @@ from sandfleet.common.signature_trees import (
     MAX_PROOF_STEPS,
     MAX_TREE_LEAVES,
     PROOF_STEP_PATTERN,
+    SALT_BYTES,
+    SALT_PATTERN,
     leaf_hash,
     root_of,
     signed_message,
@@ -63,14 +67,21 @@ ProofStep = Annotated[str, StringConstraints(pattern=PROOF_STEP_PATTERN)]
 
 
 class Signature(BaseModel):
-    """Who signed (`key_id`) and the signature, base64; `proof` for a message signed
-    with others: the way from it to the signed root of their tree."""
+    """Who signed (`key_id`) and the signature, base64; for a message signed with others,
+    its `salt` and its `proof`: the way from it to the signed root of their tree."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
     value: str = Field(min_length=1, max_length=128)
     proof: list[ProofStep] | None = Field(default=None, min_length=1, max_length=MAX_PROOF_STEPS)
+    salt: str | None = Field(default=None, pattern=SALT_PATTERN)
+
+    @model_validator(mode="after")
+    def _proof_and_salt_together(self) -> Signature:
+        if (self.proof is None) != (self.salt is None):
+            raise ValueError("a proof and its salt go together")
+        return self
 
     @model_serializer(mode="wrap")
     def _absent_proof_left_out(self, handler: SerializerFunctionWrapHandler) -> Any:
@@ -78,6 +89,7 @@ class Signature(BaseModel):
         data = handler(self)
         if self.proof is None and isinstance(data, dict):
             data.pop("proof", None)
+            data.pop("salt", None)
         return data
 
 
@@ -127,10 +139,13 @@ class JobSigner:
             if len(chunk) == 1:
                 signatures.append(self.sign(chunk[0]))
                 continue
-            root, proofs = tree([leaf_hash(canonical_bytes(data)) for data in chunk])
+            salts = [secrets.token_bytes(SALT_BYTES) for _ in chunk]
+            leaves = map(leaf_hash, salts, map(canonical_bytes, chunk))
+            root, proofs = tree(list(leaves))
             value = base64.b64encode(self._key.sign(signed_message(root))).decode()
             signatures.extend(
-                Signature(key_id=self.key_id, value=value, proof=proof) for proof in proofs
+                Signature(key_id=self.key_id, value=value, proof=proof, salt=salt.hex())
+                for proof, salt in zip(proofs, salts, strict=True)
             )
         return signatures
 
@@ -167,8 +182,9 @@ class SignatureVerifier:
         if key is None:
             raise SignatureInvalid(f"signed by key {signature.key_id}, which is not trusted here")
         signed = canonical_bytes(data)
-        if signature.proof is not None:
-            signed = signed_message(root_of(leaf_hash(signed), signature.proof))
+        if signature.proof is not None and signature.salt is not None:
+            leaf = leaf_hash(bytes.fromhex(signature.salt), signed)
+            signed = signed_message(root_of(leaf, signature.proof))
         try:
             key.verify(value, signed)
         except InvalidSignature:

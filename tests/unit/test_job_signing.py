@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sandfleet.common.models import Job, JobTemplate
 from sandfleet.common.signing import JobSigner, Signature, SignatureVerifier
-from sandfleet.gateway.job_signing import JobsSignedTogether
+from sandfleet.gateway.job_signing import JobNotSigned, JobsSignedTogether
 
 
 def a_job(i: int) -> Job:
@@ -22,22 +22,27 @@ def a_job(i: int) -> Job:
     )
 
 
-def checked(signer: JobSigner, body: bytes, i: int) -> Signature:
-    """`body` verified as a worker does, and parsed as the job it should be."""
+def checked(signer: JobSigner, body: bytes, job: Job) -> Signature:
+    """`body` verified as a worker does, and parsed as `job` (what an unsigned body of it
+    parses as) with a signature."""
     SignatureVerifier([signer._key.public_key()]).verify(json.loads(body))
-    job = Job.model_validate_json(body)
-    assert job.job_id == f"j-{i}" and job.template.command == ["echo", str(i)]
-    assert job.signature is not None
-    return job.signature
+    got = Job.model_validate_json(body)
+    assert got.model_copy(update={"signature": None}) == Job.model_validate_json(
+        job.model_dump_json()
+    )
+    assert got.signature is not None
+    return got.signature
 
 
 async def test_jobs_of_one_pass_share_a_signature_and_each_verifies(signer: JobSigner) -> None:
     signing = JobsSignedTogether(signer)
-    bodies = await asyncio.gather(*(signing.body(a_job(i)) for i in range(5)))
-    signatures = [checked(signer, body, i) for i, body in enumerate(bodies)]
+    jobs = [a_job(i) for i in range(5)]
+    bodies = await asyncio.gather(*(signing.body(job) for job in jobs))
+    signatures = [checked(signer, body, job) for body, job in zip(bodies, jobs, strict=True)]
     assert len({s.value for s in signatures}) == 1
     assert all(s.proof for s in signatures)
-    alone = checked(signer, await signing.body(a_job(9)), 9)  # a pass of its own
+    lone = a_job(9)
+    alone = checked(signer, await signing.body(lone), lone)  # a pass of its own
     assert alone.proof is None and alone.value != signatures[0].value
 
 
@@ -45,7 +50,8 @@ async def test_a_caller_gone_before_the_signing_leaves_the_others_signed(
     signer: JobSigner,
 ) -> None:
     signing = JobsSignedTogether(signer)
-    tasks = [asyncio.create_task(signing.body(a_job(i))) for i in range(3)]
+    jobs = [a_job(i) for i in range(3)]
+    tasks = [asyncio.create_task(signing.body(job)) for job in jobs]
     await asyncio.sleep(0)  # each has handed its job over; none is signed yet
     tasks[1].cancel()
     async with asyncio.timeout(5):
@@ -54,7 +60,7 @@ async def test_a_caller_gone_before_the_signing_leaves_the_others_signed(
     for i in (0, 2):
         body = done[i]
         assert isinstance(body, bytes)
-        assert checked(signer, body, i).proof is not None
+        assert checked(signer, body, jobs[i]).proof is not None
 
 
 async def test_a_signer_that_fails_fails_every_caller_of_its_pass(signer: JobSigner) -> None:
@@ -63,11 +69,23 @@ async def test_a_signer_that_fails_fails_every_caller_of_its_pass(signer: JobSig
             raise RuntimeError("no key")
 
     signing = JobsSignedTogether(Broken(Ed25519PrivateKey.generate()))
-    outcomes = await asyncio.gather(
-        *(signing.body(a_job(i)) for i in range(3)), return_exceptions=True
+    async with asyncio.timeout(5):
+        outcomes = await asyncio.gather(
+            *(signing.body(a_job(i)) for i in range(3)), return_exceptions=True
+        )
+    assert [type(o) for o in outcomes] == [JobNotSigned] * 3
+    assert all(
+        isinstance(o, JobNotSigned) and isinstance(o.__cause__, RuntimeError) for o in outcomes
     )
-    assert [type(o) for o in outcomes] == [RuntimeError] * 3
-    assert checked(signer, await JobsSignedTogether(signer).body(a_job(1)), 1)
+    job = a_job(1)
+    assert checked(signer, await JobsSignedTogether(signer).body(job), job)
+
+
+async def test_text_that_is_not_ascii_travels_as_itself(signer: JobSigner) -> None:
+    job = a_job(1).model_copy(update={"labels": {"team": "équipe 🚀"}})
+    body = await JobsSignedTogether(signer).body(job)
+    assert "équipe 🚀".encode() in body
+    checked(signer, body, job)
 
 
 async def test_without_a_key_a_job_goes_unsigned() -> None:

@@ -3,6 +3,7 @@ nothing in a job or its proof can change without the signature failing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 
 from sandfleet.common import signing
 from sandfleet.common.models import Job, JobTemplate
-from sandfleet.common.signature_trees import leaf_hash, root_of, tree
+from sandfleet.common.signature_trees import leaf_hash, root_of, signed_message, tree
 from sandfleet.common.signing import (
     SIGNATURE_FIELD,
     JobSigner,
@@ -102,12 +103,15 @@ def test_a_tree_signature_and_a_lone_one_never_stand_for_each_other(
 ) -> None:
     many = signed_together(signer, 2)
     without = dict(many[0])
-    without[SIGNATURE_FIELD] = {k: v for k, v in many[0][SIGNATURE_FIELD].items() if k != "proof"}
+    without[SIGNATURE_FIELD] = {
+        k: v for k, v in many[0][SIGNATURE_FIELD].items() if k not in ("proof", "salt")
+    }
     with pytest.raises(SignatureInvalid, match="does not match"):
         verifier.verify(without)
     [alone] = signed_together(signer, 1)
     other = signed_together(signer, 2)[1]
-    alone[SIGNATURE_FIELD] = {**alone[SIGNATURE_FIELD], "proof": other[SIGNATURE_FIELD]["proof"]}
+    tree_part = {k: other[SIGNATURE_FIELD][k] for k in ("proof", "salt")}
+    alone[SIGNATURE_FIELD] = {**alone[SIGNATURE_FIELD], **tree_part}
     with pytest.raises(SignatureInvalid, match="does not match"):
         verifier.verify(alone)
 
@@ -132,6 +136,50 @@ def test_a_malformed_or_overlong_proof_is_refused_before_any_hashing(
         verifier.verify(data)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"salt": None}, {"salt": "0" * 31}, {"salt": "Z" * 32}, {"proof": None}, {"salt": 7}],
+)
+def test_a_proof_without_its_salt_or_a_salt_malformed_is_refused(
+    signer: JobSigner, verifier: SignatureVerifier, change: dict[str, Any]
+) -> None:
+    [data, _] = signed_together(signer, 2)
+    signature = {**data[SIGNATURE_FIELD], **change}
+    data[SIGNATURE_FIELD] = {k: v for k, v in signature.items() if v is not None}
+    with pytest.raises(SignatureInvalid, match="malformed"):
+        verifier.verify(data)
+
+
+def test_each_job_has_a_salt_of_its_own_and_anothers_breaks_it(
+    signer: JobSigner, verifier: SignatureVerifier
+) -> None:
+    many = signed_together(signer, 4)
+    salts = [data[SIGNATURE_FIELD]["salt"] for data in many]
+    assert len(set(salts)) == 4 and all(len(salt) == 32 for salt in salts)
+    many[0][SIGNATURE_FIELD] = {**many[0][SIGNATURE_FIELD], "salt": salts[1]}
+    with pytest.raises(SignatureInvalid, match="does not match"):
+        verifier.verify(many[0])
+
+
+def test_the_tree_is_built_as_documented() -> None:
+    """A known answer, from hashlib alone: the wire format workers of every release
+    that reads trees agree on."""
+    salts, jobs_ = [bytes([i]) * 16 for i in range(3)], [b'{"a":1}', b'{"b":2}', b'{"c":3}']
+    leaves = [hashlib.sha256(b"\x00" + s + j).digest() for s, j in zip(salts, jobs_, strict=True)]
+    assert [leaf_hash(s, j) for s, j in zip(salts, jobs_, strict=True)] == leaves
+    left = hashlib.sha256(b"\x01" + leaves[0] + leaves[1]).digest()
+    root = hashlib.sha256(b"\x01" + left + leaves[2]).digest()
+    assert tree(leaves) == (
+        root,
+        [
+            ["r" + leaves[1].hex(), "r" + leaves[2].hex()],
+            ["l" + leaves[0].hex(), "r" + leaves[2].hex()],
+            ["l" + left.hex()],  # the odd one out moved up unhashed: one step
+        ],
+    )
+    assert signed_message(root) == b"sandfleet job tree v1\x00" + root
+
+
 def test_more_jobs_than_a_tree_holds_go_in_several(
     signer: JobSigner, verifier: SignatureVerifier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,7 +194,7 @@ def test_more_jobs_than_a_tree_holds_go_in_several(
 
 
 def test_every_leaf_folds_to_the_root_and_an_odd_one_out_moves_up_unhashed() -> None:
-    leaves = [leaf_hash(bytes([i])) for i in range(7)]
+    leaves = [leaf_hash(b"salt", bytes([i])) for i in range(7)]
     root, proofs = tree(leaves)
     assert all(root_of(leaf, proof) == root for leaf, proof in zip(leaves, proofs, strict=True))
     assert [len(p) for p in proofs] == [3, 3, 3, 3, 3, 3, 2]
