@@ -35,6 +35,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from sandfleet.common.channel_lifecycle import close_whole, set_up_whole
+from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.common.errors import FleetUnreachable
 from sandfleet.common.event_batches import events_from_log
 from sandfleet.common.events import JOB_PHASES, Event, Phase
@@ -120,7 +121,16 @@ class EventStream(AsyncCloseable):
         return self
 
     async def _subscribe(self) -> None:
-        await set_up_whole(self._open_consumer(), self.aclose)
+        # Through a cluster node that has just (re)started and does not run its replica
+        # of a log yet (406 "does not have a replica on the local node"), as the gateway
+        # and workers start: tried again, on a fresh channel, for as long as they would.
+        await start_when_cluster_ready(
+            lambda: set_up_whole(self._open_consumer(), self.aclose), self._start_over
+        )
+
+    async def _start_over(self) -> None:
+        await self.aclose()
+        self._inbox = asyncio.Queue()  # what a half-made subscription delivered goes too
 
     async def _open_consumer(self) -> None:
         self._channel = await self._connection.channel()

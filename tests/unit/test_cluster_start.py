@@ -7,6 +7,7 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed, ConnectionClosed
 
 from sandfleet.common.cluster_start import start_when_cluster_ready
+from sandfleet.gateway.events_stream import EventFilter, EventStream
 
 NO_REPLICA = ChannelPreconditionFailed(
     "PRECONDITION_FAILED - queue 'sandfleet.control.log' in vhost 'v' does not have a"
@@ -54,3 +55,45 @@ async def test_a_node_that_never_gets_there_is_given_up() -> None:
     with pytest.raises(ChannelPreconditionFailed):
         await start_when_cluster_ready(start.start, start.undo, within=0.5)
     assert start.tries == start.undone >= 1
+
+
+class LogChannel:
+    """A channel whose stream consumer is refused while its node is still starting."""
+
+    def __init__(self, starting: bool) -> None:
+        self.starting, self.closed, self.consumed = starting, False, False
+
+    async def set_qos(self, prefetch_count: int) -> None:
+        pass
+
+    async def declare_queue(self, name: str, passive: bool) -> LogChannel:
+        return self
+
+    async def consume(self, callback: object, arguments: dict[str, object]) -> None:
+        if self.starting:
+            raise NO_REPLICA
+        self.consumed = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class NodeStillStarting:
+    """A connection to a node whose log replica comes up after `refusals` tries."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals, self.channels = refusals, list[LogChannel]()
+
+    async def channel(self) -> LogChannel:
+        self.channels.append(LogChannel(starting=len(self.channels) < self.refusals))
+        return self.channels[-1]
+
+
+async def test_a_reader_subscribing_through_a_node_still_starting_waits_for_it() -> None:
+    """`Client.events()` (watch, run, history) on a node that has just restarted: each
+    refused channel is closed and the subscription made afresh, until the node has its
+    replica; then the reader reads from the fresh channel."""
+    node = NodeStillStarting(refusals=1)
+    stream = EventStream(node, EventFilter(), offset="first")  # type: ignore[arg-type]
+    async with stream:
+        assert [(c.closed, c.consumed) for c in node.channels] == [(True, False), (False, True)]
