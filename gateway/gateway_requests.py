@@ -25,9 +25,10 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
-from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
+from aiormq.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError
 
 from sandfleet.common.amqp import JSON
+from sandfleet.common.cluster_start import cluster_still_starting
 from sandfleet.common.errors import ClientClosed, FleetUnreachable
 from sandfleet.common.topology import SUBMISSIONS_EXCHANGE
 
@@ -167,6 +168,14 @@ class GatewayRequests:
             ) from None
         except _LOST:  # lost since ready()
             raise _ConnectionLost from None
+        except AMQPError as exc:
+            # The robust connection restoring a log consumer on a node that has just
+            # restarted (406 "does not have a replica on the local node") fails what
+            # is in flight with it: the connection moves on, and the request is sent
+            # again as after any loss.
+            if cluster_still_starting(exc):
+                raise _ConnectionLost from None
+            raise
 
     async def _check_gateway_ran(self, exchange: str) -> None:
         if exchange in self._exchanges_seen:

@@ -8,6 +8,7 @@ from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed, C
 
 from sandfleet.common.cluster_start import start_when_cluster_ready
 from sandfleet.gateway.events_stream import EventFilter, EventStream
+from sandfleet.gateway.gateway_requests import GatewayRequests, _ConnectionLost
 
 NO_REPLICA = ChannelPreconditionFailed(
     "PRECONDITION_FAILED - queue 'sandfleet.control.log' in vhost 'v' does not have a"
@@ -97,3 +98,23 @@ async def test_a_reader_subscribing_through_a_node_still_starting_waits_for_it()
     stream = EventStream(node, EventFilter(), offset="first")  # type: ignore[arg-type]
     async with stream:
         assert [(c.closed, c.consumed) for c in node.channels] == [(True, False), (False, True)]
+
+
+class RefusingExchange:
+    async def publish(self, message: object, routing_key: str, mandatory: bool) -> None:
+        raise NO_REPLICA
+
+
+class RestoringChannel:
+    """A client's channel while its connection restores a log consumer on a node still
+    starting: what is published meanwhile fails with the node's refusal."""
+
+    async def get_exchange(self, name: str, ensure: bool) -> RefusingExchange:
+        return RefusingExchange()
+
+
+async def test_a_request_cut_by_a_node_still_starting_counts_as_lost_and_is_sent_again() -> None:
+    requests = GatewayRequests(None, RestoringChannel(), "the broker", "alice")  # type: ignore[arg-type]
+    requests._exchanges_seen.add("sandfleet.submit")
+    with pytest.raises(_ConnectionLost):
+        await requests._publish(b"{}", "sandfleet.submit", "c-1", "sandfleet.submit")
