@@ -5,8 +5,10 @@ a program that imports sandfleet as a library keeps its own settings.
 - **aiormq's frame buffer.** aiormq queues at most 10 marshalled frames for a
   connection's writer. A gateway admitting a batch publishes a job per request at once:
   from the 11th on, each publish waits, holding its channel's lock, for the writer to
-  run, and the rest queue on that lock one loop pass each. 1,024 frames (a few hundred
-  KiB of bytes at most) let a pass's publishes reach the socket in one write.
+  run, and the rest queue on that lock one loop pass each. 1,024 frames let a pass's
+  publishes reach the socket in one write. Each queued entry is the bytes of a publish
+  already in hand (an admission in flight holds its body anyway), so the deeper queue
+  bounds nothing the gateway's concurrency does not.
 - **The cyclic garbage collector.** Thousands of admissions are in flight at once (64
   submissions of up to SANDFLEET_MAX_BATCH requests), each a few dozen objects that
   live for milliseconds: with CPython's default thresholds they outlive the young
